@@ -1,0 +1,16 @@
+"""invariance_compiler: the positive rescaling symmetries of a PyTorch model, found by a compiler pass.
+
+    import invariance_compiler as ic
+    report = ic.analyze(model, example_inputs)
+    print(report)
+
+Pipeline: trace (torch.fx) -> analyze (channel classes, generators) -> skeleton -> codegen -> kernels/optim.
+"""
+from .analyze import Generator, SymmetryReport, SymmetryWarning, analyze
+from .analyze import rules
+from .analyze.rules import register_rule
+from .trace import TraceFailure
+
+__all__ = ["analyze", "SymmetryReport", "Generator", "SymmetryWarning", "register_rule", "rules",
+           "TraceFailure"]
+__version__ = "0.1.0"

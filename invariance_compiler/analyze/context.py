@@ -1,0 +1,215 @@
+"""What a rule sees: the node, its real output, and helpers that record classes, unions, pins and
+parameter bindings. A rule is `rule(ctx, *args, **kwargs) -> Value | tuple[Value, ...]`, called with
+the node's arguments: a `Value` for every tensor argument, the concrete object for everything else."""
+from __future__ import annotations
+
+import math
+from typing import Any, Optional, Sequence
+
+import torch
+import torch.fx
+
+from .classes import ClassTable
+from .value import PIN, ZERO, ParamView, Value, compact, pinned_ids
+
+__all__ = ["Context", "Binding"]
+
+Factors = list  # list[tuple[int, torch.Tensor]]: (sign, class ids broadcastable to the parameter's shape)
+
+
+class Binding:
+    """How one parameter's entries scale: exponent(e) = sum of sign * λ(class) over its factors.
+    The first use of a parameter fixes the factors; a later use must agree (unions) or pins."""
+
+    def __init__(self, name: str, shape: torch.Size, factors: Factors, node: str):
+        self.name, self.shape, self.factors, self.nodes = name, shape, factors, [node]
+        self.inert = False      # the output does not depend on this parameter at all
+
+    @property
+    def signature(self):
+        return tuple(sorted(s for s, _ in self.factors))
+
+
+class Context:
+    def __init__(self, classes: ClassTable, params: dict[str, torch.nn.Parameter]):
+        self.classes = classes
+        self.params = params                      # canonical name -> Parameter
+        self.bindings: dict[str, Binding] = {}
+        self.pins: list[tuple[str, str]] = []     # (node name, reason)
+        self.notes: list[str] = []                # semantics worth telling the user (eval-mode BN ...)
+        self.bias_of: dict[torch.fx.Node, tuple[str, int]] = {}  # node -> (bias param, channel dim)
+        self.centred: set[torch.fx.Node] = set()   # normalisers that remove a per-channel mean
+        self.gm: Optional[torch.fx.GraphModule] = None
+        self.node: Optional[torch.fx.Node] = None
+        self.module: Optional[torch.nn.Module] = None
+        self.real: Any = None                     # the node's real output
+        self.real_args: tuple = ()
+        self.real_kwargs: dict = {}
+
+    # ---- values -------------------------------------------------------------------------------
+    def ids(self, v: Value) -> torch.Tensor:
+        """Compact ids of v. A raw parameter used as an ordinary tensor gets one fresh class per
+        entry, bound with exponent +1 (its scale is its own)."""
+        if v.ids is None:
+            numel = math.prod(v.shape)
+            fresh = self.classes.fresh(numel).view(v.shape)
+            if self.bind(v, [(+1, fresh)]):
+                v.ids = fresh
+            else:
+                v.ids = pinned_ids(len(v.shape))
+        return v.ids
+
+    def full(self, v: Value) -> torch.Tensor:
+        return self.ids(v).expand(v.shape)
+
+    def value(self, ids: torch.Tensor, shape: Optional[Sequence[int]] = None) -> Value:
+        """A Value of the node's (single) real output, or of `shape`."""
+        shape = torch.Size(self.real.shape if shape is None else shape)
+        while ids.dim() < len(shape):
+            ids = ids.unsqueeze(0)
+        return Value(shape, compact(ids))
+
+    def constant(self, shape=None) -> Value:
+        shape = self.real.shape if shape is None else shape
+        return Value(torch.Size(shape), pinned_ids(len(shape)))
+
+    def like_real(self, make) -> Any:
+        """Map make(tensor) over the tensors of the node's real output structure."""
+        return _map_tensors(self.real, make)
+
+    # ---- classes ------------------------------------------------------------------------------
+    def fresh(self, n: int) -> torch.Tensor:
+        return self.classes.fresh(n)
+
+    def union(self, *values: Value) -> torch.Tensor:
+        out = None
+        for v in values:
+            ids = self.ids(v)
+            out = ids if out is None else self.classes.union(out, ids)
+        return out
+
+    def pin(self, *values: Any, reason: str) -> None:
+        hit = False
+        for v in _values_in(values):
+            hit |= self.classes.pin(self.ids(v))
+        if hit:
+            self.pins.append((self.node.name if self.node is not None else "?", reason))
+
+    def reduce(self, v: Value, dims: Sequence[int], ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Union the classes along `dims` (every slice shares one scale); returns the ids with those
+        dims reduced to size 1."""
+        ids = self.ids(v) if ids is None else ids
+        dims = sorted({d % ids.dim() for d in dims}) if ids.dim() else []
+        dims = [d for d in dims if ids.size(d) > 1]
+        if not dims:
+            return ids
+        keep = [d for d in range(ids.dim()) if d not in dims]
+        moved = ids.permute(*keep, *dims)
+        flat = moved.reshape(*moved.shape[: len(keep)], -1)            # (..., K)
+        rep = flat.max(dim=-1, keepdim=True).values                      # max skips ZERO
+        self.classes.union(flat, rep)
+        # keep-dims stay in order and reduced dims are size 1 now, so a reshape puts them back
+        return rep.reshape([ids.size(d) if d in keep else 1 for d in range(ids.dim())])
+
+    def channel_classes(self, v: Value, dim: int) -> torch.Tensor:
+        """One class per index of `dim` (1-D, length shape[dim]): every element of a channel shares
+        the scale a weight slice multiplies."""
+        ids = self.ids(v)
+        dim = dim % len(v.shape)
+        others = [d for d in range(ids.dim()) if d != dim]
+        red = self.reduce(v, others)
+        return red.reshape(-1).expand(v.shape[dim]).contiguous() if red.numel() == 1 else red.reshape(-1)
+
+    # ---- parameters ---------------------------------------------------------------------------
+    def param_value(self, param: Optional[torch.nn.Parameter]) -> Optional[Value]:
+        """The Value of a module's own parameter (None stays None)."""
+        if param is None:
+            return None
+        return Value(param.shape, None, ParamView(self.param_name(param)))
+
+    def param_name(self, param: torch.nn.Parameter) -> str:
+        for name, p in self.params.items():
+            if p is param:
+                return name
+        raise KeyError("parameter not registered on the model")
+
+    def bind(self, v: Optional[Value], factors: Factors) -> bool:
+        """Record the exponent of the parameter behind `v` (factors in v's shape). False, with the
+        classes pinned, when v is not a parameter or its view cannot be mapped back exactly."""
+        if v is None:
+            return True
+        if v.param is None:
+            if v.ids is not None:
+                for _, cls in factors:
+                    self.classes.pin(cls)
+            return False
+        name = v.param.name
+        shape = self.params[name].shape
+        factors = [(s, self._to_param_shape(v, cls, shape)) for s, cls in factors]
+        if any(cls is None for _, cls in factors):
+            for _, cls in factors:
+                if cls is not None:
+                    self.classes.pin(cls)
+            self.pins.append((self.node.name, f"parameter {name} used through a non-invertible view"))
+            self._pin_binding(name, shape)
+            return False
+        old = self.bindings.get(name)
+        if old is None:
+            self.bindings[name] = Binding(name, shape, factors, self.node.name)
+            return True
+        old.nodes.append(self.node.name)
+        new_sig = tuple(sorted(s for s, _ in factors))
+        if new_sig == old.signature:      # same structure: each factor must name the same class
+            for (s1, c1), (s2, c2) in zip(sorted(old.factors, key=lambda f: f[0]),
+                                          sorted(factors, key=lambda f: f[0])):
+                self.classes.union(c1, c2)
+            return True
+        for _, cls in old.factors + factors:
+            self.classes.pin(cls)
+        self.pins.append((self.node.name, f"parameter {name} is used in two incompatible ways"))
+        return True
+
+    def _pin_binding(self, name, shape):
+        b = self.bindings.get(name)
+        if b is None:
+            self.bindings[name] = Binding(name, shape, [], self.node.name)
+        else:
+            for _, cls in b.factors:
+                self.classes.pin(cls)
+            b.nodes.append(self.node.name)
+
+    @staticmethod
+    def _to_param_shape(v: Value, cls: torch.Tensor, shape: torch.Size) -> Optional[torch.Tensor]:
+        while cls.dim() < len(v.shape):
+            cls = cls.unsqueeze(0)
+        if v.param.entries is None:
+            return cls
+        entries = v.param.entries.reshape(-1)
+        n = math.prod(shape)
+        if entries.numel() != n or not torch.equal(entries.sort().values, torch.arange(n)):
+            return None                   # slices, repeats: not a bijection onto the parameter
+        out = torch.empty(n, dtype=torch.long)
+        out[entries] = cls.expand(v.shape).reshape(-1)
+        return compact(out.view(shape))
+
+
+def _map_tensors(obj, fn):
+    if isinstance(obj, torch.Tensor):
+        return fn(obj)
+    if isinstance(obj, (list, tuple)):
+        out = [_map_tensors(o, fn) for o in obj]
+        return type(obj)(out) if not hasattr(obj, "_fields") else type(obj)(*out)
+    if isinstance(obj, dict):
+        return {k: _map_tensors(o, fn) for k, o in obj.items()}
+    return obj
+
+
+def _values_in(obj):
+    if isinstance(obj, Value):
+        yield obj
+    elif isinstance(obj, (list, tuple)):
+        for o in obj:
+            yield from _values_in(o)
+    elif isinstance(obj, dict):
+        for o in obj.values():
+            yield from _values_in(o)

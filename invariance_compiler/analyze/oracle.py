@@ -1,0 +1,111 @@
+"""Checks that need no rules (DESIGN §3.2), for tests and for users who want proof on their model.
+
+- soundness: a random group element exp(E λ) leaves the outputs unchanged;
+- completeness: span(E) equals the joint null space of J(θ_k)·diag(θ_k) over several random θ_k
+  (J stacks ∂f(x)/∂θ over a batch). One draw is not enough: at a single θ the null space also holds
+  non-diagonal and accidental invariances.
+Both run on a float64 copy whose normalisers have a negligible eps (their symmetry is exact only as
+eps -> 0) and use batch statistics without updating running ones."""
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+import torch.nn as nn
+
+__all__ = ["prepare", "invariance_error", "null_space", "completeness"]
+
+_NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.RMSNorm)
+
+
+def prepare(model: nn.Module, eps: float = 1e-30) -> nn.Module:
+    """A float64 copy with negligible normaliser eps and no running-statistics updates."""
+    m = copy.deepcopy(model).double()
+    for mod in m.modules():
+        if isinstance(mod, _NORMS) and hasattr(mod, "eps"):
+            mod.eps = eps
+        if isinstance(mod, nn.modules.batchnorm._NormBase) and mod.training:
+            mod.track_running_stats, mod.running_mean, mod.running_var = False, None, None
+    return m
+
+
+def _outputs(model, inputs):
+    out = model(*inputs)
+    flat = [o for o in (out if isinstance(out, (tuple, list)) else (out,)) if isinstance(o, torch.Tensor)]
+    return torch.cat([o.reshape(-1) for o in flat])
+
+
+@torch.no_grad()
+def invariance_error(model: nn.Module, report, inputs, trials: int = 3, scale: float = 1.0,
+                     seed: int = 0) -> float:
+    """Largest relative change of the outputs under random group elements exp(E λ), λ ~ N(0, scale²)."""
+    m = prepare(model)
+    inputs = tuple(x.double() if x.is_floating_point() else x for x in inputs)
+    ref = _outputs(m, inputs)
+    gen = torch.Generator().manual_seed(seed)
+    worst = 0.0
+    for _ in range(trials):
+        moved = copy.deepcopy(m)
+        report.act(moved, torch.randn(report.num_generators, generator=gen, dtype=torch.float64) * scale)
+        out = _outputs(moved, inputs)
+        worst = max(worst, float((out - ref).norm() / ref.norm().clamp_min(1e-300)))
+    return worst
+
+
+def _redraw(model: nn.Module, gen: torch.Generator):
+    """Normal weights (std 1/sqrt(fan-in)), normaliser gains near 1, small biases: a unit that is
+    dead on the whole batch would show up as an accidental invariance."""
+    with torch.no_grad():
+        for mod in model.modules():
+            for name, p in mod.named_parameters(recurse=False):
+                noise = torch.randn(p.shape, generator=gen, dtype=p.dtype)
+                if isinstance(mod, _NORMS) and name == "weight":
+                    p.copy_(1.0 + 0.3 * noise)
+                elif p.dim() > 1:
+                    p.copy_(noise / math.sqrt(p[0].numel()))
+                else:
+                    p.copy_(0.1 * noise)
+
+
+def null_space(model: nn.Module, inputs, draws: int = 3, seed: int = 0, rtol: float = 1e-9):
+    """Joint null space of J(θ_k)·diag(θ_k) over `draws` random θ. Returns (basis (m, d), singular values)."""
+    m = prepare(model)
+    inputs = tuple(x.double() if x.is_floating_point() else x for x in inputs)
+    names = [n for n, _ in m.named_parameters()]
+    gen = torch.Generator().manual_seed(seed)
+    blocks = []
+    for _ in range(draws):
+        _redraw(m, gen)
+        theta = {n: p.detach().clone() for n, p in m.named_parameters()}
+        f = lambda params: _outputs_functional(m, params, inputs)
+        jac = torch.func.jacrev(f)(theta)
+        J = torch.cat([jac[n].reshape(jac[n].shape[0], -1) for n in names], dim=1)   # (outputs, m)
+        blocks.append(J * torch.cat([theta[n].reshape(-1) for n in names]))
+    M = torch.cat(blocks)
+    if M.shape[0] < M.shape[1]:
+        raise ValueError(f"null_space: {M.shape[0]} output rows for {M.shape[1]} parameters; use a "
+                         f"larger batch so that draws x batch x outputs >= parameters")
+    _, s, vh = torch.linalg.svd(M, full_matrices=True)
+    rank = int((s > rtol * s.max()).sum())
+    return vh[rank:].T, s
+
+
+def _outputs_functional(model, params, inputs):
+    out = torch.func.functional_call(model, params, inputs)
+    flat = [o for o in (out if isinstance(out, (tuple, list)) else (out,)) if isinstance(o, torch.Tensor)]
+    return torch.cat([o.reshape(-1) for o in flat])
+
+
+def completeness(model: nn.Module, report, inputs, draws: int = 3) -> dict:
+    """Compare span(E) with the numerical null space: dimensions, and the part of E outside it."""
+    basis, s = null_space(model, inputs, draws)
+    E = report.generator_matrix(dtype=torch.float64)
+    if E.shape[1]:
+        outside = E - basis @ (basis.T @ E)
+        residual = float(outside.norm() / E.norm())
+        rank_E = int(torch.linalg.matrix_rank(E))
+    else:
+        residual, rank_E = 0.0, 0
+    return {"null_dim": basis.shape[1], "H": report.num_generators, "rank_E": rank_E,
+            "residual": residual}
