@@ -207,6 +207,52 @@ class Mixed(nn.Module):
         return torch.sigmoid(self.l[4](x))
 
 
+class TokenMixer(nn.Module):
+    """MLP-Mixer style: a Linear across channels, then one across tokens (its weight entries each
+    multiply every channel, so those classes merge)."""
+    def __init__(self, tokens=4, d=5):
+        super().__init__()
+        self.chan, self.tok, self.out = nn.Linear(3, d), nn.Linear(tokens, tokens), nn.Linear(d, 2)
+
+    def forward(self, x):                                     # (B, T, 3)
+        h = F.relu(self.chan(x))                              # (B, T, d)
+        h = F.relu(self.tok(h.transpose(1, 2))).transpose(1, 2)
+        return self.out(h).sum(dim=1)
+
+
+class MiniTransformer(nn.Module):
+    def __init__(self, vocab=7, t=4, d=6):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d)
+        self.pos = nn.Parameter(torch.randn(t, d) * 0.1)
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.fc1, self.fc2 = nn.Linear(d, 8), nn.Linear(8, d)
+        self.head = nn.Linear(d, 3)
+
+    def forward(self, idx):
+        x = self.emb(idx) + self.pos
+        q, k, v = self.qkv(self.ln1(x)).chunk(3, dim=-1)
+        att = torch.softmax(q @ k.transpose(-2, -1) / 2.0, dim=-1)
+        x = x + self.proj(att @ v)
+        x = x + self.fc2(F.relu(self.fc1(self.ln2(x))))
+        return self.head(x[:, -1])
+
+
+class ChannelOps(nn.Module):
+    """Parameter-free channel mixing: a channel mean subtracted, a max over channels concatenated."""
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(2, 4, 3, padding=1), nn.Conv2d(5, 3, 3)
+        self.fc = nn.Linear(3, 2)
+
+    def forward(self, x):
+        h = F.relu(self.c1(x))
+        h = h - h.mean(dim=1, keepdim=True)
+        h = torch.cat([h, h.amax(dim=1, keepdim=True)], dim=1)
+        return self.fc(F.relu(self.c2(h)).mean(dim=(2, 3)))
+
+
 def _seq(*mods):
     return nn.Sequential(*mods)
 
@@ -250,6 +296,9 @@ ZOO = {
     "group_instance_norm": lambda: (_seq(nn.Conv2d(2, 4, 3), nn.GroupNorm(2, 4), nn.ReLU(), nn.Conv2d(4, 4, 3),
                                          nn.InstanceNorm2d(4, affine=True), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
                                          nn.Flatten(), nn.Linear(4, 3)), _img()),
+    "token_mixer": lambda: (TokenMixer(), (torch.randn(3, 4, 3),)),
+    "mini_transformer": lambda: (MiniTransformer(), (torch.randint(0, 7, (3, 4)),)),
+    "channel_ops": lambda: (ChannelOps(), _img(s=6)),
     "prelu": lambda: (_seq(nn.Linear(5, 6), nn.PReLU(6), nn.Linear(6, 6), nn.PReLU(), nn.Linear(6, 3)),
                       (torch.randn(4, 5),)),
 }

@@ -17,6 +17,8 @@ def analyze(model: nn.Module, example_inputs: Any = None, *,
             concrete_args: Optional[dict[str, Any]] = None) -> SymmetryReport:
     """Find the positive rescaling symmetries of `model`. The model is left untouched (its buffers,
     e.g. BatchNorm running statistics, and the global RNG state are restored)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"analyze expects a torch.nn.Module, got {type(model).__name__}")
     params = dict(model.named_parameters())
     if not params:
         raise ValueError(f"{type(model).__name__} has no parameters: there is nothing to rescale. "

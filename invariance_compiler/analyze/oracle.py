@@ -68,11 +68,19 @@ def _redraw(model: nn.Module, gen: torch.Generator):
                     p.copy_(0.1 * noise)
 
 
-def null_space(model: nn.Module, inputs, draws: int = 3, seed: int = 0, rtol: float = 1e-9):
-    """Joint null space of J(θ_k)·diag(θ_k) over `draws` random θ. Returns (basis (m, d), singular values)."""
+def null_space(model: nn.Module, inputs, draws: int | None = None, seed: int = 0,
+               rtol: float = 1e-9, rows_per_param: float = 3.0):
+    """Joint null space of J(θ_k)·diag(θ_k) over random θ_k. With draws=None, as many draws as
+    give rows_per_param x m rows (at least 3): a small batch and many draws is far cheaper than
+    one big batch. Returns (basis (m, d), singular values)."""
     m = prepare(model)
     inputs = tuple(x.double() if x.is_floating_point() else x for x in inputs)
     names = [n for n, _ in m.named_parameters()]
+    n_params = sum(p.numel() for p in m.parameters())
+    if draws is None:
+        with torch.no_grad():
+            rows = _outputs(m, inputs).numel()
+        draws = max(3, math.ceil(rows_per_param * n_params / rows))
     gen = torch.Generator().manual_seed(seed)
     blocks = []
     for _ in range(draws):
@@ -84,8 +92,8 @@ def null_space(model: nn.Module, inputs, draws: int = 3, seed: int = 0, rtol: fl
         blocks.append(J * torch.cat([theta[n].reshape(-1) for n in names]))
     M = torch.cat(blocks)
     if M.shape[0] < M.shape[1]:
-        raise ValueError(f"null_space: {M.shape[0]} output rows for {M.shape[1]} parameters; use a "
-                         f"larger batch so that draws x batch x outputs >= parameters")
+        raise ValueError(f"null_space: {M.shape[0]} output rows for {M.shape[1]} parameters; use "
+                         f"more draws or a larger batch so that draws x batch x outputs >= parameters")
     _, s, vh = torch.linalg.svd(M, full_matrices=True)
     rank = int((s > rtol * s.max()).sum())
     return vh[rank:].T, s
@@ -97,7 +105,7 @@ def _outputs_functional(model, params, inputs):
     return torch.cat([o.reshape(-1) for o in flat])
 
 
-def completeness(model: nn.Module, report, inputs, draws: int = 3) -> dict:
+def completeness(model: nn.Module, report, inputs, draws: int | None = None) -> dict:
     """Compare span(E) with the numerical null space: dimensions, and the part of E outside it."""
     basis, s = null_space(model, inputs, draws)
     E = report.generator_matrix(dtype=torch.float64)

@@ -21,6 +21,13 @@ def passthrough(ctx, x, *args, **kwargs):
     return ctx.value(ctx.ids(x))
 
 
+def identity(ctx, x, *args, **kwargs):
+    """Copies and casts: the same values, so a parameter stays that parameter."""
+    if x.param is not None and x.ids is None:
+        return Value(torch.Size(ctx.real.shape), None, x.param)
+    return passthrough(ctx, x)
+
+
 def pin(ctx, *args, **kwargs):
     """No symmetry survives this op: its tensor inputs and outputs keep scale 1."""
     ctx.pin(args, kwargs, reason=f"{_name(ctx)} is not positively homogeneous of degree 1")
@@ -136,11 +143,11 @@ def prelu(ctx, x, weight=None, **kwargs):
 
 _register([torch.relu, torch.relu_, F.relu, F.relu_, F.leaky_relu, F.leaky_relu_, F.rrelu, F.dropout,
            F.dropout1d, F.dropout2d, F.dropout3d, F.feature_alpha_dropout, torch.abs, torch.neg,
-           operator.neg, torch.nn.functional.relu, operator.pos,
-           "relu", "relu_", "abs", "neg", "contiguous", "clone", "detach", "float", "double", "half",
-           "bfloat16", "to", "type_as", "cpu", "cuda", "requires_grad_",
-           nn.ReLU, nn.LeakyReLU, nn.RReLU, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
-           nn.Identity, torch.clone, torch.detach], passthrough)
+           operator.neg, operator.pos, "relu", "relu_", "abs", "neg",
+           nn.ReLU, nn.LeakyReLU, nn.RReLU, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d],
+          passthrough)
+_register(["contiguous", "clone", "detach", "float", "double", "half", "bfloat16", "to", "type_as",
+           "cpu", "cuda", "requires_grad_", nn.Identity, torch.clone, torch.detach], identity)
 _register([torch.sigmoid, torch.tanh, torch.exp, torch.log, torch.sqrt, torch.rsqrt, torch.sin,
            torch.cos, torch.erf, torch.softmax, torch.log_softmax, torch.logsumexp, torch.var,
            torch.prod, torch.reciprocal, torch.square,

@@ -41,16 +41,13 @@ def _substitute(arg, fn):
 
 def movement(ctx, x, *args, **kwargs):
     """Pure data movement: output element i is input element j, for a map that depends on shapes only."""
-    moved = _apply(ctx, ctx.full)
-    values = _wrap(moved, lambda ids: Value(ids.shape, compact(ids)))
     if isinstance(x, Value) and x.param is not None and x.ids is None:
         # A view of a parameter stays a parameter view (F.linear(x, self.w.t()) is still a Linear).
         def entries(v):
             return v.param.entries if v.param.entries is not None else torch.arange(
                 v.shape.numel()).view(v.shape)
-        moved_e = _apply(ctx, entries)
-        values = _wrap(moved_e, lambda e: Value(e.shape, None, ParamView(x.param.name, e)))
-    return values
+        return _wrap(_apply(ctx, entries), lambda e: Value(e.shape, None, ParamView(x.param.name, e)))
+    return _wrap(_apply(ctx, ctx.full), lambda ids: Value(ids.shape, compact(ids)))
 
 
 def _wrap(obj, fn):

@@ -1,0 +1,18 @@
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def batch_like(inputs, batch):
+    """Fresh random inputs of the same kind with a given batch size (float64 data, int ids in range)."""
+    out = []
+    for t in inputs:
+        if t.is_floating_point():
+            out.append(torch.randn(batch, *t.shape[1:], dtype=torch.float64))
+        else:
+            out.append(torch.randint(0, int(t.max()) + 1, (batch, *t.shape[1:])))
+    return tuple(out)

@@ -1,0 +1,149 @@
+"""Bad input gets a message that names the culprit and the fix."""
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import invariance_compiler as ic
+
+
+class Gate(nn.Module):
+    def forward(self, x):
+        if x.sum() > 0:                           # data-dependent control flow
+            return x
+        return -x
+
+
+class WithGate(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc, self.gate, self.out = nn.Linear(3, 4), Gate(), nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.out(self.gate(self.fc(x)))
+
+
+def test_untraceable_control_flow_names_the_module_and_the_ways_out():
+    with pytest.raises(ic.TraceFailure) as err:
+        ic.analyze(WithGate())
+    msg = str(err.value)
+    assert "module 'gate' (Gate)" in msg
+    assert "concrete_args" in msg and "ic.register_rule(Gate, ic.rules.pin)" in msg
+
+
+def test_registering_a_rule_makes_the_module_a_leaf():
+    ic.register_rule(Gate, ic.rules.pin)
+    try:
+        report = ic.analyze(WithGate())
+    finally:
+        from invariance_compiler.analyze.rules import _MODULES
+        _MODULES.pop(Gate)
+    assert report.num_generators == 0             # gate pins fc's outputs; out's outputs are the output
+    assert any("Gate is not positively homogeneous" in why for _, why in report.pins)
+
+
+class Erf(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(3, 4), nn.Linear(4, 4), nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = torch.special.erfc(self.a(x))         # no rule: pinned
+        return self.c(F.relu(self.b(h)))
+
+
+def test_unknown_op_is_pinned_and_listed_in_one_warning():
+    with pytest.warns(ic.SymmetryWarning) as record:
+        report = ic.analyze(Erf())
+    assert len(record) == 1
+    msg = str(record[0].message)
+    assert "special_erfc" in msg and "ic.register_rule(<op>, ic.rules.passthrough)" in msg
+    assert report.num_generators == 4             # only b's units: a's are pinned by the unknown op
+    assert all(g.params == ("b.weight", "b.bias", "c.weight") for g in report.generators)
+    assert report.unknown_ops and "special_erfc" in str(report)
+
+
+def test_registered_function_rule_replaces_the_warning():
+    ic.register_rule(torch.special.erfc, ic.rules.pin)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", ic.SymmetryWarning)
+            report = ic.analyze(Erf())
+    finally:
+        from invariance_compiler.analyze.rules import _FUNCTIONS
+        _FUNCTIONS.pop(torch.special.erfc)
+    assert report.num_generators == 4 and not report.unknown_ops
+
+
+def test_empty_model_is_refused():
+    with pytest.raises(ValueError, match="no parameters"):
+        ic.analyze(nn.Sequential())
+    with pytest.raises(ValueError, match="no parameters"):
+        ic.analyze(nn.ReLU())
+
+
+def test_input_shape_inference_says_when_it_cannot():
+    with pytest.raises(ValueError, match=r"starts with Conv2d.*example_inputs"):
+        ic.analyze(nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8, 2)))
+    report = ic.analyze(nn.Sequential(nn.Flatten(), nn.Linear(5, 3), nn.ReLU(), nn.Linear(3, 2)))
+    assert report.num_generators == 3
+
+
+def test_eval_mode_batchnorm_says_which_semantics_it_used():
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.ReLU(), nn.Linear(4, 2))
+    train = ic.analyze(model)
+    evaled = ic.analyze(model.eval())
+    assert train.counts() == {"rescale": 4, "normalize": 4, "inert": 4}
+    assert evaled.counts() == {"rescale": 4, "normalize": 0, "inert": 0}   # affine BN pins its input
+    assert any("eval mode" in n and "model.train()" in n for n in evaled.notes)
+
+
+def test_not_a_module_is_refused():
+    with pytest.raises(TypeError, match="nn.Module"):
+        ic.analyze(lambda x: x)
+
+
+class SharedBias(nn.Module):
+    """One parameter used in two incompatible ways: as a Linear weight and, sliced, as a bias."""
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(3, 3))
+        self.out = nn.Linear(3, 2)
+
+    def forward(self, x):
+        h = F.relu(F.linear(x, self.w))
+        return self.out(F.relu(h + self.w[0]))
+
+
+def test_a_parameter_used_two_ways_is_pinned_soundly():
+    """A slice of a parameter is not a bijective view, so its classes pin. The one joint scale of
+    all rows of w that survives is not found: sound, one generator short (stated in the report)."""
+    from invariance_compiler.analyze import oracle
+    model = SharedBias()
+    x = (torch.randn(64, 3),)
+    report = ic.analyze(model, x)
+    assert oracle.invariance_error(model, report, x) <= 1e-10
+    got = oracle.completeness(model, report, x)
+    assert got["residual"] <= 1e-9 and got["null_dim"] == report.num_generators + 1
+    assert any("non-invertible view" in why for _, why in report.pins)
+
+
+class Transposed(nn.Module):
+    """Weights used through views and copies of themselves: still plain Linear layers."""
+    def __init__(self):
+        super().__init__()
+        self.w1 = nn.Parameter(torch.randn(3, 4))            # stored (in, out)
+        self.w2 = nn.Parameter(torch.randn(2, 4))
+
+    def forward(self, x):
+        h = F.relu(F.linear(x, self.w1.t().contiguous()))
+        return F.linear(h, self.w2.view(2, 4).clone())
+
+
+def test_views_and_copies_of_a_weight_keep_its_symmetry():
+    report = ic.analyze(Transposed(), (torch.randn(4, 3),))
+    assert report.num_generators == 4 and not report.pins[:-1]
+    idx, sign = report.generators[1].entries()["w1"]
+    assert idx.tolist() == [1, 5, 9] and sign.tolist() == [1, 1, 1]      # column 1 of the stored (in, out)

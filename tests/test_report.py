@@ -1,0 +1,115 @@
+"""The SymmetryReport contract (DESIGN §2): E's layout, act, the table, graph exports, node.meta."""
+import copy
+import pickle
+
+import networkx as nx
+import pytest
+import torch
+import torch.nn as nn
+
+import invariance_compiler as ic
+from invariance_compiler.zoo import ZOO, _mlp
+
+
+def test_generator_matrix_rows_follow_model_parameters_order():
+    model = _mlp([3, 4, 2])                       # 0.weight (4,3), 0.bias (4), 2.weight (2,4), 2.bias (2)
+    report = ic.analyze(model)
+    E = report.generator_matrix()
+    assert E.shape == (report.num_params, report.num_generators) == (26, 4)
+    assert set(E.unique().tolist()) <= {-1.0, 0.0, 1.0}
+    for g in range(4):                            # hidden unit g: row g of layer 0, column g of layer 2
+        col = E[:, g]
+        w0 = torch.zeros(4, 3); w0[g] = 1
+        b0 = torch.zeros(4); b0[g] = 1
+        w2 = torch.zeros(2, 4); w2[:, g] = -1
+        assert torch.equal(col, torch.cat([w0.reshape(-1), b0, w2.reshape(-1), torch.zeros(2)]))
+
+
+def test_sparse_and_dense_generator_matrix_agree():
+    model, x = ZOO["resnet_bottleneck"]()
+    report = ic.analyze(model, x)
+    assert torch.equal(report.generator_matrix(sparse=True).to_dense(), report.generator_matrix())
+
+
+def test_entries_match_generator_matrix_columns():
+    model, x = ZOO["grouped_depthwise"]()
+    report = ic.analyze(model, x)
+    E = report.generator_matrix()
+    offsets, o = {}, 0
+    for n, p in model.named_parameters():
+        offsets[n] = o; o += p.numel()
+    for g in report.generators:
+        col = torch.zeros(report.num_params)
+        for name, (idx, sign) in g.entries().items():
+            col[offsets[name] + idx] = sign.float()
+        assert torch.equal(col, E[:, g.index])
+
+
+def test_act_applies_exp_e_lambda_and_preserves_the_function():
+    model, x = ZOO["vgg_bn"]()
+    model = model.double().eval()                 # eval: BN is affine, fewer but exact symmetries
+    x = tuple(t.double() for t in x)
+    report = ic.analyze(model, x)
+    lam = torch.randn(report.num_generators, dtype=torch.float64)
+    before = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    ref = model(*x)
+    report.act(model, lam)
+    after = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    E = report.generator_matrix(dtype=torch.float64)
+    assert torch.allclose(after, before * torch.exp(E @ lam), rtol=1e-12, atol=0)
+    assert torch.allclose(model(*x), ref, rtol=1e-10, atol=1e-12)
+
+
+def test_act_checks_its_arguments():
+    report = ic.analyze(_mlp([3, 4, 2]))
+    with pytest.raises(ValueError, match="expected 4 log-scales"):
+        report.act(_mlp([3, 4, 2]), torch.zeros(3))
+    with pytest.raises(ValueError, match="lacks parameters"):
+        report.act(nn.Linear(3, 4), torch.zeros(4))
+
+
+def test_table_names_every_layer_and_the_totals():
+    model, x = ZOO["resnet_basic"]()
+    report = ic.analyze(model, x)
+    text = str(report)
+    for layer in {n.rsplit(".", 1)[0] for n, _ in model.named_parameters()}:
+        assert layer in text
+    c = report.counts()
+    assert f"H = {report.num_generators} generators ({c['rescale']} rescale, {c['normalize']} normalize" in text
+    assert "model output" in text                 # the reason the classifier's outputs are pinned
+    assert "spanning >2 layers" in text           # the residual stream
+
+
+def test_layer_graph_edges_carry_rescale_generators():
+    report = ic.analyze(_mlp([3, 4, 5, 2]))
+    g = report.to_networkx()
+    assert isinstance(g, nx.DiGraph)
+    assert sorted(g.edges(data="rescale")) == [("0", "2", 4), ("2", "4", 5)]
+    dot = report.to_dot()
+    assert dot.startswith("digraph") and '"0" -> "2" [label="4"]' in dot
+
+
+def test_analysis_lands_in_node_meta():
+    model, x = ZOO["cnn_pool"]()
+    report = ic.analyze(model, x)
+    nodes = {n.name: n for n in report.graph.graph.nodes}
+    gens = nodes["_1"].meta["ic_generators"]                # after the first ReLU: one class per channel
+    assert gens.shape == (1, 4, 1, 1) and sorted(gens.reshape(-1).tolist()) == [0, 1, 2, 3]
+    assert (nodes["_7"].meta["ic_generators"] == -1).all()   # the output Linear: pinned
+
+
+def test_model_is_left_untouched():
+    model, x = ZOO["vgg_bn"]()
+    state = copy.deepcopy(model.state_dict())
+    rng = torch.random.get_rng_state()
+    ic.analyze(model, x)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state[k]), k        # BN running stats and num_batches_tracked too
+    assert torch.equal(torch.random.get_rng_state(), rng)
+    assert model.training
+
+
+def test_report_pickles():
+    report = ic.analyze(_mlp([3, 4, 2]))
+    clone = pickle.loads(pickle.dumps(report))
+    assert torch.equal(clone.generator_matrix(), report.generator_matrix())
