@@ -253,6 +253,28 @@ class ChannelOps(nn.Module):
         return self.fc(F.relu(self.c2(h)).mean(dim=(2, 3)))
 
 
+class FunctionalNorms(nn.Module):
+    """F.batch_norm / F.group_norm / F.layer_norm on raw parameters, tensor-method reshapes."""
+    def __init__(self):
+        super().__init__()
+        self.w1 = nn.Parameter(torch.randn(4, 2, 3, 3) * 0.3)
+        self.g1, self.b1 = nn.Parameter(torch.ones(4)), nn.Parameter(torch.zeros(4))
+        self.w2 = nn.Parameter(torch.randn(4, 4, 3, 3) * 0.3)
+        self.g2, self.b2 = nn.Parameter(torch.ones(4)), nn.Parameter(torch.zeros(4))
+        self.w3, self.c3 = nn.Parameter(torch.randn(5, 4) * 0.3), nn.Parameter(torch.zeros(5))
+        self.g3, self.b3 = nn.Parameter(torch.ones(5)), nn.Parameter(torch.zeros(5))
+        self.head = nn.Linear(5, 3)
+        self.eps = 1e-5
+
+    def forward(self, x):
+        h = F.conv2d(x, self.w1, padding=1)
+        h = F.relu(F.batch_norm(h, None, None, self.g1, self.b1, training=True, eps=self.eps))
+        h = F.relu(F.group_norm(F.conv2d(h, self.w2), 2, self.g2, self.b2, eps=self.eps))
+        h = h.mean(dim=(-2, -1))
+        h = F.layer_norm(F.linear(h, self.w3, self.c3), (5,), self.g3, self.b3, eps=self.eps)
+        return self.head(F.relu(h))
+
+
 def _seq(*mods):
     return nn.Sequential(*mods)
 
@@ -299,6 +321,13 @@ ZOO = {
     "token_mixer": lambda: (TokenMixer(), (torch.randn(3, 4, 3),)),
     "mini_transformer": lambda: (MiniTransformer(), (torch.randint(0, 7, (3, 4)),)),
     "channel_ops": lambda: (ChannelOps(), _img(s=6)),
+    "functional_norms": lambda: (FunctionalNorms(), _img(s=6)),
+    "conv3d_bn": lambda: (_seq(nn.Conv3d(1, 3, 2), nn.BatchNorm3d(3), nn.ReLU(), nn.MaxPool3d(2),
+                               nn.Flatten(), nn.Linear(3 * 2 * 2 * 2, 2)), (torch.randn(2, 1, 5, 5, 5),)),
+    "conv_transpose1d": lambda: (_seq(nn.Conv1d(2, 3, 3), nn.ReLU(), nn.ConvTranspose1d(3, 4, 3, stride=2, groups=1),
+                                      nn.ReLU(), nn.AvgPool1d(3, stride=2, padding=1), nn.Conv1d(4, 3, 1),
+                                      nn.ReLU(), nn.AdaptiveMaxPool1d(2), nn.Flatten(), nn.Linear(6, 2)),
+                                 (torch.randn(2, 2, 7),)),
     "prelu": lambda: (_seq(nn.Linear(5, 6), nn.PReLU(6), nn.Linear(6, 6), nn.PReLU(), nn.Linear(6, 3)),
                       (torch.randn(4, 5),)),
 }

@@ -20,10 +20,11 @@ _NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.RMSNorm
 
 
 def prepare(model: nn.Module, eps: float = 1e-30) -> nn.Module:
-    """A float64 copy with negligible normaliser eps and no running-statistics updates."""
+    """A float64 copy with negligible normaliser eps (every float `eps` attribute, so functional
+    normalisers that read one are covered) and no running-statistics updates."""
     m = copy.deepcopy(model).double()
     for mod in m.modules():
-        if isinstance(mod, _NORMS) and hasattr(mod, "eps"):
+        if isinstance(getattr(mod, "eps", None), float):
             mod.eps = eps
         if isinstance(mod, nn.modules.batchnorm._NormBase) and mod.training:
             mod.track_running_stats, mod.running_mean, mod.running_var = False, None, None
@@ -80,7 +81,7 @@ def null_space(model: nn.Module, inputs, draws: int | None = None, seed: int = 0
     if draws is None:
         with torch.no_grad():
             rows = _outputs(m, inputs).numel()
-        draws = max(3, math.ceil(rows_per_param * n_params / rows))
+        draws = max(6, math.ceil(rows_per_param * n_params / rows))
     gen = torch.Generator().manual_seed(seed)
     blocks = []
     for _ in range(draws):
