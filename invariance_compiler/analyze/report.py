@@ -123,8 +123,7 @@ class SymmetryReport:
             for s, lab in self._factors[name]:
                 out = out + s * lam_ext[self._col[lab]]
             return out
-        start = self._inert_start + sum(self.param_shapes[n].numel()
-                                        for n in self._inert[: self._inert.index(name)])
+        start = self.inert_column(name)
         return lam[start: start + shape.numel()].view(shape)
 
     def generator_matrix(self, dtype=torch.float32, sparse: bool = False) -> torch.Tensor:
@@ -172,6 +171,30 @@ class SymmetryReport:
             p = params[name]
             p.mul_(self.exponents(name, log_scales).exp().to(p.dtype))
         return model
+
+    def sides(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(in, out): the generator column each entry of `name` consumes (-1 factor) and produces
+        (+1 factor), compact (broadcastable to the parameter); -1 where there is none. An entry whose
+        two sides are one class (exponent 0) gets -1 on both. Inert parameters: -1 everywhere."""
+        shape = self.param_shapes[name]
+        nd = len(shape)
+        none = torch.full((1,) * nd, -1, dtype=torch.long)
+        side = {+1: none, -1: none}
+        for s, lab in self._factors.get(name, []):
+            side[s] = self._col[lab]
+        out, inp = side[+1], side[-1]
+        if bool(((out == inp) & (out >= 0)).any()):
+            same = out == inp
+            inp, out = torch.where(same, -1, inp), torch.where(same, -1, out)
+        return inp, out
+
+    def is_inert(self, name: str) -> bool:
+        return name in self._inert
+
+    def inert_column(self, name: str) -> int:
+        """Column of the first entry of an inert parameter (its entries are consecutive columns)."""
+        return self._inert_start + sum(self.param_shapes[n].numel()
+                                       for n in self._inert[: self._inert.index(name)])
 
     # ---- inspection -------------------------------------------------------------------------
     def _column_of_label(self, name: str, label: int) -> torch.Tensor:

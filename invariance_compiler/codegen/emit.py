@@ -1,0 +1,93 @@
+"""Graph rewriting: the traced graph with every parameter replaced by an allocated weight.
+
+    v_fc1_weight = self.v_fc1_weight            # parameters: path values V (gspace) or free entries
+    allocate = self.allocate(v_fc1_weight, ...)  # WA (ICR in backward); fixed entries from buffers
+    w_fc1_weight = allocate[0]
+    linear = torch._C._nn.linear(x, w_fc1_weight, w_fc1_bias)
+
+Linear and zero-padded Conv modules become their functional calls; any other module that owns
+parameters (normalisers, custom leaves) is called through torch.func.functional_call with its
+allocated weights, so its own semantics (train/eval, buffers) stay in charge."""
+from __future__ import annotations
+
+import operator
+import re
+
+import torch
+import torch.fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+__all__ = ["rewrite"]
+
+_CONV = {nn.Conv1d: F.conv1d, nn.Conv2d: F.conv2d, nn.Conv3d: F.conv3d}
+
+
+def attr_name(prefix: str, param: str, taken: set) -> str:
+    base = prefix + re.sub(r"\W", "_", param)
+    name, k = base, 1
+    while name in taken:
+        name, k = f"{base}_{k}", k + 1
+    taken.add(name)
+    return name
+
+
+def rewrite(gm: torch.fx.GraphModule, canonical: dict[int, str], allocated: list[str],
+            v_attr: dict[str, str]) -> torch.fx.Graph:
+    """New graph: V get_attrs, one allocation call, then gm's nodes reading the allocated weights.
+    canonical: id(parameter) -> model parameter name; allocated: the names the allocation covers
+    (in its order); v_attr: model parameter name -> attribute holding its V (or free) tensor."""
+    old, new = gm.graph, torch.fx.Graph()
+    env: dict[torch.fx.Node, torch.fx.Node] = {}
+    weight: dict[str, torch.fx.Node] = {}
+    placeholders = [n for n in old.nodes if n.op == "placeholder"]
+    for n in placeholders:
+        env[n] = new.node_copy(n, lambda a: env[a])
+    v_nodes = {name: new.create_node("get_attr", attr, name=attr) for name, attr in v_attr.items()}
+    if allocated:
+        alloc = new.call_module("allocate", tuple(v_nodes[p] for p in allocated))
+        for i, p in enumerate(allocated):
+            weight[p] = new.create_node("call_function", operator.getitem, (alloc, i),
+                                        name="w_" + v_attr[p].split("_", 1)[1])
+    for p, node in v_nodes.items():
+        weight.setdefault(p, node)                        # nothing to allocate: the weight is V
+
+    for n in old.nodes:
+        if n.op == "placeholder":
+            continue
+        if n.op == "get_attr":
+            obj = _fetch(gm, n.target)
+            if isinstance(obj, nn.Parameter):
+                env[n] = weight[canonical[id(obj)]]
+                continue
+        if n.op == "call_module":
+            mod = gm.get_submodule(n.target)
+            own = {k: p for k, p in mod.named_parameters(recurse=False)}
+            if own:
+                env[n] = _functional(new, n, mod, {k: weight[canonical[id(p)]] for k, p in own.items()}, env)
+                continue
+        env[n] = new.node_copy(n, lambda a: env[a])
+    new.lint()
+    return new
+
+
+def _fetch(gm, target):
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _functional(g: torch.fx.Graph, n: torch.fx.Node, mod: nn.Module, weights: dict, env) -> torch.fx.Node:
+    args = torch.fx.map_arg(n.args, lambda a: env[a])
+    kwargs = torch.fx.map_arg(n.kwargs, lambda a: env[a])
+    if type(mod) is nn.Linear and not kwargs:
+        target, fargs = F.linear, (args[0], weights["weight"], weights.get("bias"))
+    elif type(mod) in _CONV and mod.padding_mode == "zeros" and not kwargs:
+        target, fargs = _CONV[type(mod)], (args[0], weights["weight"], weights.get("bias"), mod.stride,
+                                           mod.padding, mod.dilation, mod.groups)
+    else:
+        target, fargs = torch.func.functional_call, (g.get_attr(n.target), weights, tuple(args), kwargs)
+    out = g.create_node("call_function", target, fargs, name=n.name)
+    out.meta = dict(n.meta)
+    return out

@@ -1,0 +1,196 @@
+"""compile_invariant and the module it returns."""
+from __future__ import annotations
+
+import copy
+from typing import Any, Optional
+
+import torch
+import torch.fx
+import torch.nn as nn
+
+from ..analyze import analyze
+from ..skeleton import build_skeleton, fix_to
+from .allocate import Allocation
+from .emit import attr_name, rewrite
+
+__all__ = ["compile_invariant", "InvariantModule"]
+
+
+class InvariantModule(torch.fx.GraphModule):
+    """A GraphModule whose parameters are path values (form="gspace") or the free entries of the
+    weights (form="fixed"); its graph computes every original weight from them."""
+
+    form: str
+    report: Any
+    skeleton: Any
+
+    def num_free_parameters(self) -> int:
+        """m - H: the entries that are not fixed."""
+        return self.report.num_params - sum(p.fixed_idx.numel() for p in self.skeleton.params.values())
+
+    @torch.no_grad()
+    def weights(self) -> dict[str, torch.Tensor]:
+        """The original model's parameters, as this module computes them."""
+        vs = [getattr(self, self._v_attr[n]) for n in self._allocated]
+        ws = dict(zip(self._allocated, self.allocate(*vs))) if self._allocated else {}
+        for name, attr in self._v_attr.items():
+            ws.setdefault(name, getattr(self, attr))
+        for name, value in self._unused.items():
+            ws[name] = value
+        return {n: ws[n].detach().clone() for n in self.report.param_names}
+
+    def export_state_dict(self) -> dict[str, torch.Tensor]:
+        """The original model's state_dict keys with plain weights: load it into the original class
+        to get this module's function."""
+        out = dict(self.weights())
+        for key, buf in self._orig_buffers().items():
+            out[key] = buf.detach().clone()
+        return {k: out[k] for k in self._state_keys}
+
+    def _orig_buffers(self):
+        out = {}
+        for key in self._state_keys:
+            if key in self.report.param_names:
+                continue
+            mod_path, _, leaf = key.rpartition(".")
+            try:
+                mod = self.get_submodule(mod_path) if mod_path else self
+                out[key] = getattr(mod, leaf)
+            except AttributeError:
+                out[key] = self._extra_buffers[key]
+        return out
+
+    _EXTRAS = ("form", "report", "skeleton", "_v_attr", "_allocated", "_unused", "_state_keys",
+               "_extra_buffers")
+
+    def __reduce__(self):
+        # GraphModule pickles its code and re-traces it on load, which cannot go through
+        # functional_call; we pickle the module state and the node list instead.
+        state = {k: v for k, v in self.__dict__.items() if k not in ("_graph", "_code")}
+        return (_rebuild, (state, _nodes_of(self.graph)))
+
+    def __deepcopy__(self, memo):
+        res = torch.fx.GraphModule.__deepcopy__(self, memo)
+        for k in self._EXTRAS:
+            res.__dict__[k] = copy.deepcopy(self.__dict__[k], memo)
+        return res
+
+
+class _Ref(str):
+    """A node argument, by name, in a pickled node list."""
+
+
+def _nodes_of(graph: torch.fx.Graph) -> list:
+    return [(n.op, n.target, torch.fx.map_arg(n.args, lambda a: _Ref(a.name)),
+             torch.fx.map_arg(n.kwargs, lambda a: _Ref(a.name)), n.name) for n in graph.nodes]
+
+
+def _rebuild(state: dict, nodes: list) -> InvariantModule:
+    from torch.fx.node import map_aggregate
+    graph, env = torch.fx.Graph(), {}
+    for op, target, args, kwargs, name in nodes:
+        fix = lambda a: env[a] if isinstance(a, _Ref) else a
+        env[name] = graph.create_node(op, target, map_aggregate(args, fix), map_aggregate(kwargs, fix), name)
+    obj = InvariantModule.__new__(InvariantModule)
+    obj.__dict__.update(state)
+    obj.graph = graph                                 # recompiles forward
+    return obj
+
+
+def compile_invariant(model: nn.Module, example_inputs: Any = None, form: str = "gspace",
+                      fixed: str = "keep", value: float = 1.0, *,
+                      concrete_args: Optional[dict[str, Any]] = None) -> InvariantModule:
+    """Compile `model` into a module with the same function whose parameters have no rescaling
+    redundancy left.
+
+    form:  "gspace" (parameters are basis-path values V; WA forward, ICR backward) or "fixed"
+           (free entries are parameters, one fixed entry per generator is a buffer).
+    fixed: "keep" the fixed entries' current values (function unchanged); "scale" them to |w| =
+           value by a group action (function unchanged); "overwrite" them with value (changes the
+           function: G-SGD's skeleton initialisation, for fresh models)."""
+    if form not in ("gspace", "fixed"):
+        raise ValueError(f"compile_invariant: form must be 'gspace' or 'fixed', got {form!r}")
+    if fixed not in ("keep", "scale", "overwrite"):
+        raise ValueError(f"compile_invariant: fixed must be 'keep', 'scale' or 'overwrite', got {fixed!r}")
+    report = analyze(model, example_inputs, concrete_args=concrete_args)
+    gm = copy.deepcopy(report.graph)
+    for node in gm.graph.nodes:                     # analysis values are not part of the program
+        node.meta.pop("ic_value", None)
+    # deepcopy keeps sharing: map each copied parameter back to the model's canonical name
+    orig = dict(model.named_parameters())
+    copied = dict(gm.named_parameters(remove_duplicate=False))
+    by_value = {id(orig[n]): n for n in orig}
+    canonical = {}
+    for path, p in copied.items():
+        src = _resolve(model, path)
+        canonical[id(p)] = by_value[id(src)]
+
+    weights = {n: p.detach().clone() for n, p in orig.items()}
+    sk = build_skeleton(report, weights, carriers=(form == "gspace"))
+    if fixed == "scale":
+        work = copy.deepcopy(model)
+        fix_to(report, sk, work, value)
+        weights = {n: p.detach().clone() for n, p in work.named_parameters()}
+    elif fixed == "overwrite":
+        for name, ps in sk.params.items():
+            if ps.fixed_idx.numel() and not report.is_inert(name):
+                weights[name].reshape(-1)[ps.fixed_idx] = value
+
+    dtype = next(iter(orig.values())).dtype
+    M = sk.out_factor(weights)
+    P = sk.in_factor(weights, M) if form == "gspace" else torch.ones_like(M)
+    n = sk.num_classes
+    used = {canonical[id(p)] for p in copied.values()}
+    taken = set(dict(gm.named_children())) | set(dict(gm.named_buffers())) | {"allocate"}
+    v_attr, allocated, plans, unused = {}, [], [], {}
+    for name in report.param_names:
+        if name not in used:                        # never read by forward: inert, kept for export
+            unused[name] = weights[name]
+            continue
+        ps = sk.params[name]
+        inp = torch.where(ps.inp < 0, n, ps.inp)
+        out = torch.where(ps.out < 0, n, ps.out)
+        w64 = weights[name].to(torch.float64)
+        v = w64 * P[inp] * M[out] if form == "gspace" else w64.clone()
+        v.reshape(-1)[ps.fixed_idx] = 0.0            # K positions of V are unused
+        attr = attr_name("v_" if form == "gspace" else "free_", name, taken)
+        v_attr[name] = attr
+        gm.register_parameter(attr, nn.Parameter(v.to(dtype), requires_grad=orig[name].requires_grad))
+        trivial = ps.fixed_idx.numel() == 0 and (form == "fixed" or bool((inp == n).all() and (out == n).all()))
+        if not trivial:
+            allocated.append(name)
+            plans.append({"inp": inp, "out": out, "fixed_idx": ps.fixed_idx,
+                          "fixed_val": weights[name].reshape(-1)[ps.fixed_idx].clone(),
+                          "carrier_idx": ps.carrier_idx, "carrier_cls": ps.carrier_cls})
+    gm.allocate = Allocation(form, n, M, plans, dtype)
+    graph = rewrite(gm, canonical, allocated, v_attr)
+    # the modules keep their code and buffers; their parameters now come from the allocation
+    for mod in gm.modules():
+        if mod is not gm:
+            for k in list(mod._parameters):
+                mod.register_parameter(k, None)
+    cm = InvariantModule(gm, graph, f"Invariant{type(model).__name__}")
+    lean = copy.copy(report)
+    lean.graph = None                                # cm.graph carries the node meta
+    cm.form, cm.report, cm.skeleton = form, lean, sk
+    cm._v_attr, cm._allocated, cm._unused = v_attr, allocated, unused
+    cm._state_keys = list(model.state_dict().keys())
+    cm._extra_buffers = {k: b.detach().clone() for k, b in model.state_dict().items()
+                         if k not in orig and not _has(cm, k)}
+    cm.train(model.training)
+    return cm
+
+
+def _resolve(root: nn.Module, path: str):
+    obj = root
+    for part in path.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _has(root, path):
+    try:
+        _resolve(root, path)
+        return True
+    except AttributeError:
+        return False
