@@ -9,8 +9,10 @@ Pipeline: trace (torch.fx) -> analyze (channel classes, generators) -> skeleton 
 from .analyze import Generator, SymmetryReport, SymmetryWarning, analyze
 from .analyze import rules
 from .analyze.rules import register_rule
+from .codegen import InvariantModule, compile_invariant
+from . import optim
 from .trace import TraceFailure
 
-__all__ = ["analyze", "SymmetryReport", "Generator", "SymmetryWarning", "register_rule", "rules",
-           "TraceFailure"]
+__all__ = ["analyze", "compile_invariant", "InvariantModule", "SymmetryReport", "Generator",
+           "SymmetryWarning", "register_rule", "rules", "optim", "TraceFailure"]
 __version__ = "0.1.0"

@@ -16,7 +16,7 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
-__all__ = ["Allocation", "WeightAllocation", "reference"]
+__all__ = ["Allocation", "WeightAllocation", "icr", "make_allocation", "reference"]
 
 
 class Allocation(nn.Module):
@@ -87,29 +87,57 @@ class WeightAllocation(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *gws):
-        plan = ctx.plan
         p_in, *vs = ctx.saved_tensors
-        reduced = torch.zeros_like(p_in)                     # Σ ∂L/∂W ⊙ W per class read
-        gvs = []
-        for i, (v, gw) in enumerate(zip(vs, gws)):
-            if gw is None:
-                gw = torch.zeros_like(v)
-            fixed = plan.buf("fixed_idx", i)
-            denom = plan.denominator(i, p_in)
-            gv = _overwrite(gw / denom, fixed, torch.zeros((), dtype=gw.dtype).expand(fixed.shape))
-            inp = plan.buf("in", i)
-            contrib = gv * v                                  # = ∂L/∂W ⊙ W on free entries
-            dims = [d for d in range(v.dim()) if inp.shape[d] == 1 and v.shape[d] > 1]
-            col = contrib.sum(dim=dims, keepdim=True) if dims else contrib
-            reduced.index_add_(0, inp.expand(col.shape).reshape(-1), col.reshape(-1))
-            gvs.append(gv)
-        for i, (v, gv) in enumerate(zip(vs, gvs)):
-            cls = plan.buf("carrier_cls", i)
-            if cls.numel():
-                idx = plan.buf("carrier_idx", i)
-                flat = gv.reshape(-1)
-                flat.index_add_(0, idx, -reduced[cls] / v.reshape(-1)[idx])
-        return (None, *gvs)
+        return (None, *icr(ctx.plan, p_in, vs, gws))
+
+
+def icr(plan: Allocation, p_in: torch.Tensor, vs: Sequence[torch.Tensor], gws: Sequence) -> list:
+    """∂L/∂V from ∂L/∂W: scale, zero the fixed entries, and add each carrier's share of the
+    per-class reduction Σ ∂L/∂W ⊙ W over the free entries reading its class."""
+    reduced = torch.zeros_like(p_in)
+    gvs = []
+    for i, (v, gw) in enumerate(zip(vs, gws)):
+        if gw is None:
+            gw = torch.zeros_like(v)
+        fixed = plan.buf("fixed_idx", i)
+        gv = _overwrite(gw / plan.denominator(i, p_in), fixed,
+                        torch.zeros((), dtype=gw.dtype).expand(fixed.shape))
+        inp = plan.buf("in", i)
+        contrib = gv * v                                      # = ∂L/∂W ⊙ W on free entries
+        dims = [d for d in range(v.dim()) if inp.shape[d] == 1 and v.shape[d] > 1]
+        col = contrib.sum(dim=dims, keepdim=True) if dims else contrib
+        reduced.index_add_(0, inp.expand(col.shape).reshape(-1), col.reshape(-1))
+        gvs.append(gv)
+    for i, (v, gv) in enumerate(zip(vs, gvs)):
+        cls = plan.buf("carrier_cls", i)
+        if cls.numel():
+            idx = plan.buf("carrier_idx", i)
+            gv.reshape(-1).index_add_(0, idx, -reduced[cls] / v.reshape(-1)[idx])
+    return gvs
+
+
+def make_allocation(report, sk, weights: dict, form: str, names: Sequence[str], dtype):
+    """The allocation plan and the initial parameter tensors for the parameters `names`.
+    Returns (Allocation, {name: initial V or free tensor}, [names the allocation covers])."""
+    M = sk.out_factor(weights)
+    P = sk.in_factor(weights, M) if form == "gspace" else torch.ones_like(M)
+    n = sk.num_classes
+    init, allocated, plans = {}, [], []
+    for name in names:
+        ps = sk.params[name]
+        inp = torch.where(ps.inp < 0, n, ps.inp)
+        out = torch.where(ps.out < 0, n, ps.out)
+        w64 = weights[name].detach().to(torch.float64)
+        v = w64 * P[inp] * M[out] if form == "gspace" else w64.clone()
+        v.reshape(-1)[ps.fixed_idx] = 0.0                      # K positions of V are unused
+        init[name] = v.to(dtype)
+        trivial = ps.fixed_idx.numel() == 0 and (form == "fixed" or bool((inp == n).all() and (out == n).all()))
+        if not trivial:
+            allocated.append(name)
+            plans.append({"inp": inp, "out": out, "fixed_idx": ps.fixed_idx,
+                          "fixed_val": weights[name].detach().reshape(-1)[ps.fixed_idx].clone(),
+                          "carrier_idx": ps.carrier_idx, "carrier_cls": ps.carrier_cls})
+    return Allocation(form, n, M, plans, dtype), init, allocated
 
 
 def reference(plan: Allocation, vs: Sequence[torch.Tensor]) -> tuple:

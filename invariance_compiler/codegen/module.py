@@ -10,7 +10,7 @@ import torch.nn as nn
 
 from ..analyze import analyze
 from ..skeleton import build_skeleton, fix_to
-from .allocate import Allocation
+from .allocate import make_allocation
 from .emit import attr_name, rewrite
 
 __all__ = ["compile_invariant", "InvariantModule"]
@@ -98,7 +98,7 @@ def _rebuild(state: dict, nodes: list) -> InvariantModule:
 
 
 def compile_invariant(model: nn.Module, example_inputs: Any = None, form: str = "gspace",
-                      fixed: str = "keep", value: float = 1.0, *,
+                      fixed: str = "keep", value: float = 1.0, *, skeleton=None,
                       concrete_args: Optional[dict[str, Any]] = None) -> InvariantModule:
     """Compile `model` into a module with the same function whose parameters have no rescaling
     redundancy left.
@@ -107,7 +107,9 @@ def compile_invariant(model: nn.Module, example_inputs: Any = None, form: str = 
            (free entries are parameters, one fixed entry per generator is a buffer).
     fixed: "keep" the fixed entries' current values (function unchanged); "scale" them to |w| =
            value by a group action (function unchanged); "overwrite" them with value (changes the
-           function: G-SGD's skeleton initialisation, for fresh models)."""
+           function: G-SGD's skeleton initialisation, for fresh models).
+    skeleton: reuse the skeleton of another compiled module of the same architecture
+           (`other.skeleton`), so that both have the same coordinates."""
     if form not in ("gspace", "fixed"):
         raise ValueError(f"compile_invariant: form must be 'gspace' or 'fixed', got {form!r}")
     if fixed not in ("keep", "scale", "overwrite"):
@@ -126,7 +128,7 @@ def compile_invariant(model: nn.Module, example_inputs: Any = None, form: str = 
         canonical[id(p)] = by_value[id(src)]
 
     weights = {n: p.detach().clone() for n, p in orig.items()}
-    sk = build_skeleton(report, weights, carriers=(form == "gspace"))
+    sk = skeleton if skeleton is not None else build_skeleton(report, weights, carriers=(form == "gspace"))
     if fixed == "scale":
         work = copy.deepcopy(model)
         fix_to(report, sk, work, value)
@@ -137,32 +139,15 @@ def compile_invariant(model: nn.Module, example_inputs: Any = None, form: str = 
                 weights[name].reshape(-1)[ps.fixed_idx] = value
 
     dtype = next(iter(orig.values())).dtype
-    M = sk.out_factor(weights)
-    P = sk.in_factor(weights, M) if form == "gspace" else torch.ones_like(M)
-    n = sk.num_classes
     used = {canonical[id(p)] for p in copied.values()}
-    taken = set(dict(gm.named_children())) | set(dict(gm.named_buffers())) | {"allocate"}
-    v_attr, allocated, plans, unused = {}, [], [], {}
-    for name in report.param_names:
-        if name not in used:                        # never read by forward: inert, kept for export
-            unused[name] = weights[name]
-            continue
-        ps = sk.params[name]
-        inp = torch.where(ps.inp < 0, n, ps.inp)
-        out = torch.where(ps.out < 0, n, ps.out)
-        w64 = weights[name].to(torch.float64)
-        v = w64 * P[inp] * M[out] if form == "gspace" else w64.clone()
-        v.reshape(-1)[ps.fixed_idx] = 0.0            # K positions of V are unused
-        attr = attr_name("v_" if form == "gspace" else "free_", name, taken)
-        v_attr[name] = attr
-        gm.register_parameter(attr, nn.Parameter(v.to(dtype), requires_grad=orig[name].requires_grad))
-        trivial = ps.fixed_idx.numel() == 0 and (form == "fixed" or bool((inp == n).all() and (out == n).all()))
-        if not trivial:
-            allocated.append(name)
-            plans.append({"inp": inp, "out": out, "fixed_idx": ps.fixed_idx,
-                          "fixed_val": weights[name].reshape(-1)[ps.fixed_idx].clone(),
-                          "carrier_idx": ps.carrier_idx, "carrier_cls": ps.carrier_cls})
-    gm.allocate = Allocation(form, n, M, plans, dtype)
+    names = [n for n in report.param_names if n in used]
+    unused = {n: weights[n] for n in report.param_names if n not in used}   # inert; kept for export
+    gm.allocate, init, allocated = make_allocation(report, sk, weights, form, names, dtype)
+    taken = set(dict(gm.named_children())) | set(dict(gm.named_buffers()))
+    v_attr = {}
+    for name in names:
+        v_attr[name] = attr_name("v_" if form == "gspace" else "free_", name, taken)
+        gm.register_parameter(v_attr[name], nn.Parameter(init[name], requires_grad=orig[name].requires_grad))
     graph = rewrite(gm, canonical, allocated, v_attr)
     # the modules keep their code and buffers; their parameters now come from the allocation
     for mod in gm.modules():

@@ -1,0 +1,67 @@
+"""G-SGD (Meng et al., Algorithm 1) on a plain model's own weights.
+
+Each step: the inverse chain rule turns ∂L/∂W into ∂L/∂V, SGD (momentum, weight decay) updates
+the basis-path values V, and weight allocation writes W = WA(V) back into the model, the skeleton
+entries staying fixed. The iterates are the same functions as torch.optim.SGD on the gspace module
+of compile_invariant (same skeleton). V lives in the optimizer state, so it survives state_dict()."""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+import torch.nn as nn
+
+from ..analyze import analyze
+from ..codegen.allocate import icr, make_allocation
+from ..skeleton import build_skeleton
+
+__all__ = ["GSGD"]
+
+
+class GSGD(torch.optim.Optimizer):
+    def __init__(self, model: nn.Module, lr: float = 1e-2, momentum: float = 0.0,
+                 weight_decay: float = 0.0, example_inputs: Any = None, report=None, skeleton=None):
+        if lr <= 0 or momentum < 0 or weight_decay < 0:
+            raise ValueError(f"GSGD: need lr > 0, momentum >= 0, weight_decay >= 0 "
+                             f"(got {lr}, {momentum}, {weight_decay})")
+        report = report if report is not None else analyze(model, example_inputs)
+        named = dict(model.named_parameters())
+        weights = {n: p.detach() for n, p in named.items()}
+        sk = skeleton if skeleton is not None else build_skeleton(report, weights)
+        dtype = next(iter(named.values())).dtype
+        self.plan, v0, self.allocated = make_allocation(report, sk, weights, "gspace", list(named), dtype)
+        self.report, self.skeleton = report, sk
+        params = list(named.values())
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
+        for n in self.allocated:            # parameters outside the allocation are their own V
+            self.state[named[n]]["v"] = v0[n].to(named[n].device)
+        self._alloc_params = [named[n] for n in self.allocated]
+        if params:
+            self.plan.to(params[0].device)
+
+    @torch.no_grad()
+    def step(self, closure: Optional[Any] = None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        group = self.param_groups[0]
+        lr, mom, wd = group["lr"], group["momentum"], group["weight_decay"]
+        ps = self._alloc_params
+        vs = [self.state[p]["v"] for p in ps]
+        gvs = icr(self.plan, self.plan.p_in(vs), vs, [p.grad for p in ps])
+        updates = list(zip(ps, vs, gvs))
+        updates += [(p, p, p.grad) for p in group["params"] if "v" not in self.state[p] and p.grad is not None]
+        for p, v, g in updates:                       # SGD on V (torch.optim.SGD's rule)
+            d = g.add(v, alpha=wd) if wd else g
+            if mom:
+                buf = self.state[p].get("momentum_buffer")
+                if buf is None:
+                    buf = self.state[p]["momentum_buffer"] = d.clone()
+                else:
+                    buf.mul_(mom).add_(d)
+                d = buf
+            v.add_(d, alpha=-lr)
+        for p, w in zip(ps, self.plan(*vs)):          # WA: W = V / (P_in · M), skeleton fixed
+            p.copy_(w)
+        return loss

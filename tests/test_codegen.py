@@ -1,0 +1,198 @@
+"""compile_invariant: function preservation, the emitted graph, the module contract (DESIGN §3.5-3.6)."""
+import copy
+import io
+import pickle
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import invariance_compiler as ic
+from invariance_compiler.zoo import ZOO, _mlp
+
+from conftest import batch_like
+
+FORMS = ["gspace", "fixed"]
+
+
+def _compare(model, cm, x):
+    torch.manual_seed(1)
+    ref = model(*x)
+    torch.manual_seed(1)                          # dropout draws the same masks
+    return float((cm(*x).detach() - ref.detach()).norm() / ref.detach().norm())
+
+
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("name", sorted(ZOO))
+def test_both_forms_preserve_the_function_on_the_zoo(name, form):
+    model, x = ZOO[name]()
+    m64 = copy.deepcopy(model).double()
+    x64 = tuple(t.double() if t.is_floating_point() else t for t in x)
+    cm = ic.compile_invariant(m64, x64, form=form)
+    cm.graph.lint()
+    assert _compare(m64, cm, x64) <= 1e-10
+    cm32 = ic.compile_invariant(model, x, form=form)
+    assert _compare(model, cm32, x) <= 1e-5
+    assert cm.num_free_parameters() == cm.report.num_params - cm.report.num_generators
+
+
+def test_emitted_code_names_the_allocation_steps():
+    cm = ic.compile_invariant(_mlp([3, 4, 2]))
+    code = cm.code
+    assert "allocate = self.allocate(v_0_weight, v_0_bias, v_2_weight)" in code
+    assert "w_0_weight = allocate[0]" in code and "linear(input_1, w_0_weight, w_0_bias)" in code
+    nodes = {n.name: n for n in cm.graph.nodes}
+    assert sorted(nodes["_1"].meta["ic_generators"].reshape(-1).tolist()) == [0, 1, 2, 3]   # analysis kept
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_parameters_are_v_or_free_entries_and_fixed_values_are_buffers(form):
+    model, x = ZOO["vgg_bn"]()
+    cm = ic.compile_invariant(model, x, form=form)
+    prefix = "v_" if form == "gspace" else "free_"
+    names = [n for n, _ in cm.named_parameters()]
+    assert names and all(n.startswith(prefix) for n in names)
+    assert sum(p.numel() for p in cm.parameters()) == cm.report.num_params
+    fixed = sum(b.numel() for n, b in cm.named_buffers() if n.startswith("allocate.fixed_val"))
+    assert fixed == cm.report.num_generators
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_export_state_dict_reproduces_the_function_in_the_original_class(form):
+    model, x = ZOO["resnet_basic"]()
+    model = model.double()
+    x = tuple(t.double() for t in x)
+    cm = ic.compile_invariant(model, x, form=form)
+    opt = torch.optim.SGD(cm.parameters(), lr=0.05)
+    for _ in range(3):                            # move away from the start first
+        opt.zero_grad(); cm(*x).square().mean().backward(); opt.step()
+    fresh = type(model)([type(b)(b.conv1.in_channels, b.conv2.out_channels, b.conv1.stride[0])
+                         for b in model.layers], model.fc.in_features).double()
+    fresh.load_state_dict(cm.export_state_dict())
+    assert list(cm.export_state_dict()) == list(model.state_dict())
+    assert torch.equal(fresh(*x), cm(*x))          # the same weights: bit for bit
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_state_dict_save_load_pickle_and_deepcopy(form):
+    model, x = ZOO["densenet"]()
+    cm = ic.compile_invariant(model, x, form=form)
+    buf = io.BytesIO()
+    torch.save(cm.state_dict(), buf)
+    buf.seek(0)
+    other = ic.compile_invariant(model, x, form=form)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(1.0)
+    other.load_state_dict(torch.load(buf, weights_only=True))
+    ref = cm(*x)
+    assert torch.equal(other(*x), ref)
+    for clone in (pickle.loads(pickle.dumps(cm)), copy.deepcopy(cm)):
+        assert isinstance(clone, ic.InvariantModule) and clone.form == form
+        assert torch.equal(clone(*x), ref)
+        assert clone.num_free_parameters() == cm.num_free_parameters()
+        assert torch.equal(clone.export_state_dict()["fc.weight"], cm.export_state_dict()["fc.weight"])
+
+
+@pytest.mark.parametrize("opt_cls", [torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW, torch.optim.RMSprop])
+def test_any_torch_optimizer_trains_it_and_keeps_its_state(opt_cls):
+    model, x = ZOO["mlp"]()
+    y = torch.randint(0, 3, (x[0].shape[0],))
+    cm = ic.compile_invariant(model, x)
+    opt = opt_cls(cm.parameters(), lr=1e-2)
+    first = None
+    for step in range(30):
+        opt.zero_grad()
+        loss = F.cross_entropy(cm(*x), y)
+        loss.backward()
+        opt.step()
+        first = first if first is not None else float(loss)
+    assert float(F.cross_entropy(cm(*x), y)) < first
+    if opt_cls is not torch.optim.SGD:
+        steps = [int(s["step"]) for s in opt.state.values()]
+        assert steps and all(s == 30 for s in steps)   # one optimizer, state kept across steps
+
+
+def test_fixed_entries_stay_bit_for_bit_under_adamw_with_weight_decay():
+    model, x = ZOO["cnn_pool"]()
+    cm = ic.compile_invariant(model, x, form="fixed")
+    before = cm.weights()
+    opt = torch.optim.AdamW(cm.parameters(), lr=1e-2, weight_decay=0.5)
+    for _ in range(1000):
+        opt.zero_grad()
+        cm(*x).square().mean().backward()
+        opt.step()
+    after = cm.weights()
+    moved = False
+    for name, ps in cm.skeleton.params.items():
+        k = ps.fixed_idx
+        assert torch.equal(after[name].reshape(-1)[k], before[name].reshape(-1)[k]), name
+        moved |= not torch.equal(after[name], before[name])
+    assert moved
+
+
+def test_fixed_scale_brings_fixed_entries_to_the_value_and_keeps_the_function():
+    model, x = ZOO["mlp_nobias"]()
+    model = model.double()
+    x = tuple(t.double() for t in x)
+    cm = ic.compile_invariant(model, x, form="fixed", fixed="scale", value=1.0)
+    w = cm.weights()
+    for name, ps in cm.skeleton.params.items():
+        assert torch.allclose(w[name].reshape(-1)[ps.fixed_idx].abs(),
+                              torch.ones(ps.fixed_idx.numel(), dtype=torch.float64), rtol=1e-12)
+    assert _compare(model, cm, x) <= 1e-12
+
+
+def test_fixed_overwrite_sets_the_skeleton_weights():
+    model, x = ZOO["mlp_nobias"]()
+    cm = ic.compile_invariant(model, x, form="fixed", fixed="overwrite", value=1.0)
+    w = cm.weights()
+    for name, ps in cm.skeleton.params.items():
+        assert bool((w[name].reshape(-1)[ps.fixed_idx] == 1.0).all())
+
+
+def test_balance_equalises_squared_weight_in_and_out_of_every_rescale_class():
+    from invariance_compiler.skeleton import balance
+    model, x = ZOO["mlp_nonstraight"]()
+    model = model.double()
+    x = tuple(t.double() for t in x)
+    with torch.no_grad():
+        model[0].weight.mul_(30.0)                 # badly unbalanced start
+        model[0].bias.mul_(30.0)
+    ref = model(*x)
+    report = ic.analyze(model, x)
+    before = sum(float(p.square().sum()) for p in model.parameters())
+    balance(report, model)
+    after = sum(float(p.square().sum()) for p in model.parameters())
+    assert torch.allclose(model(*x), ref, rtol=1e-10, atol=1e-12)
+    assert after < before
+    for g in report.generators:                    # stationarity: d/dλ Σ‖w‖² = 0
+        total = 0.0
+        for name, (idx, sign) in g.entries().items():
+            w = dict(model.named_parameters())[name].detach().reshape(-1)[idx]
+            total += float((sign * w.square()).sum())
+        assert abs(total) <= 1e-6 * after
+
+
+def test_torch_compile_matches_eager():
+    model, x = ZOO["mlp"]()
+    cm = ic.compile_invariant(model, x)
+    compiled = torch.compile(cm, backend="aot_eager")
+    ref = cm(*x)
+    out = compiled(*x)
+    assert torch.allclose(out, ref, rtol=1e-6, atol=1e-7)
+    out.square().sum().backward()
+    g_compiled = [p.grad.clone() for p in cm.parameters()]
+    cm.zero_grad()
+    ref.square().sum().backward()
+    for a, b in zip(g_compiled, [p.grad for p in cm.parameters()]):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_bad_arguments_are_refused():
+    model = _mlp([3, 4, 2])
+    with pytest.raises(ValueError, match="form must be"):
+        ic.compile_invariant(model, form="G")
+    with pytest.raises(ValueError, match="fixed must be"):
+        ic.compile_invariant(model, fixed="zero")

@@ -1,0 +1,204 @@
+"""G-space: WA/ICR against autograd and gradcheck, the thesis's coordinates (Table 2.1, G-SGD
+appendix 10.1), basis paths, G-SGD Theorem 4.1, and the G-SGD optimizer on plain weights."""
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import invariance_compiler as ic
+from invariance_compiler.codegen.allocate import reference
+from invariance_compiler.skeleton import basis_paths
+from invariance_compiler.zoo import ZOO, _mlp
+
+
+def _vs(cm):
+    return [getattr(cm, cm._v_attr[n]) for n in cm._allocated]
+
+
+@pytest.mark.parametrize("name", ["mlp", "resnet_basic", "densenet", "layerscale", "conv_transpose"])
+def test_icr_equals_autograd_through_a_plain_allocation(name):
+    model, x = ZOO[name]()
+    cm = ic.compile_invariant(model.double(), tuple(t.double() for t in x))
+    vs = [v.detach().clone().requires_grad_(True) for v in _vs(cm)]
+    gws = [torch.randn_like(v) for v in vs]
+    ours = cm.allocate(*vs)
+    ref = reference(cm.allocate, vs)
+    for a, b in zip(ours, ref):
+        assert torch.allclose(a, b, rtol=1e-14, atol=0)
+    g_ours = torch.autograd.grad(ours, vs, gws)
+    g_ref = torch.autograd.grad(ref, vs, gws)
+    for a, b in zip(g_ours, g_ref):
+        assert torch.allclose(a, b, rtol=1e-12, atol=1e-14)
+
+
+def test_icr_passes_gradcheck():
+    model, x = ZOO["residual_mlp"]()
+    cm = ic.compile_invariant(model.double(), tuple(t.double() for t in x))
+    vs = tuple(v.detach().clone().requires_grad_(True) for v in _vs(cm))
+    assert torch.autograd.gradcheck(lambda *v: cm.allocate(*v), vs, eps=1e-6, atol=1e-7)
+
+
+def test_coordinates_and_gradients_of_a_straight_mlp_are_the_thesis_table():
+    """Skeleton weights overwritten with 1 (G-SGD's initialisation): v_j = w_j (carrier, first layer), v_h = w_h (hidden-to-hidden
+    entries into a class whose out-chain is 1), v_i = w_i·w_j (outgoing non-skeleton);
+    ∂L/∂v_i = ∂L/∂w_i / w_j and ∂L/∂v_j = ∂L/∂w_j − Σ_i ∂L/∂v_i·w_i."""
+    torch.manual_seed(0)
+    model = _mlp([3, 4, 2], bias=False).double()
+    x = torch.randn(5, 3, dtype=torch.float64)
+    cm = ic.compile_invariant(model, x, fixed="overwrite", value=1.0)
+    w = cm.weights()
+    sk = cm.skeleton
+    W1, W2 = w["0.weight"], w["2.weight"]                  # (4, 3), (2, 4)
+    V1, V2 = cm.v_0_weight.detach(), cm.v_2_weight.detach()
+    for c in range(4):
+        name, k = sk.fixed_of[c]
+        assert name == "2.weight" and float(W2.reshape(-1)[k]) == 1.0
+        _, j = sk.carrier_of[c]                               # carrier w_j = W1[c, j % 3]
+        wj = W1.reshape(-1)[j]
+        assert torch.allclose(V1[c], W1[c], rtol=1e-12)      # first layer: v = w (out-chain is 1)
+        for o in range(2):
+            if o * 4 + c != k:
+                assert torch.allclose(V2[o, c], W2[o, c] * wj, rtol=1e-12)   # v_i = w_i · w_j
+    # gradients
+    y = torch.randint(0, 2, (5,))
+    F.cross_entropy(cm(x), y).backward()
+    plain = copy.deepcopy(model)
+    with torch.no_grad():
+        plain[0].weight.copy_(W1); plain[2].weight.copy_(W2)
+    F.cross_entropy(plain(x), y).backward()
+    G1, G2 = plain[0].weight.grad, plain[2].weight.grad
+    for c in range(4):
+        _, k = sk.fixed_of[c]
+        _, j = sk.carrier_of[c]
+        wj = W1.reshape(-1)[j]
+        gvi = {o: G2[o, c] / wj for o in range(2) if o * 4 + c != k}
+        for o, g in gvi.items():
+            assert torch.allclose(cm.v_2_weight.grad[o, c], g, rtol=1e-10)
+        expected = G1.reshape(-1)[j] - sum(g * W2[o, c] for o, g in gvi.items())
+        assert torch.allclose(cm.v_0_weight.grad.reshape(-1)[j], expected, rtol=1e-10)
+
+
+@pytest.mark.parametrize("name", ["mlp_nobias", "mlp_nonstraight", "cnn_nobias", "mlp_leaky"])
+def test_basis_paths_are_independent_orthogonal_to_e_and_give_v(name):
+    model, x = ZOO[name]()
+    model = model.double()
+    cm = ic.compile_invariant(model, tuple(t.double() for t in x))
+    B = basis_paths(cm.report, cm.skeleton).double()
+    E = cm.report.generator_matrix(dtype=torch.float64)
+    m, h = E.shape
+    assert B.shape == (m - h, m)
+    assert int(torch.linalg.matrix_rank(B)) == m - h
+    assert torch.count_nonzero(B @ E) == 0
+    theta = torch.cat([w.reshape(-1) for w in cm.weights().values()])
+    values = torch.stack([theta[row.bool()].prod() for row in B.double()])   # path values
+    v = torch.cat([getattr(cm, cm._v_attr[n]).detach().reshape(-1)[~cm.skeleton.fixed_mask(n).reshape(-1)]
+                   for n in cm.report.param_names])
+    assert torch.allclose(values, v, rtol=1e-12)
+
+
+def test_v_to_w_to_v_round_trip():
+    model, x = ZOO["vgg_bn"]()
+    model = model.double()
+    x = tuple(t.double() for t in x)
+    cm = ic.compile_invariant(model, x)
+    w = cm.weights()
+    again = ic.compile_invariant(_load(model, w), x, skeleton=cm.skeleton)
+    for n in cm._allocated:
+        assert torch.allclose(getattr(again, again._v_attr[n]), getattr(cm, cm._v_attr[n]), rtol=1e-13, atol=0)
+
+
+def _load(model, weights):
+    m = copy.deepcopy(model)
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            p.copy_(weights[n])
+    return m
+
+
+def _equivalent_pair(name, seed=0):
+    torch.manual_seed(seed)
+    model, x = ZOO[name]()
+    model = model.double()
+    x = tuple(t.double() for t in x)
+    report = ic.analyze(model, x)
+    other = copy.deepcopy(model)
+    report.act(other, torch.randn(report.num_generators, dtype=torch.float64))
+    return model, other, x
+
+
+@pytest.mark.parametrize("opt", ["sgd", "adam"])
+def test_theorem_4_1_equivalent_starts_stay_equivalent_in_gspace(opt):
+    a, b, x = _equivalent_pair("mlp")
+    y = torch.randint(0, 3, (x[0].shape[0],))
+    ca = ic.compile_invariant(a, x)
+    cb = ic.compile_invariant(b, x, skeleton=ca.skeleton)      # same coordinates
+    make = (lambda p: torch.optim.SGD(p, lr=0.05)) if opt == "sgd" else (lambda p: torch.optim.Adam(p, lr=1e-2))
+    oa, ob = make(ca.parameters()), make(cb.parameters())
+    pa, pb = copy.deepcopy(a), copy.deepcopy(b)
+    sa, sb = torch.optim.SGD(pa.parameters(), lr=0.05), torch.optim.SGD(pb.parameters(), lr=0.05)
+    for _ in range(50):
+        for m, o in ((ca, oa), (cb, ob), (pa, sa), (pb, sb)):
+            o.zero_grad()
+            F.cross_entropy(m(*x), y).backward()
+            o.step()
+        assert torch.allclose(ca(*x), cb(*x), rtol=1e-8, atol=1e-10)
+    assert (pa(*x) - pb(*x)).abs().max() > 1e-3                # plain SGD is not invariant
+
+
+def test_gsgd_optimizer_matches_sgd_on_the_gspace_module():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 3)).double()
+    x = torch.randn(32, 5, dtype=torch.float64)
+    y = torch.randint(0, 3, (32,))
+    cm = ic.compile_invariant(model, x)
+    plain = _load(model, cm.weights())
+    o1 = torch.optim.SGD(cm.parameters(), lr=0.02, momentum=0.9, weight_decay=1e-3)
+    o2 = ic.optim.GSGD(plain, lr=0.02, momentum=0.9, weight_decay=1e-3, example_inputs=x, skeleton=cm.skeleton)
+    for _ in range(20):
+        for m, o in ((cm, o1), (plain, o2)):
+            o.zero_grad()
+            F.cross_entropy(m(x), y).backward()
+            o.step()
+        assert torch.allclose(cm(x), plain(x), rtol=1e-9, atol=1e-11)
+    for name, ps in cm.skeleton.params.items():               # skeleton weights never move
+        k = ps.fixed_idx
+        assert torch.equal(dict(plain.named_parameters())[name].detach().reshape(-1)[k],
+                           cm.allocate.buf("fixed_val", cm._allocated.index(name))
+                           if name in cm._allocated else torch.zeros(0))
+
+
+def test_zero_entries_are_never_fixed_or_carriers():
+    torch.manual_seed(0)
+    model = _mlp([3, 4, 2], bias=False).double()
+    with torch.no_grad():
+        model[2].weight[0].zero_()                            # G-SGD would fix an outgoing weight here
+        model[0].weight[:, 0].zero_()                         # ... and might carry on these
+    cm = ic.compile_invariant(model)
+    w = cm.weights()
+    for c, (name, k) in enumerate(cm.skeleton.fixed_of):
+        assert float(w[name].reshape(-1)[k]) != 0.0
+        name, j = cm.skeleton.carrier_of[c]
+        assert float(w[name].reshape(-1)[j]) != 0.0
+    x = torch.randn(4, 3, dtype=torch.float64)
+    assert torch.allclose(cm(x), model(x), rtol=1e-12)
+
+
+def test_a_generator_with_only_zero_entries_is_a_clear_error():
+    model = _mlp([3, 4, 2], bias=False)
+    with torch.no_grad():
+        model[0].weight[1].zero_()
+        model[2].weight[:, 1].zero_()
+    with pytest.raises(RuntimeError, match="zero or non-finite"):
+        ic.compile_invariant(model)
+
+
+def test_a_carrier_reaching_zero_stops_with_a_message_not_nans():
+    model = _mlp([3, 4, 2], bias=False).double()
+    cm = ic.compile_invariant(model)
+    name, j = cm.skeleton.carrier_of[0]
+    with torch.no_grad():
+        getattr(cm, cm._v_attr[name]).reshape(-1)[j] = 0.0
+    with pytest.raises(FloatingPointError, match="carrier path value"):
+        cm(torch.randn(2, 3, dtype=torch.float64))
