@@ -20,10 +20,10 @@ def _vs(cm):
 @pytest.mark.parametrize("name", ["mlp", "resnet_basic", "densenet", "layerscale", "conv_transpose"])
 def test_icr_equals_autograd_through_a_plain_allocation(name):
     model, x = ZOO[name]()
-    cm = ic.compile_invariant(model.double(), tuple(t.double() for t in x))
+    cm = ic.compile_invariant(model.double(), tuple(t.double() for t in x), scale_activations=False)
     vs = [v.detach().clone().requires_grad_(True) for v in _vs(cm)]
     gws = [torch.randn_like(v) for v in vs]
-    ours = cm.allocate(*vs)
+    ours = cm.allocate(cm.allocate.path_in(*vs), *vs)
     ref = reference(cm.allocate, vs)
     for a, b in zip(ours, ref):
         assert torch.allclose(a, b, rtol=1e-14, atol=0)
@@ -35,9 +35,25 @@ def test_icr_equals_autograd_through_a_plain_allocation(name):
 
 def test_icr_passes_gradcheck():
     model, x = ZOO["residual_mlp"]()
-    cm = ic.compile_invariant(model.double(), tuple(t.double() for t in x))
+    cm = ic.compile_invariant(model.double(), tuple(t.double() for t in x), scale_activations=False)
     vs = tuple(v.detach().clone().requires_grad_(True) for v in _vs(cm))
-    assert torch.autograd.gradcheck(lambda *v: cm.allocate(*v), vs, eps=1e-6, atol=1e-7)
+    assert torch.autograd.gradcheck(lambda *v: cm.allocate(cm.allocate.path_in(*v), *v), vs, eps=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", ["mlp", "residual_mlp", "mini_transformer", "cnn_pool"])
+def test_scaled_activation_linears_equal_allocated_weights(name):
+    """Linear layers that scale activations instead of forming W: same outputs, same gradients."""
+    model, x = ZOO[name]()
+    model = model.double()
+    x = tuple(t.double() if t.is_floating_point() else t for t in x)
+    fast = ic.compile_invariant(model, x)
+    slow = ic.compile_invariant(model, x, skeleton=fast.skeleton, scale_activations=False)
+    assert "plan.linear" in fast.code or name == "mini_transformer"
+    assert torch.allclose(fast(*x), slow(*x), rtol=1e-12, atol=1e-14)
+    fast(*x).square().sum().backward()
+    slow(*x).square().sum().backward()
+    for (n1, p1), (n2, p2) in zip(fast.named_parameters(), slow.named_parameters()):
+        assert n1 == n2 and torch.allclose(p1.grad, p2.grad, rtol=1e-10, atol=1e-13), n1
 
 
 def test_coordinates_and_gradients_of_a_straight_mlp_are_the_thesis_table():

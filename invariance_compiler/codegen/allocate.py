@@ -3,29 +3,40 @@
 G-space (DESIGN §3.6, with P_in written directly in path values): for an entry e reading class a
 and producing class b,
     W_e = V_e / (P_in[a] · M[b]),   P_in[a] = V_J(a) / M[a]   (carrier J(a); else the constant 1/M[a]),
-and the K entries are the fixed values. Backward:
-    ∂L/∂V_e    = ∂L/∂W_e / (P_in[a] · M[b])                       (free entries)
-    ∂L/∂V_J(a) += -(1 / V_J(a)) · Σ_{free e reading a} ∂L/∂W_e · W_e   (a per-column reduction)
-Fixed form: W = V with the K entries overwritten by their fixed values.
+and the K entries are the fixed values. Backward (ICR):
+    ∂L/∂V_e     = ∂L/∂W_e / (P_in[a] · M[b])                      (free entries; 0 on K)
+    ∂L/∂P_in[a] = -(1 / P_in[a]) · Σ_{free e reading a} ∂L/∂W_e · W_e   (a per-column reduction)
+and ∂L/∂P_in reaches the carriers through `path_in` (an H-sized gather): ∂L/∂V_J(a) += ∂L/∂P_in[a] / M[a].
 
-`reference` computes the same thing with plain differentiable ops (tests compare the two)."""
+A Linear layer need not materialise W at all: x @ Wᵀ = ((x / P_in) @ Vᵀ) / M + (the K entries' terms),
+so `linear` scales the (smaller) activations and autograd gives the ICR (the carrier term becomes
+Σ_batch x ⊙ ∂L/∂x). Fixed form: W = V with the K entries overwritten by their fixed values.
+
+`reference` computes the allocation with plain differentiable ops (tests compare)."""
 from __future__ import annotations
 
 from typing import Sequence
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 __all__ = ["Allocation", "WeightAllocation", "icr", "make_allocation", "reference"]
 
 
 class Allocation(nn.Module):
-    """The allocation plan of one compiled model: per tensor, the classes its entries read/produce
-    (compact index maps into M and P_in, `n` meaning none), its fixed entries and its carriers."""
+    """The allocation plan of one compiled model. Tensor i (in plan order) has compact index maps
+    into M and P_in (`n` meaning no class), its fixed entries and its carriers. `wa` lists the
+    tensors allocated by WA; the others are Linear weights used through `linear`."""
 
-    def __init__(self, form: str, num_classes: int, M: torch.Tensor, plans: Sequence[dict], dtype):
+    def __init__(self, form: str, num_classes: int, M: torch.Tensor, plans: Sequence[dict], dtype,
+                 wa: Sequence[int]):
         super().__init__()
-        self.form, self.n, self.count = form, num_classes, len(plans)
+        self.form, self.n, self.count, self.wa = form, num_classes, len(plans), list(wa)
+        # sides with no class at all (network input, output) need no scaling, and must not make
+        # autograd differentiate through them (a first layer would pay for an input-gradient mm)
+        self.scales_in = [bool((p["inp"] < num_classes).any()) for p in plans]
+        self.scales_out = [bool((p["out"] < num_classes).any()) for p in plans]
         self.register_buffer("M", M.to(dtype))
         self.register_buffer("p_in0", (1.0 / M).to(dtype))       # classes without a carrier
         for i, p in enumerate(plans):
@@ -35,35 +46,59 @@ class Allocation(nn.Module):
             self.register_buffer(f"fixed_val{i}", p["fixed_val"].to(dtype))
             self.register_buffer(f"carrier_idx{i}", p["carrier_idx"])
             self.register_buffer(f"carrier_cls{i}", p["carrier_cls"])
+            flat_in = p["inp"].expand(p["shape"]).reshape(-1)[p["fixed_idx"]]   # classes of the K entries
+            flat_out = p["out"].expand(p["shape"]).reshape(-1)[p["fixed_idx"]]
+            self.register_buffer(f"fixed_in{i}", flat_in)
+            self.register_buffer(f"fixed_out{i}", flat_out)
 
     def buf(self, kind: str, i: int) -> torch.Tensor:
         return getattr(self, f"{kind}{i}")
 
-    def p_in(self, vs: Sequence[torch.Tensor]) -> torch.Tensor:
-        """P_in (n + 1,): carrier path values divided by M; P_in[n] = 1."""
-        p = self.p_in0.clone()
+    def path_in(self, *vs: torch.Tensor) -> torch.Tensor:
+        """P_in (n + 1,) from all plan tensors: carrier path values over M; P_in[n] = 1.
+        Differentiable: its backward is the H-sized accumulation of the ICR onto the carriers."""
+        p = self.p_in0
         for i, v in enumerate(vs):
             cls = self.buf("carrier_cls", i)
             if cls.numel():
-                p[cls] = v.reshape(-1)[self.buf("carrier_idx", i)] / self.M[cls]
+                p = p.index_put((cls,), v.reshape(-1)[self.buf("carrier_idx", i)] / self.M[cls])
+        if not torch.compiler.is_compiling():
+            _check(p)
         return p
 
     def denominator(self, i: int, p_in: torch.Tensor) -> torch.Tensor:
         return p_in[self.buf("in", i)] * self.M[self.buf("out", i)]
 
-    def check(self, p_in: torch.Tensor) -> None:
-        if not bool(torch.isfinite(p_in).all()) or bool((p_in == 0).any()):
-            bad = (~torch.isfinite(p_in) | (p_in == 0)).nonzero().reshape(-1)[:5].tolist()
-            raise FloatingPointError(
-                f"weight allocation: the carrier path value of class(es) {bad} is zero or non-finite, "
-                f"so the weights it divides are undefined. Lower the learning rate, or export the "
-                f"weights (export_state_dict) and compile again to choose new carriers.")
-
-    def forward(self, *vs: torch.Tensor) -> tuple:
+    def forward(self, p_in: torch.Tensor, *vs: torch.Tensor) -> tuple:
+        """Weights of the `wa` tensors (fixed form: p_in is ignored)."""
         if self.form == "fixed":
             return tuple(_overwrite(v, self.buf("fixed_idx", i), self.buf("fixed_val", i))
-                         for i, v in enumerate(vs))
-        return WeightAllocation.apply(self, *vs)
+                         for i, v in zip(self.wa, vs))
+        return WeightAllocation.apply(self, p_in, *vs)
+
+    def linear(self, x: torch.Tensor, v: torch.Tensor, bias, p_in: torch.Tensor, i: int) -> torch.Tensor:
+        """F.linear(x, W_i, bias) without forming W_i: W = D_out⁻¹ V' D_in⁻¹, so scale x by 1/P_in
+        and the output by 1/M. V' is V with each fixed slot holding w_K·P_in·M (one copy of V; the
+        fixed slots of V itself stay zero and get no gradient)."""
+        idx = self.buf("fixed_idx", i)
+        if idx.numel():
+            k = self.buf("fixed_val", i) * p_in[self.buf("fixed_in", i)] * self.M[self.buf("fixed_out", i)]
+            v = v.reshape(-1).index_put((idx,), k).view(v.shape)
+        if self.scales_in[i]:                                   # multiply by reciprocals of the
+            x = x * (1.0 / p_in[self.buf("in", i)]).reshape(-1)  # small vectors: cheaper backward
+        if not self.scales_out[i]:
+            return F.linear(x, v, bias)
+        m_out = self.M[self.buf("out", i)].reshape(-1)          # (out,)
+        return F.linear(x, v, None if bias is None else bias * m_out) * (1.0 / m_out)
+
+
+def _check(p_in: torch.Tensor) -> None:
+    if not bool(torch.isfinite(p_in).all()) or bool((p_in == 0).any()):
+        bad = (~torch.isfinite(p_in) | (p_in == 0)).nonzero().reshape(-1)[:5].tolist()
+        raise FloatingPointError(
+            f"weight allocation: the carrier path value of class(es) {bad} is zero or non-finite, "
+            f"so the weights it divides are undefined. Lower the learning rate, or export the "
+            f"weights (export_state_dict) and compile again to choose new carriers.")
 
 
 def _overwrite(v: torch.Tensor, idx: torch.Tensor, val: torch.Tensor) -> torch.Tensor:
@@ -73,56 +108,66 @@ def _overwrite(v: torch.Tensor, idx: torch.Tensor, val: torch.Tensor) -> torch.T
 
 
 class WeightAllocation(torch.autograd.Function):
-    """G-space WA forward, ICR backward, over every tensor of the model at once."""
+    """G-space WA forward, ICR backward, over the plan's `wa` tensors at once."""
 
     @staticmethod
-    def forward(ctx, plan: Allocation, *vs):
-        p_in = plan.p_in(vs)
-        plan.check(p_in)
-        ws = tuple(_overwrite(v / plan.denominator(i, p_in), plan.buf("fixed_idx", i),
-                              plan.buf("fixed_val", i)) for i, v in enumerate(vs))
+    def forward(ctx, plan: Allocation, p_in, *vs):
+        ws = []
+        for i, v in zip(plan.wa, vs):
+            w = v / plan.denominator(i, p_in)
+            idx = plan.buf("fixed_idx", i)
+            if idx.numel():
+                w.view(-1)[idx] = plan.buf("fixed_val", i)    # a fresh tensor: in place is O(H)
+            ws.append(w)
         ctx.plan = plan
         ctx.save_for_backward(p_in, *vs)
-        return ws
+        return tuple(ws)
 
     @staticmethod
     def backward(ctx, *gws):
         p_in, *vs = ctx.saved_tensors
-        return (None, *icr(ctx.plan, p_in, vs, gws))
+        gvs, g_p_in = icr(ctx.plan, p_in, vs, gws, ctx.plan.wa)
+        return (None, g_p_in, *gvs)
 
 
-def icr(plan: Allocation, p_in: torch.Tensor, vs: Sequence[torch.Tensor], gws: Sequence) -> list:
-    """∂L/∂V from ∂L/∂W: scale, zero the fixed entries, and add each carrier's share of the
-    per-class reduction Σ ∂L/∂W ⊙ W over the free entries reading its class."""
-    reduced = torch.zeros_like(p_in)
+def icr(plan: Allocation, p_in: torch.Tensor, vs: Sequence[torch.Tensor], gws: Sequence,
+        index: Sequence[int]) -> tuple[list, torch.Tensor]:
+    """∂L/∂V (scaled, 0 on K) and ∂L/∂P_in (the per-class reduction) from ∂L/∂W."""
+    reduced = torch.zeros_like(p_in)                          # Σ ∂L/∂W ⊙ W per class read
     gvs = []
-    for i, (v, gw) in enumerate(zip(vs, gws)):
+    for i, v, gw in zip(index, vs, gws):
         if gw is None:
             gw = torch.zeros_like(v)
+        gv = gw / plan.denominator(i, p_in)
         fixed = plan.buf("fixed_idx", i)
-        gv = _overwrite(gw / plan.denominator(i, p_in), fixed,
-                        torch.zeros((), dtype=gw.dtype).expand(fixed.shape))
+        if fixed.numel():
+            gv.view(-1)[fixed] = 0
         inp = plan.buf("in", i)
         contrib = gv * v                                      # = ∂L/∂W ⊙ W on free entries
         dims = [d for d in range(v.dim()) if inp.shape[d] == 1 and v.shape[d] > 1]
         col = contrib.sum(dim=dims, keepdim=True) if dims else contrib
         reduced.index_add_(0, inp.expand(col.shape).reshape(-1), col.reshape(-1))
         gvs.append(gv)
-    for i, (v, gv) in enumerate(zip(vs, gvs)):
+    return gvs, -reduced / p_in
+
+
+def carrier_grads(plan: Allocation, g_p_in: torch.Tensor, gvs: Sequence[torch.Tensor]) -> None:
+    """Add ∂L/∂P_in's share to the carrier entries (the backward of path_in), in place."""
+    for i, gv in enumerate(gvs):
         cls = plan.buf("carrier_cls", i)
         if cls.numel():
-            idx = plan.buf("carrier_idx", i)
-            gv.reshape(-1).index_add_(0, idx, -reduced[cls] / v.reshape(-1)[idx])
-    return gvs
+            gv.view(-1).index_add_(0, plan.buf("carrier_idx", i), g_p_in[cls] / plan.M[cls])
 
 
-def make_allocation(report, sk, weights: dict, form: str, names: Sequence[str], dtype):
-    """The allocation plan and the initial parameter tensors for the parameters `names`.
-    Returns (Allocation, {name: initial V or free tensor}, [names the allocation covers])."""
+def make_allocation(report, sk, weights: dict, form: str, names: Sequence[str], dtype,
+                    linear: Sequence[str] = ()):
+    """The allocation plan and the initial parameter tensors for the parameters `names`; the
+    `linear` ones (gspace) are used through Allocation.linear instead of WA.
+    Returns (Allocation, {name: initial V or free tensor}, [names in plan order])."""
     M = sk.out_factor(weights)
     P = sk.in_factor(weights, M) if form == "gspace" else torch.ones_like(M)
     n = sk.num_classes
-    init, allocated, plans = {}, [], []
+    init, planned, plans, wa = {}, [], [], []
     for name in names:
         ps = sk.params[name]
         inp = torch.where(ps.inp < 0, n, ps.inp)
@@ -133,21 +178,20 @@ def make_allocation(report, sk, weights: dict, form: str, names: Sequence[str], 
         init[name] = v.to(dtype)
         trivial = ps.fixed_idx.numel() == 0 and (form == "fixed" or bool((inp == n).all() and (out == n).all()))
         if not trivial:
-            allocated.append(name)
-            plans.append({"inp": inp, "out": out, "fixed_idx": ps.fixed_idx,
+            if not (form == "gspace" and name in linear):
+                wa.append(len(planned))
+            planned.append(name)
+            plans.append({"inp": inp, "out": out, "fixed_idx": ps.fixed_idx, "shape": ps.shape,
                           "fixed_val": weights[name].detach().reshape(-1)[ps.fixed_idx].clone(),
                           "carrier_idx": ps.carrier_idx, "carrier_cls": ps.carrier_cls})
-    return Allocation(form, n, M, plans, dtype), init, allocated
+    return Allocation(form, n, M, plans, dtype, wa), init, planned
 
 
 def reference(plan: Allocation, vs: Sequence[torch.Tensor]) -> tuple:
-    """The same allocation with plain differentiable ops (autograd gives the ICR)."""
+    """Every plan tensor's weight with plain differentiable ops (autograd gives the ICR)."""
     if plan.form == "fixed":
-        return plan(*vs)
-    p_in = plan.p_in0
-    for i, v in enumerate(vs):
-        cls = plan.buf("carrier_cls", i)
-        if cls.numel():
-            p_in = p_in.index_put((cls,), v.reshape(-1)[plan.buf("carrier_idx", i)] / plan.M[cls])
-    return tuple(_overwrite(v / (p_in[plan.buf("in", i)] * plan.M[plan.buf("out", i)]),
-                            plan.buf("fixed_idx", i), plan.buf("fixed_val", i)) for i, v in enumerate(vs))
+        return tuple(_overwrite(v, plan.buf("fixed_idx", i), plan.buf("fixed_val", i))
+                     for i, v in enumerate(vs))
+    p_in = plan.path_in(*vs)
+    return tuple(_overwrite(v / plan.denominator(i, p_in), plan.buf("fixed_idx", i), plan.buf("fixed_val", i))
+                 for i, v in enumerate(vs))

@@ -1,13 +1,16 @@
 """Graph rewriting: the traced graph with every parameter replaced by an allocated weight.
 
-    v_fc1_weight = self.v_fc1_weight            # parameters: path values V (gspace) or free entries
-    allocate = self.allocate(v_fc1_weight, ...)  # WA (ICR in backward); fixed entries from buffers
-    w_fc1_weight = allocate[0]
-    linear = torch._C._nn.linear(x, w_fc1_weight, w_fc1_bias)
+    v_conv_weight = self.v_conv_weight          # parameters: path values V (gspace) or free entries
+    p_in = plan.path_in(v_conv_weight, ...)     # carrier path values (gspace)
+    allocate = self.allocate(p_in, v_conv_weight, ...)   # WA (ICR in backward); fixed entries from buffers
+    w_conv_weight = allocate[0]
+    conv2d = torch.conv2d(x, w_conv_weight, ...)
+    fc = plan.linear(conv2d, v_fc_weight, w_fc_bias, p_in, 3)   # Linear: scales activations, no W
 
-Linear and zero-padded Conv modules become their functional calls; any other module that owns
-parameters (normalisers, custom leaves) is called through torch.func.functional_call with its
-allocated weights, so its own semantics (train/eval, buffers) stay in charge."""
+Zero-padded Conv modules (and Linear ones in the fixed form) become their functional calls; any
+other module that owns parameters (normalisers, custom leaves) is called through
+torch.func.functional_call with its allocated weights, so its own semantics (train/eval, buffers)
+stay in charge."""
 from __future__ import annotations
 
 import operator
@@ -32,25 +35,31 @@ def attr_name(prefix: str, param: str, taken: set) -> str:
     return name
 
 
-def rewrite(gm: torch.fx.GraphModule, canonical: dict[int, str], allocated: list[str],
-            v_attr: dict[str, str]) -> torch.fx.Graph:
-    """New graph: V get_attrs, one allocation call, then gm's nodes reading the allocated weights.
-    canonical: id(parameter) -> model parameter name; allocated: the names the allocation covers
-    (in its order); v_attr: model parameter name -> attribute holding its V (or free) tensor."""
+def rewrite(gm: torch.fx.GraphModule, canonical: dict[int, str], planned: list[str], wa: list[int],
+            linear: set[str], v_attr: dict[str, str], form: str) -> torch.fx.Graph:
+    """New graph: V get_attrs, P_in, one WA call, then gm's nodes reading the allocated weights.
+    canonical: id(parameter) -> model parameter name; planned: the names of the allocation plan
+    (wa: the positions allocated by WA; the rest are Linear weights used via allocate.linear);
+    v_attr: model parameter name -> attribute holding its V (or free) tensor."""
     old, new = gm.graph, torch.fx.Graph()
     env: dict[torch.fx.Node, torch.fx.Node] = {}
     weight: dict[str, torch.fx.Node] = {}
-    placeholders = [n for n in old.nodes if n.op == "placeholder"]
-    for n in placeholders:
-        env[n] = new.node_copy(n, lambda a: env[a])
+    for n in old.nodes:
+        if n.op == "placeholder":
+            env[n] = new.node_copy(n, lambda a: env[a])
     v_nodes = {name: new.create_node("get_attr", attr, name=attr) for name, attr in v_attr.items()}
-    if allocated:
-        alloc = new.call_module("allocate", tuple(v_nodes[p] for p in allocated))
-        for i, p in enumerate(allocated):
-            weight[p] = new.create_node("call_function", operator.getitem, (alloc, i),
-                                        name="w_" + v_attr[p].split("_", 1)[1])
+    alloc = new.create_node("get_attr", "allocate", name="plan") if planned else None
+    p_in = None
+    if planned and form == "gspace":
+        p_in = new.create_node("call_method", "path_in", (alloc, *[v_nodes[p] for p in planned]), name="p_in")
+    if wa:
+        ws = new.call_module("allocate", (p_in, *[v_nodes[planned[i]] for i in wa]))
+        for k, i in enumerate(wa):
+            weight[planned[i]] = new.create_node("call_function", operator.getitem, (ws, k),
+                                                 name="w_" + v_attr[planned[i]].split("_", 1)[1])
     for p, node in v_nodes.items():
         weight.setdefault(p, node)                        # nothing to allocate: the weight is V
+    scaled = {p: planned.index(p) for p in planned if p in linear and form == "gspace"}
 
     for n in old.nodes:
         if n.op == "placeholder":
@@ -62,9 +71,18 @@ def rewrite(gm: torch.fx.GraphModule, canonical: dict[int, str], allocated: list
                 continue
         if n.op == "call_module":
             mod = gm.get_submodule(n.target)
-            own = {k: p for k, p in mod.named_parameters(recurse=False)}
+            own = {k: canonical[id(p)] for k, p in mod.named_parameters(recurse=False)}
+            if own.get("weight") in scaled:
+                x = env[n.args[0]]
+                bias = weight[own["bias"]] if "bias" in own else None
+                out = new.create_node("call_method", "linear",
+                                      (alloc, x, v_nodes[own["weight"]], bias, p_in, scaled[own["weight"]]),
+                                      name=n.name)
+                out.meta = dict(n.meta)
+                env[n] = out
+                continue
             if own:
-                env[n] = _functional(new, n, mod, {k: weight[canonical[id(p)]] for k, p in own.items()}, env)
+                env[n] = _functional(new, n, mod, {k: weight[p] for k, p in own.items()}, env)
                 continue
         env[n] = new.node_copy(n, lambda a: env[a])
     new.lint()

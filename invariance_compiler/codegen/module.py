@@ -10,7 +10,7 @@ import torch.nn as nn
 
 from ..analyze import analyze
 from ..skeleton import build_skeleton, fix_to
-from .allocate import make_allocation
+from .allocate import make_allocation, reference
 from .emit import attr_name, rewrite
 
 __all__ = ["compile_invariant", "InvariantModule"]
@@ -32,7 +32,7 @@ class InvariantModule(torch.fx.GraphModule):
     def weights(self) -> dict[str, torch.Tensor]:
         """The original model's parameters, as this module computes them."""
         vs = [getattr(self, self._v_attr[n]) for n in self._allocated]
-        ws = dict(zip(self._allocated, self.allocate(*vs))) if self._allocated else {}
+        ws = dict(zip(self._allocated, reference(self.allocate, vs))) if self._allocated else {}
         for name, attr in self._v_attr.items():
             ws.setdefault(name, getattr(self, attr))
         for name, value in self._unused.items():
@@ -99,6 +99,7 @@ def _rebuild(state: dict, nodes: list) -> InvariantModule:
 
 def compile_invariant(model: nn.Module, example_inputs: Any = None, form: str = "gspace",
                       fixed: str = "keep", value: float = 1.0, *, skeleton=None,
+                      scale_activations: bool = True,
                       concrete_args: Optional[dict[str, Any]] = None) -> InvariantModule:
     """Compile `model` into a module with the same function whose parameters have no rescaling
     redundancy left.
@@ -109,7 +110,9 @@ def compile_invariant(model: nn.Module, example_inputs: Any = None, form: str = 
            value by a group action (function unchanged); "overwrite" them with value (changes the
            function: G-SGD's skeleton initialisation, for fresh models).
     skeleton: reuse the skeleton of another compiled module of the same architecture
-           (`other.skeleton`), so that both have the same coordinates."""
+           (`other.skeleton`), so that both have the same coordinates.
+    scale_activations: (gspace) Linear layers scale their input and output activations instead
+           of forming W (cheaper at moderate batch); False allocates every weight."""
     if form not in ("gspace", "fixed"):
         raise ValueError(f"compile_invariant: form must be 'gspace' or 'fixed', got {form!r}")
     if fixed not in ("keep", "scale", "overwrite"):
@@ -142,13 +145,14 @@ def compile_invariant(model: nn.Module, example_inputs: Any = None, form: str = 
     used = {canonical[id(p)] for p in copied.values()}
     names = [n for n in report.param_names if n in used]
     unused = {n: weights[n] for n in report.param_names if n not in used}   # inert; kept for export
-    gm.allocate, init, allocated = make_allocation(report, sk, weights, form, names, dtype)
+    linear = _single_use_linear_weights(gm, canonical) if scale_activations else set()
+    gm.allocate, init, allocated = make_allocation(report, sk, weights, form, names, dtype, linear)
     taken = set(dict(gm.named_children())) | set(dict(gm.named_buffers()))
     v_attr = {}
     for name in names:
         v_attr[name] = attr_name("v_" if form == "gspace" else "free_", name, taken)
         gm.register_parameter(v_attr[name], nn.Parameter(init[name], requires_grad=orig[name].requires_grad))
-    graph = rewrite(gm, canonical, allocated, v_attr)
+    graph = rewrite(gm, canonical, allocated, gm.allocate.wa, linear, v_attr, form)
     # the modules keep their code and buffers; their parameters now come from the allocation
     for mod in gm.modules():
         if mod is not gm:
@@ -164,6 +168,23 @@ def compile_invariant(model: nn.Module, example_inputs: Any = None, form: str = 
                          if k not in orig and not _has(cm, k)}
     cm.train(model.training)
     return cm
+
+
+def _single_use_linear_weights(gm: torch.fx.GraphModule, canonical: dict) -> set:
+    """Weights of nn.Linear modules called once, with no other use of the parameter."""
+    uses: dict[str, int] = {}
+    linear = set()
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            mod = gm.get_submodule(node.target)
+            for p in mod.parameters(recurse=False):
+                uses[canonical[id(p)]] = uses.get(canonical[id(p)], 0) + 1
+            if type(mod) is nn.Linear and not node.kwargs and len(node.args) == 1:
+                linear.add(canonical[id(mod.weight)])
+        elif node.op == "get_attr" and id(_resolve(gm, node.target)) in canonical:
+            name = canonical[id(_resolve(gm, node.target))]
+            uses[name] = uses.get(name, 0) + 1
+    return {n for n in linear if uses.get(n) == 1}
 
 
 def _resolve(root: nn.Module, path: str):

@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 
 from ..analyze import analyze
-from ..codegen.allocate import icr, make_allocation
+from ..codegen.allocate import carrier_grads, icr, make_allocation
 from ..skeleton import build_skeleton
 
 __all__ = ["GSGD"]
@@ -49,7 +49,8 @@ class GSGD(torch.optim.Optimizer):
         lr, mom, wd = group["lr"], group["momentum"], group["weight_decay"]
         ps = self._alloc_params
         vs = [self.state[p]["v"] for p in ps]
-        gvs = icr(self.plan, self.plan.p_in(vs), vs, [p.grad for p in ps])
+        gvs, g_p_in = icr(self.plan, self.plan.path_in(*vs), vs, [p.grad for p in ps], range(len(ps)))
+        carrier_grads(self.plan, g_p_in, gvs)
         updates = list(zip(ps, vs, gvs))
         updates += [(p, p, p.grad) for p in group["params"] if "v" not in self.state[p] and p.grad is not None]
         for p, v, g in updates:                       # SGD on V (torch.optim.SGD's rule)
@@ -62,6 +63,6 @@ class GSGD(torch.optim.Optimizer):
                     buf.mul_(mom).add_(d)
                 d = buf
             v.add_(d, alpha=-lr)
-        for p, w in zip(ps, self.plan(*vs)):          # WA: W = V / (P_in · M), skeleton fixed
+        for p, w in zip(ps, self.plan(self.plan.path_in(*vs), *vs)):   # WA, skeleton fixed
             p.copy_(w)
         return loss

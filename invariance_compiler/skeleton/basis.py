@@ -15,14 +15,17 @@ def basis_paths(report, skeleton) -> torch.Tensor:
         offsets[name] = o
         o += report.param_shapes[name].numel()
 
+    carrier_of, fixed_of = skeleton.carrier_of, skeleton.fixed_of
+    carrier_src, other = skeleton.carrier_src.tolist(), skeleton.other.tolist()
+
     def in_chain(a):
         out = []
         while a >= 0:
-            hit = skeleton.carrier_of[a]
+            hit = carrier_of[a]
             if hit is None:
                 raise ValueError(f"basis paths: class {a} has no carrier chain from the input")
             out.append(offsets[hit[0]] + hit[1])
-            a = skeleton.carrier_src[a]
+            a = carrier_src[a]
         return out
 
     def out_chain(b):
@@ -31,9 +34,9 @@ def basis_paths(report, skeleton) -> torch.Tensor:
             if not bool(skeleton.consumer[b]):
                 raise ValueError(f"basis paths: class {b} is fixed by a producer entry (a normaliser); "
                                  f"its paths end there")
-            name, i = skeleton.fixed_of[b]
+            name, i = fixed_of[b]
             out.append(offsets[name] + i)
-            b = int(skeleton.other[b])
+            b = other[b]
         return out
 
     rows = []

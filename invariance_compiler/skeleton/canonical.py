@@ -19,17 +19,16 @@ __all__ = ["fix_to", "balance"]
 def fix_to(report, skeleton, model: nn.Module, value: float = 1.0) -> torch.Tensor:
     """Act on `model` so that every K entry has magnitude `value`. Returns the log-scales used."""
     weights = dict(model.named_parameters())
-    lam = torch.zeros(report.num_generators, dtype=torch.float64)
-    for c in skeleton.order:
-        name, i = skeleton.fixed_of[c]
-        w = abs(float(weights[name].reshape(-1)[i]))
-        other = int(skeleton.other[c])
-        lam_other = float(lam[other]) if other >= 0 else 0.0
-        # consumer K: |w|·exp(-λ_c + λ_o) = value ; producer K: |w|·exp(λ_c - λ_o) = value
-        if bool(skeleton.consumer[c]):
-            lam[c] = math.log(w) - math.log(value) + lam_other
-        else:
-            lam[c] = math.log(value) - math.log(w) + lam_other
+    n = skeleton.num_classes
+    lam = torch.zeros(report.num_generators + 1, dtype=torch.float64)   # last slot: no class
+    logw = skeleton._values(weights, skeleton.fixed_param, skeleton.fixed_entry).abs().log()
+    # consumer K: |w|·exp(-λ_c + λ_o) = value ; producer K: |w|·exp(λ_c - λ_o) = value
+    own = torch.where(skeleton.consumer, logw - math.log(value), math.log(value) - logw)
+    other = torch.where(skeleton.other < 0, report.num_generators, skeleton.other)
+    for r in range(int(skeleton.fixed_round.max()) + 1 if n else 0):
+        sel = (skeleton.fixed_round == r).nonzero().reshape(-1)
+        lam[sel] = own[sel] + lam[other[sel]]
+    lam = lam[:-1]
     report.act(model, lam)
     return lam
 

@@ -10,7 +10,10 @@ Among candidates: the one whose value is nearest ±1 (conv kernels: the centre t
 M[c] is a constant monomial in the K entries with exponent -λ_c: M[c] = w_K(c)^{+1} · M[next] when
 K(c) consumes c, w_K(c)^{-1} · M[src] when it produces c. J (G-space only) gives each class a free
 producer entry whose source class already has one (or is the input): the carrier, so P_in(c) =
-v_J(c) / M[c] is a path value from the input."""
+v_J(c) / M[c] is a path value from the input.
+
+Everything runs per parameter on compact channel grids (a conv's (C_out, C_in/g) pairs, not its
+taps), vectorised over classes: ResNet-50's 38k classes take a few seconds."""
 from __future__ import annotations
 
 import math
@@ -19,6 +22,8 @@ from dataclasses import dataclass, field
 import torch
 
 __all__ = ["Skeleton", "build_skeleton"]
+
+NEG = -math.inf
 
 
 @dataclass
@@ -34,15 +39,31 @@ class ParamSkeleton:
 
 @dataclass
 class Skeleton:
-    num_classes: int                       # class generators (rescale + normalize)
+    num_classes: int
+    names: list[str]                       # parameter index -> name
     params: dict[str, ParamSkeleton]
-    fixed_of: list[tuple[str, int]]        # class -> (parameter, flat index) of its K entry
-    order: list[int]                       # peel order of the classes
-    consumer: torch.Tensor                 # bool per class: its K entry consumes it
-    other: torch.Tensor                    # per class: the other column of its K entry (-1 none)
-    carrier_of: list                       # class -> (parameter, flat index) or None
-    carrier_src: list = field(default_factory=list)   # class -> source column of its carrier
-    carrier_order: list = field(default_factory=list)
+    fixed_param: torch.Tensor              # (n,) parameter index of each class's K entry
+    fixed_entry: torch.Tensor              # (n,) its flat index
+    consumer: torch.Tensor                 # (n,) bool: the K entry consumes the class
+    other: torch.Tensor                    # (n,) the K entry's other column (-1: none)
+    fixed_round: torch.Tensor              # (n,) peel round
+    carrier_param: torch.Tensor            # (n,) parameter index of the carrier (-1: none)
+    carrier_entry: torch.Tensor            # (n,)
+    carrier_src: torch.Tensor              # (n,) the carrier's source column (-1: the input)
+    carrier_round: torch.Tensor            # (n,) round in which the carrier was chosen (-1: none)
+
+    @property
+    def order(self) -> list[int]:
+        return torch.argsort(self.fixed_round, stable=True).tolist()
+
+    @property
+    def fixed_of(self) -> list[tuple[str, int]]:
+        return [(self.names[p], e) for p, e in zip(self.fixed_param.tolist(), self.fixed_entry.tolist())]
+
+    @property
+    def carrier_of(self) -> list:
+        return [None if p < 0 else (self.names[p], e)
+                for p, e in zip(self.carrier_param.tolist(), self.carrier_entry.tolist())]
 
     def fixed_mask(self, name: str) -> torch.Tensor:
         p = self.params[name]
@@ -50,26 +71,38 @@ class Skeleton:
         mask[p.fixed_idx] = True
         return mask.view(p.shape)
 
+    def _values(self, weights, param_idx, entry_idx) -> torch.Tensor:
+        out = torch.ones(param_idx.shape, dtype=torch.float64)
+        for p in param_idx.unique().tolist():
+            if p < 0:
+                continue
+            sel = param_idx == p
+            out[sel] = weights[self.names[p]].detach().reshape(-1)[entry_idx[sel]].to(torch.float64)
+        return out
+
     def out_factor(self, weights: dict[str, torch.Tensor]) -> torch.Tensor:
-        """M (num_classes + 1,): M[c] has exponent -λ_c; M[-1] = 1 for 'no class'."""
-        M = torch.ones(self.num_classes + 1, dtype=torch.float64)
-        for c in self.order:
-            name, i = self.fixed_of[c]
-            w = float(weights[name].reshape(-1)[i])
-            M[c] = (w if bool(self.consumer[c]) else 1.0 / w) * M[int(self.other[c])]
+        """M (n + 1,): M[c] has exponent -λ_c; M[n] = 1 ('no class')."""
+        n = self.num_classes
+        M = torch.ones(n + 1, dtype=torch.float64)
+        w = self._values(weights, self.fixed_param, self.fixed_entry)
+        own = torch.where(self.consumer, w, 1.0 / w)
+        other = torch.where(self.other < 0, n, self.other)
+        for r in range(int(self.fixed_round.max()) + 1 if n else 0):
+            sel = self.fixed_round == r
+            M[:n][sel] = own[sel] * M[other[sel]]
         return M
 
     def in_factor(self, weights: dict[str, torch.Tensor], M: torch.Tensor) -> torch.Tensor:
-        """P_in (num_classes + 1,) from plain weights: the product of the carriers from the input,
-        exponent +λ_c. Classes without a carrier get 1/M[c] (a constant with the same exponent)."""
-        P = torch.ones(self.num_classes + 1, dtype=torch.float64)
-        for c in self.carrier_order:
-            hit = self.carrier_of[c]
-            if hit is None:
-                P[c] = 1.0 / M[c]
-                continue
-            name, i = hit
-            P[c] = float(weights[name].reshape(-1)[i]) * P[self.carrier_src[c]]
+        """P_in (n + 1,) from plain weights: the product of the carriers from the input, exponent
+        +λ_c. Classes without a carrier get 1/M[c] (a constant with the same exponent)."""
+        n = self.num_classes
+        P = torch.ones(n + 1, dtype=torch.float64)
+        P[:n] = 1.0 / M[:n]
+        w = self._values(weights, self.carrier_param, self.carrier_entry)
+        src = torch.where(self.carrier_src < 0, n, self.carrier_src)
+        for r in range(int(self.carrier_round.max()) + 1 if n else 0):
+            sel = self.carrier_round == r
+            P[:n][sel] = w[sel] * P[src[sel]]
         return P
 
 
@@ -78,13 +111,36 @@ def _centre(shape: torch.Size, grid: torch.Size) -> tuple:
     return tuple(slice(None) if g == s else slice(s // 2, s // 2 + 1) for g, s in zip(grid, shape))
 
 
+def _cell_to_entry(cells: torch.Tensor, grid: torch.Size, shape: torch.Size) -> torch.Tensor:
+    """Flat entry index of grid cells (the centre tap along the dims the grid broadcasts over)."""
+    flat = torch.zeros_like(cells)
+    rest = cells.clone()
+    coords = []
+    for g in reversed(grid):
+        coords.append(rest % g)
+        rest = rest // g
+    for (c, g, s) in zip(reversed(coords), grid, shape):
+        flat = flat * s + (c if g == s else s // 2)
+    return flat
+
+
+def _best_per_class(cls: torch.Tensor, score: torch.Tensor, n: int):
+    """Highest score per class (n + 1 slots) and the position of its first occurrence."""
+    top = torch.full((n + 1,), NEG, dtype=torch.float64).scatter_reduce(0, cls, score, "amax")
+    hit = score == top[cls]
+    big = cls.numel()
+    pos = torch.full((n + 1,), big, dtype=torch.long).scatter_reduce(
+        0, cls[hit], torch.arange(big)[hit], "amin")
+    return top, pos
+
+
 def build_skeleton(report, weights: dict[str, torch.Tensor], carriers: bool = True) -> Skeleton:
     gens = [g for g in report.generators if g.kind != "inert"]
     n = len(gens)
-    kinds = [g.kind for g in gens]
+    names = list(report.param_names)
     params: dict[str, ParamSkeleton] = {}
     grids = {}
-    for name in report.param_names:
+    for pi, name in enumerate(names):
         shape = report.param_shapes[name]
         if report.is_inert(name):        # every entry is its own generator: all fixed
             none = torch.full((1,) * len(shape), -1, dtype=torch.long)
@@ -96,122 +152,114 @@ def build_skeleton(report, weights: dict[str, torch.Tensor], carriers: bool = Tr
             grid = torch.broadcast_shapes(inp.shape, out.shape)
             w = weights[name].detach()[_centre(shape, grid)].to(torch.float64).expand(grid)
             score = -w.abs().log().abs()                       # nearest ±1 first
-            score[~torch.isfinite(score)] = -math.inf          # zero / non-finite: never fixed
-            grids[name] = (inp.expand(grid), out.expand(grid), score, grid)
+            score[~torch.isfinite(score)] = NEG                # zero / non-finite: never fixed
+            grids[pi] = (inp.expand(grid).reshape(-1), out.expand(grid).reshape(-1),
+                         score.reshape(-1), grid, w.reshape(-1))
 
+    kinds = torch.tensor([g.kind == "rescale" for g in gens] + [False])
     done = torch.zeros(n + 1, dtype=torch.bool)
-    done[n] = True                                             # index -1: no class
-    fixed_of: list = [None] * n
-    consumer = torch.zeros(n, dtype=torch.bool)
-    other = torch.full((n,), -1, dtype=torch.long)
-    order: list[int] = []
-    prefer_consumer = torch.tensor([k == "rescale" for k in kinds] + [False])
-    live = dict(grids)
-    while len(order) < n:
-        picked = False
+    done[n] = True                                             # column -1 (no class) maps to n
+    rnd = torch.full((n,), -1, dtype=torch.long)
+    f_param, f_cell = torch.full((n,), -1, dtype=torch.long), torch.zeros(n, dtype=torch.long)
+    consumer, other = torch.zeros(n, dtype=torch.bool), torch.full((n,), -1, dtype=torch.long)
+    live = {pi: tuple(torch.where(t < 0, n, t) for t in g[:2]) + g[2:] for pi, g in grids.items()}
+    r = 0
+    while not bool(done[:n].all()):
         for strict in (True, False):
-            best = torch.full((n + 1,), -math.inf, dtype=torch.float64)
-            choice: dict[int, tuple] = {}
-            for name, (inp, out, score, grid) in list(live.items()):
-                ok_in, ok_out = done[inp], done[out]
-                if bool(ok_in.all() and ok_out.all()):
-                    del live[name]
+            best = torch.full((n + 1,), NEG, dtype=torch.float64)
+            b_param = torch.full((n + 1,), -1, dtype=torch.long)
+            b_cell = torch.zeros(n + 1, dtype=torch.long)
+            b_cons = torch.zeros(n + 1, dtype=torch.bool)
+            b_other = torch.full((n + 1,), n, dtype=torch.long)
+            for pi, (inp, out, score, grid, _) in list(live.items()):
+                if bool(done[inp].all() and done[out].all()):
+                    del live[pi]
                     continue
-                for is_consumer, cls, oth, ok_other in ((True, inp, out, ok_out), (False, out, inp, ok_in)):
-                    elig = (cls >= 0) & ~done[cls] & ok_other & (score > -math.inf)
+                for is_cons, cls, oth in ((True, inp, out), (False, out, inp)):
+                    elig = ~done[cls] & done[oth] & (score > NEG)
                     if strict:
-                        elig &= prefer_consumer[cls] == is_consumer
-                    if not bool(elig.any()):
+                        elig &= kinds[cls] == is_cons
+                    cells = elig.nonzero().reshape(-1)
+                    if cells.numel() == 0:
                         continue
-                    c, s = cls[elig], score[elig]
-                    flat = elig.reshape(-1).nonzero().reshape(-1)
-                    top = torch.full((n + 1,), -math.inf, dtype=torch.float64).scatter_reduce(
-                        0, c, s, "amax")
+                    top, pos = _best_per_class(cls[cells], score[cells], n)
                     better = top > best
-                    for k in better.nonzero().reshape(-1).tolist():
-                        j = int(flat[(c == k) & (s == top[k])][0])
-                        choice[k] = (name, j, is_consumer, int(oth.reshape(-1)[j]), grid)
-                    best = torch.maximum(best, top)
-            if choice:
-                for k, (name, j, is_consumer, oth, grid) in choice.items():
-                    fixed_of[k] = (name, _to_entry(j, grid, params[name].shape))
-                    consumer[k], other[k] = is_consumer, oth
-                    order.append(k)
-                done[list(choice)] = True
-                picked = True
+                    take = better.nonzero().reshape(-1)
+                    cell = cells[pos[take]]
+                    best[take], b_param[take], b_cell[take] = top[take], pi, cell
+                    b_cons[take], b_other[take] = is_cons, oth[cell]
+            chosen = (b_param[:n] >= 0).nonzero().reshape(-1)
+            if chosen.numel():
+                f_param[chosen], f_cell[chosen] = b_param[chosen], b_cell[chosen]
+                consumer[chosen], other[chosen] = b_cons[chosen], b_other[chosen]
+                rnd[chosen] = r
+                done[chosen] = True
+                r += 1
                 break
-        if not picked:
-            stuck = [gens[k] for k in range(n) if not done[k]][:3]
+        else:
+            stuck = [gens[k] for k in (~done[:n]).nonzero().reshape(-1)[:3].tolist()]
             raise RuntimeError(
-                f"skeleton: no entry can be fixed for {n - len(order)} generator(s), e.g. {stuck}: "
-                f"every candidate entry is zero or non-finite. Re-initialise those weights (or "
-                f"perturb them) and compile again.")
+                f"skeleton: no entry can be fixed for {int((~done[:n]).sum())} generator(s), e.g. "
+                f"{stuck}: every candidate entry is zero or non-finite. Re-initialise those weights "
+                f"(or perturb them) and compile again.")
 
-    for name in params:
-        mine = [j for k, hit in enumerate(fixed_of) if hit[0] == name for j in [hit[1]]]
-        if mine:
-            params[name].fixed_idx = torch.tensor(sorted(mine), dtype=torch.long)
-    sk = Skeleton(n, params, fixed_of, order, consumer, other, [None] * n, [-1] * n)
-    sk.carrier_order = _carriers(sk, grids, weights) if carriers else []
+    f_entry = torch.zeros(n, dtype=torch.long)
+    for pi in f_param.unique().tolist():
+        sel = f_param == pi
+        f_entry[sel] = _cell_to_entry(f_cell[sel], grids[pi][3], params[names[pi]].shape)
+        params[names[pi]].fixed_idx = f_entry[sel].sort().values
+    other = torch.where(other >= n, -1, other)
+    sk = Skeleton(n, names, params, f_param, f_entry, consumer, other, rnd,
+                  torch.full((n,), -1, dtype=torch.long), torch.zeros(n, dtype=torch.long),
+                  torch.full((n,), -1, dtype=torch.long), torch.full((n,), -1, dtype=torch.long))
+    if carriers:
+        _carriers(sk, grids)
     return sk
 
 
-def _to_entry(j: int, grid: torch.Size, shape: torch.Size) -> int:
-    """Flat entry index of grid cell j (centre tap along the broadcast dims)."""
-    idx = []
-    for g, s in zip(reversed(grid), reversed(shape)):
-        idx.append(j % g if g == s else s // 2)
-        j //= g
-    flat = 0
-    for i, s in zip(reversed(idx), shape):
-        flat = flat * s + i
-    return flat
-
-
-def _carriers(sk: Skeleton, grids, weights) -> list[int]:
+def _carriers(sk: Skeleton, grids) -> None:
     """Choose J in rounds from the input: a class gets a free producer entry whose source is the
     input or a class resolved earlier (largest |w|: it is divided by). Classes left over (no free
     producer, or cycles) get no carrier: P_in = 1/M, a constant."""
     n = sk.num_classes
     resolved = torch.zeros(n + 1, dtype=torch.bool)
     resolved[n] = True
-    order: list[int] = []
-    fixed_cells = {}
-    for name, (inp, out, score, grid) in grids.items():
-        p = sk.params[name]
+    prepared = {}
+    for pi, (inp, out, _, grid, w) in grids.items():
+        p = sk.params[sk.names[pi]]
         mask = torch.zeros(p.shape.numel(), dtype=torch.bool)
         mask[p.fixed_idx] = True
-        fixed_cells[name] = mask.view(p.shape)[_centre(p.shape, grid)].expand(grid)
+        fixed_cell = mask.view(p.shape)[_centre(p.shape, grid)].expand(grid).reshape(-1)
+        ok = (out >= 0) & (w != 0) & torch.isfinite(w) & ~fixed_cell
+        prepared[pi] = (torch.where(inp < 0, n, inp), torch.where(out < 0, n, out), w.abs(), ok, grid)
+    r = 0
     while True:
-        best = torch.full((n + 1,), -math.inf, dtype=torch.float64)
-        choice = {}
-        for name, (inp, out, score, grid) in grids.items():
-            shape = sk.params[name].shape
-            w = weights[name].detach()[_centre(shape, grid)].to(torch.float64).expand(grid)
-            elig = ((out >= 0) & ~resolved[out] & resolved[inp] & (w != 0) & torch.isfinite(w)
-                    & ~fixed_cells[name])
-            if not bool(elig.any()):
+        best = torch.full((n + 1,), NEG, dtype=torch.float64)
+        b_param = torch.full((n + 1,), -1, dtype=torch.long)
+        b_cell = torch.zeros(n + 1, dtype=torch.long)
+        for pi, (inp, out, mag, ok, grid) in prepared.items():
+            cells = (ok & ~resolved[out] & resolved[inp]).nonzero().reshape(-1)
+            if cells.numel() == 0:
                 continue
-            mag = w.abs()[elig]
-            c = out[elig]
-            flat = elig.reshape(-1).nonzero().reshape(-1)
-            top = torch.full((n + 1,), -math.inf, dtype=torch.float64).scatter_reduce(0, c, mag, "amax")
-            for k in (top > best).nonzero().reshape(-1).tolist():
-                j = int(flat[(c == k) & (mag == top[k])][0])
-                choice[k] = (name, _to_entry(j, grid, shape), int(inp.reshape(-1)[j]))
-            best = torch.maximum(best, top)
-        if not choice:
+            top, pos = _best_per_class(out[cells], mag[cells], n)
+            take = (top > best).nonzero().reshape(-1)
+            best[take], b_param[take], b_cell[take] = top[take], pi, cells[pos[take]]
+        chosen = (b_param[:n] >= 0).nonzero().reshape(-1)
+        if chosen.numel() == 0:
             break
-        for k, (name, e, src) in choice.items():
-            sk.carrier_of[k] = (name, e)
-            sk.carrier_src[k] = src
-            order.append(k)
-        resolved[list(choice)] = True
-    order += [k for k in range(n) if not resolved[k]]      # no carrier: P_in = 1/M
-    for name, p in sk.params.items():
-        mine = [(e, k) for k, hit in enumerate(sk.carrier_of) if hit is not None and hit[0] == name
-                for e in [hit[1]]]
-        if mine:
-            p.carrier_idx = torch.tensor([e for e, _ in mine], dtype=torch.long)
-            p.carrier_cls = torch.tensor([k for _, k in mine], dtype=torch.long)
-    return order
+        for pi in b_param[chosen].unique().tolist():
+            sel = chosen[b_param[chosen] == pi]
+            inp, _, _, _, grid = prepared[pi]
+            sk.carrier_param[sel] = pi
+            sk.carrier_entry[sel] = _cell_to_entry(b_cell[sel], grid, sk.params[sk.names[pi]].shape)
+            src = inp[b_cell[sel]]
+            sk.carrier_src[sel] = torch.where(src >= n, -1, src)
+        sk.carrier_round[chosen] = r
+        resolved[chosen] = True
+        r += 1
+    for pi in sk.carrier_param.unique().tolist():
+        if pi < 0:
+            continue
+        sel = (sk.carrier_param == pi).nonzero().reshape(-1)
+        p = sk.params[sk.names[pi]]
+        p.carrier_idx, p.carrier_cls = sk.carrier_entry[sel], sel
