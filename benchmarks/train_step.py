@@ -81,9 +81,16 @@ def main():
         for row in bench(name, build, args.repeats):
             print(f"| {row[0]} | {row[1]} | {row[2]:.2f} ms | {row[3]:.2f} ms | {row[4]:.3f} |")
     model = resnet50_like()
-    t = time.perf_counter()
-    ic.compile_invariant(model, torch.randn(1, 3, 224, 224))
-    print(f"\ncompile_invariant(ResNet-50-shaped, 224x224, gspace): {time.perf_counter() - t:.2f} s")
+    x = torch.randn(2, 3, 224, 224)
+    for form in ("gspace", "fixed"):
+        t = time.perf_counter()
+        cm = ic.compile_invariant(model, x[:1], form=form)
+        took = time.perf_counter() - t
+        with torch.no_grad():
+            ref, out = model(x), cm(x)
+        err = float((out - ref).norm() / ref.norm())
+        print(f"\ncompile_invariant(ResNet-50-shaped, 224x224, {form}): {took:.2f} s; "
+              f"output relative error {err:.1e} (float32)")
 
 
 if __name__ == "__main__":

@@ -17,3 +17,18 @@ E = report.generator_matrix()                     # (m, H), rows in model.parame
 # Any group element exp(E λ) leaves the function unchanged (float64 check, negligible BN eps):
 print("relative output change under a random group element:",
       oracle.invariance_error(model, report, (x,)))
+
+# Compile it: the same function, parameters in G-space (path values); any optimizer trains it.
+cm = ic.compile_invariant(model, x, form="gspace")
+print("free parameters:", cm.num_free_parameters(), "of", report.num_params)
+# Adam on path values is the thesis's G-Adam (SGD on them is G-SGD; path values of a deep model are
+# small products, so G-SGD wants a smaller learning rate than plain SGD: see the README).
+opt = torch.optim.Adam(cm.parameters(), lr=1e-3)
+target = torch.randint(0, 10, (4,))
+for step in range(5):
+    opt.zero_grad()
+    loss = torch.nn.functional.cross_entropy(cm(x), target)
+    loss.backward()
+    opt.step()
+    print(f"step {step}: loss {loss.item():.4f}")
+model.load_state_dict(cm.export_state_dict())             # plain weights back in the original class

@@ -30,8 +30,14 @@ class Allocation(nn.Module):
     tensors allocated by WA; the others are Linear weights used through `linear`."""
 
     def __init__(self, form: str, num_classes: int, M: torch.Tensor, plans: Sequence[dict], dtype,
-                 wa: Sequence[int]):
+                 wa: Sequence[int], chain: Sequence[tuple] = ()):
         super().__init__()
+        # classes whose carrier is a fixed entry: P_in[c] = value · P_in[src], round by round
+        self.chain_rounds = len(chain)
+        for r, (cls, src, val) in enumerate(chain):
+            self.register_buffer(f"chain_cls{r}", cls)
+            self.register_buffer(f"chain_src{r}", src)
+            self.register_buffer(f"chain_val{r}", val.to(dtype))
         self.form, self.n, self.count, self.wa = form, num_classes, len(plans), list(wa)
         # sides with no class at all (network input, output) need no scaling, and must not make
         # autograd differentiate through them (a first layer would pay for an input-gradient mm)
@@ -55,13 +61,17 @@ class Allocation(nn.Module):
         return getattr(self, f"{kind}{i}")
 
     def path_in(self, *vs: torch.Tensor) -> torch.Tensor:
-        """P_in (n + 1,) from all plan tensors: carrier path values over M; P_in[n] = 1.
-        Differentiable: its backward is the H-sized accumulation of the ICR onto the carriers."""
+        """P_in (n + 1,) from all plan tensors: free carriers give V_J / M, fixed carriers extend
+        their source's path by a constant (in rounds from the input); P_in[n] = 1. Differentiable:
+        its backward is the H-sized accumulation of the ICR along the carrier chains."""
         p = self.p_in0
         for i, v in enumerate(vs):
             cls = self.buf("carrier_cls", i)
             if cls.numel():
                 p = p.index_put((cls,), v.reshape(-1)[self.buf("carrier_idx", i)] / self.M[cls])
+        for r in range(self.chain_rounds):
+            cls = self.buf("chain_cls", r)
+            p = p.index_put((cls,), self.buf("chain_val", r) * p[self.buf("chain_src", r)])
         if not torch.compiler.is_compiling():
             _check(p)
         return p
@@ -151,12 +161,15 @@ def icr(plan: Allocation, p_in: torch.Tensor, vs: Sequence[torch.Tensor], gws: S
     return gvs, -reduced / p_in
 
 
-def carrier_grads(plan: Allocation, g_p_in: torch.Tensor, gvs: Sequence[torch.Tensor]) -> None:
+def carrier_grads(plan: Allocation, g_p_in: torch.Tensor, vs: Sequence[torch.Tensor],
+                  gvs: Sequence[torch.Tensor]) -> None:
     """Add ∂L/∂P_in's share to the carrier entries (the backward of path_in), in place."""
-    for i, gv in enumerate(gvs):
-        cls = plan.buf("carrier_cls", i)
-        if cls.numel():
-            gv.view(-1).index_add_(0, plan.buf("carrier_idx", i), g_p_in[cls] / plan.M[cls])
+    with torch.enable_grad():
+        req = [v.detach().requires_grad_(True) for v in vs]
+        shares = torch.autograd.grad(plan.path_in(*req), req, g_p_in, allow_unused=True)
+    for gv, share in zip(gvs, shares):
+        if share is not None:
+            gv.add_(share)
 
 
 def make_allocation(report, sk, weights: dict, form: str, names: Sequence[str], dtype,
@@ -184,7 +197,15 @@ def make_allocation(report, sk, weights: dict, form: str, names: Sequence[str], 
             plans.append({"inp": inp, "out": out, "fixed_idx": ps.fixed_idx, "shape": ps.shape,
                           "fixed_val": weights[name].detach().reshape(-1)[ps.fixed_idx].clone(),
                           "carrier_idx": ps.carrier_idx, "carrier_cls": ps.carrier_cls})
-    return Allocation(form, n, M, plans, dtype, wa), init, planned
+    chain = []
+    if form == "gspace":
+        fixed = sk.carrier_fixed & (sk.carrier_round >= 0)
+        vals = sk._values(weights, sk.carrier_param, sk.carrier_entry)
+        for r in range(int(sk.carrier_round.max()) + 1 if n else 0):
+            cls = (fixed & (sk.carrier_round == r)).nonzero().reshape(-1)
+            if cls.numel():
+                chain.append((cls, torch.where(sk.carrier_src[cls] < 0, n, sk.carrier_src[cls]), vals[cls]))
+    return Allocation(form, n, M, plans, dtype, wa, chain), init, planned
 
 
 def reference(plan: Allocation, vs: Sequence[torch.Tensor]) -> tuple:

@@ -50,7 +50,7 @@ class GSGD(torch.optim.Optimizer):
         ps = self._alloc_params
         vs = [self.state[p]["v"] for p in ps]
         gvs, g_p_in = icr(self.plan, self.plan.path_in(*vs), vs, [p.grad for p in ps], range(len(ps)))
-        carrier_grads(self.plan, g_p_in, gvs)
+        carrier_grads(self.plan, g_p_in, vs, gvs)
         updates = list(zip(ps, vs, gvs))
         updates += [(p, p, p.grad) for p in group["params"] if "v" not in self.state[p] and p.grad is not None]
         for p, v, g in updates:                       # SGD on V (torch.optim.SGD's rule)

@@ -8,9 +8,11 @@ producer entry for normalize classes; when no class has its preferred kind, any 
 Among candidates: the one whose value is nearest ±1 (conv kernels: the centre tap of a channel pair).
 
 M[c] is a constant monomial in the K entries with exponent -λ_c: M[c] = w_K(c)^{+1} · M[next] when
-K(c) consumes c, w_K(c)^{-1} · M[src] when it produces c. J (G-space only) gives each class a free
-producer entry whose source class already has one (or is the input): the carrier, so P_in(c) =
-v_J(c) / M[c] is a path value from the input.
+K(c) consumes c, w_K(c)^{-1} · M[src] when it produces c. J (G-space only) gives each class a carrier:
+a producer entry whose source class already has one (or is the input), preferring the fixed entry
+that enters it (G-SGD's skeleton path), so P_in(c) = w_J · P_in(src) is the value of a path from
+the input through fixed entries and one free first-layer entry: products of fixed entries stay
+near ±1, so path values keep the size of single weights. With a free carrier, P_in(c) = v_J / M[c].
 
 Everything runs per parameter on compact channel grids (a conv's (C_out, C_in/g) pairs, not its
 taps), vectorised over classes: ResNet-50's 38k classes take a few seconds."""
@@ -51,6 +53,7 @@ class Skeleton:
     carrier_entry: torch.Tensor            # (n,)
     carrier_src: torch.Tensor              # (n,) the carrier's source column (-1: the input)
     carrier_round: torch.Tensor            # (n,) round in which the carrier was chosen (-1: none)
+    carrier_fixed: torch.Tensor = None     # (n,) bool: the carrier is a K entry (a constant)
 
     @property
     def order(self) -> list[int]:
@@ -211,19 +214,23 @@ def build_skeleton(report, weights: dict[str, torch.Tensor], carriers: bool = Tr
     other = torch.where(other >= n, -1, other)
     sk = Skeleton(n, names, params, f_param, f_entry, consumer, other, rnd,
                   torch.full((n,), -1, dtype=torch.long), torch.zeros(n, dtype=torch.long),
-                  torch.full((n,), -1, dtype=torch.long), torch.full((n,), -1, dtype=torch.long))
+                  torch.full((n,), -1, dtype=torch.long), torch.full((n,), -1, dtype=torch.long),
+                  torch.zeros(n, dtype=torch.bool))
     if carriers:
         _carriers(sk, grids)
     return sk
 
 
 def _carriers(sk: Skeleton, grids) -> None:
-    """Choose J in rounds from the input: a class gets a free producer entry whose source is the
-    input or a class resolved earlier (largest |w|: it is divided by). Classes left over (no free
-    producer, or cycles) get no carrier: P_in = 1/M, a constant."""
+    """Choose J in rounds from the input: a class gets a producer entry whose source is the input or
+    a class resolved earlier: the fixed entry entering it if there is one (its value is a constant),
+    else the free one with the largest |w| (it is divided by). Biases read the constant input and
+    so would always be first, but they are small (often 0): they carry only when nothing else can.
+    Classes left over (no producer, or cycles) get no carrier: P_in = 1/M, a constant."""
     n = sk.num_classes
     resolved = torch.zeros(n + 1, dtype=torch.bool)
     resolved[n] = True
+    enters = torch.where(sk.consumer & (sk.other >= 0), sk.other, n)   # class each K entry enters
     prepared = {}
     for pi, (inp, out, _, grid, w) in grids.items():
         p = sk.params[sk.names[pi]]
@@ -231,35 +238,55 @@ def _carriers(sk: Skeleton, grids) -> None:
         mask[p.fixed_idx] = True
         fixed_cell = mask.view(p.shape)[_centre(p.shape, grid)].expand(grid).reshape(-1)
         ok = (out >= 0) & (w != 0) & torch.isfinite(w) & ~fixed_cell
-        prepared[pi] = (torch.where(inp < 0, n, inp), torch.where(out < 0, n, out), w.abs(), ok, grid)
+        prepared[pi] = (torch.where(inp < 0, n, inp), torch.where(out < 0, n, out), w.abs(), ok, grid,
+                        sk.names[pi].rsplit(".", 1)[-1] == "bias")
     r = 0
+    allow_bias = False
     while True:
+        # fixed entries entering an unresolved class from a resolved one
+        src = torch.arange(n)
+        cand = (enters < n) & resolved[:n] & ~resolved[enters]
+        chosen_k = torch.zeros(n + 1, dtype=torch.bool)
+        if bool(cand.any()):
+            c, a = enters[cand], src[cand]
+            first = torch.full((n + 1,), n, dtype=torch.long).scatter_reduce(0, c, a, "amin")
+            cls = (first[:n] < n).nonzero().reshape(-1)
+            a = first[cls]
+            sk.carrier_param[cls], sk.carrier_entry[cls] = sk.fixed_param[a], sk.fixed_entry[a]
+            sk.carrier_src[cls], sk.carrier_fixed[cls], sk.carrier_round[cls] = a, True, r
+            chosen_k[cls] = True
         best = torch.full((n + 1,), NEG, dtype=torch.float64)
         b_param = torch.full((n + 1,), -1, dtype=torch.long)
         b_cell = torch.zeros(n + 1, dtype=torch.long)
-        for pi, (inp, out, mag, ok, grid) in prepared.items():
-            cells = (ok & ~resolved[out] & resolved[inp]).nonzero().reshape(-1)
+        for pi, (inp, out, mag, ok, grid, is_bias) in prepared.items():
+            if is_bias and not allow_bias:
+                continue
+            cells = (ok & ~resolved[out] & ~chosen_k[out] & resolved[inp]).nonzero().reshape(-1)
             if cells.numel() == 0:
                 continue
             top, pos = _best_per_class(out[cells], mag[cells], n)
             take = (top > best).nonzero().reshape(-1)
             best[take], b_param[take], b_cell[take] = top[take], pi, cells[pos[take]]
         chosen = (b_param[:n] >= 0).nonzero().reshape(-1)
-        if chosen.numel() == 0:
-            break
         for pi in b_param[chosen].unique().tolist():
             sel = chosen[b_param[chosen] == pi]
-            inp, _, _, _, grid = prepared[pi]
+            inp, _, _, _, grid, _ = prepared[pi]
             sk.carrier_param[sel] = pi
             sk.carrier_entry[sel] = _cell_to_entry(b_cell[sel], grid, sk.params[sk.names[pi]].shape)
-            src = inp[b_cell[sel]]
-            sk.carrier_src[sel] = torch.where(src >= n, -1, src)
+            src_cls = inp[b_cell[sel]]
+            sk.carrier_src[sel] = torch.where(src_cls >= n, -1, src_cls)
         sk.carrier_round[chosen] = r
-        resolved[chosen] = True
-        r += 1
-    for pi in sk.carrier_param.unique().tolist():
-        if pi < 0:
+        if chosen.numel() == 0 and not bool(chosen_k.any()):
+            if allow_bias:
+                break
+            allow_bias = True                       # no progress without biases: let them carry
             continue
-        sel = (sk.carrier_param == pi).nonzero().reshape(-1)
+        allow_bias = False
+        resolved[chosen] = True
+        resolved[:n] |= chosen_k[:n]
+        r += 1
+    free = (sk.carrier_param >= 0) & ~sk.carrier_fixed
+    for pi in sk.carrier_param[free].unique().tolist():
+        sel = (free & (sk.carrier_param == pi)).nonzero().reshape(-1)
         p = sk.params[sk.names[pi]]
         p.carrier_idx, p.carrier_cls = sk.carrier_entry[sel], sel
