@@ -160,7 +160,7 @@ class Context:
         old.nodes.append(self.node.name)
         new_sig = tuple(sorted(s for s, _ in factors))
         if new_sig == old.signature:      # same structure: each factor must name the same class
-            for (s1, c1), (s2, c2) in zip(sorted(old.factors, key=lambda f: f[0]),
+            for (_, c1), (_, c2) in zip(sorted(old.factors, key=lambda f: f[0]),
                                           sorted(factors, key=lambda f: f[0])):
                 self.classes.union(c1, c2)
             return True

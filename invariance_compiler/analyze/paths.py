@@ -23,10 +23,9 @@ def structure_matrix(report, max_paths: int = 100_000) -> torch.Tensor:
     offset = 0
     for name in report.param_names:
         shape = report.param_shapes[name]
-        factors = report._factors.get(name)
-        if factors:
-            src = _side(report, factors, -1, shape, SOURCE)
-            dst = _side(report, factors, +1, shape, SINK)
+        if report._factors.get(name):
+            inp, out = report.sides(name)
+            src, dst = inp.expand(shape).reshape(-1), out.expand(shape).reshape(-1)
             rows = offset + torch.arange(shape.numel())
             for u, v, r in _group(src, dst, rows):
                 edges.setdefault((u, v), []).append(r)
@@ -63,14 +62,6 @@ def structure_matrix(report, max_paths: int = 100_000) -> torch.Tensor:
             parts.append(ext)
         paths[v] = torch.cat(parts) if parts else torch.zeros(0, report.num_params)
     return paths[SINK]
-
-
-def _side(report, factors, sign, shape, pinned):
-    lab = next((l for s, l in factors if s == sign), None)
-    if lab is None:
-        return torch.full((shape.numel(),), -1, dtype=torch.long)
-    col = report._col[lab].expand(shape).reshape(-1)
-    return col
 
 
 def _group(src, dst, rows):

@@ -44,7 +44,7 @@ def linear(ctx, x, weight=None, bias=None):
     weight, bias = _weight_and_bias(ctx, weight, bias)
     if weight.param is None:
         return _consume_with_constant_weight(ctx, x, weight, bias, -1)
-    out_f, in_f = weight.shape
+    out_f = weight.shape[0]
     cols = ctx.channel_classes(x, -1)                        # (in,)
     rows = ctx.fresh(out_f)                                  # (out,)
     if not ctx.bind(weight, [(+1, rows.view(-1, 1)), (-1, cols.view(1, -1))]):
