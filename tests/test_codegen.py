@@ -41,8 +41,7 @@ def test_emitted_code_names_the_allocation_steps():
     cm = ic.compile_invariant(_mlp([3, 4, 2]))
     code = cm.code
     assert "p_in = plan.path_in(v_0_weight, v_0_bias, v_2_weight)" in code
-    assert "allocate = self.allocate(p_in, v_0_bias)" in code and "w_0_bias = allocate[0]" in code
-    assert "plan.linear(input_1, v_0_weight, w_0_bias, p_in, 0)" in code
+    assert "plan.linear(input_1, v_0_weight, v_0_bias, p_in, 0, 1)" in code
     slow = ic.compile_invariant(_mlp([3, 4, 2]), scale_activations=False).code
     assert "w_0_weight = allocate[0]" in slow and "linear(input_1, w_0_weight, w_0_bias)" in slow
     nodes = {n.name: n for n in cm.graph.nodes}

@@ -86,20 +86,54 @@ class Allocation(nn.Module):
                          for i, v in zip(self.wa, vs))
         return WeightAllocation.apply(self, p_in, *vs)
 
-    def linear(self, x: torch.Tensor, v: torch.Tensor, bias, p_in: torch.Tensor, i: int) -> torch.Tensor:
-        """F.linear(x, W_i, bias) without forming W_i: W = D_out⁻¹ V' D_in⁻¹, so scale x by 1/P_in
-        and the output by 1/M. V' is V with each fixed slot holding w_K·P_in·M (one copy of V; the
-        fixed slots of V itself stay zero and get no gradient)."""
+    def linear(self, x: torch.Tensor, v: torch.Tensor, bias, p_in: torch.Tensor, i: int, j: int) -> torch.Tensor:
+        """F.linear(x, W_i, b_j) without forming W_i: W = D_out⁻¹ V' D_in⁻¹, so scale x by 1/P_in and
+        the output by 1/M. V' is V with each fixed slot holding w_K·P_in·M; in the same units the
+        bias is its own path value V_j (its fixed slots: w_K·M)."""
         idx = self.buf("fixed_idx", i)
+        k = self.buf("fixed_val", i) * p_in[self.buf("fixed_in", i)] * self.M[self.buf("fixed_out", i)]
+        if bias is not None and j >= 0 and self.buf("fixed_idx", j).numel():
+            bias = _overwrite(bias, self.buf("fixed_idx", j),
+                              self.buf("fixed_val", j) * self.M[self.buf("fixed_out", j)])
+        r_in = (1.0 / p_in[self.buf("in", i)]).reshape(-1) if self.scales_in[i] else None
+        r_out = (1.0 / self.M[self.buf("out", i)]).reshape(-1) if self.scales_out[i] else None
+        return _ScaledLinear.apply(x, v, bias, r_in, r_out, k, idx)
+
+
+class _ScaledLinear(torch.autograd.Function):
+    """y = ((x ⊙ r_in) @ V'ᵀ + b) ⊙ r_out, V' = V with its slots `idx` (fixed entries, carriers:
+    not coordinates of V) set to k. The gradient landing on those slots goes to k (it depends on
+    P_in and the carrier values); V's own gradient there is zero, set in place."""
+
+    @staticmethod
+    def forward(ctx, x, v, bias, r_in, r_out, k, idx):
         if idx.numel():
-            k = self.buf("fixed_val", i) * p_in[self.buf("fixed_in", i)] * self.M[self.buf("fixed_out", i)]
-            v = v.reshape(-1).index_put((idx,), k).view(v.shape)
-        if self.scales_in[i]:                                   # multiply by reciprocals of the
-            x = x * (1.0 / p_in[self.buf("in", i)]).reshape(-1)  # small vectors: cheaper backward
-        if not self.scales_out[i]:
-            return F.linear(x, v, bias)
-        m_out = self.M[self.buf("out", i)].reshape(-1)          # (out,)
-        return F.linear(x, v, None if bias is None else bias * m_out) * (1.0 / m_out)
+            v = v.reshape(-1).index_put((idx,), k.to(v.dtype)).view(v.shape)
+        xs = x * r_in if r_in is not None else x
+        y = F.linear(xs, v, bias)
+        if r_out is not None:
+            y = y * r_out
+        ctx.save_for_backward(x, xs, v, r_in, r_out, idx)
+        ctx.has_bias = bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, xs, v, r_in, r_out, idx = ctx.saved_tensors
+        g = gy * r_out if r_out is not None else gy                       # (…, out)
+        g2, xs2 = g.reshape(-1, g.shape[-1]), xs.reshape(-1, xs.shape[-1])
+        grad_v = g2.t() @ xs2                                             # (out, in), fresh
+        flat = grad_v.view(-1)
+        grad_k = flat[idx].clone() if idx.numel() else None
+        if idx.numel():
+            flat[idx] = 0                                                 # not coordinates
+        grad_xs = g @ v
+        grad_x = grad_xs * r_in if r_in is not None else grad_xs
+        grad_r_in = None
+        if r_in is not None and ctx.needs_input_grad[3]:
+            grad_r_in = (grad_xs * x).reshape(-1, x.shape[-1]).sum(0)
+        grad_b = g2.sum(0) if ctx.has_bias else None
+        return grad_x, grad_v, grad_b, grad_r_in, None, grad_k, None
 
 
 def _check(p_in: torch.Tensor) -> None:
@@ -173,14 +207,17 @@ def carrier_grads(plan: Allocation, g_p_in: torch.Tensor, vs: Sequence[torch.Ten
 
 
 def make_allocation(report, sk, weights: dict, form: str, names: Sequence[str], dtype,
-                    linear: Sequence[str] = ()):
+                    linear: dict | None = None):
     """The allocation plan and the initial parameter tensors for the parameters `names`; the
-    `linear` ones (gspace) are used through Allocation.linear instead of WA.
+    weights in `linear` (gspace; weight name -> bias name or None) and their biases are used
+    through Allocation.linear instead of WA.
     Returns (Allocation, {name: initial V or free tensor}, [names in plan order])."""
     M = sk.out_factor(weights)
     P = sk.in_factor(weights, M) if form == "gspace" else torch.ones_like(M)
     n = sk.num_classes
     init, planned, plans, wa = {}, [], [], []
+    linear = dict(linear or {}) if form == "gspace" else {}     # weight name -> its bias name (or None)
+    in_linear = set(linear) | {b for b in linear.values() if b}
     for name in names:
         ps = sk.params[name]
         inp = torch.where(ps.inp < 0, n, ps.inp)
@@ -191,7 +228,7 @@ def make_allocation(report, sk, weights: dict, form: str, names: Sequence[str], 
         init[name] = v.to(dtype)
         trivial = ps.fixed_idx.numel() == 0 and (form == "fixed" or bool((inp == n).all() and (out == n).all()))
         if not trivial:
-            if not (form == "gspace" and name in linear):
+            if name not in in_linear:
                 wa.append(len(planned))
             planned.append(name)
             plans.append({"inp": inp, "out": out, "fixed_idx": ps.fixed_idx, "shape": ps.shape,

@@ -36,7 +36,7 @@ def attr_name(prefix: str, param: str, taken: set) -> str:
 
 
 def rewrite(gm: torch.fx.GraphModule, canonical: dict[int, str], planned: list[str], wa: list[int],
-            linear: set[str], v_attr: dict[str, str], form: str) -> torch.fx.Graph:
+            linear: dict, v_attr: dict[str, str], form: str) -> torch.fx.Graph:
     """New graph: V get_attrs, P_in, one WA call, then gm's nodes reading the allocated weights.
     canonical: id(parameter) -> model parameter name; planned: the names of the allocation plan
     (wa: the positions allocated by WA; the rest are Linear weights used via allocate.linear);
@@ -74,9 +74,10 @@ def rewrite(gm: torch.fx.GraphModule, canonical: dict[int, str], planned: list[s
             own = {k: canonical[id(p)] for k, p in mod.named_parameters(recurse=False)}
             if own.get("weight") in scaled:
                 x = env[n.args[0]]
-                bias = weight[own["bias"]] if "bias" in own else None
+                bias = v_nodes[own["bias"]] if "bias" in own else None
+                j = planned.index(own["bias"]) if own.get("bias") in planned else -1
                 out = new.create_node("call_method", "linear",
-                                      (alloc, x, v_nodes[own["weight"]], bias, p_in, scaled[own["weight"]]),
+                                      (alloc, x, v_nodes[own["weight"]], bias, p_in, scaled[own["weight"]], j),
                                       name=n.name)
                 out.meta = dict(n.meta)
                 env[n] = out

@@ -145,7 +145,7 @@ def compile_invariant(model: nn.Module, example_inputs: Any = None, form: str = 
     used = {canonical[id(p)] for p in copied.values()}
     names = [n for n in report.param_names if n in used]
     unused = {n: weights[n] for n in report.param_names if n not in used}   # inert; kept for export
-    linear = _single_use_linear_weights(gm, canonical) if scale_activations else set()
+    linear = _single_use_linears(gm, canonical) if scale_activations else {}
     gm.allocate, init, allocated = make_allocation(report, sk, weights, form, names, dtype, linear)
     taken = set(dict(gm.named_children())) | set(dict(gm.named_buffers()))
     v_attr = {}
@@ -170,21 +170,22 @@ def compile_invariant(model: nn.Module, example_inputs: Any = None, form: str = 
     return cm
 
 
-def _single_use_linear_weights(gm: torch.fx.GraphModule, canonical: dict) -> set:
-    """Weights of nn.Linear modules called once, with no other use of the parameter."""
+def _single_use_linears(gm: torch.fx.GraphModule, canonical: dict) -> dict:
+    """{weight: bias or None} of nn.Linear modules called once, whose parameters have no other use."""
     uses: dict[str, int] = {}
-    linear = set()
+    linear = {}
     for node in gm.graph.nodes:
         if node.op == "call_module":
             mod = gm.get_submodule(node.target)
             for p in mod.parameters(recurse=False):
                 uses[canonical[id(p)]] = uses.get(canonical[id(p)], 0) + 1
             if type(mod) is nn.Linear and not node.kwargs and len(node.args) == 1:
-                linear.add(canonical[id(mod.weight)])
+                bias = canonical[id(mod.bias)] if mod.bias is not None else None
+                linear[canonical[id(mod.weight)]] = bias
         elif node.op == "get_attr" and id(_resolve(gm, node.target)) in canonical:
             name = canonical[id(_resolve(gm, node.target))]
             uses[name] = uses.get(name, 0) + 1
-    return {n for n in linear if uses.get(n) == 1}
+    return {w: b for w, b in linear.items() if uses.get(w) == 1 and (b is None or uses.get(b) == 1)}
 
 
 def _resolve(root: nn.Module, path: str):
