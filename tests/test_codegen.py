@@ -40,8 +40,8 @@ def test_both_forms_preserve_the_function_on_the_zoo(name, form):
 def test_emitted_code_names_the_allocation_steps():
     cm = ic.compile_invariant(_mlp([3, 4, 2]))
     code = cm.code
-    assert "p_in = plan.path_in(v_0_weight, v_0_bias, v_2_weight)" in code
-    assert "plan.linear(input_1, v_0_weight, v_0_bias, p_in, 0, 1)" in code
+    assert "p_in = plan.path_in(v_carriers)" in code
+    assert "plan.linear(input_1, v_0_weight, v_0_bias, p_in, v_carriers, 0, 1)" in code
     slow = ic.compile_invariant(_mlp([3, 4, 2]), scale_activations=False).code
     assert "w_0_weight = allocate[0]" in slow and "linear(input_1, w_0_weight, w_0_bias)" in slow
     nodes = {n.name: n for n in cm.graph.nodes}
@@ -55,7 +55,8 @@ def test_parameters_are_v_or_free_entries_and_fixed_values_are_buffers(form):
     prefix = "v_" if form == "gspace" else "free_"
     names = [n for n, _ in cm.named_parameters()]
     assert names and all(n.startswith(prefix) for n in names)
-    assert sum(p.numel() for p in cm.parameters()) == cm.report.num_params
+    extra = cm.v_carriers.numel() if form == "gspace" else 0      # the carriers' path values
+    assert sum(p.numel() for p in cm.parameters()) == cm.report.num_params + extra
     fixed = sum(b.numel() for n, b in cm.named_buffers() if n.startswith("allocate.fixed_val"))
     assert fixed == cm.report.num_generators
 

@@ -22,13 +22,14 @@ def test_icr_equals_autograd_through_a_plain_allocation(name):
     model, x = ZOO[name]()
     cm = ic.compile_invariant(model.double(), tuple(t.double() for t in x), scale_activations=False)
     vs = [v.detach().clone().requires_grad_(True) for v in _vs(cm)]
+    c = cm.v_carriers.detach().clone().requires_grad_(True)
     gws = [torch.randn_like(v) for v in vs]
-    ours = cm.allocate(cm.allocate.path_in(*vs), *vs)
-    ref = reference(cm.allocate, vs)
+    ours = cm.allocate(cm.allocate.path_in(c), c, *vs)
+    ref = reference(cm.allocate, c, vs)
     for a, b in zip(ours, ref):
         assert torch.allclose(a, b, rtol=1e-14, atol=0)
-    g_ours = torch.autograd.grad(ours, vs, gws)
-    g_ref = torch.autograd.grad(ref, vs, gws)
+    g_ours = torch.autograd.grad(ours, [c, *vs], gws)
+    g_ref = torch.autograd.grad(ref, [c, *vs], gws)
     for a, b in zip(g_ours, g_ref):
         assert torch.allclose(a, b, rtol=1e-12, atol=1e-14)
 
@@ -37,7 +38,9 @@ def test_icr_passes_gradcheck():
     model, x = ZOO["residual_mlp"]()
     cm = ic.compile_invariant(model.double(), tuple(t.double() for t in x), scale_activations=False)
     vs = tuple(v.detach().clone().requires_grad_(True) for v in _vs(cm))
-    assert torch.autograd.gradcheck(lambda *v: cm.allocate(cm.allocate.path_in(*v), *v), vs, eps=1e-6, atol=1e-7)
+    c = cm.v_carriers.detach().clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda c, *v: cm.allocate(cm.allocate.path_in(c), c, *v), (c, *vs),
+                                    eps=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("name", ["mlp", "residual_mlp", "mini_transformer", "cnn_pool"])
@@ -67,7 +70,8 @@ def test_coordinates_and_gradients_of_a_straight_mlp_are_the_thesis_table():
     w = cm.weights()
     sk = cm.skeleton
     W1, W2 = w["0.weight"], w["2.weight"]                  # (4, 3), (2, 4)
-    V1, V2 = cm.v_0_weight.detach(), cm.v_2_weight.detach()
+    coords = cm.path_values()
+    V1, V2 = coords["0.weight"], coords["2.weight"]
     for c in range(4):
         name, k = sk.fixed_of[c]
         assert name == "2.weight" and float(W2.reshape(-1)[k]) == 1.0
@@ -93,7 +97,7 @@ def test_coordinates_and_gradients_of_a_straight_mlp_are_the_thesis_table():
         for o, g in gvi.items():
             assert torch.allclose(cm.v_2_weight.grad[o, c], g, rtol=1e-10)
         expected = G1.reshape(-1)[j] - sum(g * W2[o, c] for o, g in gvi.items())
-        assert torch.allclose(cm.v_0_weight.grad.reshape(-1)[j], expected, rtol=1e-10)
+        assert torch.allclose(cm.v_carriers.grad[c], expected, rtol=1e-10)   # v_j's gradient
 
 
 @pytest.mark.parametrize("name", ["mlp_nobias", "mlp_nonstraight", "cnn_nobias", "mlp_leaky"])
@@ -109,8 +113,8 @@ def test_basis_paths_are_independent_orthogonal_to_e_and_give_v(name):
     assert torch.count_nonzero(B @ E) == 0
     theta = torch.cat([w.reshape(-1) for w in cm.weights().values()])
     values = torch.stack([theta[row.bool()].prod() for row in B.double()])   # path values
-    v = torch.cat([getattr(cm, cm._v_attr[n]).detach().reshape(-1)[~cm.skeleton.fixed_mask(n).reshape(-1)]
-                   for n in cm.report.param_names])
+    coords = cm.path_values()
+    v = torch.cat([coords[n].reshape(-1)[~cm.skeleton.fixed_mask(n).reshape(-1)] for n in cm.report.param_names])
     assert torch.allclose(values, v, rtol=1e-12)
 
 
@@ -121,8 +125,9 @@ def test_v_to_w_to_v_round_trip():
     cm = ic.compile_invariant(model, x)
     w = cm.weights()
     again = ic.compile_invariant(_load(model, w), x, skeleton=cm.skeleton)
+    a, b = again.path_values(), cm.path_values()
     for n in cm._allocated:
-        assert torch.allclose(getattr(again, again._v_attr[n]), getattr(cm, cm._v_attr[n]), rtol=1e-13, atol=0)
+        assert torch.allclose(a[n], b[n], rtol=1e-13, atol=0)
 
 
 def _load(model, weights):
@@ -213,8 +218,8 @@ def test_a_generator_with_only_zero_entries_is_a_clear_error():
 def test_a_carrier_reaching_zero_stops_with_a_message_not_nans():
     model = _mlp([3, 4, 2], bias=False).double()
     cm = ic.compile_invariant(model)
-    name, j = cm.skeleton.carrier_of[0]
+    assert not bool(cm.skeleton.carrier_fixed[0])            # a free carrier: its value is a coordinate
     with torch.no_grad():
-        getattr(cm, cm._v_attr[name]).reshape(-1)[j] = 0.0
+        cm.v_carriers[0] = 0.0
     with pytest.raises(FloatingPointError, match="carrier path value"):
         cm(torch.randn(2, 3, dtype=torch.float64))

@@ -2,20 +2,25 @@
 
 G-space (DESIGN §3.6, with P_in written directly in path values): for an entry e reading class a
 and producing class b,
-    W_e = V_e / (P_in[a] · M[b]),   P_in[a] = V_J(a) / M[a]   (carrier J(a); else the constant 1/M[a]),
-and the K entries are the fixed values. Backward (ICR):
-    ∂L/∂V_e     = ∂L/∂W_e / (P_in[a] · M[b])                      (free entries; 0 on K)
+    W_e = V_e / (P_in[a] · M[b]),
+    P_in[a] = c_a / M[a]              (a has a free carrier J(a) whose path value is c_a),
+    P_in[a] = w_J · P_in[src]         (its carrier is a fixed entry: the chain of G-SGD's skeleton),
+    P_in[a] = 1 / M[a]                (no carrier),
+and the K entries are the fixed values. The carriers' path values c live in their own small
+parameter (`v_carriers`), not in the weight-shaped V tensors (whose fixed and carrier slots are
+unused): P_in then depends on H numbers and its backward costs O(H), not a dense gradient per tensor.
+Backward (ICR):
+    ∂L/∂V_e     = ∂L/∂W_e / (P_in[a] · M[b])                       (free entries; 0 on K and J slots)
     ∂L/∂P_in[a] = -(1 / P_in[a]) · Σ_{free e reading a} ∂L/∂W_e · W_e   (a per-column reduction)
-and ∂L/∂P_in reaches the carriers through `path_in` (an H-sized gather): ∂L/∂V_J(a) += ∂L/∂P_in[a] / M[a].
+    ∂L/∂c_a     = ∂L/∂W_J(a) / (P_in[src] · M[a]) + (path_in's backward of ∂L/∂P_in, O(H)).
 
-A Linear layer need not materialise W at all: x @ Wᵀ = ((x / P_in) @ Vᵀ) / M + (the K entries' terms),
-so `linear` scales the (smaller) activations and autograd gives the ICR (the carrier term becomes
-Σ_batch x ⊙ ∂L/∂x). Fixed form: W = V with the K entries overwritten by their fixed values.
+A Linear layer need not materialise W at all: x @ Wᵀ = ((x / P_in) @ V'ᵀ) / M, so `linear` scales
+the (smaller) activations. Fixed form: W = V with the K entries overwritten by their fixed values.
 
 `reference` computes the allocation with plain differentiable ops (tests compare)."""
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -26,18 +31,13 @@ __all__ = ["Allocation", "WeightAllocation", "icr", "make_allocation", "referenc
 
 class Allocation(nn.Module):
     """The allocation plan of one compiled model. Tensor i (in plan order) has compact index maps
-    into M and P_in (`n` meaning no class), its fixed entries and its carriers. `wa` lists the
-    tensors allocated by WA; the others are Linear weights used through `linear`."""
+    into M and P_in (`n` meaning no class), its fixed entries (K slots) and carrier entries (J slots,
+    whose values are carrier path values). `wa` lists the tensors allocated by WA; the others are
+    Linear weights and biases used through `linear`."""
 
     def __init__(self, form: str, num_classes: int, M: torch.Tensor, plans: Sequence[dict], dtype,
-                 wa: Sequence[int], chain: Sequence[tuple] = ()):
+                 wa: Sequence[int], chain: Sequence[tuple] = (), free: Optional[torch.Tensor] = None):
         super().__init__()
-        # classes whose carrier is a fixed entry: P_in[c] = value · P_in[src], round by round
-        self.chain_rounds = len(chain)
-        for r, (cls, src, val) in enumerate(chain):
-            self.register_buffer(f"chain_cls{r}", cls)
-            self.register_buffer(f"chain_src{r}", src)
-            self.register_buffer(f"chain_val{r}", val.to(dtype))
         self.form, self.n, self.count, self.wa = form, num_classes, len(plans), list(wa)
         # sides with no class at all (network input, output) need no scaling, and must not make
         # autograd differentiate through them (a first layer would pay for an input-gradient mm)
@@ -45,30 +45,37 @@ class Allocation(nn.Module):
         self.scales_out = [bool((p["out"] < num_classes).any()) for p in plans]
         self.register_buffer("M", M.to(dtype))
         self.register_buffer("p_in0", (1.0 / M).to(dtype))       # classes without a carrier
+        self.register_buffer("free", torch.zeros(0, dtype=torch.long) if free is None else free)
+        self.chain_rounds = len(chain)                            # fixed carriers, round by round
+        for r, (cls, src, val) in enumerate(chain):
+            self.register_buffer(f"chain_cls{r}", cls)
+            self.register_buffer(f"chain_src{r}", src)
+            self.register_buffer(f"chain_val{r}", val.to(dtype))
         for i, p in enumerate(plans):
+            shape = p["shape"]
             self.register_buffer(f"in{i}", p["inp"])
             self.register_buffer(f"out{i}", p["out"])
-            self.register_buffer(f"fixed_idx{i}", p["fixed_idx"])
+            for kind, idx in (("fixed", p["fixed_idx"]), ("carrier", p["carrier_idx"])):
+                self.register_buffer(f"{kind}_idx{i}", idx)
+                self.register_buffer(f"{kind}_in{i}", p["inp"].expand(shape).reshape(-1)[idx])
+                self.register_buffer(f"{kind}_out{i}", p["out"].expand(shape).reshape(-1)[idx])
             self.register_buffer(f"fixed_val{i}", p["fixed_val"].to(dtype))
-            self.register_buffer(f"carrier_idx{i}", p["carrier_idx"])
             self.register_buffer(f"carrier_cls{i}", p["carrier_cls"])
-            flat_in = p["inp"].expand(p["shape"]).reshape(-1)[p["fixed_idx"]]   # classes of the K entries
-            flat_out = p["out"].expand(p["shape"]).reshape(-1)[p["fixed_idx"]]
-            self.register_buffer(f"fixed_in{i}", flat_in)
-            self.register_buffer(f"fixed_out{i}", flat_out)
+            # constants of `linear`: 1/M of each output, the slots it fills, w_K·M of fixed slots
+            self.register_buffer(f"r_out{i}", (1.0 / M[p["out"]]).reshape(-1).to(dtype))
+            self.register_buffer(f"slot_idx{i}", torch.cat([p["fixed_idx"], p["carrier_idx"]]))
+            self.register_buffer(f"fixed_scaled{i}", (p["fixed_val"].to(torch.float64) * M[
+                p["out"].expand(shape).reshape(-1)[p["fixed_idx"]]]).to(dtype))
 
     def buf(self, kind: str, i: int) -> torch.Tensor:
         return getattr(self, f"{kind}{i}")
 
-    def path_in(self, *vs: torch.Tensor) -> torch.Tensor:
-        """P_in (n + 1,) from all plan tensors: free carriers give V_J / M, fixed carriers extend
-        their source's path by a constant (in rounds from the input); P_in[n] = 1. Differentiable:
-        its backward is the H-sized accumulation of the ICR along the carrier chains."""
+    def path_in(self, carriers: torch.Tensor) -> torch.Tensor:
+        """P_in (n + 1,): free carriers give c / M, fixed carriers extend their source's path by a
+        constant (in rounds from the input); P_in[n] = 1. Differentiable, O(H)."""
         p = self.p_in0
-        for i, v in enumerate(vs):
-            cls = self.buf("carrier_cls", i)
-            if cls.numel():
-                p = p.index_put((cls,), v.reshape(-1)[self.buf("carrier_idx", i)] / self.M[cls])
+        if self.free.numel():
+            p = p.index_put((self.free,), carriers[self.free] / self.M[self.free])
         for r in range(self.chain_rounds):
             cls = self.buf("chain_cls", r)
             p = p.index_put((cls,), self.buf("chain_val", r) * p[self.buf("chain_src", r)])
@@ -79,25 +86,44 @@ class Allocation(nn.Module):
     def denominator(self, i: int, p_in: torch.Tensor) -> torch.Tensor:
         return p_in[self.buf("in", i)] * self.M[self.buf("out", i)]
 
-    def forward(self, p_in: torch.Tensor, *vs: torch.Tensor) -> tuple:
-        """Weights of the `wa` tensors (fixed form: p_in is ignored)."""
+    def slot_denominator(self, kind: str, i: int, p_in: torch.Tensor) -> torch.Tensor:
+        return p_in[self.buf(f"{kind}_in", i)] * self.M[self.buf(f"{kind}_out", i)]
+
+    def forward(self, p_in: Optional[torch.Tensor], carriers: Optional[torch.Tensor], *vs) -> tuple:
+        """Weights of the `wa` tensors (fixed form: p_in and carriers are None)."""
         if self.form == "fixed":
             return tuple(_overwrite(v, self.buf("fixed_idx", i), self.buf("fixed_val", i))
                          for i, v in zip(self.wa, vs))
-        return WeightAllocation.apply(self, p_in, *vs)
+        return WeightAllocation.apply(self, p_in, carriers, *vs)
 
-    def linear(self, x: torch.Tensor, v: torch.Tensor, bias, p_in: torch.Tensor, i: int, j: int) -> torch.Tensor:
-        """F.linear(x, W_i, b_j) without forming W_i: W = D_out⁻¹ V' D_in⁻¹, so scale x by 1/P_in and
-        the output by 1/M. V' is V with each fixed slot holding w_K·P_in·M; in the same units the
-        bias is its own path value V_j (its fixed slots: w_K·M)."""
-        idx = self.buf("fixed_idx", i)
-        k = self.buf("fixed_val", i) * p_in[self.buf("fixed_in", i)] * self.M[self.buf("fixed_out", i)]
-        if bias is not None and j >= 0 and self.buf("fixed_idx", j).numel():
-            bias = _overwrite(bias, self.buf("fixed_idx", j),
-                              self.buf("fixed_val", j) * self.M[self.buf("fixed_out", j)])
+    def linear(self, x: torch.Tensor, v: torch.Tensor, bias, p_in: torch.Tensor, carriers: torch.Tensor,
+               i: int, j: int) -> torch.Tensor:
+        """F.linear(x, W_i, b_j) without forming W_i: W = D_out⁻¹ V' D_in⁻¹, so scale x by 1/P_in
+        and the output by 1/M. V' is V with its fixed slots holding w_K·P_in·M and its carrier
+        slots the carrier path values; in the same units the bias is its own path value V_j."""
+        k = torch.cat([self.buf("fixed_scaled", i) * p_in[self.buf("fixed_in", i)],
+                       carriers[self.buf("carrier_cls", i)]])
+        if bias is not None and j >= 0:
+            bias = _overwrite(bias, self.buf("slot_idx", j),
+                              torch.cat([self.buf("fixed_scaled", j), carriers[self.buf("carrier_cls", j)]]))
         r_in = (1.0 / p_in[self.buf("in", i)]).reshape(-1) if self.scales_in[i] else None
-        r_out = (1.0 / self.M[self.buf("out", i)]).reshape(-1) if self.scales_out[i] else None
-        return _ScaledLinear.apply(x, v, bias, r_in, r_out, k, idx)
+        r_out = self.buf("r_out", i) if self.scales_out[i] else None
+        return _ScaledLinear.apply(x, v, bias, r_in, r_out, k, self.buf("slot_idx", i))
+
+
+def _check(p_in: torch.Tensor) -> None:
+    if not bool(torch.isfinite(p_in).all()) or bool((p_in == 0).any()):
+        bad = (~torch.isfinite(p_in) | (p_in == 0)).nonzero().reshape(-1)[:5].tolist()
+        raise FloatingPointError(
+            f"weight allocation: the carrier path value of class(es) {bad} is zero or non-finite, "
+            f"so the weights it divides are undefined. Lower the learning rate, or export the "
+            f"weights (export_state_dict) and compile again to choose new carriers.")
+
+
+def _overwrite(v: torch.Tensor, idx: torch.Tensor, val: torch.Tensor) -> torch.Tensor:
+    if idx.numel() == 0:
+        return v
+    return v.reshape(-1).index_put((idx,), val).view(v.shape)
 
 
 class _ScaledLinear(torch.autograd.Function):
@@ -127,129 +153,128 @@ class _ScaledLinear(torch.autograd.Function):
         grad_k = flat[idx].clone() if idx.numel() else None
         if idx.numel():
             flat[idx] = 0                                                 # not coordinates
-        grad_xs = g @ v
-        grad_x = grad_xs * r_in if r_in is not None else grad_xs
-        grad_r_in = None
-        if r_in is not None and ctx.needs_input_grad[3]:
-            grad_r_in = (grad_xs * x).reshape(-1, x.shape[-1]).sum(0)
+        grad_x = grad_r_in = None
+        if ctx.needs_input_grad[0] or ctx.needs_input_grad[3]:        # a first layer needs neither
+            grad_xs = g @ v
+            grad_x = grad_xs * r_in if r_in is not None else grad_xs
+            if r_in is not None and ctx.needs_input_grad[3]:
+                grad_r_in = (grad_xs * x).reshape(-1, x.shape[-1]).sum(0)
         grad_b = g2.sum(0) if ctx.has_bias else None
         return grad_x, grad_v, grad_b, grad_r_in, None, grad_k, None
-
-
-def _check(p_in: torch.Tensor) -> None:
-    if not bool(torch.isfinite(p_in).all()) or bool((p_in == 0).any()):
-        bad = (~torch.isfinite(p_in) | (p_in == 0)).nonzero().reshape(-1)[:5].tolist()
-        raise FloatingPointError(
-            f"weight allocation: the carrier path value of class(es) {bad} is zero or non-finite, "
-            f"so the weights it divides are undefined. Lower the learning rate, or export the "
-            f"weights (export_state_dict) and compile again to choose new carriers.")
-
-
-def _overwrite(v: torch.Tensor, idx: torch.Tensor, val: torch.Tensor) -> torch.Tensor:
-    if idx.numel() == 0:
-        return v
-    return v.reshape(-1).index_put((idx,), val).view(v.shape)
 
 
 class WeightAllocation(torch.autograd.Function):
     """G-space WA forward, ICR backward, over the plan's `wa` tensors at once."""
 
     @staticmethod
-    def forward(ctx, plan: Allocation, p_in, *vs):
+    def forward(ctx, plan: Allocation, p_in, carriers, *vs):
         ws = []
         for i, v in zip(plan.wa, vs):
-            w = v / plan.denominator(i, p_in)
-            idx = plan.buf("fixed_idx", i)
-            if idx.numel():
-                w.view(-1)[idx] = plan.buf("fixed_val", i)    # a fresh tensor: in place is O(H)
+            w = v / plan.denominator(i, p_in)                             # a fresh tensor
+            flat = w.view(-1)
+            flat[plan.buf("fixed_idx", i)] = plan.buf("fixed_val", i)
+            flat[plan.buf("carrier_idx", i)] = (carriers[plan.buf("carrier_cls", i)]
+                                                / plan.slot_denominator("carrier", i, p_in))
             ws.append(w)
         ctx.plan = plan
-        ctx.save_for_backward(p_in, *vs)
+        ctx.save_for_backward(p_in, carriers, *vs)
         return tuple(ws)
 
     @staticmethod
     def backward(ctx, *gws):
-        p_in, *vs = ctx.saved_tensors
-        gvs, g_p_in = icr(ctx.plan, p_in, vs, gws, ctx.plan.wa)
-        return (None, g_p_in, *gvs)
+        p_in, carriers, *vs = ctx.saved_tensors
+        gvs, g_p_in, g_car = icr(ctx.plan, p_in, carriers, vs, gws, ctx.plan.wa)
+        return (None, g_p_in, g_car, *gvs)
 
 
-def icr(plan: Allocation, p_in: torch.Tensor, vs: Sequence[torch.Tensor], gws: Sequence,
-        index: Sequence[int]) -> tuple[list, torch.Tensor]:
-    """∂L/∂V (scaled, 0 on K) and ∂L/∂P_in (the per-class reduction) from ∂L/∂W."""
-    reduced = torch.zeros_like(p_in)                          # Σ ∂L/∂W ⊙ W per class read
+def icr(plan: Allocation, p_in: torch.Tensor, carriers: torch.Tensor, vs: Sequence[torch.Tensor],
+        gws: Sequence, index: Sequence[int]):
+    """From ∂L/∂W of tensors `index`: ∂L/∂V (0 on K and J slots), ∂L/∂P_in (the per-class
+    reduction Σ ∂L/∂W ⊙ W over free entries) and the direct part of ∂L/∂carriers."""
+    reduced = torch.zeros_like(p_in)
+    g_car = torch.zeros_like(carriers)
     gvs = []
     for i, v, gw in zip(index, vs, gws):
         if gw is None:
             gw = torch.zeros_like(v)
         gv = gw / plan.denominator(i, p_in)
-        fixed = plan.buf("fixed_idx", i)
-        if fixed.numel():
-            gv.view(-1)[fixed] = 0
+        flat = gv.view(-1)
+        flat[plan.buf("fixed_idx", i)] = 0                            # fixed: not functions of V
+        j_idx, j_cls = plan.buf("carrier_idx", i), plan.buf("carrier_cls", i)
+        g_j = flat[j_idx].clone()                                     # ∂L/∂c directly
+        g_car.index_add_(0, j_cls, g_j)
+        flat[j_idx] = 0                                               # J slots of V are unused
         inp = plan.buf("in", i)
-        contrib = gv * v                                      # = ∂L/∂W ⊙ W on free entries
+        contrib = gv * v                                              # = ∂L/∂W ⊙ W on free, non-J entries
         dims = [d for d in range(v.dim()) if inp.shape[d] == 1 and v.shape[d] > 1]
         col = contrib.sum(dim=dims, keepdim=True) if dims else contrib
         reduced.index_add_(0, inp.expand(col.shape).reshape(-1), col.reshape(-1))
+        reduced.index_add_(0, plan.buf("carrier_in", i), g_j * carriers[j_cls])   # the J entries
         gvs.append(gv)
-    return gvs, -reduced / p_in
+    return gvs, -reduced / p_in, g_car
 
 
-def carrier_grads(plan: Allocation, g_p_in: torch.Tensor, vs: Sequence[torch.Tensor],
-                  gvs: Sequence[torch.Tensor]) -> None:
-    """Add ∂L/∂P_in's share to the carrier entries (the backward of path_in), in place."""
+def carrier_grads(plan: Allocation, g_p_in: torch.Tensor, carriers: torch.Tensor) -> torch.Tensor:
+    """∂L/∂carriers through P_in (the backward of path_in, O(H))."""
     with torch.enable_grad():
-        req = [v.detach().requires_grad_(True) for v in vs]
-        shares = torch.autograd.grad(plan.path_in(*req), req, g_p_in, allow_unused=True)
-    for gv, share in zip(gvs, shares):
-        if share is not None:
-            gv.add_(share)
+        c = carriers.detach().requires_grad_(True)
+        (g,) = torch.autograd.grad(plan.path_in(c), c, g_p_in, allow_unused=True)
+    return torch.zeros_like(carriers) if g is None else g
 
 
 def make_allocation(report, sk, weights: dict, form: str, names: Sequence[str], dtype,
                     linear: dict | None = None):
-    """The allocation plan and the initial parameter tensors for the parameters `names`; the
-    weights in `linear` (gspace; weight name -> bias name or None) and their biases are used
-    through Allocation.linear instead of WA.
-    Returns (Allocation, {name: initial V or free tensor}, [names in plan order])."""
+    """The allocation plan and initial parameters for the parameters `names`; the weights in
+    `linear` (gspace; weight name -> bias name or None) and their biases are used through
+    Allocation.linear instead of WA.
+    Returns (Allocation, {name: initial V or free tensor}, [names in plan order], carriers or None)."""
     M = sk.out_factor(weights)
     P = sk.in_factor(weights, M) if form == "gspace" else torch.ones_like(M)
     n = sk.num_classes
-    init, planned, plans, wa = {}, [], [], []
-    linear = dict(linear or {}) if form == "gspace" else {}     # weight name -> its bias name (or None)
+    linear = dict(linear or {}) if form == "gspace" else {}
     in_linear = set(linear) | {b for b in linear.values() if b}
+    carriers = torch.zeros(n, dtype=torch.float64)
+    init, planned, plans, wa = {}, [], [], []
     for name in names:
         ps = sk.params[name]
         inp = torch.where(ps.inp < 0, n, ps.inp)
         out = torch.where(ps.out < 0, n, ps.out)
         w64 = weights[name].detach().to(torch.float64)
         v = w64 * P[inp] * M[out] if form == "gspace" else w64.clone()
-        v.reshape(-1)[ps.fixed_idx] = 0.0                      # K positions of V are unused
+        jx, jc = (ps.carrier_idx, ps.carrier_cls) if form == "gspace" else (torch.zeros(0, dtype=torch.long),) * 2
+        carriers[jc] = v.reshape(-1)[jx]                       # the carriers' path values
+        v.reshape(-1)[ps.fixed_idx] = 0.0                      # K and J slots of V are unused
+        v.reshape(-1)[jx] = 0.0
         init[name] = v.to(dtype)
         trivial = ps.fixed_idx.numel() == 0 and (form == "fixed" or bool((inp == n).all() and (out == n).all()))
         if not trivial:
             if name not in in_linear:
                 wa.append(len(planned))
             planned.append(name)
-            plans.append({"inp": inp, "out": out, "fixed_idx": ps.fixed_idx, "shape": ps.shape,
+            plans.append({"inp": inp, "out": out, "shape": ps.shape, "fixed_idx": ps.fixed_idx,
                           "fixed_val": weights[name].detach().reshape(-1)[ps.fixed_idx].clone(),
-                          "carrier_idx": ps.carrier_idx, "carrier_cls": ps.carrier_cls})
-    chain = []
+                          "carrier_idx": jx, "carrier_cls": jc})
+    chain, free = [], None
     if form == "gspace":
         fixed = sk.carrier_fixed & (sk.carrier_round >= 0)
+        free = ((sk.carrier_param >= 0) & ~sk.carrier_fixed).nonzero().reshape(-1)
         vals = sk._values(weights, sk.carrier_param, sk.carrier_entry)
         for r in range(int(sk.carrier_round.max()) + 1 if n else 0):
             cls = (fixed & (sk.carrier_round == r)).nonzero().reshape(-1)
             if cls.numel():
                 chain.append((cls, torch.where(sk.carrier_src[cls] < 0, n, sk.carrier_src[cls]), vals[cls]))
-    return Allocation(form, n, M, plans, dtype, wa, chain), init, planned
+    plan = Allocation(form, n, M, plans, dtype, wa, chain, free)
+    return plan, init, planned, (carriers.to(dtype) if form == "gspace" else None)
 
 
-def reference(plan: Allocation, vs: Sequence[torch.Tensor]) -> tuple:
+def reference(plan: Allocation, carriers: Optional[torch.Tensor], vs: Sequence[torch.Tensor]) -> tuple:
     """Every plan tensor's weight with plain differentiable ops (autograd gives the ICR)."""
     if plan.form == "fixed":
         return tuple(_overwrite(v, plan.buf("fixed_idx", i), plan.buf("fixed_val", i))
                      for i, v in enumerate(vs))
-    p_in = plan.path_in(*vs)
-    return tuple(_overwrite(v / plan.denominator(i, p_in), plan.buf("fixed_idx", i), plan.buf("fixed_val", i))
-                 for i, v in enumerate(vs))
+    p_in = plan.path_in(carriers)
+    out = []
+    for i, v in enumerate(vs):
+        v = _overwrite(v, plan.buf("carrier_idx", i), carriers[plan.buf("carrier_cls", i)])
+        out.append(_overwrite(v / plan.denominator(i, p_in), plan.buf("fixed_idx", i), plan.buf("fixed_val", i)))
+    return tuple(out)

@@ -1,11 +1,11 @@
 """Graph rewriting: the traced graph with every parameter replaced by an allocated weight.
 
     v_conv_weight = self.v_conv_weight          # parameters: path values V (gspace) or free entries
-    p_in = plan.path_in(v_conv_weight, ...)     # carrier path values (gspace)
-    allocate = self.allocate(p_in, v_conv_weight, ...)   # WA (ICR in backward); fixed entries from buffers
+    p_in = plan.path_in(v_carriers)             # P_in from the carriers' path values (gspace)
+    allocate = self.allocate(p_in, v_carriers, v_conv_weight, ...)   # WA (ICR in backward)
     w_conv_weight = allocate[0]
     conv2d = torch.conv2d(x, w_conv_weight, ...)
-    fc = plan.linear(conv2d, v_fc_weight, w_fc_bias, p_in, 3)   # Linear: scales activations, no W
+    fc = plan.linear(conv2d, v_fc_weight, v_fc_bias, p_in, v_carriers, 3, 4)   # no W formed
 
 Zero-padded Conv modules (and Linear ones in the fixed form) become their functional calls; any
 other module that owns parameters (normalisers, custom leaves) is called through
@@ -49,11 +49,12 @@ def rewrite(gm: torch.fx.GraphModule, canonical: dict[int, str], planned: list[s
             env[n] = new.node_copy(n, lambda a: env[a])
     v_nodes = {name: new.create_node("get_attr", attr, name=attr) for name, attr in v_attr.items()}
     alloc = new.create_node("get_attr", "allocate", name="plan") if planned else None
-    p_in = None
+    p_in = carriers = None
     if planned and form == "gspace":
-        p_in = new.create_node("call_method", "path_in", (alloc, *[v_nodes[p] for p in planned]), name="p_in")
+        carriers = new.create_node("get_attr", "v_carriers", name="v_carriers")
+        p_in = new.create_node("call_method", "path_in", (alloc, carriers), name="p_in")
     if wa:
-        ws = new.call_module("allocate", (p_in, *[v_nodes[planned[i]] for i in wa]))
+        ws = new.call_module("allocate", (p_in, carriers, *[v_nodes[planned[i]] for i in wa]))
         for k, i in enumerate(wa):
             weight[planned[i]] = new.create_node("call_function", operator.getitem, (ws, k),
                                                  name="w_" + v_attr[planned[i]].split("_", 1)[1])
@@ -77,7 +78,8 @@ def rewrite(gm: torch.fx.GraphModule, canonical: dict[int, str], planned: list[s
                 bias = v_nodes[own["bias"]] if "bias" in own else None
                 j = planned.index(own["bias"]) if own.get("bias") in planned else -1
                 out = new.create_node("call_method", "linear",
-                                      (alloc, x, v_nodes[own["weight"]], bias, p_in, scaled[own["weight"]], j),
+                                      (alloc, x, v_nodes[own["weight"]], bias, p_in, carriers,
+                                       scaled[own["weight"]], j),
                                       name=n.name)
                 out.meta = dict(n.meta)
                 env[n] = out

@@ -32,12 +32,27 @@ class InvariantModule(torch.fx.GraphModule):
     def weights(self) -> dict[str, torch.Tensor]:
         """The original model's parameters, as this module computes them."""
         vs = [getattr(self, self._v_attr[n]) for n in self._allocated]
-        ws = dict(zip(self._allocated, reference(self.allocate, vs))) if self._allocated else {}
+        carriers = getattr(self, "v_carriers", None)
+        ws = dict(zip(self._allocated, reference(self.allocate, carriers, vs))) if self._allocated else {}
         for name, attr in self._v_attr.items():
             ws.setdefault(name, getattr(self, attr))
         for name, value in self._unused.items():
             ws[name] = value
         return {n: ws[n].detach().clone() for n in self.report.param_names}
+
+    @torch.no_grad()
+    def path_values(self) -> dict[str, torch.Tensor]:
+        """G-space coordinates in weight shape: V with the carrier slots filled from v_carriers
+        (fixed slots zero)."""
+        out = {}
+        for name, attr in self._v_attr.items():
+            v = getattr(self, attr).detach().clone()
+            if name in self._allocated and self.form == "gspace":
+                i = self._allocated.index(name)
+                v.view(-1)[self.allocate.buf("carrier_idx", i)] = \
+                    self.v_carriers[self.allocate.buf("carrier_cls", i)]
+            out[name] = v
+        return out
 
     def export_state_dict(self) -> dict[str, torch.Tensor]:
         """The original model's state_dict keys with plain weights: load it into the original class
@@ -146,8 +161,10 @@ def compile_invariant(model: nn.Module, example_inputs: Any = None, form: str = 
     names = [n for n in report.param_names if n in used]
     unused = {n: weights[n] for n in report.param_names if n not in used}   # inert; kept for export
     linear = _single_use_linears(gm, canonical) if scale_activations else {}
-    gm.allocate, init, allocated = make_allocation(report, sk, weights, form, names, dtype, linear)
-    taken = set(dict(gm.named_children())) | set(dict(gm.named_buffers()))
+    gm.allocate, init, allocated, carriers = make_allocation(report, sk, weights, form, names, dtype, linear)
+    if carriers is not None and allocated:
+        gm.register_parameter("v_carriers", nn.Parameter(carriers))
+    taken = set(dict(gm.named_children())) | set(dict(gm.named_buffers())) | {"v_carriers"}
     v_attr = {}
     for name in names:
         v_attr[name] = attr_name("v_" if form == "gspace" else "free_", name, taken)

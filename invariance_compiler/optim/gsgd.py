@@ -29,15 +29,15 @@ class GSGD(torch.optim.Optimizer):
         weights = {n: p.detach() for n, p in named.items()}
         sk = skeleton if skeleton is not None else build_skeleton(report, weights)
         dtype = next(iter(named.values())).dtype
-        self.plan, v0, self.allocated = make_allocation(report, sk, weights, "gspace", list(named), dtype)
+        self.plan, v0, self.allocated, carriers = make_allocation(report, sk, weights, "gspace", list(named), dtype)
         self.report, self.skeleton = report, sk
-        params = list(named.values())
-        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
+        super().__init__(list(named.values()), dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
         for n in self.allocated:            # parameters outside the allocation are their own V
             self.state[named[n]]["v"] = v0[n].to(named[n].device)
         self._alloc_params = [named[n] for n in self.allocated]
-        if params:
-            self.plan.to(params[0].device)
+        if self._alloc_params:              # the carriers' path values ride with the first tensor
+            self.state[self._alloc_params[0]]["carriers"] = carriers.to(self._alloc_params[0].device)
+            self.plan.to(self._alloc_params[0].device)
 
     @torch.no_grad()
     def step(self, closure: Optional[Any] = None):
@@ -48,21 +48,28 @@ class GSGD(torch.optim.Optimizer):
         group = self.param_groups[0]
         lr, mom, wd = group["lr"], group["momentum"], group["weight_decay"]
         ps = self._alloc_params
-        vs = [self.state[p]["v"] for p in ps]
-        gvs, g_p_in = icr(self.plan, self.plan.path_in(*vs), vs, [p.grad for p in ps], range(len(ps)))
-        carrier_grads(self.plan, g_p_in, vs, gvs)
-        updates = list(zip(ps, vs, gvs))
-        updates += [(p, p, p.grad) for p in group["params"] if "v" not in self.state[p] and p.grad is not None]
-        for p, v, g in updates:                       # SGD on V (torch.optim.SGD's rule)
+        updates = [(self.state[p], p, p.grad) for p in group["params"]
+                   if "v" not in self.state[p] and p.grad is not None]
+        if ps:
+            vs = [self.state[p]["v"] for p in ps]
+            c = self.state[ps[0]]["carriers"]
+            gvs, g_p_in, g_c = icr(self.plan, self.plan.path_in(c), c, vs, [p.grad for p in ps], range(len(ps)))
+            g_c += carrier_grads(self.plan, g_p_in, c)
+            updates += [(self.state[p], v, g) for p, v, g in zip(ps, vs, gvs)]
+            updates.append((self.state[ps[0]], c, g_c))
+        for state, v, g in updates:                   # SGD on V (torch.optim.SGD's rule)
             d = g.add(v, alpha=wd) if wd else g
             if mom:
-                buf = self.state[p].get("momentum_buffer")
+                key = "carriers_momentum" if v is state.get("carriers") else "momentum_buffer"
+                buf = state.get(key)
                 if buf is None:
-                    buf = self.state[p]["momentum_buffer"] = d.clone()
+                    buf = state[key] = d.clone()
                 else:
                     buf.mul_(mom).add_(d)
                 d = buf
             v.add_(d, alpha=-lr)
-        for p, w in zip(ps, self.plan(self.plan.path_in(*vs), *vs)):   # WA, skeleton fixed
-            p.copy_(w)
+        if ps:
+            c = self.state[ps[0]]["carriers"]
+            for p, w in zip(ps, self.plan(self.plan.path_in(c), c, *vs)):   # WA, skeleton fixed
+                p.copy_(w)
         return loss
