@@ -39,6 +39,7 @@ class Context:
         self.notes: list[str] = []                # semantics worth telling the user (eval-mode BN ...)
         self.bias_of: dict[torch.fx.Node, tuple[str, int]] = {}  # node -> (bias param, channel dim)
         self.centred: set[torch.fx.Node] = set()   # normalisers that remove a per-channel mean
+        self.additive: set[str] = set()            # parameters added, not multiplied (biases, β)
         self.gm: Optional[torch.fx.GraphModule] = None
         self.node: Optional[torch.fx.Node] = None
         self.module: Optional[torch.nn.Module] = None
@@ -133,6 +134,12 @@ class Context:
                 return name
         raise KeyError("parameter not registered on the model")
 
+    def bind_bias(self, v: Optional[Value], cls: torch.Tensor) -> bool:
+        """bind() for a parameter that is added to the output (it reads the constant 1)."""
+        if v is not None and v.param is not None:
+            self.additive.add(v.param.name)
+        return self.bind(v, [(+1, cls)])
+
     def bind(self, v: Optional[Value], factors: Factors) -> bool:
         """Record the exponent of the parameter behind `v` (factors in v's shape). False, with the
         classes pinned, when v is not a parameter or its view cannot be mapped back exactly."""
@@ -202,6 +209,16 @@ def _map_tensors(obj, fn):
     if isinstance(obj, dict):
         return {k: _map_tensors(o, fn) for k, o in obj.items()}
     return obj
+
+
+def has_tensor(obj) -> bool:
+    if isinstance(obj, torch.Tensor):
+        return True
+    if isinstance(obj, (list, tuple)):
+        return any(has_tensor(o) for o in obj)
+    if isinstance(obj, dict):
+        return any(has_tensor(o) for o in obj.values())
+    return False
 
 
 def _values_in(obj):

@@ -11,7 +11,7 @@ import torch.fx
 from torch.fx.node import map_aggregate
 
 from .classes import ClassTable
-from .context import Context, _map_tensors, _values_in
+from .context import Context, _map_tensors, has_tensor
 from .rules import lookup
 from .rules.norms import mark_inert_biases
 from .value import ParamView, Value, pinned_ids
@@ -64,7 +64,7 @@ class SymmetryPass(torch.fx.Interpreter):
         if n.op == "output":
             ctx.pin(ctx.args, reason="model output")
             return None
-        if not _has_tensor(real):
+        if not has_tensor(real):
             return real                     # sizes, shapes, Python numbers: the value is the abstraction
         rule = lookup(n.op, n.target, ctx.module)
         if rule is None:
@@ -87,16 +87,6 @@ class SymmetryPass(torch.fx.Interpreter):
                 f"silence this for an op that breaks scaling: ic.register_rule(<op>, ic.rules.pin).",
                 SymmetryWarning, stacklevel=3)
         return self.ctx
-
-
-def _has_tensor(obj) -> bool:
-    if isinstance(obj, torch.Tensor):
-        return True
-    if isinstance(obj, (list, tuple)):
-        return any(_has_tensor(o) for o in obj)
-    if isinstance(obj, dict):
-        return any(_has_tensor(o) for o in obj.values())
-    return False
 
 
 def _op_name(n: torch.fx.Node, module) -> str:

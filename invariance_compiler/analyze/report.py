@@ -56,6 +56,7 @@ class SymmetryReport:
         self.pins = list(ctx.pins)
         self.unknown_ops = list(unknown)
         self.notes = list(dict.fromkeys(ctx.notes))
+        self.additive = set(ctx.additive)      # parameters added to an output (biases, β)
         self.num_params = sum(p.numel() for p in model.parameters())
         labels = ctx.classes.solve()
         self._labels = labels

@@ -66,7 +66,7 @@ def rewrite(gm: torch.fx.GraphModule, canonical: dict[int, str], planned: list[s
         if n.op == "placeholder":
             continue
         if n.op == "get_attr":
-            obj = _fetch(gm, n.target)
+            obj = fetch(gm, n.target)
             if isinstance(obj, nn.Parameter):
                 env[n] = weight[canonical[id(obj)]]
                 continue
@@ -92,7 +92,7 @@ def rewrite(gm: torch.fx.GraphModule, canonical: dict[int, str], planned: list[s
     return new
 
 
-def _fetch(gm, target):
+def fetch(gm, target):
     obj = gm
     for part in target.split("."):
         obj = getattr(obj, part)

@@ -11,7 +11,7 @@ import torch.nn as nn
 from ..analyze import analyze
 from ..skeleton import build_skeleton, fix_to
 from .allocate import make_allocation, reference
-from .emit import attr_name, rewrite
+from .emit import attr_name, fetch, rewrite
 
 __all__ = ["compile_invariant", "InvariantModule"]
 
@@ -142,7 +142,7 @@ def compile_invariant(model: nn.Module, example_inputs: Any = None, form: str = 
     by_value = {id(orig[n]): n for n in orig}
     canonical = {}
     for path, p in copied.items():
-        src = _resolve(model, path)
+        src = fetch(model, path)
         canonical[id(p)] = by_value[id(src)]
 
     weights = {n: p.detach().clone() for n, p in orig.items()}
@@ -199,22 +199,15 @@ def _single_use_linears(gm: torch.fx.GraphModule, canonical: dict) -> dict:
             if type(mod) is nn.Linear and not node.kwargs and len(node.args) == 1:
                 bias = canonical[id(mod.bias)] if mod.bias is not None else None
                 linear[canonical[id(mod.weight)]] = bias
-        elif node.op == "get_attr" and id(_resolve(gm, node.target)) in canonical:
-            name = canonical[id(_resolve(gm, node.target))]
+        elif node.op == "get_attr" and id(fetch(gm, node.target)) in canonical:
+            name = canonical[id(fetch(gm, node.target))]
             uses[name] = uses.get(name, 0) + 1
     return {w: b for w, b in linear.items() if uses.get(w) == 1 and (b is None or uses.get(b) == 1)}
 
 
-def _resolve(root: nn.Module, path: str):
-    obj = root
-    for part in path.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
 def _has(root, path):
     try:
-        _resolve(root, path)
+        fetch(root, path)
         return True
     except AttributeError:
         return False

@@ -217,15 +217,16 @@ def build_skeleton(report, weights: dict[str, torch.Tensor], carriers: bool = Tr
                   torch.full((n,), -1, dtype=torch.long), torch.full((n,), -1, dtype=torch.long),
                   torch.zeros(n, dtype=torch.bool))
     if carriers:
-        _carriers(sk, grids)
+        _carriers(sk, grids, report.additive)
     return sk
 
 
-def _carriers(sk: Skeleton, grids) -> None:
+def _carriers(sk: Skeleton, grids, additive: set) -> None:
     """Choose J in rounds from the input: a class gets a producer entry whose source is the input or
     a class resolved earlier: the fixed entry entering it if there is one (its value is a constant),
-    else the free one with the largest |w| (it is divided by). Biases read the constant input and
-    so would always be first, but they are small (often 0): they carry only when nothing else can.
+    else the free one with the largest |w| (it is divided by). Additive parameters (biases, β) read
+    the constant 1 and so would always be first, but they are small (often 0): they carry only
+    when nothing else can.
     Classes left over (no producer, or cycles) get no carrier: P_in = 1/M, a constant."""
     n = sk.num_classes
     resolved = torch.zeros(n + 1, dtype=torch.bool)
@@ -239,7 +240,7 @@ def _carriers(sk: Skeleton, grids) -> None:
         fixed_cell = mask.view(p.shape)[_centre(p.shape, grid)].expand(grid).reshape(-1)
         ok = (out >= 0) & (w != 0) & torch.isfinite(w) & ~fixed_cell
         prepared[pi] = (torch.where(inp < 0, n, inp), torch.where(out < 0, n, out), w.abs(), ok, grid,
-                        sk.names[pi].rsplit(".", 1)[-1] == "bias")
+                        sk.names[pi] in additive)
     r = 0
     allow_bias = False
     while True:

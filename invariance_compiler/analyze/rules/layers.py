@@ -34,7 +34,7 @@ def _consume_with_constant_weight(ctx, x, weight, bias, dim):
     a scaled one makes a product of two scaled tensors (pin)."""
     if isinstance(weight, Value) and weight.is_constant:
         rep = ctx.reduce(x, [dim])
-        if bias is not None and not ctx.bind(bias, [(+1, rep.reshape(-1)[:1])]):
+        if bias is not None and not ctx.bind_bias(bias, rep.reshape(-1)[:1]):
             ctx.pin(x, reason="bias is not a parameter")
         return ctx.value(rep)
     return pin(ctx, x, weight, bias)
@@ -49,7 +49,7 @@ def linear(ctx, x, weight=None, bias=None):
     rows = ctx.fresh(out_f)                                  # (out,)
     if not ctx.bind(weight, [(+1, rows.view(-1, 1)), (-1, cols.view(1, -1))]):
         return pin(ctx, x, weight, bias)
-    ctx.bind(bias, [(+1, rows)])
+    ctx.bind_bias(bias, rows)
     _note_bias(ctx, bias, len(ctx.real.shape) - 1)
     return _channel_out(ctx, rows, -1)
 
@@ -74,7 +74,7 @@ def conv(ctx, x, weight=None, bias=None, stride=1, padding=0, dilation=1, groups
     rows = ctx.fresh(c_out)
     if not ctx.bind(weight, [(+1, rows.view(-1, 1, *taps)), (-1, cols.view(c_out, c_in_g, *taps))]):
         return pin(ctx, x, weight, bias)
-    ctx.bind(bias, [(+1, rows)])
+    ctx.bind_bias(bias, rows)
     _note_bias(ctx, bias, cdim)
     return _channel_out(ctx, rows, cdim)
 
@@ -96,7 +96,7 @@ def conv_transpose(ctx, x, weight=None, bias=None, stride=1, padding=0, output_p
     outs = rows[group.view(-1, 1) * c_out_g + torch.arange(c_out_g).view(1, -1)]   # (C_in, C_out/g)
     if not ctx.bind(weight, [(-1, ins.view(-1, 1, *taps)), (+1, outs.view(c_in, c_out_g, *taps))]):
         return pin(ctx, x, weight, bias)
-    ctx.bind(bias, [(+1, rows)])
+    ctx.bind_bias(bias, rows)
     _note_bias(ctx, bias, cdim)
     return _channel_out(ctx, rows, cdim)
 

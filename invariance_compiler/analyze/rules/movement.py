@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..context import _map_tensors, has_tensor
 from ..value import PIN, ZERO, ParamView, Value, compact
 from . import _register
 from .elementwise import passthrough
@@ -46,34 +47,18 @@ def movement(ctx, x, *args, **kwargs):
         def entries(v):
             return v.param.entries if v.param.entries is not None else torch.arange(
                 v.shape.numel()).view(v.shape)
-        return _wrap(_apply(ctx, entries), lambda e: Value(e.shape, None, ParamView(x.param.name, e)))
-    return _wrap(_apply(ctx, ctx.full), lambda ids: Value(ids.shape, compact(ids)))
-
-
-def _wrap(obj, fn):
-    if isinstance(obj, torch.Tensor):
-        return fn(obj)
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_wrap(o, fn) for o in obj)
-    return obj
+        return _map_tensors(_apply(ctx, entries), lambda e: Value(e.shape, None, ParamView(x.param.name, e)))
+    return _map_tensors(_apply(ctx, ctx.full), lambda ids: Value(ids.shape, compact(ids)))
 
 
 def getitem(ctx, x, idx):
     if not isinstance(x, Value):              # indexing the tuple a rule returned
         return x[idx]
-    if _has_tensor(ctx.real_args[1]):
+    if has_tensor(ctx.real_args[1]):
         # A tensor index may depend on the data: every element may land anywhere, so one class.
         rep = ctx.reduce(x, range(len(x.shape)))
         return ctx.value(rep.reshape(-1)[:1])
     return movement(ctx, x, idx)
-
-
-def _has_tensor(idx):
-    if isinstance(idx, torch.Tensor):
-        return True
-    if isinstance(idx, (list, tuple)):
-        return any(_has_tensor(i) for i in idx)
-    return False
 
 
 def pad(ctx, x, pad, mode="constant", value=None):

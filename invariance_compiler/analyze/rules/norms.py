@@ -14,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import _register
+from .pooling import _tuple
 
 __all__ = ["batch_norm", "group_norm", "layer_norm", "mark_inert_biases"]
 
@@ -24,7 +25,7 @@ def _affine(ctx, weight, bias, shape):
         return torch.zeros(shape, dtype=torch.long)
     cls = ctx.fresh(math.prod(shape)).view(shape)
     ctx.bind(weight, [(+1, cls)])
-    ctx.bind(bias, [(+1, cls)])
+    ctx.bind_bias(bias, cls)
     return cls
 
 
@@ -67,7 +68,7 @@ def _keeps_channel_constants(ctx, node) -> bool:
         if isinstance(m, (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveMaxPool1d,
                           nn.AdaptiveMaxPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d)):
             return True
-        return isinstance(m, (nn.AvgPool1d, nn.AvgPool2d)) and not any(_tuple(m.padding))
+        return isinstance(m, (nn.AvgPool1d, nn.AvgPool2d)) and not any(_tuple(m.padding, 1))
     dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
     if t in (torch.cat, torch.concat):
         return dim == 1
@@ -79,10 +80,6 @@ def _keeps_channel_constants(ctx, node) -> bool:
             torch.split, torch.chunk, "split", "chunk")
     return t in (F.max_pool1d, F.max_pool2d, F.max_pool3d, F.adaptive_max_pool2d,
                  F.adaptive_avg_pool2d, F.adaptive_avg_pool1d)
-
-
-def _tuple(v):
-    return v if isinstance(v, (tuple, list)) else (v,)
 
 
 def batch_norm(ctx, x, running_mean=None, running_var=None, weight=None, bias=None, training=False,
