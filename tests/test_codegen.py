@@ -202,3 +202,23 @@ def test_bad_arguments_are_refused():
         ic.compile_invariant(model, form="G")
     with pytest.raises(ValueError, match="fixed must be"):
         ic.compile_invariant(model, fixed="zero")
+
+
+def test_frozen_parameters_are_constants_and_never_move():
+    model = _mlp([4, 6, 5, 3]).double()
+    model[2].weight.requires_grad_(False)         # a frozen middle layer (its bias still trains)
+    x = torch.randn(16, 4, dtype=torch.float64)
+    report = ic.analyze(model, x)
+    assert all("2.weight" not in g.params for g in report.generators)
+    from invariance_compiler.analyze import oracle
+    assert oracle.invariance_error(model, report, (x,)) <= 1e-10
+    for form in FORMS:
+        cm = ic.compile_invariant(model, x, form=form)
+        assert torch.allclose(cm(x), model(x), rtol=1e-12)
+        before = cm.weights()["2.weight"]
+        opt = torch.optim.SGD([p for p in cm.parameters() if p.requires_grad], lr=1e-2)
+        for _ in range(5):
+            opt.zero_grad()
+            cm(x).square().sum().backward()
+            opt.step()
+        assert torch.equal(cm.weights()["2.weight"], before), form

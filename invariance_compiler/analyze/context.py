@@ -126,7 +126,17 @@ class Context:
         """The Value of a module's own parameter (None stays None)."""
         if param is None:
             return None
-        return Value(param.shape, None, ParamView(self.param_name(param)))
+        return self.parameter(self.param_name(param))
+
+    def parameter(self, name: str) -> Value:
+        """A trainable parameter is a lazy ParamView. A frozen one (requires_grad=False) must stay
+        exactly as it is while the rest trains, so it is a constant: its exponent is 0 and the
+        classes around it merge or pin instead of moving it."""
+        p = self.params[name]
+        if p.requires_grad:
+            return Value(p.shape, None, ParamView(name))
+        self.bindings.setdefault(name, Binding(name, p.shape, [], self.node.name))
+        return Value(p.shape, pinned_ids(p.dim()))
 
     def param_name(self, param: torch.nn.Parameter) -> str:
         for name, p in self.params.items():

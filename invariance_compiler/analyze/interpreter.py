@@ -59,7 +59,7 @@ class SymmetryPass(torch.fx.Interpreter):
         if n.op == "get_attr":
             name = self.param_ids.get(id(real))
             if name is not None:
-                return Value(real.shape, None, ParamView(name))
+                return self.ctx.parameter(name)
             return _map_tensors(real, lambda t: Value(t.shape, pinned_ids(t.dim())))
         if n.op == "output":
             ctx.pin(ctx.args, reason="model output")

@@ -231,14 +231,20 @@ def make_allocation(report, sk, weights: dict, form: str, names: Sequence[str], 
     M = sk.out_factor(weights)
     P = sk.in_factor(weights, M) if form == "gspace" else torch.ones_like(M)
     n = sk.num_classes
-    linear = dict(linear or {}) if form == "gspace" else {}
+    sides = {}
+    for name in names:
+        ps = sk.params[name]
+        inp, out = torch.where(ps.inp < 0, n, ps.inp), torch.where(ps.out < 0, n, ps.out)
+        trivial = ps.fixed_idx.numel() == 0 and (form == "fixed" or bool((inp == n).all() and (out == n).all()))
+        sides[name] = (inp, out, trivial)
+    # a Linear goes through `linear` only if its weight is allocated at all (a frozen one is not)
+    linear = {w: b for w, b in (linear or {}).items() if form == "gspace" and not sides[w][2]}
     in_linear = set(linear) | {b for b in linear.values() if b}
     carriers = torch.zeros(n, dtype=torch.float64)
     init, planned, plans, wa = {}, [], [], []
     for name in names:
         ps = sk.params[name]
-        inp = torch.where(ps.inp < 0, n, ps.inp)
-        out = torch.where(ps.out < 0, n, ps.out)
+        inp, out, trivial = sides[name]
         w64 = weights[name].detach().to(torch.float64)
         v = w64 * P[inp] * M[out] if form == "gspace" else w64.clone()
         jx, jc = (ps.carrier_idx, ps.carrier_cls) if form == "gspace" else (torch.zeros(0, dtype=torch.long),) * 2
@@ -246,7 +252,6 @@ def make_allocation(report, sk, weights: dict, form: str, names: Sequence[str], 
         v.reshape(-1)[ps.fixed_idx] = 0.0                      # K and J slots of V are unused
         v.reshape(-1)[jx] = 0.0
         init[name] = v.to(dtype)
-        trivial = ps.fixed_idx.numel() == 0 and (form == "fixed" or bool((inp == n).all() and (out == n).all()))
         if not trivial:
             if name not in in_linear:
                 wa.append(len(planned))
