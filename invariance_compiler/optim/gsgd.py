@@ -13,7 +13,7 @@ import torch.nn as nn
 
 from ..analyze import analyze
 from ..codegen.allocate import carrier_grads, icr, make_allocation
-from ..skeleton import build_skeleton
+from ..skeleton import Skeleton, build_skeleton
 
 __all__ = ["GSGD"]
 
@@ -24,20 +24,39 @@ class GSGD(torch.optim.Optimizer):
         if lr <= 0 or momentum < 0 or weight_decay < 0:
             raise ValueError(f"GSGD: need lr > 0, momentum >= 0, weight_decay >= 0 "
                              f"(got {lr}, {momentum}, {weight_decay})")
-        report = report if report is not None else analyze(model, example_inputs)
-        named = dict(model.named_parameters())
+        self.report = report if report is not None else analyze(model, example_inputs)
+        self._named = dict(model.named_parameters())
+        super().__init__(list(self._named.values()), dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
+        weights = {n: p.detach() for n, p in self._named.items()}
+        self._setup(skeleton if skeleton is not None else build_skeleton(self.report, weights))
+
+    def _setup(self, skeleton) -> None:
+        """Plan and initial path values from the model's weights under `skeleton` (its fixed
+        entries never move, so a resumed run rebuilds the same plan from the saved skeleton)."""
+        named = self._named
         weights = {n: p.detach() for n, p in named.items()}
-        sk = skeleton if skeleton is not None else build_skeleton(report, weights)
         dtype = next(iter(named.values())).dtype
-        self.plan, v0, self.allocated, carriers = make_allocation(report, sk, weights, "gspace", list(named), dtype)
-        self.report, self.skeleton = report, sk
-        super().__init__(list(named.values()), dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
+        self.skeleton = skeleton
+        self.plan, v0, self.allocated, carriers = make_allocation(
+            self.report, skeleton, weights, "gspace", list(named), dtype)
         for n in self.allocated:            # parameters outside the allocation are their own V
             self.state[named[n]]["v"] = v0[n].to(named[n].device)
         self._alloc_params = [named[n] for n in self.allocated]
         if self._alloc_params:              # the carriers' path values ride with the first tensor
             self.state[self._alloc_params[0]]["carriers"] = carriers.to(self._alloc_params[0].device)
             self.plan.to(self._alloc_params[0].device)
+
+    def state_dict(self):
+        out = super().state_dict()
+        out["skeleton"] = self.skeleton.state()
+        return out
+
+    def load_state_dict(self, state_dict):
+        state_dict = dict(state_dict)
+        sk = state_dict.pop("skeleton", None)
+        if sk is not None:
+            self._setup(Skeleton.from_state(self.report, sk))
+        super().load_state_dict(state_dict)
 
     @torch.no_grad()
     def step(self, closure: Optional[Any] = None):

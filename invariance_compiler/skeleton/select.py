@@ -68,6 +68,34 @@ class Skeleton:
         return [None if p < 0 else (self.names[p], e)
                 for p, e in zip(self.carrier_param.tolist(), self.carrier_entry.tolist())]
 
+    _STATE = ("fixed_param", "fixed_entry", "consumer", "other", "fixed_round", "carrier_param",
+              "carrier_entry", "carrier_src", "carrier_round", "carrier_fixed")
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """The choices, as tensors (checkpoints); `from_state` rebuilds the skeleton."""
+        return {k: getattr(self, k).clone() for k in self._STATE}
+
+    @classmethod
+    def from_state(cls, report, state: dict) -> "Skeleton":
+        names = list(report.param_names)
+        params = {}
+        for name in names:
+            shape = report.param_shapes[name]
+            if report.is_inert(name):
+                none = torch.full((1,) * len(shape), -1, dtype=torch.long)
+                params[name] = ParamSkeleton(name, shape, none, none, torch.arange(shape.numel()))
+            else:
+                inp, out = report.sides(name)
+                params[name] = ParamSkeleton(name, shape, inp, out, torch.zeros(0, dtype=torch.long))
+        sk = cls(int(state["fixed_param"].numel()), names, params, *[state[k] for k in cls._STATE])
+        for pi in sk.fixed_param.unique().tolist():
+            params[names[pi]].fixed_idx = sk.fixed_entry[sk.fixed_param == pi].sort().values
+        free = (sk.carrier_param >= 0) & ~sk.carrier_fixed
+        for pi in sk.carrier_param[free].unique().tolist():
+            sel = (free & (sk.carrier_param == pi)).nonzero().reshape(-1)
+            params[names[pi]].carrier_idx, params[names[pi]].carrier_cls = sk.carrier_entry[sel], sel
+        return sk
+
     def fixed_mask(self, name: str) -> torch.Tensor:
         p = self.params[name]
         mask = torch.zeros(p.shape.numel(), dtype=torch.bool)
