@@ -109,3 +109,19 @@ def test_state_round_trip_continues_identically():
     train(other, o2, 3)
     for (n, p), q in zip(model.named_parameters(), other.parameters()):
         assert torch.equal(p, q), n
+
+
+def test_figure_1_example_psi_sgd_is_blind_to_the_unbalanced_start(tmp_path):
+    import importlib.util
+    import pathlib
+    path = pathlib.Path(__file__).parents[1] / "examples" / "reproduce_psi.py"
+    spec = importlib.util.spec_from_file_location("reproduce_psi", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    curves = mod.run(steps=30, out_dir=str(tmp_path))
+    psi_b, psi_u = curves[("PSI-SGD", "balanced")], curves[("PSI-SGD", "unbalanced")]
+    assert max(abs(a - b) / a for a, b in zip(psi_b, psi_u)) < 1e-6          # Theorem 1 on digits
+    sgd_b, sgd_u = curves[("SGD", "balanced")], curves[("SGD", "unbalanced")]
+    assert abs(sgd_b[-1] - sgd_u[-1]) > 1e-2                                   # SGD sees the scale
+    assert (tmp_path / "psi_figure1.png").stat().st_size > 0
+    assert "| PSI-SGD | unbalanced |" in (tmp_path / "psi_figure1.md").read_text()
