@@ -27,8 +27,8 @@ def digits():
 
 
 def network():
-    return nn.Sequential(nn.Linear(64, 32), nn.BatchNorm1d(32, eps=1e-12), nn.ReLU(),
-                         nn.Linear(32, 32), nn.BatchNorm1d(32, eps=1e-12), nn.ReLU(),
+    return nn.Sequential(nn.Linear(64, 32), nn.BatchNorm1d(32, eps=1e-20), nn.ReLU(),
+                         nn.Linear(32, 32), nn.BatchNorm1d(32, eps=1e-20), nn.ReLU(),
                          nn.Linear(32, 10)).double()
 
 
