@@ -125,3 +125,24 @@ def test_figure_1_example_psi_sgd_is_blind_to_the_unbalanced_start(tmp_path):
     assert abs(sgd_b[-1] - sgd_u[-1]) > 1e-2                                   # SGD sees the scale
     assert (tmp_path / "psi_figure1.png").stat().st_size > 0
     assert "| PSI-SGD | unbalanced |" in (tmp_path / "psi_figure1.md").read_text()
+
+
+def test_psi_sgd_trains_a_compiled_fixed_form_module_and_its_fixed_entries_stay():
+    torch.manual_seed(0)
+    model = _bn_net()
+    x, y = torch.randn(32, 6, dtype=torch.float64), torch.randint(0, 3, (32,))
+    cm = ic.compile_invariant(model, (x,), form="fixed")
+    opt = ic.optim.PSISGD(cm, lr=0.05, momentum=0.9)
+    assert len(opt._group_of) == 2                           # the two weights feeding a BN
+    before = cm.weights()
+    first = float(F.cross_entropy(cm(x), y).detach())
+    for _ in range(30):
+        opt.zero_grad()
+        F.cross_entropy(cm(x), y).backward()
+        opt.step()
+    assert float(F.cross_entropy(cm(x), y).detach()) < first
+    after = cm.weights()
+    for name, ps in cm.skeleton.params.items():
+        assert torch.equal(after[name].reshape(-1)[ps.fixed_idx], before[name].reshape(-1)[ps.fixed_idx])
+    with pytest.raises(ValueError, match="path values"):
+        ic.optim.PSISGD(ic.compile_invariant(model, (x,)), lr=0.1)

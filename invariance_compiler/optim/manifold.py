@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 
 from ..analyze import analyze
-from .scaled import GroupScaledSGD, group_norms
+from .scaled import GroupScaledSGD, group_norms, structure_of
 
 __all__ = ["SM", "UN", "row_groups", "balanced_init_"]
 
@@ -46,11 +46,14 @@ def row_groups(report, columns: bool = False) -> dict[str, torch.Tensor]:
 class SM(GroupScaledSGD):
     def __init__(self, model: nn.Module, lr: float = 0.01, momentum: float = 0.0,
                  example_inputs: Any = None, report=None):
-        report = report if report is not None else analyze(model, example_inputs)
-        super().__init__(model, row_groups(report, columns=True), 2 * report.num_generators, lr, momentum)
+        report, names = structure_of(model, report, example_inputs)
+        groups = {names[n]: g for n, g in row_groups(report, columns=True).items() if n in names}
+        super().__init__(model, groups, 2 * report.num_generators, lr, momentum)
 
 
 class UN(torch.optim.Optimizer):
+    """On plain models (it moves the model onto the manifold by a group action when built)."""
+
     def __init__(self, model: nn.Module, lr: float = 0.01, example_inputs: Any = None, report=None):
         if lr <= 0:
             raise ValueError("UN: need lr > 0")

@@ -13,8 +13,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ..analyze import analyze
-from .scaled import GroupScaledSGD
+from .scaled import GroupScaledSGD, structure_of
 
 __all__ = ["PSISGD", "psi_groups"]
 
@@ -37,6 +36,6 @@ class PSISGD(GroupScaledSGD):
     def __init__(self, model: nn.Module, lr: float = 0.1, momentum: float = 0.0,
                  weight_decay: float = 0.0, max_norm: float = 1e4, example_inputs: Any = None,
                  report=None):
-        report = report if report is not None else analyze(model, example_inputs)
-        super().__init__(model, psi_groups(report), report.num_generators, lr, momentum,
-                         weight_decay, max_norm)
+        report, names = structure_of(model, report, example_inputs)
+        groups = {names[n]: g for n, g in psi_groups(report).items() if n in names}
+        super().__init__(model, groups, report.num_generators, lr, momentum, weight_decay, max_norm)

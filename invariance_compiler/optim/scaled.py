@@ -8,7 +8,21 @@ from typing import Any, Optional
 import torch
 import torch.nn as nn
 
-__all__ = ["GroupScaledSGD", "group_norms"]
+__all__ = ["GroupScaledSGD", "group_norms", "structure_of"]
+
+
+def structure_of(model: nn.Module, report, example_inputs) -> tuple:
+    """(report, {report parameter name: model parameter name}) for a plain model or a compiled
+    fixed-form module (whose parameters are the free entries, in the original shapes)."""
+    from ..analyze import analyze
+    from ..codegen import InvariantModule
+    if isinstance(model, InvariantModule):
+        if model.form != "fixed":
+            raise ValueError(f"{model.form} modules hold path values, not weights: use torch.optim on "
+                             f"them (SGD there is G-SGD) or compile with form='fixed'")
+        return model.report, dict(model._v_attr)
+    report = report if report is not None else analyze(model, example_inputs)
+    return report, {n: n for n in report.param_names}
 
 
 def group_norms(params, group_of: dict, num_groups: int, values=None) -> Optional[torch.Tensor]:
@@ -40,7 +54,7 @@ class GroupScaledSGD(torch.optim.Optimizer):
         super().__init__(list(named.values()), dict(lr=lr, momentum=momentum,
                                                     weight_decay=weight_decay, max_norm=max_norm))
         self.num_groups = num_groups
-        self._group_of = {named[n]: g.to(named[n].device) for n, g in groups.items()}
+        self._group_of = {named[n]: g.to(named[n].device) for n, g in groups.items() if n in named}
 
     @torch.no_grad()
     def step(self, closure: Optional[Any] = None):
