@@ -87,9 +87,10 @@ def test_balanced_init_unit_normalises_filters_and_class_vectors():
 
 @pytest.mark.parametrize("make", [
     lambda m, x: ic.optim.SM(m, lr=0.01, momentum=0.9, example_inputs=x),
-    lambda m, x: ic.optim.UN(m, lr=0.01, example_inputs=x),
+    lambda m, x: ic.optim.UN(m, lr=0.01, momentum=0.9, example_inputs=x),
     lambda m, x: ic.optim.GSGD(m, lr=0.01, momentum=0.9, example_inputs=x),
-], ids=["SM", "UN", "GSGD"])
+    lambda m, x: ic.optim.FGSGD(m, lr=0.01, momentum=0.9, groups=2, example_inputs=x),
+], ids=["SM", "UN", "GSGD", "FGSGD"])
 def test_state_survives_save_and_load_mid_training(make):
     torch.manual_seed(0)
     model, x = ZOO["mlp"]()

@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 
 from ..analyze import analyze
-from .scaled import GroupScaledSGD, group_norms, structure_of
+from .scaled import GroupScaledSGD, group_norms, plain_model_only, sgd_momentum_, structure_of
 
 __all__ = ["SM", "UN", "row_groups", "balanced_init_"]
 
@@ -54,12 +54,14 @@ class SM(GroupScaledSGD):
 class UN(torch.optim.Optimizer):
     """On plain models (it moves the model onto the manifold by a group action when built)."""
 
-    def __init__(self, model: nn.Module, lr: float = 0.01, example_inputs: Any = None, report=None):
-        if lr <= 0:
-            raise ValueError("UN: need lr > 0")
+    def __init__(self, model: nn.Module, lr: float = 0.01, momentum: float = 0.0,
+                 example_inputs: Any = None, report=None):
+        if lr <= 0 or not 0 <= momentum < 1:
+            raise ValueError("UN: need lr > 0 and 0 <= momentum < 1 (momentum: parameters off the manifold)")
+        plain_model_only(model, "UN")
         report = report if report is not None else analyze(model, example_inputs)
         named = dict(model.named_parameters())
-        super().__init__(list(named.values()), dict(lr=lr))
+        super().__init__(list(named.values()), dict(lr=lr, momentum=momentum))
         self.num_groups = report.num_generators
         self._group_of = {named[n]: g for n, g in row_groups(report).items()}
         with torch.no_grad():                      # onto the manifold, function unchanged
@@ -75,7 +77,7 @@ class UN(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        lr = self.param_groups[0]["lr"]
+        lr, mom = self.param_groups[0]["lr"], self.param_groups[0]["momentum"]
         params = [p for p in self.param_groups[0]["params"] if p.grad is not None]
         grads = [p.grad for p in params]
         # diag(Z Wᵀ) per row, then the tangent step, then the retraction
@@ -88,7 +90,7 @@ class UN(torch.optim.Optimizer):
         for p, z in zip(params, grads):
             g = self._group_of.get(p)
             if g is None:
-                p.add_(z, alpha=-lr)
+                sgd_momentum_(p, self.state[p], lr, mom)
                 continue
             inside = g >= 0
             tangent = torch.where(inside, z - dots[torch.where(inside, g, self.num_groups)] * p, z)

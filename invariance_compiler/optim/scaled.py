@@ -8,7 +8,29 @@ from typing import Any, Optional
 import torch
 import torch.nn as nn
 
-__all__ = ["GroupScaledSGD", "group_norms", "structure_of"]
+__all__ = ["GroupScaledSGD", "group_norms", "structure_of", "sgd_momentum_", "plain_model_only"]
+
+
+def plain_model_only(model: nn.Module, who: str) -> None:
+    """UN and FG-SGD constrain whole weight rows, which a compiled module's fixed entries forbid."""
+    from ..codegen import InvariantModule
+    if isinstance(model, InvariantModule):
+        raise ValueError(f"{who} keeps whole weight rows on a manifold, but a compiled module's fixed "
+                         f"entries cannot move: use {who} on the plain model (SM and PSISGD take "
+                         f"compiled fixed-form modules)")
+
+
+def sgd_momentum_(p: torch.Tensor, state: dict, lr: float, momentum: float) -> None:
+    """The fallback for parameters outside every manifold: SGD with (heavy-ball) momentum."""
+    if not momentum:
+        p.add_(p.grad, alpha=-lr)
+        return
+    buf = state.get("momentum_buffer")
+    if buf is None:
+        buf = state["momentum_buffer"] = p.grad.clone()
+    else:
+        buf.mul_(momentum).add_(p.grad)
+    p.add_(buf, alpha=-lr)
 
 
 def structure_of(model: nn.Module, report, example_inputs) -> tuple:
