@@ -42,9 +42,8 @@ def _components(w: torch.Tensor, scheme: str) -> torch.Tensor:
 
 
 def _assign(w: torch.Tensor, scheme: str, comps: torch.Tensor) -> None:
-    if scheme == "PO":
-        w.copy_(comps.reshape(w.shape))
-    elif scheme == "PI":
+    """Write components back (the inverse of _components)."""
+    if scheme == "PI":
         w.copy_(comps.reshape(w.shape[1], w.shape[0], *w.shape[2:]).transpose(0, 1))
     else:
         w.copy_(comps.reshape(w.shape))
