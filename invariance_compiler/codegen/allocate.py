@@ -128,13 +128,18 @@ def _overwrite(v: torch.Tensor, idx: torch.Tensor, val: torch.Tensor) -> torch.T
 
 class _ScaledLinear(torch.autograd.Function):
     """y = ((x ⊙ r_in) @ V'ᵀ + b) ⊙ r_out, V' = V with its slots `idx` (fixed entries, carriers:
-    not coordinates of V) set to k. The gradient landing on those slots goes to k (it depends on
-    P_in and the carrier values); V's own gradient there is zero, set in place."""
+    not coordinates of V) set to k. The slots are kept in V's own storage, rewritten only when k
+    changed (after an optimizer step, which invalidates older graphs anyway), which saves a copy
+    of V per forward. The gradient landing on the slots goes to k (it depends on P_in and the
+    carrier values); V's own gradient there is zero, so no optimizer moves them on purpose."""
 
     @staticmethod
     def forward(ctx, x, v, bias, r_in, r_out, k, idx):
         if idx.numel():
-            v = v.reshape(-1).index_put((idx,), k.to(v.dtype)).view(v.shape)
+            k = k.to(v.dtype)
+            flat = v.view(-1)
+            if not torch.equal(flat[idx], k):
+                flat[idx] = k
         xs = x * r_in if r_in is not None else x
         y = F.linear(xs, v, bias)
         if r_out is not None:

@@ -43,12 +43,13 @@ class InvariantModule(torch.fx.GraphModule):
     @torch.no_grad()
     def path_values(self) -> dict[str, torch.Tensor]:
         """G-space coordinates in weight shape: V with the carrier slots filled from v_carriers
-        (fixed slots zero)."""
+        and the fixed slots zero (a scaled Linear keeps derived values there)."""
         out = {}
         for name, attr in self._v_attr.items():
             v = getattr(self, attr).detach().clone()
             if name in self._allocated and self.form == "gspace":
                 i = self._allocated.index(name)
+                v.view(-1)[self.allocate.buf("fixed_idx", i)] = 0
                 v.view(-1)[self.allocate.buf("carrier_idx", i)] = \
                     self.v_carriers[self.allocate.buf("carrier_cls", i)]
             out[name] = v
