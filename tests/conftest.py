@@ -16,3 +16,12 @@ def batch_like(inputs, batch):
         else:
             out.append(torch.randint(0, int(t.max()) + 1, (batch, *t.shape[1:])))
     return tuple(out)
+
+
+def train_steps(model, opt, x, y, steps):
+    """`steps` optimizer steps of cross-entropy on a fixed batch."""
+    import torch.nn.functional as F
+    for _ in range(steps):
+        opt.zero_grad()
+        F.cross_entropy(model(*x), y).backward()
+        opt.step()

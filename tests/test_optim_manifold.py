@@ -10,6 +10,8 @@ import torch.nn.functional as F
 import invariance_compiler as ic
 from invariance_compiler.zoo import ZOO
 
+from conftest import train_steps
+
 
 def test_sm_commutes_with_the_papers_reparametrisation():
     """W1 → α0·W1, W2 → β·W2 (β tied over max-pooled pairs), θ → θ·(1/α0)·β_s⁻¹ (eqs. 1-2)."""
@@ -99,16 +101,10 @@ def test_state_survives_save_and_load_mid_training(make):
     y = torch.randint(0, 3, (x[0].shape[0],))
     opt = make(model, x)
 
-    def train(m, o, steps):
-        for _ in range(steps):
-            o.zero_grad()
-            F.cross_entropy(m(*x), y).backward()
-            o.step()
-
-    train(model, opt, 3)
+    train_steps(model, opt, x, y, 3)
     buf = io.BytesIO()
     torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
-    train(model, opt, 3)
+    train_steps(model, opt, x, y, 3)
     buf.seek(0)
     ck = torch.load(buf, weights_only=True)
     other = copy.deepcopy(model)
@@ -116,6 +112,6 @@ def test_state_survives_save_and_load_mid_training(make):
     o2 = make(other, x)
     other.load_state_dict(ck["model"])                       # UN's constructor acted on it
     o2.load_state_dict(ck["opt"])
-    train(other, o2, 3)
+    train_steps(other, o2, x, y, 3)
     for (n, p), q in zip(model.named_parameters(), other.parameters()):
         assert torch.allclose(p, q, rtol=1e-12, atol=1e-14), n

@@ -10,6 +10,8 @@ import torch.nn.functional as F
 import invariance_compiler as ic
 from invariance_compiler.zoo import ZOO
 
+from conftest import train_steps
+
 
 def _bn_net():
     """BN with a negligible eps: the PSI property is exact only as eps -> 0 (DESIGN §3.2)."""
@@ -90,23 +92,17 @@ def test_state_round_trip_continues_identically():
     y = torch.randint(0, 3, (x[0].shape[0],))
     opt = ic.optim.PSISGD(model, lr=0.05, momentum=0.9, example_inputs=x)
 
-    def train(m, o, steps):
-        for _ in range(steps):
-            o.zero_grad()
-            F.cross_entropy(m(*x), y).backward()
-            o.step()
-
-    train(model, opt, 3)
+    train_steps(model, opt, x, y, 3)
     buf = io.BytesIO()
     torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
-    train(model, opt, 3)
+    train_steps(model, opt, x, y, 3)
     buf.seek(0)
     ck = torch.load(buf, weights_only=True)
     other, _ = ZOO["vgg_bn"]()
     other.load_state_dict(ck["model"])
     o2 = ic.optim.PSISGD(other, lr=0.05, momentum=0.9, example_inputs=x)
     o2.load_state_dict(ck["opt"])
-    train(other, o2, 3)
+    train_steps(other, o2, x, y, 3)
     for (n, p), q in zip(model.named_parameters(), other.parameters()):
         assert torch.equal(p, q), n
 

@@ -25,7 +25,7 @@ import torch.nn as nn
 
 from ..analyze import analyze
 from .manifold import row_groups
-from .scaled import plain_model_only, sgd_momentum_
+from .scaled import plain_model_only, run_closure, sgd_momentum_
 
 __all__ = ["FGSGD"]
 
@@ -114,10 +114,7 @@ class FGSGD(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Optional[Any] = None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = run_closure(closure)
         lr, mom = self.param_groups[0]["lr"], self.param_groups[0]["momentum"]
         for p in self.param_groups[0]["params"]:
             if p.grad is None:

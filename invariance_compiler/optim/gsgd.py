@@ -14,6 +14,7 @@ import torch.nn as nn
 from ..analyze import analyze
 from ..codegen.allocate import carrier_grads, icr, make_allocation
 from ..skeleton import Skeleton, build_skeleton
+from .scaled import run_closure
 
 __all__ = ["GSGD"]
 
@@ -60,10 +61,7 @@ class GSGD(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Optional[Any] = None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = run_closure(closure)
         group = self.param_groups[0]
         lr, mom, wd = group["lr"], group["momentum"], group["weight_decay"]
         ps = self._alloc_params

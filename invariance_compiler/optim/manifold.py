@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 
 from ..analyze import analyze
-from .scaled import GroupScaledSGD, group_norms, plain_model_only, sgd_momentum_, structure_of
+from .scaled import GroupScaledSGD, group_norms, plain_model_only, run_closure, sgd_momentum_, structure_of
 
 __all__ = ["SM", "UN", "row_groups", "balanced_init_"]
 
@@ -73,10 +73,7 @@ class UN(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Optional[Any] = None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = run_closure(closure)
         lr, mom = self.param_groups[0]["lr"], self.param_groups[0]["momentum"]
         params = [p for p in self.param_groups[0]["params"] if p.grad is not None]
         grads = [p.grad for p in params]

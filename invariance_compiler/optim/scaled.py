@@ -8,7 +8,15 @@ from typing import Any, Optional
 import torch
 import torch.nn as nn
 
-__all__ = ["GroupScaledSGD", "group_norms", "structure_of", "sgd_momentum_", "plain_model_only"]
+__all__ = ["GroupScaledSGD", "group_norms", "structure_of", "sgd_momentum_", "plain_model_only", "run_closure"]
+
+
+def run_closure(closure) -> Optional[torch.Tensor]:
+    """torch.optim's closure protocol: re-evaluate the loss with gradients on."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
 
 
 def plain_model_only(model: nn.Module, who: str) -> None:
@@ -80,10 +88,7 @@ class GroupScaledSGD(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Optional[Any] = None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = run_closure(closure)
         group = self.param_groups[0]
         lr, mom, wd, max_norm = group["lr"], group["momentum"], group["weight_decay"], group["max_norm"]
         params = [p for p in group["params"] if p.grad is not None]
