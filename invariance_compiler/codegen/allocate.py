@@ -58,7 +58,7 @@ class Allocation(nn.Module):
             for kind, idx in (("fixed", p["fixed_idx"]), ("carrier", p["carrier_idx"])):
                 self.register_buffer(f"{kind}_idx{i}", idx)
                 self.register_buffer(f"{kind}_in{i}", p["inp"].expand(shape).reshape(-1)[idx])
-                self.register_buffer(f"{kind}_out{i}", p["out"].expand(shape).reshape(-1)[idx])
+            self.register_buffer(f"carrier_out{i}", p["out"].expand(shape).reshape(-1)[p["carrier_idx"]])
             self.register_buffer(f"fixed_val{i}", p["fixed_val"].to(dtype))
             self.register_buffer(f"carrier_cls{i}", p["carrier_cls"])
             # constants of `linear`: 1/M of each output, the slots it fills, w_K·M of fixed slots
@@ -86,8 +86,9 @@ class Allocation(nn.Module):
     def denominator(self, i: int, p_in: torch.Tensor) -> torch.Tensor:
         return p_in[self.buf("in", i)] * self.M[self.buf("out", i)]
 
-    def slot_denominator(self, kind: str, i: int, p_in: torch.Tensor) -> torch.Tensor:
-        return p_in[self.buf(f"{kind}_in", i)] * self.M[self.buf(f"{kind}_out", i)]
+    def carrier_denominator(self, i: int, p_in: torch.Tensor) -> torch.Tensor:
+        """P_in · M at the carrier entries of tensor i."""
+        return p_in[self.buf("carrier_in", i)] * self.M[self.buf("carrier_out", i)]
 
     def forward(self, p_in: Optional[torch.Tensor], carriers: Optional[torch.Tensor], *vs) -> tuple:
         """Weights of the `wa` tensors (fixed form: p_in and carriers are None)."""
@@ -179,7 +180,7 @@ class WeightAllocation(torch.autograd.Function):
             flat = w.view(-1)
             flat[plan.buf("fixed_idx", i)] = plan.buf("fixed_val", i)
             flat[plan.buf("carrier_idx", i)] = (carriers[plan.buf("carrier_cls", i)]
-                                                / plan.slot_denominator("carrier", i, p_in))
+                                                / plan.carrier_denominator(i, p_in))
             ws.append(w)
         ctx.plan = plan
         ctx.save_for_backward(p_in, carriers, *vs)
