@@ -1,5 +1,12 @@
+import os
+
 import pytest
 import torch
+
+if not torch.cuda.is_available():        # kernel tests run Triton's interpreter on CPU tensors;
+    os.environ.setdefault("TRITON_INTERPRET", "1")   # it must be set before triton is imported
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 @pytest.fixture(autouse=True)

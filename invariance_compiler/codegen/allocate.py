@@ -26,6 +26,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .. import kernels
+from ..kernels.layout import FIELDS, build_group
+
 __all__ = ["Allocation", "WeightAllocation", "icr", "make_allocation", "reference"]
 
 
@@ -66,6 +69,22 @@ class Allocation(nn.Module):
             self.register_buffer(f"slot_idx{i}", torch.cat([p["fixed_idx"], p["carrier_idx"]]))
             self.register_buffer(f"fixed_scaled{i}", (p["fixed_val"].to(torch.float64) * M[
                 p["out"].expand(shape).reshape(-1)[p["fixed_idx"]]]).to(dtype))
+        self.shapes = [p["shape"] for p in plans]
+        self._layouts: dict = {}
+        if self.wa:       # the kernels' view of the WA group; a buffer, so it follows .to(device)
+            for name, t in zip(FIELDS, build_group(self, self.wa, [self.shapes[i] for i in self.wa])):
+                self.register_buffer(f"wa_{name}", t, persistent=False)
+
+    def layout(self, index: Sequence[int]) -> list[torch.Tensor]:
+        """The kernel layout (kernels/layout.py) of plan tensors `index`, on the plan's device."""
+        if list(index) == self.wa:
+            return [getattr(self, f"wa_{name}") for name in FIELDS]
+        key = tuple(index)
+        cached = self._layouts.get(key)
+        if cached is None or cached[0].device != self.M.device:
+            cached = self._layouts[key] = [t.to(self.M.device) for t in
+                                           build_group(self, key, [self.shapes[i] for i in key])]
+        return cached
 
     def buf(self, kind: str, i: int) -> torch.Tensor:
         return getattr(self, f"{kind}{i}")
@@ -174,6 +193,10 @@ class WeightAllocation(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, plan: Allocation, p_in, carriers, *vs):
+        ctx.plan = plan
+        ctx.save_for_backward(p_in, carriers, *vs)
+        if kernels.use_triton(vs[0]):
+            return tuple(kernels.ops().wa(list(vs), p_in, plan.M, carriers, plan.layout(plan.wa), plan.n))
         ws = []
         for i, v in zip(plan.wa, vs):
             w = v / plan.denominator(i, p_in)                             # a fresh tensor
@@ -182,8 +205,6 @@ class WeightAllocation(torch.autograd.Function):
             flat[plan.buf("carrier_idx", i)] = (carriers[plan.buf("carrier_cls", i)]
                                                 / plan.carrier_denominator(i, p_in))
             ws.append(w)
-        ctx.plan = plan
-        ctx.save_for_backward(p_in, carriers, *vs)
         return tuple(ws)
 
     @staticmethod
@@ -197,6 +218,10 @@ def icr(plan: Allocation, p_in: torch.Tensor, carriers: torch.Tensor, vs: Sequen
         gws: Sequence, index: Sequence[int]):
     """From ∂L/∂W of tensors `index`: ∂L/∂V (0 on K and J slots), ∂L/∂P_in (the per-class
     reduction Σ ∂L/∂W ⊙ W over free entries) and the direct part of ∂L/∂carriers."""
+    if kernels.use_triton(vs[0]):
+        gws = [torch.zeros_like(v) if g is None else g for v, g in zip(vs, gws)]
+        *gvs, reduced, g_car = kernels.ops().icr(gws, list(vs), p_in, plan.M, carriers, plan.layout(index), plan.n)
+        return gvs, -reduced.to(p_in.dtype) / p_in, g_car.to(carriers.dtype)
     reduced = torch.zeros_like(p_in)
     g_car = torch.zeros_like(carriers)
     gvs = []

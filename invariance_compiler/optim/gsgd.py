@@ -11,6 +11,7 @@ from typing import Any, Optional
 import torch
 import torch.nn as nn
 
+from .. import kernels
 from ..analyze import analyze
 from ..codegen.allocate import carrier_grads, icr, make_allocation
 from ..skeleton import Skeleton, build_skeleton
@@ -67,6 +68,9 @@ class GSGD(torch.optim.Optimizer):
         ps = self._alloc_params
         updates = [(self.state[p], p, p.grad) for p in group["params"]
                    if "v" not in self.state[p] and p.grad is not None]
+        if ps and kernels.use_triton(ps[0]):
+            self._fused_step(lr, mom, wd)
+            ps = []
         if ps:
             vs = [self.state[p]["v"] for p in ps]
             c = self.state[ps[0]]["carriers"]
@@ -90,3 +94,27 @@ class GSGD(torch.optim.Optimizer):
             for p, w in zip(ps, self.plan(self.plan.path_in(c), c, *vs)):   # WA, skeleton fixed
                 p.copy_(w)
         return loss
+
+    def _fused_step(self, lr: float, mom: float, wd: float) -> None:
+        """The same step with the kernels (kernels/gsgd_step.py): one pass to reduce, the carriers'
+        O(H) update here, one pass to update V, the momentum buffers and the weights in place."""
+        ops, plan, ps = kernels.ops(), self.plan, self._alloc_params
+        index = range(len(ps))
+        layout = plan.layout(index)
+        state0 = self.state[ps[0]]
+        c = state0["carriers"]
+        gws = [p.grad.contiguous() if p.grad is not None else torch.zeros_like(p) for p in ps]
+        p_old = plan.path_in(c)
+        reduced, g_car = ops.gsgd_reduce(gws, [p.data for p in ps], p_old, plan.M, c.numel(), layout, plan.n)
+        g_c = g_car.to(c.dtype) + carrier_grads(plan, -reduced.to(c.dtype) / p_old, c)
+        d = g_c.add(c, alpha=wd) if wd else g_c             # SGD on the carriers' path values
+        first = mom != 0 and "carriers_momentum" not in state0
+        if mom:
+            buf = state0.setdefault("carriers_momentum", torch.zeros_like(c))
+            d = buf.copy_(d) if first else buf.mul_(mom).add_(d)
+        c.add_(d, alpha=-lr)
+        bufs = []
+        if mom:
+            bufs = [self.state[p].setdefault("momentum_buffer", torch.empty_like(p)) for p in ps]
+        ops.gsgd_update(gws, [self.state[p]["v"] for p in ps], bufs, [p.data for p in ps], p_old,
+                        plan.path_in(c), plan.M, c, layout, plan.n, lr, mom, wd, first)

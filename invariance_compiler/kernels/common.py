@@ -1,0 +1,58 @@
+"""Pieces shared by the kernels: locating a program's tile, the tile's denominators, pointer
+tables. Imported only once Triton is wanted (see kernels/__init__.py)."""
+import torch
+import triton
+import triton.language as tl
+
+from .layout import NF
+
+TL_DTYPE = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16,
+            torch.float64: tl.float64}
+
+
+def dtypes(dtype: torch.dtype):
+    """(storage, arithmetic) Triton dtypes: half types compute in fp32, fp64 in fp64."""
+    return TL_DTYPE[dtype], tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def pointers(tensors) -> torch.Tensor:
+    """The pointer table of `tensors` (int64, on their device)."""
+    return torch.tensor([t.data_ptr() for t in tensors], dtype=torch.int64).to(tensors[0].device,
+                                                                               non_blocking=True)
+
+
+@triton.jit
+def locate(tiles, meta):
+    """Program -> (tensor t, its meta row, block g, R, S, row tile, column tile)."""
+    t = tl.load(tiles + tl.program_id(0))
+    m = meta + t * NF
+    R = tl.load(m + 1)
+    S = tl.load(m + 2)
+    local = tl.program_id(0) - tl.load(m + 7)
+    row_tiles = tl.load(m + 8)
+    col_tiles = tl.load(m + 9)
+    g = local // (row_tiles * col_tiles)
+    rem = local - g * (row_tiles * col_tiles)
+    rt = rem // col_tiles
+    return t, m, g, R, S, rt, rem - rt * col_tiles
+
+
+@triton.jit
+def classes(cls, m, field, g, pos, length, mask, n):
+    """Class ids at positions `pos` of block g from the class array in meta field `field`."""
+    return tl.load(cls + tl.load(m + field) + g * length + pos, mask=mask, other=n)
+
+
+@triton.jit
+def denominator(p_in, M, cin, cout, ACC: tl.constexpr):
+    """P_in[in] · M[out] (index n, 'no class', holds 1 in both)."""
+    return tl.load(p_in + cin).to(ACC) * tl.load(M + cout).to(ACC)
+
+
+@triton.jit
+def tensor_ptr(table, t, DT: tl.constexpr):
+    return tl.load(table + t).to(tl.pointer_type(DT))

@@ -1,0 +1,175 @@
+"""The fused G-SGD step on stored weights (GSGD on CUDA tensors), in two passes, because the new
+P_in depends on the carriers' gradients, which depend on a reduction over every tensor:
+  1. reduce: reads ∂L/∂W and W once: reduced[a] = Σ_{entries reading a, not K} ∂L/∂W ⊙ W
+     (W = V / (P_in·M), so this is ICR's Σ ∂L/∂V ⊙ V, the J entries' ∂L/∂c · c included) and the
+     carriers' direct gradients ∂L/∂W_J / (P_in·M);
+  (the carriers' O(H) update runs in PyTorch between the passes)
+  2. update: reads ∂L/∂W, V and the momentum buffer once, writes V, the buffer and W:
+     ∂L/∂V = ∂L/∂W / den_old, d = ∂L/∂V + wd·V, buf = mom·buf + d (buf = d on the first step),
+     V -= lr·buf, W = V / den_new; then the K and J slots: W = fixed or c / den_new, V = buf = 0.
+Memory traffic: 2 + 6 tensor passes (2 + 4 without momentum); torch's SGD(foreach) with momentum
+makes about 8."""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import acc_dtype, classes, denominator, dtypes, locate, pointers, tensor_ptr
+from .layout import BR, BS, ROWS
+from .wa import SPARSE_BLOCK, launch_sparse_grid
+
+
+@triton.jit
+def _reduce_dense(tiles, meta, cls, g_ptrs, w_ptrs, reduced, n,
+                  DT: tl.constexpr, ACC: tl.constexpr, BS: tl.constexpr, BR: tl.constexpr, ROWS: tl.constexpr):
+    t, m, g, R, S, rt, st = locate(tiles, meta)
+    gw_p = tensor_ptr(g_ptrs, t, DT)
+    w_p = tensor_ptr(w_ptrs, t, DT)
+    cols = st * BS + tl.arange(0, BS)
+    cmask = cols < S
+    in_col = classes(cls, m, 4, g, cols, S, cmask, n)
+    col_sum = tl.zeros([BS], ACC)
+    base = g.to(tl.int64) * R * S
+    for r0 in range(rt * ROWS, tl.minimum(rt * ROWS + ROWS, R), BR):
+        rows = r0 + tl.arange(0, BR)
+        rmask = rows < R
+        in_row = classes(cls, m, 3, g, rows, R, rmask, n)
+        off = base + rows[:, None].to(tl.int64) * S + cols[None, :]
+        mask = rmask[:, None] & cmask[None, :]
+        contrib = tl.load(gw_p + off, mask=mask, other=0).to(ACC) * tl.load(w_p + off, mask=mask, other=0).to(ACC)
+        col_sum += tl.sum(contrib, 0)
+        tl.atomic_add(reduced + in_row, tl.sum(contrib, 1), mask=rmask & (in_row != n))
+    tl.atomic_add(reduced + in_col, col_sum, mask=cmask & (in_col != n))
+
+
+@triton.jit
+def _reduce_sparse(k_tensor, k_idx, k_in, nk, j_tensor, j_idx, j_in, j_out, j_cls, nj, p_in, M,
+                   g_ptrs, w_ptrs, reduced, g_car, DT: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
+    off = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = off < nk                          # fixed entries are no coordinates: take them out
+    t = tl.load(k_tensor + off, mask=mask, other=0)
+    gw = tl.load(g_ptrs + t, mask=mask, other=0).to(tl.pointer_type(DT))
+    w = tl.load(w_ptrs + t, mask=mask, other=0).to(tl.pointer_type(DT))
+    idx = tl.load(k_idx + off, mask=mask, other=0)
+    share = tl.load(gw + idx, mask=mask, other=0).to(ACC) * tl.load(w + idx, mask=mask, other=0).to(ACC)
+    tl.atomic_add(reduced + tl.load(k_in + off, mask=mask, other=0), -share, mask=mask & (share != 0))
+    mask = off < nj                          # carriers: their direct gradient
+    t = tl.load(j_tensor + off, mask=mask, other=0)
+    gw = tl.load(g_ptrs + t, mask=mask, other=0).to(tl.pointer_type(DT))
+    den = denominator(p_in, M, tl.load(j_in + off, mask=mask, other=0), tl.load(j_out + off, mask=mask, other=0), ACC)
+    g = tl.load(gw + tl.load(j_idx + off, mask=mask, other=0), mask=mask, other=0).to(ACC) / den
+    tl.atomic_add(g_car + tl.load(j_cls + off, mask=mask, other=0), g, mask=mask)
+
+
+@triton.jit
+def _update_dense(tiles, meta, cls, p_old, p_new, M, g_ptrs, v_ptrs, b_ptrs, w_ptrs, n, lr, mom, wd,
+                  DT: tl.constexpr, ACC: tl.constexpr, MOMENTUM: tl.constexpr, FIRST: tl.constexpr,
+                  BS: tl.constexpr, BR: tl.constexpr, ROWS: tl.constexpr):
+    t, m, g, R, S, rt, st = locate(tiles, meta)
+    gw_p = tensor_ptr(g_ptrs, t, DT)
+    v_p = tensor_ptr(v_ptrs, t, DT)
+    b_p = tensor_ptr(b_ptrs, t, DT)
+    w_p = tensor_ptr(w_ptrs, t, DT)
+    cols = st * BS + tl.arange(0, BS)
+    cmask = cols < S
+    in_col = classes(cls, m, 4, g, cols, S, cmask, n)
+    out_col = classes(cls, m, 6, g, cols, S, cmask, n)
+    old_col = denominator(p_old, M, in_col, out_col, ACC)
+    new_col = denominator(p_new, M, in_col, out_col, ACC)
+    base = g.to(tl.int64) * R * S
+    for r0 in range(rt * ROWS, tl.minimum(rt * ROWS + ROWS, R), BR):
+        rows = r0 + tl.arange(0, BR)
+        rmask = rows < R
+        in_row = classes(cls, m, 3, g, rows, R, rmask, n)
+        out_row = classes(cls, m, 5, g, rows, R, rmask, n)
+        old = denominator(p_old, M, in_row, out_row, ACC)[:, None] * old_col[None, :]
+        new = denominator(p_new, M, in_row, out_row, ACC)[:, None] * new_col[None, :]
+        off = base + rows[:, None].to(tl.int64) * S + cols[None, :]
+        mask = rmask[:, None] & cmask[None, :]
+        v = tl.load(v_p + off, mask=mask).to(ACC)
+        d = tl.load(gw_p + off, mask=mask).to(ACC) / old + wd * v
+        if MOMENTUM:
+            if not FIRST:
+                d += mom * tl.load(b_p + off, mask=mask).to(ACC)
+            tl.store(b_p + off, d.to(DT), mask=mask)
+        v -= lr * d
+        tl.store(v_p + off, v.to(DT), mask=mask)
+        tl.store(w_p + off, (v / new).to(DT), mask=mask)
+
+
+@triton.jit
+def _update_sparse(k_tensor, k_idx, k_val, nk, j_tensor, j_idx, j_in, j_out, j_cls, nj, p_new, M,
+                   carriers, v_ptrs, b_ptrs, w_ptrs, DT: tl.constexpr, ACC: tl.constexpr,
+                   MOMENTUM: tl.constexpr, BLOCK: tl.constexpr):
+    off = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    for kind in tl.static_range(2):          # 0: fixed entries, 1: carriers
+        if kind == 0:
+            mask = off < nk
+            t = tl.load(k_tensor + off, mask=mask, other=0)
+            idx = tl.load(k_idx + off, mask=mask, other=0)
+            val = tl.load(k_val + off, mask=mask, other=0).to(ACC)
+        else:
+            mask = off < nj
+            t = tl.load(j_tensor + off, mask=mask, other=0)
+            idx = tl.load(j_idx + off, mask=mask, other=0)
+            c = tl.load(carriers + tl.load(j_cls + off, mask=mask, other=0), mask=mask, other=0).to(ACC)
+            val = c / denominator(p_new, M, tl.load(j_in + off, mask=mask, other=0),
+                                  tl.load(j_out + off, mask=mask, other=0), ACC)
+        zero = tl.zeros([BLOCK], DT)
+        tl.store(tl.load(w_ptrs + t, mask=mask, other=0).to(tl.pointer_type(DT)) + idx, val.to(DT), mask=mask)
+        tl.store(tl.load(v_ptrs + t, mask=mask, other=0).to(tl.pointer_type(DT)) + idx, zero, mask=mask)
+        if MOMENTUM:
+            tl.store(tl.load(b_ptrs + t, mask=mask, other=0).to(tl.pointer_type(DT)) + idx, zero, mask=mask)
+
+
+@torch.library.custom_op("invariance_compiler::gsgd_reduce", mutates_args=())
+def gsgd_reduce(gws: list[torch.Tensor], ws: list[torch.Tensor], p_in: torch.Tensor, M: torch.Tensor,
+                num_carriers: int, layout: list[torch.Tensor], n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pass 1: (reduced (n + 1,), the carriers' direct gradients), in the arithmetic dtype."""
+    meta, cls, tiles, k_tensor, k_idx, k_in, k_val, j_tensor, j_idx, j_in, j_out, j_cls = layout
+    acc = acc_dtype(ws[0].dtype)
+    reduced = torch.zeros(p_in.numel(), dtype=acc, device=p_in.device)
+    g_car = torch.zeros(num_carriers, dtype=acc, device=p_in.device)
+    DT, ACC = dtypes(ws[0].dtype)
+    g_ptrs, w_ptrs = pointers(gws), pointers(ws)
+    _reduce_dense[(tiles.numel(),)](tiles, meta, cls, g_ptrs, w_ptrs, reduced, n,
+                                    DT=DT, ACC=ACC, BS=BS, BR=BR, ROWS=ROWS)
+    grid = launch_sparse_grid(layout)
+    if grid:
+        _reduce_sparse[(grid,)](k_tensor, k_idx, k_in, k_idx.numel(), j_tensor, j_idx, j_in, j_out, j_cls,
+                                j_idx.numel(), p_in, M, g_ptrs, w_ptrs, reduced, g_car,
+                                DT=DT, ACC=ACC, BLOCK=SPARSE_BLOCK)
+    return reduced, g_car
+
+
+@gsgd_reduce.register_fake
+def _(gws, ws, p_in, M, num_carriers, layout, n):
+    acc = acc_dtype(ws[0].dtype)
+    return p_in.new_empty(p_in.shape, dtype=acc), p_in.new_empty((num_carriers,), dtype=acc)
+
+
+@torch.library.custom_op("invariance_compiler::gsgd_update", mutates_args=("vs", "bufs", "ws"))
+def gsgd_update(gws: list[torch.Tensor], vs: list[torch.Tensor], bufs: list[torch.Tensor],
+                ws: list[torch.Tensor], p_old: torch.Tensor, p_new: torch.Tensor, M: torch.Tensor,
+                carriers: torch.Tensor, layout: list[torch.Tensor], n: int, lr: float, momentum: float,
+                weight_decay: float, first: bool) -> None:
+    """Pass 2, in place on vs, bufs (momentum buffers; ignored when momentum == 0) and ws. Every
+    tensor must be contiguous."""
+    meta, cls, tiles, k_tensor, k_idx, k_in, k_val, j_tensor, j_idx, j_in, j_out, j_cls = layout
+    DT, ACC = dtypes(ws[0].dtype)
+    v_ptrs, w_ptrs = pointers(vs), pointers(ws)
+    b_ptrs = pointers(bufs) if momentum else v_ptrs
+    _update_dense[(tiles.numel(),)](tiles, meta, cls, p_old, p_new, M, pointers(gws), v_ptrs, b_ptrs,
+                                    w_ptrs, n, lr, momentum, weight_decay, DT=DT, ACC=ACC,
+                                    MOMENTUM=momentum != 0, FIRST=first, BS=BS, BR=BR, ROWS=ROWS)
+    grid = launch_sparse_grid(layout)
+    if grid:
+        _update_sparse[(grid,)](k_tensor, k_idx, k_val, k_idx.numel(), j_tensor, j_idx, j_in, j_out,
+                                j_cls, j_idx.numel(), p_new, M, carriers, v_ptrs, b_ptrs, w_ptrs,
+                                DT=DT, ACC=ACC, MOMENTUM=momentum != 0, BLOCK=SPARSE_BLOCK)
+
+
+@gsgd_update.register_fake
+def _(gws, vs, bufs, ws, p_old, p_new, M, carriers, layout, n, lr, momentum, weight_decay, first):
+    return None

@@ -1,0 +1,103 @@
+"""The inverse chain rule on a group of tensors, WA's backward: from ∂L/∂W,
+    ∂L/∂V = ∂L/∂W / (P_in[in] · M[out])          (0 on the K and J slots),
+    reduced[a] = Σ_{free e reading a} ∂L/∂V_e · V_e + Σ_{J entries reading a} ∂L/∂c · c,
+    ∂L/∂c (direct) = ∂L/∂W_J / (P_in · M).
+The dense launch reads ∂L/∂W and V once, writes ∂L/∂V, and reduces each tile's rows or columns
+(whichever the input class varies along) in registers before one atomic add per row or column.
+The sparse launch then moves the K and J slots' share out of ∂L/∂V and into the carriers."""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import acc_dtype, classes, denominator, dtypes, locate, pointers, tensor_ptr
+from .layout import BR, BS, ROWS
+from .wa import SPARSE_BLOCK, launch_sparse_grid
+
+
+@triton.jit
+def _icr_dense(tiles, meta, cls, p_in, M, g_ptrs, v_ptrs, gv_ptrs, reduced, n,
+               DT: tl.constexpr, ACC: tl.constexpr, BS: tl.constexpr, BR: tl.constexpr, ROWS: tl.constexpr):
+    t, m, g, R, S, rt, st = locate(tiles, meta)
+    gw_p = tensor_ptr(g_ptrs, t, DT)
+    v_p = tensor_ptr(v_ptrs, t, DT)
+    gv_p = tensor_ptr(gv_ptrs, t, DT)
+    cols = st * BS + tl.arange(0, BS)
+    cmask = cols < S
+    in_col = classes(cls, m, 4, g, cols, S, cmask, n)
+    d_col = denominator(p_in, M, in_col, classes(cls, m, 6, g, cols, S, cmask, n), ACC)
+    col_sum = tl.zeros([BS], ACC)
+    base = g.to(tl.int64) * R * S
+    for r0 in range(rt * ROWS, tl.minimum(rt * ROWS + ROWS, R), BR):
+        rows = r0 + tl.arange(0, BR)
+        rmask = rows < R
+        in_row = classes(cls, m, 3, g, rows, R, rmask, n)
+        d_row = denominator(p_in, M, in_row, classes(cls, m, 5, g, rows, R, rmask, n), ACC)
+        off = base + rows[:, None].to(tl.int64) * S + cols[None, :]
+        mask = rmask[:, None] & cmask[None, :]
+        gv = tl.load(gw_p + off, mask=mask, other=0).to(ACC) / (d_row[:, None] * d_col[None, :])
+        tl.store(gv_p + off, gv.to(DT), mask=mask)
+        contrib = gv * tl.load(v_p + off, mask=mask, other=0).to(ACC)
+        col_sum += tl.sum(contrib, 0)
+        tl.atomic_add(reduced + in_row, tl.sum(contrib, 1), mask=rmask & (in_row != n))
+    tl.atomic_add(reduced + in_col, col_sum, mask=cmask & (in_col != n))
+
+
+@triton.jit
+def _icr_sparse(k_tensor, k_idx, k_in, nk, j_tensor, j_idx, j_in, j_cls, nj, carriers,
+                v_ptrs, gv_ptrs, reduced, g_car, DT: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
+    off = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    for kind in tl.static_range(2):          # 0: fixed entries (drop), 1: carriers (move to ∂L/∂c)
+        if kind == 0:
+            mask = off < nk
+            t = tl.load(k_tensor + off, mask=mask, other=0)
+            idx = tl.load(k_idx + off, mask=mask, other=0)
+            cin = tl.load(k_in + off, mask=mask, other=0)
+        else:
+            mask = off < nj
+            t = tl.load(j_tensor + off, mask=mask, other=0)
+            idx = tl.load(j_idx + off, mask=mask, other=0)
+            cin = tl.load(j_in + off, mask=mask, other=0)
+        v = tl.load(v_ptrs + t, mask=mask, other=0).to(tl.pointer_type(DT))
+        gv = tl.load(gv_ptrs + t, mask=mask, other=0).to(tl.pointer_type(DT))
+        g = tl.load(gv + idx, mask=mask, other=0).to(ACC)
+        x = tl.load(v + idx, mask=mask, other=0).to(ACC)
+        share = -g * x                                       # the dense launch counted the slot
+        if kind == 1:
+            cc = tl.load(j_cls + off, mask=mask, other=0)
+            tl.atomic_add(g_car + cc, g, mask=mask)
+            share += g * tl.load(carriers + cc, mask=mask, other=0).to(ACC)
+        tl.atomic_add(reduced + cin, share, mask=mask & (share != 0))
+        tl.store(gv + idx, tl.zeros_like(g).to(DT), mask=mask)
+
+
+@torch.library.custom_op("invariance_compiler::icr", mutates_args=())
+def icr(gws: list[torch.Tensor], vs: list[torch.Tensor], p_in: torch.Tensor, M: torch.Tensor,
+        carriers: torch.Tensor, layout: list[torch.Tensor], n: int) -> list[torch.Tensor]:
+    """[∂L/∂V of each tensor..., reduced (n + 1,), ∂L/∂c direct (len(carriers),)], the last two in
+    the arithmetic dtype."""
+    meta, cls, tiles, k_tensor, k_idx, k_in, k_val, j_tensor, j_idx, j_in, j_out, j_cls = layout
+    gws = [g.contiguous() for g in gws]
+    vs = [v.contiguous() for v in vs]
+    gvs = [torch.empty_like(v) for v in vs]
+    acc = acc_dtype(vs[0].dtype)
+    reduced = torch.zeros(p_in.numel(), dtype=acc, device=p_in.device)
+    g_car = torch.zeros(carriers.numel(), dtype=acc, device=p_in.device)
+    DT, ACC = dtypes(vs[0].dtype)
+    v_ptrs, gv_ptrs = pointers(vs), pointers(gvs)
+    _icr_dense[(tiles.numel(),)](tiles, meta, cls, p_in, M, pointers(gws), v_ptrs, gv_ptrs, reduced, n,
+                                 DT=DT, ACC=ACC, BS=BS, BR=BR, ROWS=ROWS)
+    grid = launch_sparse_grid(layout)
+    if grid:
+        _icr_sparse[(grid,)](k_tensor, k_idx, k_in, k_idx.numel(), j_tensor, j_idx, j_in, j_cls,
+                             j_idx.numel(), carriers, v_ptrs, gv_ptrs, reduced, g_car,
+                             DT=DT, ACC=ACC, BLOCK=SPARSE_BLOCK)
+    return gvs + [reduced, g_car]
+
+
+@icr.register_fake
+def _(gws, vs, p_in, M, carriers, layout, n):
+    acc = acc_dtype(vs[0].dtype)
+    return ([torch.empty_like(v, memory_format=torch.contiguous_format) for v in vs]
+            + [p_in.new_empty(p_in.shape, dtype=acc), carriers.new_empty(carriers.shape, dtype=acc)])

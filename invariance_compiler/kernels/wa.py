@@ -1,0 +1,77 @@
+"""Weight allocation on a group of tensors: W = V / (P_in[in] · M[out]), then W_K = fixed values
+and W_J = c / (P_in · M) at the carrier slots. One dense launch over every tensor of the group,
+one sparse launch for the few K and J entries (ordered after it on the stream)."""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import classes, denominator, dtypes, locate, pointers, tensor_ptr
+from .layout import BR, BS, ROWS
+
+SPARSE_BLOCK = 128
+
+
+@triton.jit
+def _wa_dense(tiles, meta, cls, p_in, M, v_ptrs, w_ptrs, n,
+              DT: tl.constexpr, ACC: tl.constexpr, BS: tl.constexpr, BR: tl.constexpr, ROWS: tl.constexpr):
+    t, m, g, R, S, rt, st = locate(tiles, meta)
+    v = tensor_ptr(v_ptrs, t, DT)
+    w = tensor_ptr(w_ptrs, t, DT)
+    cols = st * BS + tl.arange(0, BS)
+    cmask = cols < S
+    d_col = denominator(p_in, M, classes(cls, m, 4, g, cols, S, cmask, n),
+                        classes(cls, m, 6, g, cols, S, cmask, n), ACC)          # [BS]
+    base = g.to(tl.int64) * R * S
+    for r0 in range(rt * ROWS, tl.minimum(rt * ROWS + ROWS, R), BR):
+        rows = r0 + tl.arange(0, BR)
+        rmask = rows < R
+        d_row = denominator(p_in, M, classes(cls, m, 3, g, rows, R, rmask, n),
+                            classes(cls, m, 5, g, rows, R, rmask, n), ACC)      # [BR]
+        off = base + rows[:, None].to(tl.int64) * S + cols[None, :]
+        mask = rmask[:, None] & cmask[None, :]
+        x = tl.load(v + off, mask=mask).to(ACC)
+        tl.store(w + off, (x / (d_row[:, None] * d_col[None, :])).to(DT), mask=mask)
+
+
+@triton.jit
+def _wa_sparse(k_tensor, k_idx, k_val, nk, j_tensor, j_idx, j_in, j_out, j_cls, nj,
+               p_in, M, carriers, w_ptrs, DT: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
+    off = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mk = off < nk
+    w = tl.load(w_ptrs + tl.load(k_tensor + off, mask=mk, other=0)).to(tl.pointer_type(DT))
+    tl.store(w + tl.load(k_idx + off, mask=mk, other=0), tl.load(k_val + off, mask=mk).to(DT), mask=mk)
+    mj = off < nj
+    w = tl.load(w_ptrs + tl.load(j_tensor + off, mask=mj, other=0)).to(tl.pointer_type(DT))
+    c = tl.load(carriers + tl.load(j_cls + off, mask=mj, other=0), mask=mj).to(ACC)
+    den = denominator(p_in, M, tl.load(j_in + off, mask=mj, other=0), tl.load(j_out + off, mask=mj, other=0), ACC)
+    tl.store(w + tl.load(j_idx + off, mask=mj, other=0), (c / den).to(DT), mask=mj)
+
+
+def launch_sparse_grid(layout) -> int:
+    return triton.cdiv(max(layout[4].numel(), layout[8].numel()), SPARSE_BLOCK)
+
+
+@torch.library.custom_op("invariance_compiler::wa", mutates_args=())
+def wa(vs: list[torch.Tensor], p_in: torch.Tensor, M: torch.Tensor, carriers: torch.Tensor,
+       layout: list[torch.Tensor], n: int) -> list[torch.Tensor]:
+    """The allocated weights of `vs` (a group of one dtype and device) with `layout` from
+    layout.build_group."""
+    meta, cls, tiles, k_tensor, k_idx, k_in, k_val, j_tensor, j_idx, j_in, j_out, j_cls = layout
+    vs = [v.contiguous() for v in vs]
+    ws = [torch.empty_like(v) for v in vs]
+    DT, ACC = dtypes(vs[0].dtype)
+    w_ptrs = pointers(ws)
+    _wa_dense[(tiles.numel(),)](tiles, meta, cls, p_in, M, pointers(vs), w_ptrs, n,
+                                DT=DT, ACC=ACC, BS=BS, BR=BR, ROWS=ROWS)
+    grid = launch_sparse_grid(layout)
+    if grid:
+        _wa_sparse[(grid,)](k_tensor, k_idx, k_val, k_idx.numel(), j_tensor, j_idx, j_in, j_out, j_cls,
+                            j_idx.numel(), p_in, M, carriers, w_ptrs, DT=DT, ACC=ACC, BLOCK=SPARSE_BLOCK)
+    return ws
+
+
+@wa.register_fake
+def _(vs, p_in, M, carriers, layout, n):
+    return [torch.empty_like(v, memory_format=torch.contiguous_format) for v in vs]
