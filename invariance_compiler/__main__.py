@@ -31,7 +31,14 @@ def main(argv=None) -> int:
     p = sub.add_parser("analyze", help="analyze models of the built-in zoo")
     p.add_argument("names", nargs="+", choices=sorted(ZOO), metavar="NAME")
     sub.add_parser("zoo", help="list the built-in example models")
-    args = parser.parse_args(argv)
+    sub.add_parser("profile", help="profile the kernels and a G-SGD training step (--help for options)",
+                   add_help=False)
+    args, rest = parser.parse_known_args(argv)
+    if args.cmd == "profile":
+        from .kernels.profile import main as profile
+        return profile(rest)
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     torch.manual_seed(0)
     if args.cmd == "zoo":
         print("\n".join(sorted(ZOO)))

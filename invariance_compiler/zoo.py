@@ -345,3 +345,15 @@ def resnet50_like(blocks=(3, 4, 6, 3), width=64, num_classes=1000) -> nn.Module:
                           nn.MaxPool2d(3, 2, 1), *layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(),
                           nn.Linear(cin, num_classes))
     return model
+
+
+def resnet18_like(width=64, num_classes=1000) -> nn.Module:
+    """ResNet-18's layer shapes (stem 7x7/2 + max-pool, basic-block stages of 2-2-2-2 blocks)."""
+    layers, cin = [], width
+    for i in range(4):
+        for j in range(2):
+            layers.append(BasicBlock(cin, width * 2 ** i, stride=2 if (j == 0 and i > 0) else 1))
+            cin = width * 2 ** i
+    return nn.Sequential(nn.Conv2d(3, width, 7, 2, 3, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True),
+                         nn.MaxPool2d(3, 2, 1), *layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(cin, num_classes))

@@ -120,8 +120,9 @@ def test_one_launch_per_group(monkeypatch):
 def test_gspace_module_with_kernels_equals_without(name):
     model, x = ZOO[name]()
     model = model.double()
-    x = tuple((t.double() if t.is_floating_point() else t).to(DEVICE) for t in x)
+    x = tuple(t.double() if t.is_floating_point() else t for t in x)
     cms = [ic.compile_invariant(model, x, scale_activations=False).to(DEVICE) for _ in range(2)]
+    x = tuple(t.to(DEVICE) for t in x)
     outs = []
     for cm, m in zip(cms, ("off", MODE)):
         opt = torch.optim.SGD(cm.parameters(), lr=0.05, momentum=0.9)
@@ -177,3 +178,15 @@ def test_custom_ops_pass_opcheck():
         args = (gws, [v.clone() for v in vs], [torch.zeros_like(v) for v in vs], ws, p_in, p_in.clone(),
                 plan.M, c, layout, plan.n, 0.1, 0.9, 0.0, True)
         torch.library.opcheck(ops.gsgd_update, args, test_utils=checks)
+
+
+def test_compile_invariant_and_gsgd_keep_the_models_device():
+    model, x = ZOO["resnet_basic"]()
+    model, x = model.double().to(DEVICE), tuple(t.double().to(DEVICE) for t in x)
+    cm = ic.compile_invariant(model, x, scale_activations=False)
+    assert {p.device.type for p in cm.parameters()} == {torch.device(DEVICE).type}
+    assert torch.allclose(cm(*x), model(*x), rtol=1e-10, atol=1e-12)
+    opt = GSGD(model, lr=0.01, example_inputs=x)
+    model(*x).pow(2).mean().backward()
+    opt.step()
+    assert {p.device.type for p in model.parameters()} == {torch.device(DEVICE).type}

@@ -75,6 +75,11 @@ class Allocation(nn.Module):
             for name, t in zip(FIELDS, build_group(self, self.wa, [self.shapes[i] for i in self.wa])):
                 self.register_buffer(f"wa_{name}", t, persistent=False)
 
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state.pop("_pending", None)              # a CUDA event: neither copied nor pickled
+        return state
+
     def layout(self, index: Sequence[int]) -> list[torch.Tensor]:
         """The kernel layout (kernels/layout.py) of plan tensors `index`, on the plan's device."""
         if list(index) == self.wa:
@@ -99,8 +104,25 @@ class Allocation(nn.Module):
             cls = self.buf("chain_cls", r)
             p = p.index_put((cls,), self.buf("chain_val", r) * p[self.buf("chain_src", r)])
         if not torch.compiler.is_compiling():
-            _check(p)
+            self._check(p)
         return p
+
+    def _check(self, p_in: torch.Tensor) -> None:
+        """A zero or non-finite P_in makes the weights undefined. On CUDA the test is read a call
+        later (a pinned copy and an event), so that no forward or step waits for the GPU."""
+        if not p_in.is_cuda:
+            return _raise_if_bad(p_in)
+        pending = self.__dict__.get("_pending")
+        if pending is not None and pending[1].query():
+            self._pending = None
+            if bool(pending[0]):
+                _raise_if_bad(pending[2])
+        if self.__dict__.get("_pending") is None:
+            flag = torch.empty((), dtype=torch.bool, pin_memory=True)
+            flag.copy_((~torch.isfinite(p_in) | (p_in == 0)).any(), non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            self._pending = (flag, event, p_in.detach())
 
     def denominator(self, i: int, p_in: torch.Tensor) -> torch.Tensor:
         return p_in[self.buf("in", i)] * self.M[self.buf("out", i)]
@@ -131,7 +153,7 @@ class Allocation(nn.Module):
         return _ScaledLinear.apply(x, v, bias, r_in, r_out, k, self.buf("slot_idx", i))
 
 
-def _check(p_in: torch.Tensor) -> None:
+def _raise_if_bad(p_in: torch.Tensor) -> None:
     if not bool(torch.isfinite(p_in).all()) or bool((p_in == 0).any()):
         bad = (~torch.isfinite(p_in) | (p_in == 0)).nonzero().reshape(-1)[:5].tolist()
         raise FloatingPointError(

@@ -146,10 +146,10 @@ def compile_invariant(model: nn.Module, example_inputs: Any = None, form: str = 
         src = fetch(model, path)
         canonical[id(p)] = by_value[id(src)]
 
-    weights = {n: p.detach().clone() for n, p in orig.items()}
+    weights = {n: p.detach().cpu().clone() for n, p in orig.items()}   # plans are built on CPU
     sk = skeleton if skeleton is not None else build_skeleton(report, weights, carriers=(form == "gspace"))
     if fixed == "scale":
-        work = copy.deepcopy(model)
+        work = copy.deepcopy(model).cpu()
         fix_to(report, sk, work, value)
         weights = {n: p.detach().clone() for n, p in work.named_parameters()}
     elif fixed == "overwrite":
@@ -185,7 +185,7 @@ def compile_invariant(model: nn.Module, example_inputs: Any = None, form: str = 
     cm._extra_buffers = {k: b.detach().clone() for k, b in model.state_dict().items()
                          if k not in orig and not _has(cm, k)}
     cm.train(model.training)
-    return cm
+    return cm.to(next(iter(orig.values())).device) if orig else cm
 
 
 def _single_use_linears(gm: torch.fx.GraphModule, canonical: dict) -> dict:

@@ -4,7 +4,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .layout import NF
+from . import layout
+
+NF = tl.constexpr(layout.NF)          # a global read inside a kernel must be a constexpr
 
 TL_DTYPE = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16,
             torch.float64: tl.float64}
@@ -19,10 +21,27 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+_small: dict = {}
+
+
+def small_tensor(values: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A few host numbers as a device tensor, without a host sync (pinned, non-blocking copy) and
+    cached: parameters, and mostly gradients, keep their addresses from step to step."""
+    key = (values, dtype, device)
+    t = _small.get(key)
+    if t is None:
+        if len(_small) > 256:
+            _small.clear()
+        t = torch.tensor(values, dtype=dtype)
+        if device.type == "cuda":
+            t = t.pin_memory().to(device, non_blocking=True)
+        t = _small[key] = t
+    return t
+
+
 def pointers(tensors) -> torch.Tensor:
     """The pointer table of `tensors` (int64, on their device)."""
-    return torch.tensor([t.data_ptr() for t in tensors], dtype=torch.int64).to(tensors[0].device,
-                                                                               non_blocking=True)
+    return small_tensor(tuple(t.data_ptr() for t in tensors), torch.int64, tensors[0].device)
 
 
 @triton.jit

@@ -15,8 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import acc_dtype, classes, denominator, dtypes, locate, pointers, tensor_ptr
-from .layout import BR, BS, ROWS
+from .common import acc_dtype, classes, denominator, dtypes, locate, pointers, small_tensor, tensor_ptr
+from .layout import tile_args
 from .wa import SPARSE_BLOCK, launch_sparse_grid
 
 
@@ -29,7 +29,8 @@ def _reduce_dense(tiles, meta, cls, g_ptrs, w_ptrs, reduced, n,
     cols = st * BS + tl.arange(0, BS)
     cmask = cols < S
     in_col = classes(cls, m, 4, g, cols, S, cmask, n)
-    col_sum = tl.zeros([BS], ACC)
+    acc = tl.zeros([BR, BS], ACC)
+    row_mode = tl.load(m + 10) != 0
     base = g.to(tl.int64) * R * S
     for r0 in range(rt * ROWS, tl.minimum(rt * ROWS + ROWS, R), BR):
         rows = r0 + tl.arange(0, BR)
@@ -38,9 +39,12 @@ def _reduce_dense(tiles, meta, cls, g_ptrs, w_ptrs, reduced, n,
         off = base + rows[:, None].to(tl.int64) * S + cols[None, :]
         mask = rmask[:, None] & cmask[None, :]
         contrib = tl.load(gw_p + off, mask=mask, other=0).to(ACC) * tl.load(w_p + off, mask=mask, other=0).to(ACC)
-        col_sum += tl.sum(contrib, 0)
-        tl.atomic_add(reduced + in_row, tl.sum(contrib, 1), mask=rmask & (in_row != n))
-    tl.atomic_add(reduced + in_col, col_sum, mask=cmask & (in_col != n))
+        if row_mode:                         # the class changes with the row: flush each step
+            tl.atomic_add(reduced + in_row, tl.sum(contrib, 1), mask=rmask & (in_row != n))
+        else:                                # the class is the column's: sum in registers
+            acc += contrib
+    if not row_mode:
+        tl.atomic_add(reduced + in_col, tl.sum(acc, 0), mask=cmask & (in_col != n))
 
 
 @triton.jit
@@ -63,10 +67,13 @@ def _reduce_sparse(k_tensor, k_idx, k_in, nk, j_tensor, j_idx, j_in, j_out, j_cl
 
 
 @triton.jit
-def _update_dense(tiles, meta, cls, p_old, p_new, M, g_ptrs, v_ptrs, b_ptrs, w_ptrs, n, lr, mom, wd,
+def _update_dense(tiles, meta, cls, p_old, p_new, M, g_ptrs, v_ptrs, b_ptrs, w_ptrs, n, hyper,
                   DT: tl.constexpr, ACC: tl.constexpr, MOMENTUM: tl.constexpr, FIRST: tl.constexpr,
                   BS: tl.constexpr, BR: tl.constexpr, ROWS: tl.constexpr):
     t, m, g, R, S, rt, st = locate(tiles, meta)
+    lr = tl.load(hyper)                      # from memory: a scalar argument would be fp32
+    mom = tl.load(hyper + 1)
+    wd = tl.load(hyper + 2)
     gw_p = tensor_ptr(g_ptrs, t, DT)
     v_p = tensor_ptr(v_ptrs, t, DT)
     b_p = tensor_ptr(b_ptrs, t, DT)
@@ -134,7 +141,7 @@ def gsgd_reduce(gws: list[torch.Tensor], ws: list[torch.Tensor], p_in: torch.Ten
     DT, ACC = dtypes(ws[0].dtype)
     g_ptrs, w_ptrs = pointers(gws), pointers(ws)
     _reduce_dense[(tiles.numel(),)](tiles, meta, cls, g_ptrs, w_ptrs, reduced, n,
-                                    DT=DT, ACC=ACC, BS=BS, BR=BR, ROWS=ROWS)
+                                    DT=DT, ACC=ACC, **tile_args())
     grid = launch_sparse_grid(layout)
     if grid:
         _reduce_sparse[(grid,)](k_tensor, k_idx, k_in, k_idx.numel(), j_tensor, j_idx, j_in, j_out, j_cls,
@@ -161,8 +168,9 @@ def gsgd_update(gws: list[torch.Tensor], vs: list[torch.Tensor], bufs: list[torc
     v_ptrs, w_ptrs = pointers(vs), pointers(ws)
     b_ptrs = pointers(bufs) if momentum else v_ptrs
     _update_dense[(tiles.numel(),)](tiles, meta, cls, p_old, p_new, M, pointers(gws), v_ptrs, b_ptrs,
-                                    w_ptrs, n, lr, momentum, weight_decay, DT=DT, ACC=ACC,
-                                    MOMENTUM=momentum != 0, FIRST=first, BS=BS, BR=BR, ROWS=ROWS)
+                                    w_ptrs, n, small_tensor((lr, momentum, weight_decay), acc_dtype(ws[0].dtype),
+                                                            ws[0].device), DT=DT, ACC=ACC,
+                                    MOMENTUM=momentum != 0, FIRST=first, **tile_args())
     grid = launch_sparse_grid(layout)
     if grid:
         _update_sparse[(grid,)](k_tensor, k_idx, k_val, k_idx.numel(), j_tensor, j_idx, j_in, j_out,

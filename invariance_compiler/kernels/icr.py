@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from .common import acc_dtype, classes, denominator, dtypes, locate, pointers, tensor_ptr
-from .layout import BR, BS, ROWS
+from .layout import tile_args
 from .wa import SPARSE_BLOCK, launch_sparse_grid
 
 
@@ -27,7 +27,8 @@ def _icr_dense(tiles, meta, cls, p_in, M, g_ptrs, v_ptrs, gv_ptrs, reduced, n,
     cmask = cols < S
     in_col = classes(cls, m, 4, g, cols, S, cmask, n)
     d_col = denominator(p_in, M, in_col, classes(cls, m, 6, g, cols, S, cmask, n), ACC)
-    col_sum = tl.zeros([BS], ACC)
+    acc = tl.zeros([BR, BS], ACC)
+    row_mode = tl.load(m + 10) != 0
     base = g.to(tl.int64) * R * S
     for r0 in range(rt * ROWS, tl.minimum(rt * ROWS + ROWS, R), BR):
         rows = r0 + tl.arange(0, BR)
@@ -39,9 +40,12 @@ def _icr_dense(tiles, meta, cls, p_in, M, g_ptrs, v_ptrs, gv_ptrs, reduced, n,
         gv = tl.load(gw_p + off, mask=mask, other=0).to(ACC) / (d_row[:, None] * d_col[None, :])
         tl.store(gv_p + off, gv.to(DT), mask=mask)
         contrib = gv * tl.load(v_p + off, mask=mask, other=0).to(ACC)
-        col_sum += tl.sum(contrib, 0)
-        tl.atomic_add(reduced + in_row, tl.sum(contrib, 1), mask=rmask & (in_row != n))
-    tl.atomic_add(reduced + in_col, col_sum, mask=cmask & (in_col != n))
+        if row_mode:                         # the class changes with the row: flush each step
+            tl.atomic_add(reduced + in_row, tl.sum(contrib, 1), mask=rmask & (in_row != n))
+        else:                                # the class is the column's: sum in registers
+            acc += contrib
+    if not row_mode:
+        tl.atomic_add(reduced + in_col, tl.sum(acc, 0), mask=cmask & (in_col != n))
 
 
 @triton.jit
@@ -87,7 +91,7 @@ def icr(gws: list[torch.Tensor], vs: list[torch.Tensor], p_in: torch.Tensor, M: 
     DT, ACC = dtypes(vs[0].dtype)
     v_ptrs, gv_ptrs = pointers(vs), pointers(gvs)
     _icr_dense[(tiles.numel(),)](tiles, meta, cls, p_in, M, pointers(gws), v_ptrs, gv_ptrs, reduced, n,
-                                 DT=DT, ACC=ACC, BS=BS, BR=BR, ROWS=ROWS)
+                                 DT=DT, ACC=ACC, **tile_args())
     grid = launch_sparse_grid(layout)
     if grid:
         _icr_sparse[(grid,)](k_tensor, k_idx, k_in, k_idx.numel(), j_tensor, j_idx, j_in, j_cls,

@@ -9,15 +9,20 @@ it (grouped and depthwise convolutions); G = shape[0] with R = 1 always works, s
 
 Tiles: a program takes BS columns and up to ROWS rows of one block of one tensor; `tiles` maps a
 program id to its tensor, `meta` holds each tensor's G, R, S, the offsets of its four class arrays
-in `cls`, its first tile and its tile counts. The fixed (K) and carrier (J) entries are few; they
+in `cls`, its first tile, its tile counts and whether its input class varies along rows. The fixed (K) and carrier (J) entries are few; they
 get a second, sparse launch (`sparse_*`), ordered after the dense one on the stream."""
 from __future__ import annotations
 
 import math
 import torch
 
-BS, BR, ROWS = 128, 16, 256           # tile columns, rows per step, rows per program
-NF = 10                               # meta fields per tensor
+BS, BR, ROWS, WARPS = 128, 32, 128, 8   # tile columns, rows per step, rows per program, warps
+NF = 11                                 # meta fields per tensor
+
+
+def tile_args() -> dict:
+    """The launch constants the layouts were built with (benchmarks/tune_kernels.py varies them)."""
+    return dict(BS=BS, BR=BR, ROWS=ROWS, num_warps=WARPS)
 
 
 def _divisors(d: int) -> list[int]:
@@ -70,7 +75,8 @@ def build_group(plan, index: list[int], shapes: list) -> list[torch.Tensor]:
             cls.append(a)
             off += a.numel()
         rt, st = -(-R // ROWS), -(-S // BS)
-        meta.append([G, R, S, *offs, start, rt, st])
+        row_mode = int(bool((arrays[0] != n).any()))     # input class varies along rows
+        meta.append([G, R, S, *offs, start, rt, st, row_mode])
         tiles.append(torch.full((G * rt * st,), t))
         start += G * rt * st
         k = plan.buf("fixed_idx", i)

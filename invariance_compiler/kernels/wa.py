@@ -8,7 +8,7 @@ import triton
 import triton.language as tl
 
 from .common import classes, denominator, dtypes, locate, pointers, tensor_ptr
-from .layout import BR, BS, ROWS
+from .layout import tile_args
 
 SPARSE_BLOCK = 128
 
@@ -64,7 +64,7 @@ def wa(vs: list[torch.Tensor], p_in: torch.Tensor, M: torch.Tensor, carriers: to
     DT, ACC = dtypes(vs[0].dtype)
     w_ptrs = pointers(ws)
     _wa_dense[(tiles.numel(),)](tiles, meta, cls, p_in, M, pointers(vs), w_ptrs, n,
-                                DT=DT, ACC=ACC, BS=BS, BR=BR, ROWS=ROWS)
+                                DT=DT, ACC=ACC, **tile_args())
     grid = launch_sparse_grid(layout)
     if grid:
         _wa_sparse[(grid,)](k_tensor, k_idx, k_val, k_idx.numel(), j_tensor, j_idx, j_in, j_out, j_cls,

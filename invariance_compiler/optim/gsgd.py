@@ -29,14 +29,14 @@ class GSGD(torch.optim.Optimizer):
         self.report = report if report is not None else analyze(model, example_inputs)
         self._named = dict(model.named_parameters())
         super().__init__(list(self._named.values()), dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
-        weights = {n: p.detach() for n, p in self._named.items()}
+        weights = {n: p.detach().cpu() for n, p in self._named.items()}
         self._setup(skeleton if skeleton is not None else build_skeleton(self.report, weights))
 
     def _setup(self, skeleton) -> None:
         """Plan and initial path values from the model's weights under `skeleton` (its fixed
         entries never move, so a resumed run rebuilds the same plan from the saved skeleton)."""
         named = self._named
-        weights = {n: p.detach() for n, p in named.items()}
+        weights = {n: p.detach().cpu() for n, p in named.items()}
         dtype = next(iter(named.values())).dtype
         self.skeleton = skeleton
         self.plan, v0, self.allocated, carriers = make_allocation(

@@ -1,0 +1,56 @@
+"""Tile sizes of the grouped kernels against achieved bandwidth (GPU only).
+
+    python benchmarks/tune_kernels.py [--side 4096]
+
+For each (BS, BR, ROWS, warps) it rebuilds the layout of a ReLU MLP's two side² weights and times
+WA, ICR and the G-SGD step's two passes (kernel time, torch.profiler); prints GB/s and the share of
+the device's peak. The defaults in kernels/layout.py come from this table."""
+from __future__ import annotations
+
+import argparse
+import itertools
+
+import torch
+import torch.nn as nn
+
+import invariance_compiler as ic
+from invariance_compiler import kernels
+from invariance_compiler.kernels import layout as lay
+from invariance_compiler.kernels.profile import kernel_ms, peak_bandwidth
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--side", type=int, default=4096)
+    args = p.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("tune_kernels: needs a CUDA GPU")
+    dev = torch.device("cuda")
+    torch.manual_seed(0)
+    s = args.side
+    model = nn.Sequential(nn.Linear(s, s), nn.ReLU(), nn.Linear(s, s), nn.ReLU(), nn.Linear(s, 10))
+    cm = ic.compile_invariant(model, (torch.randn(2, s),), scale_activations=False).to(dev)
+    plan, c = cm.allocate, cm.v_carriers.detach()
+    vs = [getattr(cm, cm._v_attr[cm._allocated[i]]).detach() for i in plan.wa]
+    gws, ws, bufs = [torch.randn_like(v) for v in vs], [v.clone() for v in vs], [torch.zeros_like(v) for v in vs]
+    p_in, ops = plan.path_in(c), kernels.ops()
+    nbytes = sum(v.numel() for v in vs) * 4
+    peak = peak_bandwidth(dev) or float("nan")
+    print(f"{torch.cuda.get_device_name()}, {sum(v.numel() for v in vs) / 1e6:.1f}M fp32 entries; % of peak")
+    print("| BS | BR | ROWS | warps | WA | ICR | reduce | update |\n|---|---|---|---|---|---|---|---|")
+    for bs, br, rows, warps in itertools.product((64, 128, 256), (8, 16, 32), (64, 256), (4, 8)):
+        if rows < br or bs * br > 4096 or bs * br < 1024:
+            continue
+        lay.BS, lay.BR, lay.ROWS, lay.WARPS = bs, br, rows, warps
+        L = [t.to(dev) for t in lay.build_group(plan, plan.wa, [plan.shapes[i] for i in plan.wa])]
+        runs = {"WA": (2, lambda: ops.wa(vs, p_in, plan.M, c, L, plan.n)),
+                "ICR": (3, lambda: ops.icr(gws, vs, p_in, plan.M, c, L, plan.n)),
+                "reduce": (2, lambda: ops.gsgd_reduce(gws, ws, p_in, plan.M, c.numel(), L, plan.n)),
+                "update": (6, lambda: ops.gsgd_update(gws, vs, bufs, ws, p_in, p_in, plan.M, c, L, plan.n,
+                                                      1e-9, 0.9, 0.0, False))}
+        cells = [f"{100 * k * nbytes / (kernel_ms(fn) * 1e-3) / peak:.0f}" for k, fn in runs.values()]
+        print(f"| {bs} | {br} | {rows} | {warps} | " + " | ".join(cells) + " |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

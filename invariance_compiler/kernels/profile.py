@@ -1,0 +1,206 @@
+"""`python -m invariance_compiler profile`: what the kernels cost.
+
+  1. Per kernel (WA, ICR, the G-SGD step's two passes) on a group of large tensors: time, achieved
+     GB/s (bytes the kernel must move / time) and the share of the device's peak bandwidth, beside
+     a plain copy of the same bytes and the PyTorch reference path. GPU: kernel time from
+     torch.profiler (launch overhead excluded; the step table below includes it).
+  2. A whole training step with GSGD over the same step with torch.optim.SGD(foreach=True):
+     ResNet-18-shaped model at batch 128 on a GPU, the MLP 784-1024x3-10 at batch 256 on CPU;
+     interleaved rounds, median of the per-round ratios.
+  3. torch.profiler's per-kernel table of a G-SGD training step (a chrome trace on request).
+Without a GPU it profiles the reference path and says that GPU figures need a GPU."""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .. import compile_invariant, kernels
+from ..codegen.allocate import icr
+from ..optim import GSGD
+
+# peak HBM bandwidth (TB/s) by device name, most specific first (DESIGN §4)
+PEAK_TBS = [("H200", 4.8), ("H100 PCIe", 2.0), ("H100", 3.35), ("A100", 2.0)]
+
+
+def peak_bandwidth(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((tbs * 1e12 for key, tbs in PEAK_TBS if key in name), None)
+
+
+def kernel_ms(fn, reps: int = 20) -> float:
+    """GPU time per call of the kernels `fn` launches (torch.profiler's device times, so the
+    Python and launch overhead of the call is not counted; do_bench if the profiler saw none)."""
+    from torch.profiler import ProfilerActivity, profile
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+    total = sum(e.self_device_time_total for e in prof.key_averages())
+    if total <= 0:
+        from triton.testing import do_bench
+        return do_bench(fn, warmup=20, rep=100)
+    return total / reps / 1e3
+
+
+def timer(device: torch.device):
+    """fn -> milliseconds per call: kernel time on a GPU, else the median of wall-clock repeats."""
+    if device.type == "cuda":
+        return kernel_ms
+
+    def cpu(fn, reps=15):
+        fn()
+        ts = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t0)
+        return statistics.median(ts) * 1e3
+    return cpu
+
+
+def kernel_table(device: torch.device, side: int) -> str:
+    """Markdown: the kernels on the weights of a ReLU MLP side-side-side-10 (two side² tensors)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(side, side), nn.ReLU(), nn.Linear(side, side), nn.ReLU(), nn.Linear(side, 10))
+    cm = compile_invariant(model, (torch.randn(2, side),), scale_activations=False).to(device)
+    plan, c = cm.allocate, cm.v_carriers.detach()
+    vs = [getattr(cm, cm._v_attr[cm._allocated[i]]).detach() for i in plan.wa]
+    gws = [torch.randn_like(v) for v in vs]
+    ws, bufs = [v.clone() for v in vs], [torch.zeros_like(v) for v in vs]
+    p_in = plan.path_in(c)
+    layout, entries = plan.layout(plan.wa), sum(v.numel() for v in vs)
+    nbytes = entries * vs[0].element_size()
+    ms = timer(device)
+    use = kernels.use_triton(vs[0])
+    rows = [("copy (reference point)", 2, ms(lambda: [w.copy_(v) for w, v in zip(ws, vs)]), "torch copy_")]
+    with kernels.mode("off"):
+        rows.append(("WA", 2, ms(lambda: plan(p_in, c, *vs)), "PyTorch reference"))
+        rows.append(("ICR", 3, ms(lambda: icr(plan, p_in, c, vs, gws, plan.wa)), "PyTorch reference"))
+    if use:
+        ops = kernels.ops()
+        rows.append(("WA", 2, ms(lambda: ops.wa(vs, p_in, plan.M, c, layout, plan.n)), "Triton"))
+        rows.append(("ICR", 3, ms(lambda: ops.icr(gws, vs, p_in, plan.M, c, layout, plan.n)), "Triton"))
+        rows.append(("G-SGD step: reduce", 2,
+                     ms(lambda: ops.gsgd_reduce(gws, ws, p_in, plan.M, c.numel(), layout, plan.n)), "Triton"))
+        rows.append(("G-SGD step: update (momentum)", 6,
+                     ms(lambda: ops.gsgd_update(gws, vs, bufs, ws, p_in, p_in,
+                                                plan.M, c, layout, plan.n, 1e-9, 0.9, 0.0, False)), "Triton"))
+    peak = peak_bandwidth(device)
+    out = [f"Kernels on {len(vs)} tensors, {entries / 1e6:.1f}M entries ({vs[0].dtype}), {_device_name(device)}; "
+           f"peak {'%.2f TB/s' % (peak / 1e12) if peak else 'unknown'}.", "",
+           "| kernel | path | passes | ms | GB/s | % of peak |", "|---|---|---|---|---|---|"]
+    for name, passes, t, path in rows:
+        gbs = passes * nbytes / (t * 1e-3) / 1e9
+        share = f"{100 * gbs * 1e9 / peak:.0f}" if peak else "-"
+        out.append(f"| {name} | {path} | {passes} | {t:.3f} | {gbs:.0f} | {share} |")
+    return "\n".join(out)
+
+
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+
+
+def _model_and_batch(device: torch.device):
+    from ..zoo import resnet18_like
+    if device.type == "cuda":
+        return resnet18_like().to(device), torch.randn(128, 3, 224, 224, device=device), "ResNet-18-shaped, batch 128, 224x224"
+    model = nn.Sequential(nn.Linear(784, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.ReLU(),
+                          nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 10))
+    return model, torch.randn(256, 784), "MLP 784-1024x3-10, batch 256"
+
+
+def step_table(device: torch.device, rounds: int, trace: str | None) -> str:
+    """Markdown: a training step (and the optimizer step alone) with GSGD over SGD(foreach)."""
+    import copy
+    torch.manual_seed(0)
+    model, x, what = _model_and_batch(device)
+    y = torch.randint(0, 10, (x.shape[0],), device=device)
+    models = {"SGD(foreach)": model, "GSGD": copy.deepcopy(model)}
+    opts = {"SGD(foreach)": torch.optim.SGD(models["SGD(foreach)"].parameters(), lr=1e-3, momentum=0.9, foreach=True),
+            "GSGD": GSGD(models["GSGD"], lr=1e-3, momentum=0.9, example_inputs=(x[:2],))}
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def fwd_bwd(k):
+        opts[k].zero_grad(set_to_none=False)
+        F.cross_entropy(models[k](x), y).backward()
+
+    def timed(fn):
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        return time.perf_counter() - t0
+
+    for k in models:                                   # warm-up (kernel compilation, buffers)
+        for _ in range(3):
+            fwd_bwd(k)
+            opts[k].step()
+    whole = {k: [] for k in models}
+    opt_only = {k: [] for k in models}
+    for _ in range(rounds):
+        for k in models:
+            whole[k].append(timed(lambda: (fwd_bwd(k), opts[k].step())))
+            opt_only[k].append(timed(opts[k].step))
+    ratio = lambda d: statistics.median(b / a for a, b in zip(d["SGD(foreach)"], d["GSGD"]))
+    med = lambda d, k: statistics.median(d[k]) * 1e3
+    out = [f"Training step, {what}, momentum 0.9, {_device_name(device)}, {rounds} interleaved rounds.", "",
+           "| what | SGD(foreach) ms | GSGD ms | GSGD / SGD |", "|---|---|---|---|",
+           f"| whole step | {med(whole, 'SGD(foreach)'):.2f} | {med(whole, 'GSGD'):.2f} | {ratio(whole):.3f} |",
+           f"| optimizer step alone | {med(opt_only, 'SGD(foreach)'):.2f} | {med(opt_only, 'GSGD'):.2f} | {ratio(opt_only):.3f} |"]
+    out += ["", profiler_table(device, lambda: (fwd_bwd("GSGD"), opts["GSGD"].step()), trace)]
+    return "\n".join(out)
+
+
+def profiler_table(device: torch.device, step, trace: str | None, top: int = 12) -> str:
+    """Markdown: torch.profiler's busiest kernels over 3 G-SGD training steps."""
+    from torch.profiler import ProfilerActivity, profile
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        for _ in range(3):
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    if trace:
+        prof.export_chrome_trace(trace)
+    attr = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    events = sorted(prof.key_averages(), key=lambda e: getattr(e, attr, 0), reverse=True)[:top]
+    total = sum(getattr(e, attr, 0) for e in prof.key_averages())
+    out = [f"torch.profiler, 3 G-SGD training steps, busiest {'kernels' if device.type == 'cuda' else 'ops'} "
+           f"by self {'device' if device.type == 'cuda' else 'CPU'} time" + (f"; chrome trace: {trace}" if trace else ""),
+           "", "| name | calls | self ms | share |", "|---|---|---|---|"]
+    for e in events:
+        t = getattr(e, attr, 0)
+        out.append(f"| {e.key[:70]} | {e.count} | {t / 1e3:.2f} | {100 * t / max(total, 1):.1f}% |")
+    return "\n".join(out)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m invariance_compiler profile", description=__doc__.split("\n")[0])
+    p.add_argument("--side", type=int, default=None, help="side of the square weights (default 4096 on a GPU: "
+                   "16.8M entries each; 1024 on CPU)")
+    p.add_argument("--rounds", type=int, default=None, help="interleaved rounds of the step comparison")
+    p.add_argument("--trace", default=None, help="write a chrome trace of the profiled steps to this file")
+    p.add_argument("--out", default=None, help="also write the markdown report to this file")
+    args = p.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    parts = []
+    if device.type != "cuda":
+        parts.append("No GPU here: these are CPU figures of the PyTorch reference path. GPU figures "
+                     "(Triton kernels, % of peak HBM bandwidth) need a machine with a CUDA GPU.")
+    parts.append(kernel_table(device, args.side or (4096 if device.type == "cuda" else 1024)))
+    parts.append(step_table(device, args.rounds or (20 if device.type == "cuda" else 10), args.trace))
+    report = "\n\n".join(parts)
+    print(report)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(report + "\n")
+    return 0
