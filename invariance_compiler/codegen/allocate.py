@@ -47,13 +47,16 @@ class Allocation(nn.Module):
         self.scales_in = [bool((p["inp"] < num_classes).any()) for p in plans]
         self.scales_out = [bool((p["out"] < num_classes).any()) for p in plans]
         self.register_buffer("M", M.to(dtype))
-        self.register_buffer("p_in0", (1.0 / M).to(dtype))       # classes without a carrier
-        self.register_buffer("free", torch.zeros(0, dtype=torch.long) if free is None else free)
-        self.chain_rounds = len(chain)                            # fixed carriers, round by round
-        for r, (cls, src, val) in enumerate(chain):
-            self.register_buffer(f"chain_cls{r}", cls)
-            self.register_buffer(f"chain_src{r}", src)
-            self.register_buffer(f"chain_val{r}", val.to(dtype))
+        # P_in = path_scale ⊙ [carriers, 1][path_root]: following fixed carriers back to their free
+        # root (or to the input) makes every P_in one carrier value times a constant
+        scale, root = 1.0 / M.to(torch.float64), torch.full((num_classes + 1,), num_classes)
+        if free is not None:
+            root[free] = free
+        for cls, src, val in chain:                               # round by round from the input
+            scale[cls] = val.to(torch.float64) * scale[src]
+            root[cls] = root[src]
+        self.register_buffer("path_scale", scale.to(dtype))
+        self.register_buffer("path_root", root)
         for i, p in enumerate(plans):
             shape = p["shape"]
             self.register_buffer(f"in{i}", p["inp"])
@@ -96,13 +99,8 @@ class Allocation(nn.Module):
 
     def path_in(self, carriers: torch.Tensor) -> torch.Tensor:
         """P_in (n + 1,): free carriers give c / M, fixed carriers extend their source's path by a
-        constant (in rounds from the input); P_in[n] = 1. Differentiable, O(H)."""
-        p = self.p_in0
-        if self.free.numel():
-            p = p.index_put((self.free,), carriers[self.free] / self.M[self.free])
-        for r in range(self.chain_rounds):
-            cls = self.buf("chain_cls", r)
-            p = p.index_put((cls,), self.buf("chain_val", r) * p[self.buf("chain_src", r)])
+        constant; P_in[n] = 1. Differentiable, O(H)."""
+        p = self.path_scale * torch.cat([carriers, carriers.new_ones(1)])[self.path_root]
         if not torch.compiler.is_compiling():
             self._check(p)
         return p
@@ -269,10 +267,8 @@ def icr(plan: Allocation, p_in: torch.Tensor, carriers: torch.Tensor, vs: Sequen
 
 def carrier_grads(plan: Allocation, g_p_in: torch.Tensor, carriers: torch.Tensor) -> torch.Tensor:
     """∂L/∂carriers through P_in (the backward of path_in, O(H))."""
-    with torch.enable_grad():
-        c = carriers.detach().requires_grad_(True)
-        (g,) = torch.autograd.grad(plan.path_in(c), c, g_p_in, allow_unused=True)
-    return torch.zeros_like(carriers) if g is None else g
+    g = torch.zeros(plan.n + 1, dtype=carriers.dtype, device=carriers.device)
+    return g.index_add_(0, plan.path_root, g_p_in.to(carriers.dtype) * plan.path_scale)[:-1]
 
 
 def make_allocation(report, sk, weights: dict, form: str, names: Sequence[str], dtype,

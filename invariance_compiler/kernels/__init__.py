@@ -14,6 +14,7 @@ Triton is imported on first use only."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import os
 import sys
@@ -45,6 +46,7 @@ def mode(m: str):
         _mode = old
 
 
+@functools.lru_cache(maxsize=None)
 def _triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None      # without importing it (see ops)
 

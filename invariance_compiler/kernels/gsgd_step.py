@@ -82,27 +82,27 @@ def _update_dense(tiles, meta, cls, p_old, p_new, M, g_ptrs, v_ptrs, b_ptrs, w_p
     cmask = cols < S
     in_col = classes(cls, m, 4, g, cols, S, cmask, n)
     out_col = classes(cls, m, 6, g, cols, S, cmask, n)
-    old_col = denominator(p_old, M, in_col, out_col, ACC)
-    new_col = denominator(p_new, M, in_col, out_col, ACC)
+    old_col = 1.0 / denominator(p_old, M, in_col, out_col, ACC)        # reciprocals: a multiply
+    new_col = 1.0 / denominator(p_new, M, in_col, out_col, ACC)        # per entry, not a divide
     base = g.to(tl.int64) * R * S
     for r0 in range(rt * ROWS, tl.minimum(rt * ROWS + ROWS, R), BR):
         rows = r0 + tl.arange(0, BR)
         rmask = rows < R
         in_row = classes(cls, m, 3, g, rows, R, rmask, n)
         out_row = classes(cls, m, 5, g, rows, R, rmask, n)
-        old = denominator(p_old, M, in_row, out_row, ACC)[:, None] * old_col[None, :]
-        new = denominator(p_new, M, in_row, out_row, ACC)[:, None] * new_col[None, :]
+        old = (1.0 / denominator(p_old, M, in_row, out_row, ACC))[:, None] * old_col[None, :]
+        new = (1.0 / denominator(p_new, M, in_row, out_row, ACC))[:, None] * new_col[None, :]
         off = base + rows[:, None].to(tl.int64) * S + cols[None, :]
         mask = rmask[:, None] & cmask[None, :]
         v = tl.load(v_p + off, mask=mask).to(ACC)
-        d = tl.load(gw_p + off, mask=mask).to(ACC) / old + wd * v
+        d = tl.load(gw_p + off, mask=mask).to(ACC) * old + wd * v
         if MOMENTUM:
             if not FIRST:
                 d += mom * tl.load(b_p + off, mask=mask).to(ACC)
             tl.store(b_p + off, d.to(DT), mask=mask)
         v -= lr * d
         tl.store(v_p + off, v.to(DT), mask=mask)
-        tl.store(w_p + off, (v / new).to(DT), mask=mask)
+        tl.store(w_p + off, (v * new).to(DT), mask=mask)
 
 
 @triton.jit

@@ -37,7 +37,7 @@ def _icr_dense(tiles, meta, cls, p_in, M, g_ptrs, v_ptrs, gv_ptrs, reduced, n,
         d_row = denominator(p_in, M, in_row, classes(cls, m, 5, g, rows, R, rmask, n), ACC)
         off = base + rows[:, None].to(tl.int64) * S + cols[None, :]
         mask = rmask[:, None] & cmask[None, :]
-        gv = tl.load(gw_p + off, mask=mask, other=0).to(ACC) / (d_row[:, None] * d_col[None, :])
+        gv = tl.load(gw_p + off, mask=mask, other=0).to(ACC) * ((1.0 / d_row)[:, None] * (1.0 / d_col)[None, :])
         tl.store(gv_p + off, gv.to(DT), mask=mask)
         contrib = gv * tl.load(v_p + off, mask=mask, other=0).to(ACC)
         if row_mode:                         # the class changes with the row: flush each step

@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import torch
 
-BS, BR, ROWS, WARPS = 128, 32, 128, 8   # tile columns, rows per step, rows per program, warps
+BS, BR, ROWS, WARPS = 128, 8, 64, 4     # tile columns, rows per step, rows per program, warps
 NF = 11                                 # meta fields per tensor
 
 

@@ -32,7 +32,7 @@ def _wa_dense(tiles, meta, cls, p_in, M, v_ptrs, w_ptrs, n,
         off = base + rows[:, None].to(tl.int64) * S + cols[None, :]
         mask = rmask[:, None] & cmask[None, :]
         x = tl.load(v + off, mask=mask).to(ACC)
-        tl.store(w + off, (x / (d_row[:, None] * d_col[None, :])).to(DT), mask=mask)
+        tl.store(w + off, (x * ((1.0 / d_row)[:, None] * (1.0 / d_col)[None, :])).to(DT), mask=mask)
 
 
 @triton.jit

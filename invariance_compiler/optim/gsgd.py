@@ -13,7 +13,7 @@ import torch.nn as nn
 
 from .. import kernels
 from ..analyze import analyze
-from ..codegen.allocate import carrier_grads, icr, make_allocation
+from ..codegen.allocate import carrier_grads, make_allocation
 from ..skeleton import Skeleton, build_skeleton
 from .scaled import run_closure
 
@@ -68,39 +68,28 @@ class GSGD(torch.optim.Optimizer):
         ps = self._alloc_params
         updates = [(self.state[p], p, p.grad) for p in group["params"]
                    if "v" not in self.state[p] and p.grad is not None]
-        if ps and kernels.use_triton(ps[0]):
-            self._fused_step(lr, mom, wd)
-            ps = []
         if ps:
-            vs = [self.state[p]["v"] for p in ps]
-            c = self.state[ps[0]]["carriers"]
-            gvs, g_p_in, g_c = icr(self.plan, self.plan.path_in(c), c, vs, [p.grad for p in ps], range(len(ps)))
-            g_c += carrier_grads(self.plan, g_p_in, c)
-            updates += [(self.state[p], v, g) for p, v, g in zip(ps, vs, gvs)]
-            updates.append((self.state[ps[0]], c, g_c))
-        for state, v, g in updates:                   # SGD on V (torch.optim.SGD's rule)
+            self._fused_step(lr, mom, wd)
+        for state, v, g in updates:                   # the rest: SGD (torch.optim.SGD's rule)
             d = g.add(v, alpha=wd) if wd else g
             if mom:
-                key = "carriers_momentum" if v is state.get("carriers") else "momentum_buffer"
-                buf = state.get(key)
+                buf = state.get("momentum_buffer")
                 if buf is None:
-                    buf = state[key] = d.clone()
+                    buf = state["momentum_buffer"] = d.clone()
                 else:
                     buf.mul_(mom).add_(d)
                 d = buf
             v.add_(d, alpha=-lr)
-        if ps:
-            c = self.state[ps[0]]["carriers"]
-            for p, w in zip(ps, self.plan(self.plan.path_in(c), c, *vs)):   # WA, skeleton fixed
-                p.copy_(w)
         return loss
 
     def _fused_step(self, lr: float, mom: float, wd: float) -> None:
-        """The same step with the kernels (kernels/gsgd_step.py): one pass to reduce, the carriers'
-        O(H) update here, one pass to update V, the momentum buffers and the weights in place."""
-        ops, plan, ps = kernels.ops(), self.plan, self._alloc_params
-        index = range(len(ps))
-        layout = plan.layout(index)
+        """ICR, SGD on V and WA in two passes (kernels/gsgd_step.py; Triton on CUDA, the same in
+        PyTorch on CPU): reduce, then the carriers' O(H) update, then V, the momentum buffers and
+        the weights in place."""
+        plan, ps = self.plan, self._alloc_params
+        triton = kernels.use_triton(ps[0])
+        ops = kernels.ops() if triton else _TorchStep(plan)
+        layout = plan.layout(range(len(ps))) if triton else None
         state0 = self.state[ps[0]]
         c = state0["carriers"]
         gws = [p.grad.contiguous() if p.grad is not None else torch.zeros_like(p) for p in ps]
@@ -118,3 +107,60 @@ class GSGD(torch.optim.Optimizer):
             bufs = [self.state[p].setdefault("momentum_buffer", torch.empty_like(p)) for p in ps]
         ops.gsgd_update(gws, [self.state[p]["v"] for p in ps], bufs, [p.data for p in ps], p_old,
                         plan.path_in(c), plan.M, c, layout, plan.n, lr, mom, wd, first)
+
+
+class _TorchStep:
+    """The two passes of kernels/gsgd_step.py in PyTorch (CPU tensors), with the same signatures."""
+
+    def __init__(self, plan):
+        self.plan = plan
+
+    def gsgd_reduce(self, gws, ws, p_in, M, num_carriers, layout, n):
+        plan = self.plan
+        reduced = torch.zeros_like(p_in)
+        g_car = p_in.new_zeros(num_carriers)
+        for i, (gw, w) in enumerate(zip(gws, ws)):
+            inp = plan.buf("in", i)
+            if plan.scales_in[i]:                     # Σ ∂L/∂W ⊙ W per input class
+                dims = [d for d in range(w.dim()) if inp.shape[d] == 1 and w.shape[d] > 1]
+                col = torch.mul(gw, w)
+                col = col.sum(dim=dims, keepdim=True) if dims else col
+                reduced.index_add_(0, inp.expand(col.shape).reshape(-1), col.reshape(-1))
+            gwf, wf = gw.reshape(-1), w.reshape(-1)
+            k, j = plan.buf("fixed_idx", i), plan.buf("carrier_idx", i)
+            if k.numel():                             # fixed entries are no coordinates
+                reduced.index_add_(0, plan.buf("fixed_in", i), -(gwf[k] * wf[k]))
+            if j.numel():                             # the carriers' direct gradient
+                g_car.index_add_(0, plan.buf("carrier_cls", i), gwf[j] / plan.carrier_denominator(i, p_in))
+        return reduced, g_car
+
+    def gsgd_update(self, gws, vs, bufs, ws, p_old, p_new, M, carriers, layout, n, lr, mom, wd, first):
+        plan = self.plan
+        r_old, r_new, r_out = 1.0 / p_old, 1.0 / p_new, 1.0 / M
+        for i, (gw, v, w) in enumerate(zip(gws, vs, ws)):
+            inp, out = plan.buf("in", i), plan.buf("out", i)
+            s_old = r_old[inp] * r_out[out]           # 1 / den: ∂L/∂V = ∂L/∂W ⊙ s_old
+            if mom:
+                buf = bufs[i]
+                if first:
+                    torch.mul(gw, s_old, out=buf)
+                else:
+                    buf.mul_(mom).addcmul_(gw, s_old)
+                if wd:
+                    buf.add_(v, alpha=wd)
+                v.add_(buf, alpha=-lr)
+            elif wd:
+                v.add_(torch.mul(gw, s_old).add_(v, alpha=wd), alpha=-lr)
+            else:
+                v.addcmul_(gw, s_old, value=-lr)
+            torch.mul(v, r_new[inp] * r_out[out], out=w)               # WA
+            k, j = plan.buf("fixed_idx", i), plan.buf("carrier_idx", i)
+            slots = [(k, plan.buf("fixed_val", i))]
+            if j.numel():
+                slots.append((j, carriers[plan.buf("carrier_cls", i)] / plan.carrier_denominator(i, p_new)))
+            for idx, val in slots:
+                if idx.numel():
+                    w.view(-1)[idx] = val.to(w.dtype)
+                    for t in (v, bufs[i] if mom else None):
+                        if t is not None:
+                            t.view(-1)[idx] = 0
