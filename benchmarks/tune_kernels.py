@@ -11,12 +11,10 @@ import argparse
 import itertools
 
 import torch
-import torch.nn as nn
 
-import invariance_compiler as ic
 from invariance_compiler import kernels
 from invariance_compiler.kernels import layout as lay
-from invariance_compiler.kernels.profile import kernel_ms, peak_bandwidth
+from invariance_compiler.kernels.profile import bench_group, kernel_ms, peak_bandwidth
 
 
 def main():
@@ -26,14 +24,8 @@ def main():
     if not torch.cuda.is_available():
         raise SystemExit("tune_kernels: needs a CUDA GPU")
     dev = torch.device("cuda")
-    torch.manual_seed(0)
-    s = args.side
-    model = nn.Sequential(nn.Linear(s, s), nn.ReLU(), nn.Linear(s, s), nn.ReLU(), nn.Linear(s, 10))
-    cm = ic.compile_invariant(model, (torch.randn(2, s),), scale_activations=False).to(dev)
-    plan, c = cm.allocate, cm.v_carriers.detach()
-    vs = [getattr(cm, cm._v_attr[cm._allocated[i]]).detach() for i in plan.wa]
-    gws, ws, bufs = [torch.randn_like(v) for v in vs], [v.clone() for v in vs], [torch.zeros_like(v) for v in vs]
-    p_in, ops = plan.path_in(c), kernels.ops()
+    plan, c, p_in, vs, gws, ws, bufs = bench_group(dev, args.side)
+    ops = kernels.ops()
     nbytes = sum(v.numel() for v in vs) * 4
     peak = peak_bandwidth(dev) or float("nan")
     print(f"{torch.cuda.get_device_name()}, {sum(v.numel() for v in vs) / 1e6:.1f}M fp32 entries; % of peak")

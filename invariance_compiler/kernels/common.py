@@ -75,3 +75,20 @@ def denominator(p_in, M, cin, cout, ACC: tl.constexpr):
 @triton.jit
 def tensor_ptr(table, t, DT: tl.constexpr):
     return tl.load(table + t).to(tl.pointer_type(DT))
+
+
+@triton.jit
+def add_by_class(reduced, acc, contrib, in_row, rmask, n, row_mode):
+    """One row step of a tile's per-class reduction: flushed by row where the input class changes
+    with the row, else summed in registers (acc) for `flush_columns` at the end."""
+    if row_mode:
+        tl.atomic_add(reduced + in_row, tl.sum(contrib, 1), mask=rmask & (in_row != n))
+    else:
+        acc += contrib
+    return acc
+
+
+@triton.jit
+def flush_columns(reduced, acc, in_col, cmask, n, row_mode):
+    if not row_mode:
+        tl.atomic_add(reduced + in_col, tl.sum(acc, 0), mask=cmask & (in_col != n))

@@ -15,7 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import acc_dtype, classes, denominator, dtypes, locate, pointers, small_tensor, tensor_ptr
+from .common import (acc_dtype, add_by_class, classes, denominator,
+                     dtypes, flush_columns, locate, pointers, small_tensor, tensor_ptr)
 from .layout import tile_args
 from .wa import SPARSE_BLOCK, launch_sparse_grid
 
@@ -39,12 +40,8 @@ def _reduce_dense(tiles, meta, cls, g_ptrs, w_ptrs, reduced, n,
         off = base + rows[:, None].to(tl.int64) * S + cols[None, :]
         mask = rmask[:, None] & cmask[None, :]
         contrib = tl.load(gw_p + off, mask=mask, other=0).to(ACC) * tl.load(w_p + off, mask=mask, other=0).to(ACC)
-        if row_mode:                         # the class changes with the row: flush each step
-            tl.atomic_add(reduced + in_row, tl.sum(contrib, 1), mask=rmask & (in_row != n))
-        else:                                # the class is the column's: sum in registers
-            acc += contrib
-    if not row_mode:
-        tl.atomic_add(reduced + in_col, tl.sum(acc, 0), mask=cmask & (in_col != n))
+        acc = add_by_class(reduced, acc, contrib, in_row, rmask, n, row_mode)
+    flush_columns(reduced, acc, in_col, cmask, n, row_mode)
 
 
 @triton.jit

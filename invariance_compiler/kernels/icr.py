@@ -11,7 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import acc_dtype, classes, denominator, dtypes, locate, pointers, tensor_ptr
+from .common import (acc_dtype, add_by_class, classes, denominator,
+                     dtypes, flush_columns, locate, pointers, tensor_ptr)
 from .layout import tile_args
 from .wa import SPARSE_BLOCK, launch_sparse_grid
 
@@ -40,12 +41,8 @@ def _icr_dense(tiles, meta, cls, p_in, M, g_ptrs, v_ptrs, gv_ptrs, reduced, n,
         gv = tl.load(gw_p + off, mask=mask, other=0).to(ACC) * ((1.0 / d_row)[:, None] * (1.0 / d_col)[None, :])
         tl.store(gv_p + off, gv.to(DT), mask=mask)
         contrib = gv * tl.load(v_p + off, mask=mask, other=0).to(ACC)
-        if row_mode:                         # the class changes with the row: flush each step
-            tl.atomic_add(reduced + in_row, tl.sum(contrib, 1), mask=rmask & (in_row != n))
-        else:                                # the class is the column's: sum in registers
-            acc += contrib
-    if not row_mode:
-        tl.atomic_add(reduced + in_col, tl.sum(acc, 0), mask=cmask & (in_col != n))
+        acc = add_by_class(reduced, acc, contrib, in_row, rmask, n, row_mode)
+    flush_columns(reduced, acc, in_col, cmask, n, row_mode)
 
 
 @triton.jit

@@ -67,16 +67,21 @@ def timer(device: torch.device):
     return cpu
 
 
-def kernel_table(device: torch.device, side: int) -> str:
-    """Markdown: the kernels on the weights of a ReLU MLP side-side-side-10 (two side² tensors)."""
+def bench_group(device: torch.device, side: int):
+    """The WA group of a ReLU MLP side-side-side-10 (two side² weights) with random gradients:
+    (plan, carriers, P_in, vs, gws, ws, bufs)."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(side, side), nn.ReLU(), nn.Linear(side, side), nn.ReLU(), nn.Linear(side, 10))
     cm = compile_invariant(model, (torch.randn(2, side),), scale_activations=False).to(device)
     plan, c = cm.allocate, cm.v_carriers.detach()
     vs = [getattr(cm, cm._v_attr[cm._allocated[i]]).detach() for i in plan.wa]
-    gws = [torch.randn_like(v) for v in vs]
-    ws, bufs = [v.clone() for v in vs], [torch.zeros_like(v) for v in vs]
-    p_in = plan.path_in(c)
+    return (plan, c, plan.path_in(c), vs, [torch.randn_like(v) for v in vs], [v.clone() for v in vs],
+            [torch.zeros_like(v) for v in vs])
+
+
+def kernel_table(device: torch.device, side: int) -> str:
+    """Markdown: the kernels on the bench_group tensors."""
+    plan, c, p_in, vs, gws, ws, bufs = bench_group(device, side)
     layout, entries = plan.layout(plan.wa), sum(v.numel() for v in vs)
     nbytes = entries * vs[0].element_size()
     ms = timer(device)
