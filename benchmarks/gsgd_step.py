@@ -24,14 +24,11 @@ def mlp():
                          nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 10))
 
 
-def main():
-    p = argparse.ArgumentParser()
-    p.add_argument("--repeats", type=int, default=40)
-    args = p.parse_args()
+def table(repeats: int = 40) -> str:
     torch.manual_seed(0)
     x, y = torch.randn(256, 784), torch.randint(0, 10, (256,))
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; optimizer step alone, ms (median)")
-    print("| momentum | weight decay | SGD(foreach) | GSGD | GSGD / SGD |\n|---|---|---|---|---|")
+    rows = ["| momentum | weight decay | SGD(foreach) step | GSGD step | GSGD / SGD (median of interleaved) |",
+            "|---|---|---|---|---|"]
     for mom, wd in ((0.0, 0.0), (0.9, 0.0), (0.9, 5e-4)):
         a, b = mlp(), mlp()
         sgd = torch.optim.SGD(a.parameters(), lr=1e-3, momentum=mom, weight_decay=wd, foreach=True)
@@ -41,7 +38,7 @@ def main():
         ta, tb = [], []
         for _ in range(3):
             sgd.step(), gsgd.step()
-        for _ in range(args.repeats):
+        for _ in range(repeats):
             t0 = time.perf_counter()
             sgd.step()
             t1 = time.perf_counter()
@@ -50,7 +47,15 @@ def main():
             ta.append(t1 - t0)
             tb.append(t2 - t1)
         ratio = statistics.median(q / s for s, q in zip(ta, tb))
-        print(f"| {mom} | {wd} | {statistics.median(ta) * 1e3:.2f} | {statistics.median(tb) * 1e3:.2f} | {ratio:.2f} |")
+        rows.append(f"| {mom} | {wd} | {statistics.median(ta) * 1e3:.2f} ms | {statistics.median(tb) * 1e3:.2f} ms "
+                    f"| {ratio:.2f} |")
+    return "\n".join(rows)
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--repeats", type=int, default=40)
+    print(table(p.parse_args().repeats))
 
 
 if __name__ == "__main__":

@@ -4,13 +4,10 @@
 
 Runs are interleaved (original, gspace, fixed, original, ...) and each ratio is the median of the
 per-round ratios, so drifting machine load cancels. Targets (DESIGN §6): gspace / original <= 1.10
-(aim 1.03) on the MLP 784-1024-1024-1024-10 at batch 256. Also times compile_invariant on the
-ResNet-50-shaped model (target <= 10 s)."""
+(aim 1.03) on the MLP 784-1024-1024-1024-10 at batch 256."""
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import statistics
 import time
 
@@ -19,7 +16,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import invariance_compiler as ic
-from invariance_compiler.zoo import resnet50_like
 
 
 def mlp():
@@ -69,28 +65,19 @@ def bench(name, build, repeats):
     return rows
 
 
+def table(repeats: int = 30) -> str:
+    rows = ["| model | form | original step | compiled step | ratio (median of interleaved) |",
+            "|---|---|---|---|---|"]
+    for name, build in (("MLP 784-1024x3-10, batch 256", mlp), ("CNN 2 conv + 2 fc, batch 64, 32x32", cnn)):
+        for row in bench(name, build, repeats):
+            rows.append(f"| {row[0]} | {row[1]} | {row[2]:.2f} ms | {row[3]:.2f} ms | {row[4]:.3f} |")
+    return "\n".join(rows)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeats", type=int, default=30)
-    args = ap.parse_args()
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads\n")
-    print("| model | form | original step | compiled step | ratio (median of interleaved) |")
-    print("|---|---|---|---|---|")
-    for name, build in (("MLP 784-1024x3-10, batch 256", mlp), ("CNN 2 conv + 2 fc, batch 64, 32x32", cnn)):
-        for row in bench(name, build, args.repeats):
-            print(f"| {row[0]} | {row[1]} | {row[2]:.2f} ms | {row[3]:.2f} ms | {row[4]:.3f} |")
-    model = resnet50_like()
-    x = torch.randn(2, 3, 224, 224)
-    for form in ("gspace", "fixed"):
-        t = time.perf_counter()
-        cm = ic.compile_invariant(model, x[:1], form=form)
-        took = time.perf_counter() - t
-        with torch.no_grad():
-            ref, out = model(x), cm(x)
-        err = float((out - ref).norm() / ref.norm())
-        print(f"\ncompile_invariant(ResNet-50-shaped, 224x224, {form}): {took:.2f} s; "
-              f"output relative error {err:.1e} (float32)")
+    print(table(ap.parse_args().repeats))
 
 
 if __name__ == "__main__":

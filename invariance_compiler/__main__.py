@@ -1,4 +1,4 @@
-"""Command line: `python -m invariance_compiler [demo | analyze NAME... | zoo]`."""
+"""Command line: `python -m invariance_compiler [demo | analyze NAME... | zoo | profile]`."""
 from __future__ import annotations
 
 import argparse
@@ -9,9 +9,6 @@ import torch
 
 from . import analyze
 from .zoo import ZOO
-
-DEMO = ["arch1", "arch2", "cnn_pool", "resnet_basic", "densenet", "mini_transformer"]
-
 
 def _show(name: str) -> None:
     model, x = ZOO[name]()
@@ -27,7 +24,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m invariance_compiler",
                                      description="Find the rescaling symmetries of PyTorch models.")
     sub = parser.add_subparsers(dest="cmd")
-    sub.add_parser("demo", help="analyze several example models and print their reports (default)")
+    d = sub.add_parser("demo", help="analyze, compile, train on digits, profile (default)")
+    d.add_argument("--out", default="out/demo", help="where the table, the PNG and the profile go")
+    d.add_argument("--epochs", type=int, default=20)
     p = sub.add_parser("analyze", help="analyze models of the built-in zoo")
     p.add_argument("names", nargs="+", choices=sorted(ZOO), metavar="NAME")
     sub.add_parser("zoo", help="list the built-in example models")
@@ -46,11 +45,8 @@ def main(argv=None) -> int:
         for name in args.names:
             _show(name)
     else:
-        print("invariance_compiler demo: the positive rescaling group of a few architectures.\n"
-              "Each table counts, per layer, the generators it produces: rescale (a unit's scale\n"
-              "moves to the next layer), normalize (a normaliser absorbs it), inert (no effect).\n")
-        for name in DEMO:
-            _show(name)
+        from .demo import main as demo
+        return demo(getattr(args, "out", "out/demo"), getattr(args, "epochs", 20))
     return 0
 
 
