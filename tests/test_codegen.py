@@ -168,7 +168,7 @@ def test_balance_equalises_squared_weight_in_and_out_of_every_rescale_class():
         model[0].bias.mul_(30.0)
     ref = model(*x)
     report = ic.analyze(model, x)
-    before = sum(float(p.square().sum()) for p in model.parameters())
+    before = sum(float(p.detach().square().sum()) for p in model.parameters())
     balance(report, model)
     after = sum(float(p.square().sum()) for p in model.parameters())
     assert torch.allclose(model(*x), ref, rtol=1e-10, atol=1e-12)
