@@ -170,7 +170,7 @@ def test_balance_equalises_squared_weight_in_and_out_of_every_rescale_class():
     report = ic.analyze(model, x)
     before = sum(float(p.detach().square().sum()) for p in model.parameters())
     balance(report, model)
-    after = sum(float(p.square().sum()) for p in model.parameters())
+    after = sum(float(p.detach().square().sum()) for p in model.parameters())
     assert torch.allclose(model(*x), ref, rtol=1e-10, atol=1e-12)
     assert after < before
     for g in report.generators:                    # stationarity: d/dλ Σ‖w‖² = 0

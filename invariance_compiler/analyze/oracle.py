@@ -70,33 +70,38 @@ def _redraw(model: nn.Module, gen: torch.Generator):
 
 
 def null_space(model: nn.Module, inputs, draws: int | None = None, seed: int = 0,
-               rtol: float = 1e-9, rows_per_param: float = 3.0):
-    """Joint null space of J(θ_k)·diag(θ_k) over random θ_k. With draws=None, as many draws as
-    give rows_per_param x m rows (at least 3): a small batch and many draws is far cheaper than
-    one big batch. Returns (basis (m, d), singular values)."""
+               rtol: float = 1e-9, rows_per_param: float = 3.0, max_rounds: int = 8):
+    """Joint null space of J(θ_k)·diag(θ_k) over random θ_k. With draws=None, rounds of draws (each
+    giving rows_per_param x m rows, at least 6 draws) are added until a round leaves the dimension
+    unchanged: a narrow layer makes each J low-rank, and invariances that hold only at one θ (an
+    additive shift that a normaliser's zero mean hides, say) then need many draws to drop out.
+    Returns (basis (m, d), singular values)."""
     m = prepare(model)
     inputs = tuple(x.double() if x.is_floating_point() else x for x in inputs)
     names = [n for n, _ in m.named_parameters()]
     n_params = sum(p.numel() for p in m.parameters())
-    if draws is None:
-        with torch.no_grad():
-            rows = _outputs(m, inputs).numel()
-        draws = max(6, math.ceil(rows_per_param * n_params / rows))
+    with torch.no_grad():
+        rows = _outputs(m, inputs).numel()
+    per_round = draws if draws is not None else max(6, math.ceil(rows_per_param * n_params / rows))
     gen = torch.Generator().manual_seed(seed)
-    blocks = []
-    for _ in range(draws):
-        _redraw(m, gen)
-        theta = {n: p.detach().clone() for n, p in m.named_parameters()}
-        f = lambda params: _outputs_functional(m, params, inputs)
-        jac = torch.func.jacrev(f)(theta)
-        J = torch.cat([jac[n].reshape(jac[n].shape[0], -1) for n in names], dim=1)   # (outputs, m)
-        blocks.append(J * torch.cat([theta[n].reshape(-1) for n in names]))
-    M = torch.cat(blocks)
-    if M.shape[0] < M.shape[1]:
-        raise ValueError(f"null_space: {M.shape[0]} output rows for {M.shape[1]} parameters; use "
-                         f"more draws or a larger batch so that draws x batch x outputs >= parameters")
-    _, s, vh = torch.linalg.svd(M, full_matrices=True)
-    rank = int((s > rtol * s.max()).sum())
+    f = lambda params: _outputs_functional(m, params, inputs)     # noqa: E731
+    blocks, dims = [], []
+    for _ in range(1 if draws is not None else max_rounds):
+        for _ in range(per_round):
+            _redraw(m, gen)
+            theta = {n: p.detach().clone() for n, p in m.named_parameters()}
+            jac = torch.func.jacrev(f)(theta)
+            J = torch.cat([jac[n].reshape(jac[n].shape[0], -1) for n in names], dim=1)   # (outputs, m)
+            blocks.append(J * torch.cat([theta[n].reshape(-1) for n in names]))
+        M = torch.cat(blocks)
+        if M.shape[0] < M.shape[1]:
+            raise ValueError(f"null_space: {M.shape[0]} output rows for {M.shape[1]} parameters; use "
+                             f"more draws or a larger batch so that draws x batch x outputs >= parameters")
+        _, s, vh = torch.linalg.svd(M, full_matrices=True)
+        rank = int((s > rtol * s.max()).sum())
+        dims.append(n_params - rank)
+        if len(dims) > 1 and dims[-1] == dims[-2]:
+            break
     return vh[rank:].T, s
 
 

@@ -73,10 +73,25 @@ class Allocation(nn.Module):
             self.register_buffer(f"fixed_scaled{i}", (p["fixed_val"].to(torch.float64) * M[
                 p["out"].expand(shape).reshape(-1)[p["fixed_idx"]]]).to(dtype))
         self.shapes = [p["shape"] for p in plans]
+        self._build_layouts()
+
+    def _build_layouts(self) -> None:
         self._layouts: dict = {}
         if self.wa:       # the kernels' view of the WA group; a buffer, so it follows .to(device)
             for name, t in zip(FIELDS, build_group(self, self.wa, [self.shapes[i] for i in self.wa])):
-                self.register_buffer(f"wa_{name}", t, persistent=False)
+                self.register_buffer(f"wa_{name}", t.to(self.M.device), persistent=False)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # A checkpoint of a module with another skeleton has other numbers of fixed and carrier
+        # entries: adopt its shapes (the plan is data), then rebuild what is derived from them.
+        for name, buf in self._buffers.items():
+            new = state_dict.get(prefix + name)
+            if buf is None or name in self._non_persistent_buffers_set or not isinstance(new, torch.Tensor):
+                continue
+            if new.shape != buf.shape:
+                self._buffers[name] = torch.empty(new.shape, dtype=buf.dtype, device=buf.device)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._build_layouts()
 
     def __getstate__(self):
         state = self.__dict__.copy()

@@ -76,6 +76,20 @@ class InvariantModule(torch.fx.GraphModule):
                 out[key] = self._extra_buffers[key]
         return out
 
+    # The skeleton and the values export needs travel in state_dict (as tensors, so that
+    # torch.load(weights_only=True) reads them): a module compiled from other weights, whose
+    # skeleton differs, then loads a checkpoint and becomes the saved module (its plan buffers,
+    # resized by Allocation, come with the same state_dict).
+    def get_extra_state(self):
+        return {"skeleton": self.skeleton.state(), "unused": dict(self._unused),
+                "extra_buffers": dict(self._extra_buffers)}
+
+    def set_extra_state(self, state) -> None:
+        from ..skeleton import Skeleton
+        self.skeleton = Skeleton.from_state(self.report, state["skeleton"])
+        self._unused = {k: v.clone() for k, v in state["unused"].items()}
+        self._extra_buffers = {k: v.clone() for k, v in state["extra_buffers"].items()}
+
     _EXTRAS = ("form", "report", "skeleton", "_v_attr", "_allocated", "_unused", "_state_keys",
                "_extra_buffers")
 

@@ -7,6 +7,7 @@ import math
 import operator
 
 import torch
+import torch.fx
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -138,7 +139,41 @@ def power(ctx, x, exponent=None, **kwargs):
 def prelu(ctx, x, weight=None, **kwargs):
     weight = ctx.param_value(ctx.module.weight) if ctx.module is not None else weight
     ctx.bind(weight, [])         # the slope is a ratio: it never scales
+    if weight is not None and weight.param is not None and _non_negative(ctx, ctx.node.args[0]):
+        ctx.bindings[weight.param.name].inert = True    # the slope only ever meets negative inputs
     return ctx.value(ctx.ids(x))
+
+
+_NON_NEGATIVE = (torch.relu, F.relu, torch.abs, torch.sigmoid, F.sigmoid, torch.exp, torch.softmax,
+                 F.softmax, F.relu6, F.softplus, "relu", "abs", "sigmoid", "exp", "softmax")
+_NON_NEGATIVE_MODULES = (nn.ReLU, nn.ReLU6, nn.Sigmoid, nn.Softmax, nn.Softplus)
+# non-negative in, non-negative out: pooling, reshapes, and activations that are the identity or
+# increasing through 0 on x >= 0
+_KEEPS_SIGN = (F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
+               F.adaptive_max_pool2d, F.adaptive_avg_pool2d, F.dropout, torch.flatten, torch.tanh,
+               F.tanh, F.gelu, F.silu, F.elu, F.leaky_relu, F.hardtanh, F.prelu, "flatten", "view",
+               "reshape", "contiguous", "tanh")
+_KEEPS_SIGN_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d,
+                       nn.AvgPool3d, nn.AdaptiveMaxPool2d, nn.AdaptiveAvgPool2d, nn.Dropout,
+                       nn.Flatten, nn.Identity, nn.Tanh, nn.GELU, nn.SiLU, nn.ELU, nn.LeakyReLU,
+                       nn.PReLU, nn.Hardtanh)
+
+
+def _non_negative(ctx, node) -> bool:
+    """Whether `node` is non-negative for every input and weight (a ReLU, through pooling and
+    reshapes). Structural, never from the example's values."""
+    if not isinstance(node, torch.fx.Node):
+        return False
+    if node.op == "call_module":
+        m = ctx.gm.get_submodule(node.target)
+        if isinstance(m, _NON_NEGATIVE_MODULES):
+            return True
+        return isinstance(m, _KEEPS_SIGN_MODULES) and _non_negative(ctx, node.args[0])
+    if node.op in ("call_function", "call_method"):
+        if node.target in _NON_NEGATIVE:
+            return True
+        return node.target in _KEEPS_SIGN and bool(node.args) and _non_negative(ctx, node.args[0])
+    return False
 
 
 _register([torch.relu, torch.relu_, F.relu, F.relu_, F.leaky_relu, F.leaky_relu_, F.rrelu, F.dropout,

@@ -1,6 +1,6 @@
 """Normalisers end a class: the scale of what they normalise is absorbed (a normalize generator),
 and their affine weight and bias start a fresh class per channel. BatchNorm/InstanceNorm absorb one
-scale per channel and make the bias of a Linear/Conv feeding only them inert (the mean removes it);
+scale per channel and make the bias of a Linear/Conv/normaliser feeding only them inert (the mean removes it);
 LayerNorm and RMSNorm absorb one joint scale per normalised vector; GroupNorm one per group.
 Eval-mode BatchNorm with running statistics is an affine map: it pins its input."""
 from __future__ import annotations
@@ -14,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import _register
+from .layers import _note_bias
 from .pooling import _tuple
 
 __all__ = ["batch_norm", "group_norm", "layer_norm", "mark_inert_biases"]
@@ -44,9 +45,8 @@ def _per_channel_out(ctx, cls):
 
 def mark_inert_biases(ctx) -> None:
     """A per-channel constant is removed by the mean of a BatchNorm/InstanceNorm (or a GroupNorm
-    with one channel per group). The bias of a Linear/Conv is inert when every route from it reaches
-    such a normaliser through ops that keep a per-channel constant per-channel: concatenation and
-    splits along channels, max-pooling, unpadded average pooling."""
+    with one channel per group). The bias of a Linear/Conv/normaliser is inert when every route from
+    it reaches such a normaliser through ops that keep a per-channel constant per-channel."""
     for node, (name, dim) in ctx.bias_of.items():
         if dim == 1 and _only_centred(ctx, node):
             ctx.bindings[name].inert = True
@@ -56,19 +56,37 @@ def _only_centred(ctx, node) -> bool:
     for user in node.users:
         if user in ctx.centred and user.args[0] is node:
             continue
-        if not (_keeps_channel_constants(ctx, user) and _only_centred(ctx, user)):
+        if not (_keeps_channel_constants(ctx, user, node) and _only_centred(ctx, user)):
             return False
     return bool(node.users)
 
 
-def _keeps_channel_constants(ctx, node) -> bool:
+_ADD = (operator.add, operator.sub, torch.add, torch.sub, "add", "sub")
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def _keeps_channel_constants(ctx, node, src) -> bool:
+    """Whether a constant per channel (dim 1) added to `src` reaches the output of `node` as a
+    constant per channel: data movement along channels, max-pooling, unpadded average pooling,
+    sums, and affine layers that treat every position alike (a Linear on (N, C), a convolution
+    without padding)."""
     t = node.target
     if node.op == "call_module":
         m = ctx.gm.get_submodule(t)
+        if isinstance(m, nn.Linear):
+            return node.args[0] is src and _ndim(node) == 2
+        if isinstance(m, _CONVS):
+            return node.args[0] is src and _unpadded(m.padding)
         if isinstance(m, (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveMaxPool1d,
                           nn.AdaptiveMaxPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d)):
             return True
         return isinstance(m, (nn.AvgPool1d, nn.AvgPool2d)) and not any(_tuple(m.padding, 1))
+    if t in _ADD:
+        return True
+    if t is F.linear:
+        return node.args[0] is src and _ndim(node) == 2
+    if t in (F.conv1d, F.conv2d, F.conv3d):
+        return node.args[0] is src and _unpadded(node.kwargs.get("padding", node.args[4] if len(node.args) > 4 else 0))
     dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
     if t in (torch.cat, torch.concat):
         return dim == 1
@@ -80,6 +98,15 @@ def _keeps_channel_constants(ctx, node) -> bool:
             torch.split, torch.chunk, "split", "chunk")
     return t in (F.max_pool1d, F.max_pool2d, F.max_pool3d, F.adaptive_max_pool2d,
                  F.adaptive_avg_pool2d, F.adaptive_avg_pool1d)
+
+
+def _ndim(node) -> int:
+    value = node.meta.get("ic_value")
+    return len(value.shape) if hasattr(value, "shape") else -1
+
+
+def _unpadded(padding) -> bool:
+    return padding == "valid" or (not isinstance(padding, str) and not any(_tuple(padding, 1)))
 
 
 def batch_norm(ctx, x, running_mean=None, running_var=None, weight=None, bias=None, training=False,
@@ -100,6 +127,7 @@ def batch_norm(ctx, x, running_mean=None, running_var=None, weight=None, bias=No
                          f"running statistics, which pins its input (call model.train() to analyse "
                          f"the training-time symmetry)")
         ctx.pin(x, reason="eval-mode normalisation with running statistics is affine")
+    _note_bias(ctx, bias, 1)               # its own bias is a per-channel constant too
     return _per_channel_out(ctx, _affine(ctx, weight, bias, (x.shape[1],)))
 
 
@@ -117,6 +145,7 @@ def group_norm(ctx, x, num_groups=None, weight=None, bias=None, eps=1e-5):
     ctx.classes.union(cls, cls.max(dim=1, keepdim=True).values)   # one scale per group
     if num_groups == c:
         ctx.centred.add(ctx.node)
+    _note_bias(ctx, bias, 1)
     return _per_channel_out(ctx, _affine(ctx, weight, bias, (c,)))
 
 
@@ -128,6 +157,8 @@ def layer_norm(ctx, x, normalized_shape=None, weight=None, bias=None, eps=1e-5):
     nd = len(x.shape)
     ctx.reduce(x, range(nd - k, nd))                         # one joint scale per normalised vector
     shape = tuple(x.shape[nd - k:])
+    if k == 1:
+        _note_bias(ctx, bias, nd - 1)
     return ctx.value(_affine(ctx, weight, bias, shape).view((1,) * (nd - k) + shape))
 
 

@@ -1,0 +1,109 @@
+"""Stop and resume: state dicts of the compiled module (or of a plain model under GSGD) and of
+its optimizer, saved with torch.save and read with torch.load(weights_only=True), into objects
+built from *other* weights (so another skeleton), continue exactly like an uninterrupted run."""
+import copy
+import io
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import invariance_compiler as ic
+from invariance_compiler.zoo import ZOO
+
+
+def _roundtrip(obj):
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)
+
+
+def _batches(x, n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(x.shape, generator=g, dtype=x.dtype), torch.randint(0, 3, (x.shape[0],), generator=g))
+            for _ in range(n)]
+
+
+def _steps(model, opt, batches):
+    for xb, yb in batches:
+        opt.zero_grad()
+        F.cross_entropy(model(xb), yb).backward()
+        opt.step()
+
+
+OPTS = {"sgd": lambda ps: torch.optim.SGD(ps, lr=0.02, momentum=0.9, weight_decay=1e-3),
+        "adam": lambda ps: torch.optim.Adam(ps, lr=1e-3)}
+
+
+@pytest.mark.parametrize("form", ["gspace", "fixed"])
+@pytest.mark.parametrize("opt", sorted(OPTS))
+def test_resumed_training_is_bit_for_bit_the_uninterrupted_run(form, opt):
+    torch.manual_seed(0)
+    model, (x,) = ZOO["resnet_basic"]()               # BatchNorm: running stats are state too
+    batches = _batches(x, 6)
+    straight = ic.compile_invariant(model, x, form=form)
+    o = OPTS[opt](straight.parameters())
+    _steps(straight, o, batches)
+
+    first = ic.compile_invariant(model, x, form=form)
+    o1 = OPTS[opt](first.parameters())
+    _steps(first, o1, batches[:3])
+    saved = _roundtrip({"model": first.state_dict(), "opt": o1.state_dict()})
+
+    torch.manual_seed(123)                            # other weights: another skeleton
+    other, _ = ZOO["resnet_basic"]()
+    resumed = ic.compile_invariant(other, x, form=form)
+    differs = any(not torch.equal(a.fixed_idx, b.fixed_idx)
+                  for a, b in zip(resumed.skeleton.params.values(), first.skeleton.params.values()))
+    resumed.load_state_dict(saved["model"])
+    o2 = OPTS[opt](resumed.parameters())
+    o2.load_state_dict(saved["opt"])
+    _steps(resumed, o2, batches[3:])
+
+    assert differs, "the test should resume into a module whose own skeleton was different"
+    for (n, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items()):
+        if isinstance(a, torch.Tensor):
+            assert torch.equal(a, b), n
+    for k, v in straight.export_state_dict().items():
+        assert torch.equal(v, resumed.export_state_dict()[k]), k
+    xt = torch.randn(4, *x.shape[1:])
+    straight.eval(), resumed.eval()
+    assert torch.equal(straight(xt), resumed(xt))
+
+
+def test_gsgd_optimizer_resumes_bit_for_bit_on_a_plain_model():
+    torch.manual_seed(0)
+    model, (x,) = ZOO["mlp"]()
+    batches = _batches(x, 6)
+
+    a = copy.deepcopy(model)
+    oa = ic.optim.GSGD(a, lr=0.05, momentum=0.9, weight_decay=1e-3, example_inputs=x)
+    _steps(a, oa, batches)
+
+    b = copy.deepcopy(model)
+    ob = ic.optim.GSGD(b, lr=0.05, momentum=0.9, weight_decay=1e-3, example_inputs=x)
+    _steps(b, ob, batches[:3])
+    saved = _roundtrip({"model": b.state_dict(), "opt": ob.state_dict()})
+    torch.manual_seed(7)
+    c, _ = ZOO["mlp"]()                               # fresh weights, then the checkpoint
+    c.load_state_dict(saved["model"])
+    oc = ic.optim.GSGD(c, lr=0.05, momentum=0.9, weight_decay=1e-3, example_inputs=x)
+    oc.load_state_dict(saved["opt"])
+    _steps(c, oc, batches[3:])
+    for (n, p), q in zip(a.named_parameters(), c.parameters()):
+        assert torch.equal(p, q), n
+
+
+def test_exported_weights_of_a_resumed_module_reproduce_it_in_the_original_class():
+    torch.manual_seed(0)
+    model, (x,) = ZOO["cnn_pool"]()
+    model, x = model.double(), x.double()
+    cm = ic.compile_invariant(model, x, form="gspace")
+    _steps(cm, torch.optim.SGD(cm.parameters(), lr=0.05), _batches(x, 3))
+    torch.manual_seed(5)
+    fresh, _ = ZOO["cnn_pool"]()
+    other = ic.compile_invariant(fresh.double(), x, form="gspace")
+    other.load_state_dict(_roundtrip(cm.state_dict()))
+    fresh.load_state_dict(_roundtrip(other.export_state_dict()))
+    assert torch.allclose(fresh(x), cm(x), rtol=1e-12, atol=1e-14)
