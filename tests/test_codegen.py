@@ -222,3 +222,25 @@ def test_frozen_parameters_are_constants_and_never_move():
             cm(x).square().sum().backward()
             opt.step()
         assert torch.equal(cm.weights()["2.weight"], before), form
+
+
+@pytest.mark.parametrize("scale_activations", [True, False])
+def test_running_statistics_and_eval_mode_match_the_export(scale_activations):
+    """An inert bias (removed by the BatchNorm after it) does not change the training-mode output,
+    but BatchNorm's running mean records it: the compiled module must carry its true value."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3)).double()
+    x = torch.randn(16, 6, dtype=torch.float64)
+    cm = ic.compile_invariant(model, x, form="gspace", scale_activations=scale_activations)
+    ref = copy.deepcopy(model)
+    cm(x), ref(x)
+    assert torch.allclose(cm.state_dict()["1.running_mean"], ref.state_dict()["1.running_mean"], rtol=1e-12)
+    opt = torch.optim.SGD(cm.parameters(), lr=0.1)
+    for _ in range(3):
+        opt.zero_grad()
+        cm(x).square().mean().backward()
+        opt.step()
+    back = copy.deepcopy(model)
+    back.load_state_dict(cm.export_state_dict())
+    cm.eval(), back.eval()
+    assert torch.allclose(cm(x), back(x), rtol=1e-12, atol=1e-14)

@@ -147,3 +147,54 @@ def test_views_and_copies_of_a_weight_keep_its_symmetry():
     assert report.num_generators == 4 and not report.pins[:-1]
     idx, sign = report.generators[1].entries()["w1"]
     assert idx.tolist() == [1, 5, 9] and sign.tolist() == [1, 1, 1]      # column 1 of the stored (in, out)
+
+
+def test_an_input_whose_shape_breaks_an_example_dependent_flatten_is_refused():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 6, 5))
+    x = torch.randn(2, 3, 4, 6)
+    for form in ("gspace", "fixed"):
+        cm = ic.compile_invariant(model, x, form=form)
+        assert cm(torch.randn(7, 3, 4, 6)).shape == (7, 5)   # another batch size is fine
+        with pytest.raises(ValueError, match=r"module '2' \(Flatten\) reshapes a tensor of shape \(N, 4, 4, 6\).*"
+                                             r"got \(2, 4, 6, 4\).*Compile again"):
+            cm(torch.randn(2, 3, 6, 4))            # same number of features: torch alone would accept it
+    pooled = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                           nn.Linear(4, 5)).double()
+    cm = ic.compile_invariant(pooled, x.double())
+    y = torch.randn(2, 3, 9, 5, dtype=torch.float64)     # any size: the flatten sees (N, 4, 1, 1)
+    assert torch.allclose(cm(y), pooled(y), rtol=1e-12, atol=1e-14)
+
+
+def test_integer_parameters_are_kept_exact_and_never_trained():
+    class Picker(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.idx = nn.Parameter(torch.tensor([2, 0]), requires_grad=False)   # registered first
+            self.a, self.b = nn.Linear(3, 4), nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.b(torch.relu(self.a(x)))[:, self.idx]
+
+    model, x = Picker().double(), torch.randn(5, 3, dtype=torch.float64)
+    model.idx.data = torch.tensor([2, 0])                 # .double() left it alone; be explicit
+    for form in ("gspace", "fixed"):
+        cm = ic.compile_invariant(model, x, form=form)
+        assert torch.allclose(cm(x), model(x), rtol=1e-12)
+        opt = torch.optim.SGD([p for p in cm.parameters() if p.requires_grad], lr=0.1)
+        cm(x).sum().backward()
+        opt.step()
+        assert torch.equal(cm.export_state_dict()["idx"], torch.tensor([2, 0]))
+        assert cm.export_state_dict()["a.weight"].dtype == torch.float64
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_weights_are_refused_with_the_parameter_and_index(bad):
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    with torch.no_grad():
+        model[2].weight[1, 3] = bad
+    x = torch.randn(2, 3)
+    with pytest.raises(ValueError, match=r"compile_invariant: parameter '2.weight' has 1 non-finite entries "
+                                         r"\(first at index \(1, 3\)"):
+        ic.compile_invariant(model, x)
+    with pytest.raises(ValueError, match=r"GSGD: parameter '2.weight'"):
+        ic.optim.GSGD(model, example_inputs=x)

@@ -304,6 +304,13 @@ def make_allocation(report, sk, weights: dict, form: str, names: Sequence[str], 
     # a Linear goes through `linear` only if its weight is allocated at all (a frozen one is not)
     linear = {w: b for w, b in (linear or {}).items() if form == "gspace" and not sides[w][2]}
     in_linear = set(linear) | {b for b in linear.values() if b}
+    for w, b in linear.items():
+        # `linear` adds the bias before the output scaling 1/M, so a bias enters in the units of
+        # its weight's rows; an inert bias has no class of its own, so give it the rows' (its value
+        # still matters to what follows the centring: BatchNorm's running mean, eval mode)
+        if b and report.is_inert(b):
+            inp, _, trivial = sides[b]
+            sides[b] = (inp, sides[w][1][:, 0], trivial)           # rows of (out, 1)
     carriers = torch.zeros(n, dtype=torch.float64)
     init, planned, plans, wa = {}, [], [], []
     for name in names:
@@ -315,7 +322,8 @@ def make_allocation(report, sk, weights: dict, form: str, names: Sequence[str], 
         carriers[jc] = v.reshape(-1)[jx]                       # the carriers' path values
         v.reshape(-1)[ps.fixed_idx] = 0.0                      # K and J slots of V are unused
         v.reshape(-1)[jx] = 0.0
-        init[name] = v.to(dtype)
+        # integer parameters (indices, counts) cannot scale: the analysis pins them; keep them exact
+        init[name] = v.to(dtype) if weights[name].is_floating_point() else weights[name].clone()
         if not trivial:
             if name not in in_linear:
                 wa.append(len(planned))

@@ -21,9 +21,47 @@ import torch.fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["rewrite"]
+__all__ = ["rewrite", "guard_reshapes", "expect_shape"]
 
 _CONV = {nn.Conv1d: F.conv1d, nn.Conv2d: F.conv2d, nn.Conv3d: F.conv3d}
+
+
+_RESHAPES = (torch.flatten, torch.reshape, torch.unflatten, "flatten", "view", "reshape", "unflatten")
+
+
+def expect_shape(x: torch.Tensor, shape: tuple, where: str) -> torch.Tensor:
+    """Guard before a reshape whose element map the analysis took from the example input."""
+    if tuple(x.shape[1:]) != shape:
+        raise ValueError(
+            f"invariance_compiler: {where} reshapes a tensor of shape (N, {', '.join(map(str, shape))}) "
+            f"in the example the module was compiled with, but got {tuple(x.shape)}: which entries "
+            f"share a scale follows the example's layout, so the compiled symmetry may not hold for "
+            f"this shape. Compile again with an example of the new shape "
+            f"(compile_invariant(model, new_example)), or make the shape fixed before the reshape "
+            f"(adaptive pooling).")
+    return x
+
+
+def guard_reshapes(gm: torch.fx.GraphModule) -> int:
+    """Insert expect_shape before every flatten/view/reshape/unflatten that regroups non-batch dims
+    (input of 3 or more dims, per the analysis values in node.meta). Returns the number of guards."""
+    count = 0
+    for node in list(gm.graph.nodes):
+        mod = gm.get_submodule(node.target) if node.op == "call_module" else None
+        if not (isinstance(mod, (nn.Flatten, nn.Unflatten)) or
+                (node.op in ("call_function", "call_method") and node.target in _RESHAPES)):
+            continue
+        src = node.args[0] if node.args else None
+        shape = getattr(src.meta.get("ic_value"), "shape", None) if isinstance(src, torch.fx.Node) else None
+        if shape is None or len(shape) < 3:
+            continue
+        where = (f"module '{node.target}' ({type(mod).__name__})" if mod is not None else
+                 f"node '{node.name}' ({getattr(node.target, '__name__', node.target)})")
+        with gm.graph.inserting_before(node):
+            guard = gm.graph.call_function(expect_shape, (src, tuple(shape[1:]), where))
+        node.replace_input_with(src, guard)
+        count += 1
+    return count
 
 
 def attr_name(prefix: str, param: str, taken: set) -> str:

@@ -11,7 +11,7 @@ import torch.nn as nn
 from ..analyze import analyze
 from ..skeleton import build_skeleton, fix_to
 from .allocate import make_allocation, reference
-from .emit import attr_name, fetch, rewrite
+from .emit import attr_name, fetch, guard_reshapes, rewrite
 
 __all__ = ["compile_invariant", "InvariantModule"]
 
@@ -149,6 +149,7 @@ def compile_invariant(model: nn.Module, example_inputs: Any = None, form: str = 
         raise ValueError(f"compile_invariant: fixed must be 'keep', 'scale' or 'overwrite', got {fixed!r}")
     report = analyze(model, example_inputs, concrete_args=concrete_args)
     gm = copy.deepcopy(report.graph)
+    guard_reshapes(gm)                              # inputs of another shape must not pass silently
     for node in gm.graph.nodes:                     # analysis values are not part of the program
         node.meta.pop("ic_value", None)
     # deepcopy keeps sharing: map each copied parameter back to the model's canonical name
@@ -161,6 +162,7 @@ def compile_invariant(model: nn.Module, example_inputs: Any = None, form: str = 
         canonical[id(p)] = by_value[id(src)]
 
     weights = {n: p.detach().cpu().clone() for n, p in orig.items()}   # plans are built on CPU
+    _check_finite(weights, "compile_invariant")
     sk = skeleton if skeleton is not None else build_skeleton(report, weights, carriers=(form == "gspace"))
     if fixed == "scale":
         work = copy.deepcopy(model).cpu()
@@ -171,7 +173,7 @@ def compile_invariant(model: nn.Module, example_inputs: Any = None, form: str = 
             if ps.fixed_idx.numel() and not report.is_inert(name):
                 weights[name].reshape(-1)[ps.fixed_idx] = value
 
-    dtype = next(iter(orig.values())).dtype
+    dtype = _float_dtype(orig.values())
     used = {canonical[id(p)] for p in copied.values()}
     names = [n for n in report.param_names if n in used]
     unused = {n: weights[n] for n in report.param_names if n not in used}   # inert; kept for export
@@ -218,6 +220,21 @@ def _single_use_linears(gm: torch.fx.GraphModule, canonical: dict) -> dict:
             name = canonical[id(fetch(gm, node.target))]
             uses[name] = uses.get(name, 0) + 1
     return {w: b for w, b in linear.items() if uses.get(w) == 1 and (b is None or uses.get(b) == 1)}
+
+
+def _float_dtype(params) -> torch.dtype:
+    """The dtype of the allocation: that of the first floating-point parameter (integer ones are
+    constants the analysis pins)."""
+    return next((p.dtype for p in params if p.is_floating_point()), torch.get_default_dtype())
+
+
+def _check_finite(weights: dict, who: str) -> None:
+    for name, w in weights.items():
+        if w.is_floating_point() and not bool(torch.isfinite(w).all()):
+            bad = (~torch.isfinite(w)).nonzero()
+            raise ValueError(f"{who}: parameter '{name}' has {bad.shape[0]} non-finite entries (first at "
+                             f"index {tuple(bad[0].tolist())}: {w[tuple(bad[0])].item()}); the skeleton divides "
+                             f"by weights and would spread them. Repair or re-initialise it first.")
 
 
 def _has(root, path):

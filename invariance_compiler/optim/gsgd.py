@@ -14,6 +14,7 @@ import torch.nn as nn
 from .. import kernels
 from ..analyze import analyze
 from ..codegen.allocate import carrier_grads, make_allocation
+from ..codegen.module import _check_finite, _float_dtype
 from ..skeleton import Skeleton, build_skeleton
 from .scaled import run_closure
 
@@ -37,7 +38,8 @@ class GSGD(torch.optim.Optimizer):
         entries never move, so a resumed run rebuilds the same plan from the saved skeleton)."""
         named = self._named
         weights = {n: p.detach().cpu() for n, p in named.items()}
-        dtype = next(iter(named.values())).dtype
+        _check_finite(weights, "GSGD")
+        dtype = _float_dtype(named.values())
         self.skeleton = skeleton
         self.plan, v0, self.allocated, carriers = make_allocation(
             self.report, skeleton, weights, "gspace", list(named), dtype)
