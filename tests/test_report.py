@@ -113,3 +113,23 @@ def test_report_pickles():
     report = ic.analyze(_mlp([3, 4, 2]))
     clone = pickle.loads(pickle.dumps(report))
     assert torch.equal(clone.generator_matrix(), report.generator_matrix())
+
+
+def test_a_bias_is_inert_only_where_the_centring_really_removes_it():
+    """Per-channel constants reach a BatchNorm through a sum and a 1x1 convolution (inert), but a
+    Linear's bias broadcast onto the last image dim is a per-column constant (not inert)."""
+    from invariance_compiler.analyze import oracle
+
+    class Mixed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.conv, self.mix = nn.Linear(3, 4), nn.Conv2d(2, 4, 1), nn.Conv2d(4, 4, 1)
+            self.bn, self.out = nn.BatchNorm2d(4), nn.Linear(64, 2)
+
+        def forward(self, v, img):
+            return self.out(self.bn(self.mix(self.conv(img) + self.fc(v))).flatten(1))
+
+    model, v, img = Mixed().double(), torch.randn(4, 3, dtype=torch.float64), torch.randn(5, 2, 4, 4, dtype=torch.float64)
+    report = ic.analyze(model, (v, img))
+    assert report.is_inert("conv.bias") and report.is_inert("mix.bias") and not report.is_inert("fc.bias")
+    assert oracle.invariance_error(model, report, (v, img)) <= 1e-12

@@ -81,8 +81,8 @@ def _keeps_channel_constants(ctx, node, src) -> bool:
                           nn.AdaptiveMaxPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d)):
             return True
         return isinstance(m, (nn.AvgPool1d, nn.AvgPool2d)) and not any(_tuple(m.padding, 1))
-    if t in _ADD:
-        return True
+    if t in _ADD:                    # a sum keeps it, unless broadcasting moves dim 1 elsewhere
+        return _ndim(node) == _ndim(src)
     if t is F.linear:
         return node.args[0] is src and _ndim(node) == 2
     if t in (F.conv1d, F.conv2d, F.conv3d):
