@@ -11,7 +11,6 @@ import torch.nn.functional as F
 import invariance_compiler as ic
 from invariance_compiler.zoo import ZOO, _mlp
 
-from conftest import batch_like
 
 FORMS = ["gspace", "fixed"]
 

@@ -3,7 +3,6 @@ Arch1's tied pairs and Arch2's per-unit scales (first paper §2); residual-strea
 blocks; rank(A) = m - H (G-SGD Thm 3.4)."""
 import pytest
 import torch
-import torch.nn as nn
 
 import invariance_compiler as ic
 from invariance_compiler.zoo import ZOO, _mlp

@@ -10,7 +10,7 @@ import torch
 import torch.fx
 
 from .classes import ClassTable
-from .value import PIN, ZERO, ParamView, Value, compact, pinned_ids
+from .value import ParamView, Value, compact, pinned_ids
 
 __all__ = ["Context", "Binding"]
 

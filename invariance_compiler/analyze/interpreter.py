@@ -14,7 +14,7 @@ from .classes import ClassTable
 from .context import Context, _map_tensors, has_tensor
 from .rules import lookup
 from .rules.norms import mark_inert_biases
-from .value import ParamView, Value, pinned_ids
+from .value import Value, pinned_ids
 
 __all__ = ["SymmetryPass", "SymmetryWarning"]
 

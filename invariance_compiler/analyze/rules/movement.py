@@ -13,7 +13,6 @@ import torch.nn.functional as F
 from ..context import _map_tensors, has_tensor
 from ..value import PIN, ZERO, ParamView, Value, compact
 from . import _register
-from .elementwise import passthrough
 
 __all__ = ["movement"]
 
