@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 
 import invariance_compiler as ic
-from invariance_compiler.demo import digits, he_skeleton_init, mlp, train
+from invariance_compiler.demo import build_run, digits, he_skeleton_init, mlp, train
 
 
 class PathSGD(torch.optim.Optimizer):
@@ -56,28 +56,19 @@ class PathSGD(torch.optim.Optimizer):
 
 
 def make(name: str, start: nn.Module, example, lr: float):
-    """(module to train, optimizer) for one named method, from a copy of `start`."""
+    """(module to train, optimizer) for one named method, from a copy of `start`; the demo's
+    methods (SGD, G-SGD, G-Adam, fixed SGD) come from demo.build_run, without momentum."""
     model = copy.deepcopy(start)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        if name == "SGD":
-            return model, torch.optim.SGD(model.parameters(), lr=lr)
         if name == "Adam":
             return model, torch.optim.Adam(model.parameters(), lr=lr)
-        if name == "G-SGD":          # Algorithm 1 on the model's weights (fused step)
-            return model, ic.optim.GSGD(model, lr=lr, example_inputs=example)
         if name == "G-SGD (gspace)":  # the thesis's way: torch SGD on the G-space module
             cm = ic.compile_invariant(model, example, form="gspace")
             return cm, torch.optim.SGD(cm.parameters(), lr=lr)
-        if name == "G-Adam":
-            cm = ic.compile_invariant(model, example, form="gspace")
-            return cm, torch.optim.Adam(cm.parameters(), lr=lr)
-        if name == "fixed SGD":
-            cm = ic.compile_invariant(model, example, form="fixed")
-            return cm, torch.optim.SGD(cm.parameters(), lr=lr)
         if name == "Path-SGD":
             return model, PathSGD([m.weight for m in model if isinstance(m, nn.Linear)], lr)
-    raise ValueError(name)
+        return build_run(name, model, example, lr)
 
 
 def mean_std(xs):
