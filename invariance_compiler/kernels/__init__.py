@@ -3,8 +3,9 @@ step, each launched once per group of tensors (a pointer table), registered as c
 (`torch.ops.invariance_compiler.*`, with fake implementations, so torch.compile traces them).
 
 Dispatch (`use_triton`): CUDA tensors go to Triton, CPU tensors to the PyTorch reference in
-codegen/allocate.py. The one switch is the environment variable IC_KERNELS (or the context
-manager `mode`):
+codegen/allocate.py, except GSGD's step on fp32 / fp64 CPU weights, which runs the fused C++ step
+of cpu_step.cpp (`cpu_step`; built on first use, PyTorch where no compiler works). The one switch
+is the environment variable IC_KERNELS (or the context manager `mode`):
     auto       (default) as above;
     interpret  CPU tensors run the Triton kernels too, under TRITON_INTERPRET=1 (this is how CI
                tests them; set it before the first kernel call, and on a machine with a GPU
@@ -22,7 +23,7 @@ from types import ModuleType
 
 import torch
 
-__all__ = ["mode", "use_triton", "ops"]
+__all__ = ["mode", "use_triton", "ops", "cpu_step"]
 
 _mode = os.environ.get("IC_KERNELS", "auto")
 _ops: ModuleType | None = None
@@ -78,3 +79,12 @@ def ops() -> ModuleType:
         _ops.wa, _ops.icr = wa.wa, icr.icr
         _ops.gsgd_reduce, _ops.gsgd_update = gsgd_step.gsgd_reduce, gsgd_step.gsgd_update
     return _ops
+
+
+def cpu_step(plan, tensors, cached=None):
+    """The fused C++ G-SGD step (kernels/cpu.py) of `plan` for CPU `tensors` (`cached`, a step
+    this returned before for the same plan, where it fits), or None: the PyTorch path."""
+    if _check_mode(_mode) != "auto":
+        return None
+    from .cpu import cpu_step as build
+    return build(plan, tensors, cached)

@@ -3,7 +3,8 @@
   1. Per kernel (WA, ICR, the G-SGD step's two passes) on a group of large tensors: time, achieved
      GB/s (bytes the kernel must move / time) and the share of the device's peak bandwidth, beside
      a plain copy of the same bytes and the PyTorch reference path. GPU: kernel time from
-     torch.profiler (launch overhead excluded; the step table below includes it).
+     torch.profiler (launch overhead excluded; the step table below includes it). CPU: the whole
+     fused G-SGD optimizer step (kernels/cpu_step.cpp) beside torch.optim.SGD(foreach=True).
   2. A whole training step with GSGD over the same step with torch.optim.SGD(foreach=True):
      ResNet-18-shaped model at batch 128 on a GPU, the MLP 784-1024x3-10 at batch 256 on CPU;
      interleaved rounds, median of the per-round ratios.
@@ -99,15 +100,36 @@ def kernel_table(device: torch.device, side: int) -> str:
         rows.append(("G-SGD step: update (momentum)", 6,
                      ms(lambda: ops.gsgd_update(gws, vs, bufs, ws, p_in, p_in,
                                                 plan.M, c, layout, plan.n, 1e-9, 0.9, 0.0, False)), "Triton"))
+    rows = [(*r, nbytes) for r in rows]
+    if device.type == "cpu":
+        rows += cpu_step_rows(side, ms)
     peak = peak_bandwidth(device)
     out = [f"Kernels on {len(vs)} tensors, {entries / 1e6:.1f}M entries ({vs[0].dtype}), {_device_name(device)}; "
            f"peak {'%.2f TB/s' % (peak / 1e12) if peak else 'unknown'}.", "",
            "| kernel | path | passes | ms | GB/s | % of peak |", "|---|---|---|---|---|---|"]
-    for name, passes, t, path in rows:
+    for name, passes, t, path, nbytes in rows:
         gbs = passes * nbytes / (t * 1e-3) / 1e9
         share = f"{100 * gbs * 1e9 / peak:.0f}" if peak else "-"
         out.append(f"| {name} | {path} | {passes} | {t:.3f} | {gbs:.0f} | {share} |")
     return "\n".join(out)
+
+
+def cpu_step_rows(side: int, ms) -> list:
+    """The whole G-SGD optimizer step on CPU (the fused C++ step where it builds) beside
+    torch.optim.SGD(foreach=True), no momentum, on the parameters of the same MLP."""
+    import copy
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(side, side), nn.ReLU(), nn.Linear(side, side), nn.ReLU(), nn.Linear(side, 10))
+    twin = copy.deepcopy(model)
+    for m in (model, twin):
+        for p in m.parameters():
+            p.grad = torch.randn_like(p)
+    gsgd = GSGD(model, lr=1e-9, example_inputs=(torch.randn(2, side),))
+    sgd = torch.optim.SGD(twin.parameters(), lr=1e-9, foreach=True)
+    nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    t_gsgd = ms(gsgd.step)
+    return [("SGD(foreach) step (reference point)", 3, ms(sgd.step), "torch", nbytes),
+            ("G-SGD step: step + carriers + allocate", 5, t_gsgd, "C++" if gsgd._cpu else "PyTorch", nbytes)]
 
 
 def _device_name(device: torch.device) -> str:
@@ -199,8 +221,9 @@ def main(argv=None) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     parts = []
     if device.type != "cuda":
-        parts.append("No GPU here: these are CPU figures of the PyTorch reference path. GPU figures "
-                     "(Triton kernels, % of peak HBM bandwidth) need a machine with a CUDA GPU.")
+        parts.append("No GPU here: these are CPU figures (WA and ICR: the PyTorch reference path; the "
+                     "G-SGD step: the fused C++ step). GPU figures (Triton kernels, % of peak HBM "
+                     "bandwidth) need a machine with a CUDA GPU.")
     parts.append(kernel_table(device, args.side or (4096 if device.type == "cuda" else 1024)))
     parts.append(step_table(device, args.rounds or (20 if device.type == "cuda" else 10), args.trace))
     report = "\n\n".join(parts)

@@ -41,6 +41,7 @@ class GSGD(torch.optim.Optimizer):
         _check_finite(weights, "GSGD")
         dtype = _float_dtype(named.values())
         self.skeleton = skeleton
+        self._cpu = None                    # the fused CPU step of this plan, once built
         self.plan, v0, self.allocated, carriers = make_allocation(
             self.report, skeleton, weights, "gspace", list(named), dtype)
         for n in self.allocated:            # parameters outside the allocation are their own V
@@ -85,84 +86,91 @@ class GSGD(torch.optim.Optimizer):
         return loss
 
     def _fused_step(self, lr: float, mom: float, wd: float) -> None:
-        """ICR, SGD on V and WA in two passes (kernels/gsgd_step.py; Triton on CUDA, the same in
-        PyTorch on CPU): reduce, then the carriers' O(H) update, then V, the momentum buffers and
-        the weights in place."""
+        """ICR, SGD on V and WA in two passes over the weights with the carriers' O(H) update
+        between them. CUDA (kernels/gsgd_step.py): reduce over ∂L/∂W ⊙ W, then V, the momentum
+        buffers and W in one pass. CPU (kernels/cpu_step.cpp in one call, or _TorchStep where it
+        does not apply): V and the buffers with the reduction in one pass, then W, which saves
+        the second read of ∂L/∂W."""
         plan, ps = self.plan, self._alloc_params
-        triton = kernels.use_triton(ps[0])
-        ops = kernels.ops() if triton else _TorchStep(plan)
-        layout = plan.layout(range(len(ps))) if triton else None
         state0 = self.state[ps[0]]
         c = state0["carriers"]
         gws = [p.grad.contiguous() if p.grad is not None else torch.zeros_like(p) for p in ps]
-        p_old = plan.path_in(c)
-        reduced, g_car = ops.gsgd_reduce(gws, [p.data for p in ps], p_old, plan.M, c.numel(), layout, plan.n)
-        g_c = g_car.to(c.dtype) + carrier_grads(plan, -reduced.to(c.dtype) / p_old, c)
-        d = g_c.add(c, alpha=wd) if wd else g_c             # SGD on the carriers' path values
+        vs, ws = [self.state[p]["v"] for p in ps], [p.data for p in ps]
         first = mom != 0 and "carriers_momentum" not in state0
+        bufs = [self.state[p].setdefault("momentum_buffer", torch.empty_like(p)) for p in ps] if mom else []
+        if kernels.use_triton(ps[0]):
+            ops, layout, p_old = kernels.ops(), plan.layout(range(len(ps))), plan.path_in(c)
+            reduced, g_car = ops.gsgd_reduce(gws, ws, p_old, plan.M, c.numel(), layout, plan.n)
+            self._carrier_step(c, reduced, g_car, p_old, lr, mom, wd, first)
+            ops.gsgd_update(gws, vs, bufs, ws, p_old, plan.path_in(c), plan.M, c, layout, plan.n,
+                            lr, mom, wd, first)
+        elif (fused := kernels.cpu_step(plan, gws + vs + ws + bufs + [c, plan.M], self._cpu)) is not None:
+            self._cpu = fused
+            c_buf = state0.setdefault("carriers_momentum", torch.zeros_like(c)) if mom else None
+            fused(gws, vs, bufs, ws, c, c_buf, lr, mom, wd, first)
+        else:
+            ops, p_old = _TorchStep(plan), plan.path_in(c)
+            reduced, g_car = ops.step(gws, vs, bufs, p_old, c, lr, mom, wd, first)
+            self._carrier_step(c, reduced, g_car, p_old, lr, mom, wd, first)
+            ops.allocate(vs, ws, plan.path_in(c), c)
+
+    def _carrier_step(self, c, reduced, g_car, p_old, lr, mom, wd, first) -> None:
+        """SGD on the carriers' path values, from the per-class reduction Σ ∂L/∂V ⊙ V and their
+        direct gradients."""
+        g_c = g_car.to(c.dtype) + carrier_grads(self.plan, -reduced.to(c.dtype) / p_old, c)
+        d = g_c.add(c, alpha=wd) if wd else g_c
         if mom:
-            buf = state0.setdefault("carriers_momentum", torch.zeros_like(c))
+            buf = self.state[self._alloc_params[0]].setdefault("carriers_momentum", torch.zeros_like(c))
             d = buf.copy_(d) if first else buf.mul_(mom).add_(d)
         c.add_(d, alpha=-lr)
-        bufs = []
-        if mom:
-            bufs = [self.state[p].setdefault("momentum_buffer", torch.empty_like(p)) for p in ps]
-        ops.gsgd_update(gws, [self.state[p]["v"] for p in ps], bufs, [p.data for p in ps], p_old,
-                        plan.path_in(c), plan.M, c, layout, plan.n, lr, mom, wd, first)
 
 
 class _TorchStep:
-    """The two passes of kernels/gsgd_step.py in PyTorch (CPU tensors), with the same signatures."""
+    """The two CPU passes of kernels/cpu_step.cpp in PyTorch ops (its reference, and the path for
+    other dtypes or where no compiler works), with the same signatures."""
 
     def __init__(self, plan):
         self.plan = plan
 
-    def gsgd_reduce(self, gws, ws, p_in, M, num_carriers, layout, n):
+    def step(self, gws, vs, bufs, p_old, carriers, lr, mom, wd, first):
+        """V and the momentum buffers in place; returns (reduced (n + 1,): Σ ∂L/∂V ⊙ V per input
+        class with the carriers' ∂L/∂c · c, the carriers' direct gradients)."""
         plan = self.plan
-        reduced = torch.zeros_like(p_in)
-        g_car = p_in.new_zeros(num_carriers)
-        for i, (gw, w) in enumerate(zip(gws, ws)):
+        reduced = torch.zeros_like(p_old)
+        g_car = carriers.new_zeros(carriers.numel())
+        r_old, r_out = 1.0 / p_old, 1.0 / plan.M
+        for i, (gw, v) in enumerate(zip(gws, vs)):
             inp = plan.buf("in", i)
-            if plan.scales_in[i]:                     # Σ ∂L/∂W ⊙ W per input class
-                dims = [d for d in range(w.dim()) if inp.shape[d] == 1 and w.shape[d] > 1]
-                col = torch.mul(gw, w)
+            gv = gw * (r_old[inp] * r_out[plan.buf("out", i)])    # ∂L/∂V (V is 0 on the K and J slots)
+            if plan.scales_in[i]:
+                dims = [d for d in range(v.dim()) if inp.shape[d] == 1 and v.shape[d] > 1]
+                col = gv * v
                 col = col.sum(dim=dims, keepdim=True) if dims else col
                 reduced.index_add_(0, inp.expand(col.shape).reshape(-1), col.reshape(-1))
-            gwf, wf = gw.reshape(-1), w.reshape(-1)
-            k, j = plan.buf("fixed_idx", i), plan.buf("carrier_idx", i)
-            if k.numel():                             # fixed entries are no coordinates
-                reduced.index_add_(0, plan.buf("fixed_in", i), -(gwf[k] * wf[k]))
+            j = plan.buf("carrier_idx", i)
             if j.numel():                             # the carriers' direct gradient
-                g_car.index_add_(0, plan.buf("carrier_cls", i), gwf[j] / plan.carrier_denominator(i, p_in))
+                g = gw.reshape(-1)[j] / plan.carrier_denominator(i, p_old)
+                cls = plan.buf("carrier_cls", i)
+                g_car.index_add_(0, cls, g)
+                reduced.index_add_(0, plan.buf("carrier_in", i), g * carriers[cls])
+            d = gv.add_(v, alpha=wd) if wd else gv
+            if mom:
+                d = bufs[i].copy_(d) if first else bufs[i].mul_(mom).add_(d)
+            v.add_(d, alpha=-lr)
+            for idx in (plan.buf("fixed_idx", i), j):  # fixed and carrier slots are no coordinates
+                if idx.numel():
+                    v.view(-1)[idx] = 0
+                    if mom:
+                        bufs[i].view(-1)[idx] = 0
         return reduced, g_car
 
-    def gsgd_update(self, gws, vs, bufs, ws, p_old, p_new, M, carriers, layout, n, lr, mom, wd, first):
+    def allocate(self, vs, ws, p_new, carriers):
+        """W = WA(V) in place: V / (P_in · M), then the fixed values and c / (P_in · M) in their slots."""
         plan = self.plan
-        r_old, r_new, r_out = 1.0 / p_old, 1.0 / p_new, 1.0 / M
-        for i, (gw, v, w) in enumerate(zip(gws, vs, ws)):
-            inp, out = plan.buf("in", i), plan.buf("out", i)
-            s_old = r_old[inp] * r_out[out]           # 1 / den: ∂L/∂V = ∂L/∂W ⊙ s_old
-            if mom:
-                buf = bufs[i]
-                if first:
-                    torch.mul(gw, s_old, out=buf)
-                else:
-                    buf.mul_(mom).addcmul_(gw, s_old)
-                if wd:
-                    buf.add_(v, alpha=wd)
-                v.add_(buf, alpha=-lr)
-            elif wd:
-                v.add_(torch.mul(gw, s_old).add_(v, alpha=wd), alpha=-lr)
-            else:
-                v.addcmul_(gw, s_old, value=-lr)
-            torch.mul(v, r_new[inp] * r_out[out], out=w)               # WA
-            k, j = plan.buf("fixed_idx", i), plan.buf("carrier_idx", i)
-            slots = [(k, plan.buf("fixed_val", i))]
-            if j.numel():
-                slots.append((j, carriers[plan.buf("carrier_cls", i)] / plan.carrier_denominator(i, p_new)))
-            for idx, val in slots:
+        for i, (v, w) in enumerate(zip(vs, ws)):
+            torch.div(v, plan.denominator(i, p_new), out=w)
+            j = plan.buf("carrier_idx", i)
+            for idx, val in ((plan.buf("fixed_idx", i), plan.buf("fixed_val", i)),
+                             (j, carriers[plan.buf("carrier_cls", i)] / plan.carrier_denominator(i, p_new))):
                 if idx.numel():
                     w.view(-1)[idx] = val.to(w.dtype)
-                    for t in (v, bufs[i] if mom else None):
-                        if t is not None:
-                            t.view(-1)[idx] = 0

@@ -1,0 +1,120 @@
+"""The fused G-SGD step for CPU tensors: cpu_step.cpp, built on first use with the machine's C++
+compiler (OpenMP, -O3 -march=native; about 2 s, once: the library is cached under
+$IC_CACHE_DIR, default ~/.cache/invariance_compiler) and called through ctypes, which releases the
+GIL. Where no compiler works GSGD keeps its PyTorch path and one warning says why and what to set."""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("cpu_step.cpp")
+FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=256", "-fopenmp", "-std=c++17", "-shared", "-fPIC"]
+_SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
+
+
+def _cpu_id() -> str:
+    """The CPU model and flags (-march=native code is only for this kind of CPU)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.machine()
+    return "".join(sorted({ln for ln in lines if ln.startswith(("model name", "flags"))}))
+
+
+@functools.lru_cache(maxsize=None)
+def library() -> ctypes.CDLL | None:
+    """The built library, or None (with one warning) where it cannot be built."""
+    cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+    try:
+        if cxx is None:
+            raise OSError("no C++ compiler found (c++ or g++ on PATH)")
+        source = SOURCE.read_bytes()
+        key = hashlib.sha256(b"\0".join([source, cxx.encode(), " ".join(FLAGS).encode(),
+                                         _cpu_id().encode()])).hexdigest()[:16]
+        cache = Path(os.environ.get("IC_CACHE_DIR") or Path.home() / ".cache" / "invariance_compiler")
+        target = cache / f"cpu_step-{key}.so"
+        if not target.exists():
+            cache.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=cache) as tmp:    # build aside, then rename: two
+                built = Path(tmp) / target.name                      # processes may build at once
+                run = subprocess.run([cxx, *FLAGS, str(SOURCE), "-o", str(built)], capture_output=True, text=True)
+                if run.returncode:
+                    raise OSError(f"{cxx} failed: {run.stderr.strip()[-2000:]}")
+                os.replace(built, target)
+        return ctypes.CDLL(str(target))
+    except OSError as e:
+        warnings.warn(f"GSGD: the fused CPU step could not be built ({e}); using the slower PyTorch "
+                      "path. Install g++ with OpenMP, or set CXX to one; IC_KERNELS=off silences this.",
+                      RuntimeWarning, stacklevel=3)
+        return None
+
+
+_P, _I, _D, _N = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double, ctypes.c_int
+
+
+class _Step(ctypes.Structure):
+    """Step<T> of cpu_step.cpp, field for field."""
+    _fields_ = [("count", _I), ("meta", _P), ("cls", _P), ("n", _I),
+                ("gws", _P), ("vs", _P), ("bufs", _P), ("ws", _P),
+                ("M", _P), ("path_scale", _P), ("path_root", _P),
+                ("carriers", _P), ("carriers_buf", _P), ("nc", _I),
+                ("k_tensor", _P), ("k_idx", _P), ("k_val", _P), ("nk", _I),
+                ("j_tensor", _P), ("j_idx", _P), ("j_in", _P), ("j_out", _P), ("j_cls", _P), ("nj", _I),
+                ("lr", _D), ("mom", _D), ("wd", _D), ("momentum", _N), ("first", _N), ("threads", _N)]
+
+
+def _table(ts) -> ctypes.Array:
+    return (_P * max(len(ts), 1))(*[t.data_ptr() for t in ts])
+
+
+class CpuStep:
+    """GSGD's whole step on plan tensors 0..k-1 in one call of cpu_step.cpp."""
+
+    def __init__(self, lib: ctypes.CDLL, plan, dtype: torch.dtype):
+        self._run = getattr(lib, f"gsgd_cpu_step_{_SUFFIX[dtype]}")
+        self.plan, self.dtype = plan, dtype
+        meta, cls, _, k_tensor, k_idx, _, k_val, j_tensor, j_idx, j_in, j_out, j_cls = plan.layout(range(plan.count))
+        self._keep = (meta, cls, k_tensor, k_idx, k_val, j_tensor, j_idx, j_in, j_out, j_cls)   # alive
+        self._args = _Step(count=plan.count, meta=meta.data_ptr(), cls=cls.data_ptr(), n=plan.n,
+                           M=plan.M.data_ptr(), path_scale=plan.path_scale.data_ptr(),
+                           path_root=plan.path_root.data_ptr(), k_tensor=k_tensor.data_ptr(),
+                           k_idx=k_idx.data_ptr(), k_val=k_val.data_ptr(), nk=k_idx.numel(),
+                           j_tensor=j_tensor.data_ptr(), j_idx=j_idx.data_ptr(), j_in=j_in.data_ptr(),
+                           j_out=j_out.data_ptr(), j_cls=j_cls.data_ptr(), nj=j_idx.numel())
+
+    def __call__(self, gws, vs, bufs, ws, carriers, carriers_buf, lr, mom, wd, first) -> None:
+        """In place on vs, bufs (momentum buffers, [] without momentum), ws, carriers and
+        carriers_buf. Raises, W untouched, where the new P_in is zero or non-finite."""
+        a = self._args
+        tables = [_table(t) for t in (gws, vs, bufs, ws)]        # alive for the call
+        a.gws, a.vs, a.bufs, a.ws = map(ctypes.addressof, tables)
+        a.carriers, a.nc = carriers.data_ptr(), carriers.numel()
+        a.carriers_buf = carriers_buf.data_ptr() if carriers_buf is not None else None
+        a.lr, a.mom, a.wd, a.momentum, a.first = lr, mom, wd, int(mom != 0), int(first)
+        a.threads = torch.get_num_threads()
+        if self._run(ctypes.byref(a)):
+            self.plan.path_in(carriers)                          # raises, naming the classes
+            raise FloatingPointError("GSGD: the new carrier path values are zero or non-finite")
+
+
+def cpu_step(plan, tensors, cached: CpuStep | None = None) -> CpuStep | None:
+    """The compiled step for `tensors` (every tensor the step reads or writes), or None where it
+    does not apply: not all on the CPU, not one dtype of fp32 / fp64, or not all contiguous."""
+    dtype = tensors[0].dtype
+    if dtype not in _SUFFIX or not all(t.device.type == "cpu" and t.dtype == dtype and t.is_contiguous()
+                                       for t in tensors):
+        return None
+    if cached is not None and cached.plan is plan and cached.dtype == dtype:
+        return cached
+    lib = library()
+    return CpuStep(lib, plan, dtype) if lib is not None else None

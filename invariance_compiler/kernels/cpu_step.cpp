@@ -1,0 +1,319 @@
+// The fused G-SGD step on CPU tensors (GSGD's step for fp32 and fp64 weights), over the group
+// layout of kernels/layout.py (each tensor a (G, R, S) view whose row and column class arrays give
+// the denominator P_in[in] * M[out] as an outer product). One call, OpenMP over row chunks:
+//
+//   1. step:     reads dL/dW, V (and the momentum buffer) once and writes V (and the buffer):
+//                  dL/dV = dL/dW / den_old,  reduced[in] += dL/dV * V  (V is 0 on the K and J slots),
+//                  d = dL/dV + wd * V,  buf = mom * buf + d (buf = d on the first step),  V -= lr * buf;
+//                then the K and J slots: V = buf = 0, and each J entry's direct gradient
+//                g = dL/dW_J / den_old goes to its carrier and g * c to reduced (the dL/dW_J * W_J
+//                a reduction over W would have counted);
+//   2. carriers: SGD on the carriers' path values c (O(H); optim/gsgd.py's _carrier_step), and
+//                P_in from them (Allocation.path_in);
+//   3. allocate: W = V / den_new, then W_K = its fixed value and W_J = c / den_new.
+//
+// Memory traffic: 3 + 2 tensor passes (5 + 2 with momentum) against torch.optim.SGD's 3 (5); W is
+// written with streaming stores, so its lines are not read first. The reductions are summed per
+// unit in double and folded in unit order: the result does not depend on the number of threads.
+#include <cmath>
+#include <cstdint>
+#include <type_traits>
+#include <vector>
+#include <omp.h>
+#if defined(__AVX__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+enum { G_, R_, S_, IN_R, IN_C, OUT_R, OUT_C, NF = 11 };   // meta fields (layout.py), ROW_MODE = 10
+const int64_t CHUNK = 1 << 17;          // entries per unit of work (measured: 1 << 15 was slower)
+const int64_t STREAM_BYTES = 1 << 22;   // smaller weights may stay in cache for the next forward
+
+struct Unit { int64_t t, g, r0, r1, scratch; };             // scratch < 0: nothing to reduce
+
+struct Group {
+  const int64_t *meta; const int32_t *cls; int64_t n;
+  const int64_t *m(int64_t t) const { return meta + t * NF; }
+  const int32_t *classes(int64_t t, int field, int64_t g, int64_t len) const {
+    return cls + m(t)[field] + g * len;
+  }
+  bool row_mode(int64_t t) const { return m(t)[10] != 0; }
+  bool reduces(int64_t t) const {     // does any entry read a class?
+    const int64_t *mt = m(t);
+    int64_t len = row_mode(t) ? mt[G_] * mt[R_] : mt[G_] * mt[S_];
+    const int32_t *in = cls + mt[row_mode(t) ? IN_R : IN_C];
+    for (int64_t i = 0; i < len; ++i)
+      if (in[i] != n) return true;
+    return false;
+  }
+};
+
+// Units of about CHUNK entries (whole rows of one block); with_scratch: where each unit's
+// partial sums go (S per unit by columns, one per row by rows).
+std::vector<Unit> units(const Group &grp, int64_t count, bool with_scratch, int64_t *scratch_size) {
+  std::vector<Unit> out;
+  int64_t off = 0;
+  for (int64_t t = 0; t < count; ++t) {
+    const int64_t *mt = grp.m(t);
+    int64_t G = mt[G_], R = mt[R_], S = mt[S_];
+    int64_t rows = S >= CHUNK ? 1 : CHUNK / S;
+    bool red = with_scratch && grp.reduces(t);
+    for (int64_t g = 0; g < G; ++g)
+      for (int64_t r0 = 0; r0 < R; r0 += rows) {
+        int64_t r1 = r0 + rows < R ? r0 + rows : R;
+        out.push_back({t, g, r0, r1, red ? off : -1});
+        if (red) off += grp.row_mode(t) ? r1 - r0 : S;
+      }
+  }
+  *scratch_size = off;
+  return out;
+}
+
+// 1 / (p[in] * M[out]) of every row and column of every block, computed once per pass (a unit
+// would otherwise redo its block's columns): rows of tensor t at rows[t] + g * R, columns at
+// cols[t] + g * S.
+template <typename T>
+struct Factors {
+  std::vector<T> data;
+  std::vector<int64_t> rows, cols;
+  Factors(const Group &grp, int64_t count, const T *p, const T *M) : rows(count), cols(count) {
+    int64_t size = 0;
+    for (int64_t t = 0; t < count; ++t) {
+      const int64_t *mt = grp.m(t);
+      rows[t] = size;
+      cols[t] = size + mt[G_] * mt[R_];
+      size = cols[t] + mt[G_] * mt[S_];
+    }
+    data.resize(size);
+    for (int64_t t = 0; t < count; ++t) {
+      const int64_t *mt = grp.m(t);
+      for (int side = 0; side < 2; ++side) {
+        int64_t len = mt[G_] * mt[side ? S_ : R_];
+        const int32_t *in = grp.cls + mt[side ? IN_C : IN_R], *out = grp.cls + mt[side ? OUT_C : OUT_R];
+        T *f = data.data() + (side ? cols[t] : rows[t]);
+        for (int64_t i = 0; i < len; ++i) f[i] = T(1) / (p[in[i]] * M[out[i]]);
+      }
+    }
+  }
+  const T *row(const Group &grp, int64_t t, int64_t g) const { return data.data() + rows[t] + g * grp.m(t)[R_]; }
+  const T *col(const Group &grp, int64_t t, int64_t g) const { return data.data() + cols[t] + g * grp.m(t)[S_]; }
+};
+
+// The calling thread's units [lo, hi) of a parallel pass: a contiguous share, the same in both
+// passes.
+struct Share {
+  int64_t lo, hi;
+  explicit Share(int64_t count)
+      : lo(count * omp_get_thread_num() / omp_get_num_threads()),
+        hi(count * (omp_get_thread_num() + 1) / omp_get_num_threads()) {}
+};
+
+enum Reduce { NONE, BY_COLUMNS, BY_ROWS };
+
+// One row: S entries with row factor fr and column factors fc; the reduction into col_acc (column
+// sums in T over at most 32 rows) or row_acc (the row's one sum, in double).
+template <typename T, bool MOM, bool FIRST, Reduce RED>
+void step_row(const T *gw, T *v, T *buf, int64_t S, T fr, const T *fc, T lr, T mom, T wd,
+              T *col_acc, double *row_acc) {
+  double racc = 0;
+#pragma omp simd reduction(+ : racc)
+  for (int64_t s = 0; s < S; ++s) {
+    T gv = gw[s] * (fr * fc[s]);
+    T x = v[s];
+    if (RED == BY_COLUMNS) col_acc[s] += gv * x;
+    if (RED == BY_ROWS) racc += double(gv * x);
+    T d = gv + wd * x;
+    if (MOM) {
+      if (!FIRST) d += mom * buf[s];
+      buf[s] = d;
+    }
+    v[s] = x - lr * d;
+  }
+  if (RED == BY_ROWS) *row_acc = racc;
+}
+
+template <typename T, bool MOM, bool FIRST>
+void step_dense(const Group &grp, const std::vector<Unit> &us, T *const *gws, T *const *vs,
+                T *const *bufs, const Factors<T> &fac, T lr, T mom, T wd, double *scratch, int threads) {
+#pragma omp parallel num_threads(threads)
+  {
+    Share sh(us.size());
+    for (int64_t u = sh.lo; u < sh.hi; ++u) {
+      const Unit &un = us[u];
+      int64_t R = grp.m(un.t)[R_], S = grp.m(un.t)[S_];
+      const T *fc = fac.col(grp, un.t, un.g), *fr = fac.row(grp, un.t, un.g);
+      bool by_rows = grp.row_mode(un.t);
+      double *acc = un.scratch >= 0 ? scratch + un.scratch : nullptr;
+      std::vector<T> cols(acc && !by_rows ? S : 0);
+      for (int64_t r = un.r0; r < un.r1; ++r) {
+        int64_t base = (un.g * R + r) * S;
+        const T *gw = gws[un.t] + base;
+        T *v = vs[un.t] + base, *buf = MOM ? bufs[un.t] + base : nullptr;
+        if (!acc) step_row<T, MOM, FIRST, NONE>(gw, v, buf, S, fr[r], fc, lr, mom, wd, nullptr, nullptr);
+        else if (by_rows) step_row<T, MOM, FIRST, BY_ROWS>(gw, v, buf, S, fr[r], fc, lr, mom, wd, nullptr, acc + (r - un.r0));
+        else step_row<T, MOM, FIRST, BY_COLUMNS>(gw, v, buf, S, fr[r], fc, lr, mom, wd, cols.data(), nullptr);
+        if (!cols.empty() && ((r - un.r0) % 32 == 31 || r == un.r1 - 1))
+          for (int64_t s = 0; s < S; ++s) {          // into double every 32 rows (scratch starts at 0)
+            acc[s] += cols[s];
+            cols[s] = 0;
+          }
+      }
+    }
+  }
+}
+
+// Fold the units' partial sums into reduced by class, in unit order.
+void fold(const Group &grp, const std::vector<Unit> &us, const double *scratch, double *reduced) {
+  for (const Unit &un : us) {
+    if (un.scratch < 0) continue;
+    const int64_t *mt = grp.m(un.t);
+    const double *acc = scratch + un.scratch;
+    if (grp.row_mode(un.t)) {
+      const int32_t *in = grp.classes(un.t, IN_R, un.g, mt[R_]);
+      for (int64_t r = un.r0; r < un.r1; ++r)
+        if (in[r] != grp.n) reduced[in[r]] += acc[r - un.r0];
+    } else {
+      const int32_t *in = grp.classes(un.t, IN_C, un.g, mt[S_]);
+      for (int64_t s = 0; s < mt[S_]; ++s)
+        if (in[s] != grp.n) reduced[in[s]] += acc[s];
+    }
+  }
+}
+
+// w = v * (fr * fc), with streaming stores where there is AVX and `stream`: W is written, not
+// read, and a store that bypasses the cache saves the read of its line.
+template <typename T>
+void scale_row(const T *v, T *w, int64_t S, T fr, const T *fc, bool stream) {
+  int64_t s = 0;
+#if defined(__AVX__)
+  if (stream) {
+    constexpr int L = 32 / sizeof(T);
+    for (; s < S && (reinterpret_cast<uintptr_t>(w + s) & 31); ++s) w[s] = v[s] * (fr * fc[s]);
+    for (; s + L <= S; s += L) {
+      if constexpr (sizeof(T) == 4)
+        _mm256_stream_ps(w + s, _mm256_mul_ps(_mm256_loadu_ps(v + s), _mm256_mul_ps(_mm256_set1_ps(fr), _mm256_loadu_ps(fc + s))));
+      else
+        _mm256_stream_pd(w + s, _mm256_mul_pd(_mm256_loadu_pd(v + s), _mm256_mul_pd(_mm256_set1_pd(fr), _mm256_loadu_pd(fc + s))));
+    }
+  }
+#endif
+#pragma omp simd
+  for (int64_t i = s; i < S; ++i) w[i] = v[i] * (fr * fc[i]);
+}
+
+template <typename T>
+struct Step {
+  int64_t count; const int64_t *meta; const int32_t *cls; int64_t n;    // the group layout
+  T *const *gws; T *const *vs; T *const *bufs; T *const *ws;             // pointer tables
+  const T *M; const T *path_scale; const int64_t *path_root;            // classes (n + 1)
+  T *carriers; T *carriers_buf; int64_t nc;
+  const int32_t *k_tensor, *k_idx; const T *k_val; int64_t nk;           // fixed entries
+  const int32_t *j_tensor, *j_idx, *j_in, *j_out, *j_cls; int64_t nj;    // carrier entries
+  double lr, mom, wd; int momentum, first, threads;
+};
+
+template <typename T>
+void path_in(const Step<T> &a, T *p) {
+  for (int64_t c = 0; c <= a.n; ++c)
+    p[c] = a.path_scale[c] * (a.path_root[c] < a.n ? a.carriers[a.path_root[c]] : T(1));
+}
+
+template <typename T>
+void step_pass(const Step<T> &a, const Group &grp, const T *p_old, std::vector<double> &reduced,
+               std::vector<double> &g_car) {
+  int64_t size = 0;
+  std::vector<Unit> us = units(grp, a.count, true, &size);
+  std::vector<double> scratch(size);
+  Factors<T> fac(grp, a.count, p_old, a.M);
+  T lr = T(a.lr), mom = T(a.mom), wd = T(a.wd);
+  auto run = [&](auto mom_flag, auto first_flag) {
+    step_dense<T, decltype(mom_flag)::value, decltype(first_flag)::value>(
+        grp, us, a.gws, a.vs, a.bufs, fac, lr, mom, wd, scratch.data(), a.threads);
+  };
+  if (!a.momentum) run(std::false_type{}, std::false_type{});
+  else if (a.first) run(std::true_type{}, std::true_type{});
+  else run(std::true_type{}, std::false_type{});
+  fold(grp, us, scratch.data(), reduced.data());
+  for (int64_t e = 0; e < a.nj; ++e) {          // carriers: their direct gradient
+    double g = double(a.gws[a.j_tensor[e]][a.j_idx[e]]) / (double(p_old[a.j_in[e]]) * double(a.M[a.j_out[e]]));
+    g_car[a.j_cls[e]] += g;
+    if (a.j_in[e] != a.n) reduced[a.j_in[e]] += g * double(a.carriers[a.j_cls[e]]);
+    a.vs[a.j_tensor[e]][a.j_idx[e]] = 0;
+    if (a.momentum) a.bufs[a.j_tensor[e]][a.j_idx[e]] = 0;
+  }
+  for (int64_t e = 0; e < a.nk; ++e) {          // fixed entries are no coordinates
+    a.vs[a.k_tensor[e]][a.k_idx[e]] = 0;
+    if (a.momentum) a.bufs[a.k_tensor[e]][a.k_idx[e]] = 0;
+  }
+}
+
+// SGD on the carriers from dL/dc = direct + (path_in's backward of dL/dP_in = -reduced / P_in).
+template <typename T>
+void carrier_pass(const Step<T> &a, const T *p_old, const std::vector<double> &reduced, std::vector<double> &g_car) {
+  for (int64_t c = 0; c <= a.n; ++c)
+    if (a.path_root[c] < a.n)
+      g_car[a.path_root[c]] += -reduced[c] / double(p_old[c]) * double(a.path_scale[c]);
+  for (int64_t k = 0; k < a.nc; ++k) {
+    double d = g_car[k] + a.wd * double(a.carriers[k]);
+    if (a.momentum) {
+      d = a.first ? d : a.mom * double(a.carriers_buf[k]) + d;
+      a.carriers_buf[k] = T(d);
+    }
+    a.carriers[k] = T(double(a.carriers[k]) - a.lr * d);
+  }
+}
+
+template <typename T>
+void allocate_pass(const Step<T> &a, const Group &grp, const T *p_new) {
+  int64_t size = 0;
+  std::vector<Unit> us = units(grp, a.count, false, &size);
+  int64_t total = 0;
+  for (const Unit &un : us) total += (un.r1 - un.r0) * grp.m(un.t)[S_];
+  bool stream = total * int64_t(sizeof(T)) >= STREAM_BYTES;
+  Factors<T> fac(grp, a.count, p_new, a.M);
+#pragma omp parallel num_threads(a.threads)
+  {
+    // the units the step pass gave this thread, last first: the end of the V this core has just
+    // written is still in its cache
+    Share sh(us.size());
+    for (int64_t u = sh.hi - 1; u >= sh.lo; --u) {
+      const Unit &un = us[u];
+      int64_t R = grp.m(un.t)[R_], S = grp.m(un.t)[S_];
+      const T *fc = fac.col(grp, un.t, un.g), *fr = fac.row(grp, un.t, un.g);
+      for (int64_t r = un.r0; r < un.r1; ++r) {
+        int64_t base = (un.g * R + r) * S;
+        scale_row(a.vs[un.t] + base, a.ws[un.t] + base, S, fr[r], fc, stream);
+      }
+    }
+#if defined(__AVX__)
+    _mm_sfence();
+#endif
+  }
+  for (int64_t e = 0; e < a.nk; ++e) a.ws[a.k_tensor[e]][a.k_idx[e]] = a.k_val[e];
+  for (int64_t e = 0; e < a.nj; ++e)
+    a.ws[a.j_tensor[e]][a.j_idx[e]] = a.carriers[a.j_cls[e]] / (p_new[a.j_in[e]] * a.M[a.j_out[e]]);
+}
+
+// Returns 0, or 1 where the new P_in has a zero or non-finite entry (W is then left as it was).
+template <typename T>
+int run_step(const Step<T> &a) {
+  Group grp{a.meta, a.cls, a.n};
+  std::vector<double> reduced(a.n + 1), g_car(a.nc);
+  std::vector<T> p_old(a.n + 1), p_new(a.n + 1);
+  path_in(a, p_old.data());
+  step_pass(a, grp, p_old.data(), reduced, g_car);
+  carrier_pass(a, p_old.data(), reduced, g_car);
+  path_in(a, p_new.data());
+  for (T p : p_new)
+    if (!std::isfinite(p) || p == 0) return 1;
+  allocate_pass(a, grp, p_new.data());
+  return 0;
+}
+
+}  // namespace
+
+extern "C" {
+int gsgd_cpu_step_f32(const Step<float> *a) { return run_step(*a); }
+int gsgd_cpu_step_f64(const Step<double> *a) { return run_step(*a); }
+}

@@ -1,0 +1,158 @@
+"""The fused C++ G-SGD step on CPU tensors (kernels/cpu_step.cpp) against the PyTorch path of
+GSGD (kernels.mode('off')), both CPU: over odd shapes and every kind of layout (Linear, 1×1 and
+grouped / depthwise convolutions, transposed convolutions, whose input class runs along rows,
+BatchNorm's inert biases, concatenation), momentum and weight decay, fp64 and fp32, large tensors
+(several units per tensor, streaming stores, rows not 32-byte aligned); the result does not
+depend on the thread count; without a compiler GSGD warns once and keeps the PyTorch path."""
+import copy
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+
+from invariance_compiler import kernels
+from invariance_compiler.kernels import cpu
+from invariance_compiler.optim import GSGD
+from invariance_compiler.zoo import ZOO
+
+pytestmark = pytest.mark.skipif(cpu.library() is None, reason="no C++ compiler with OpenMP here")
+
+
+def odd_model():
+    """Weights 7×3×3×3, 33×7×1×1, 17×33, 5×17, 3×5 and their biases."""
+    return nn.Sequential(nn.Conv2d(3, 7, 3), nn.ReLU(), nn.Conv2d(7, 33, 1), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(33, 17), nn.ReLU(),
+                         nn.Linear(17, 5), nn.ReLU(), nn.Linear(5, 3))
+
+
+def wide_mlp():
+    """1.1M-entry weight (8.8 MB in fp64): several units, streamed W, rows of 1100 entries."""
+    return nn.Sequential(nn.Linear(16, 1000), nn.ReLU(), nn.Linear(1000, 1100), nn.ReLU(), nn.Linear(1100, 5))
+
+
+MODELS = {"odd": lambda: (odd_model(), (torch.randn(2, 3, 6, 6),)),
+          "wide_mlp": lambda: (wide_mlp(), (torch.randn(8, 16),)),
+          **{k: ZOO[k] for k in ("mlp_nonstraight", "grouped_depthwise", "conv_transpose", "vgg_bn",
+                                 "resnet_bottleneck", "densenet", "layernorm_mlp", "split_cat")}}
+
+
+def gsgd(model, x, dtype, momentum=0.9, weight_decay=1e-3):
+    model = copy.deepcopy(model).to(dtype)
+    x = tuple(t.to(dtype) if t.is_floating_point() else t for t in x)
+    lr = 1e-3 if sum(p.numel() for p in model.parameters()) < 10**5 else 1e-6    # a stable run
+    return model, x, GSGD(model, lr=lr, momentum=momentum, weight_decay=weight_decay, example_inputs=x)
+
+
+def step_pairs(model, x, dtype, momentum, weight_decay, steps=3, setups=(("off", None), ("auto", None))):
+    """Two GSGD runs stepped from the same state with the same gradients `steps` times (the
+    state re-synced after each step, so that the comparison is of the step alone, not of a
+    trajectory that may amplify rounding); yields each step's (params, states) of both."""
+    runs = [gsgd(model, x, dtype, momentum, weight_decay) for _ in setups]
+    (m0, x0, o0) = runs[0]
+    for _ in range(steps):
+        o0.zero_grad()
+        m0(*x0).pow(2).mean().backward()
+        out = []
+        for (m, _, o), (mode, threads) in zip(runs, setups):
+            for p, q in zip(m.parameters(), m0.parameters()):
+                p.grad = q.grad.clone()
+            old = torch.get_num_threads()
+            torch.set_num_threads(threads or old)
+            try:
+                with kernels.mode(mode):
+                    o.step()
+            finally:
+                torch.set_num_threads(old)
+            out.append(([p.detach().clone() for p in m.parameters()], copy.deepcopy(o.state_dict()["state"]), o))
+        yield out
+        for m, _, o in runs[1:]:
+            m.load_state_dict(m0.state_dict())
+            o.load_state_dict(copy.deepcopy(o0.state_dict()))     # not aliasing its tensors
+
+
+def assert_close(a, b, rtol):
+    for x, y in zip(a, b):
+        assert bool(torch.isfinite(y).all())
+        assert torch.allclose(x, y, rtol=rtol, atol=rtol * float(y.abs().max())), float((x - y).abs().max())
+
+
+@pytest.mark.parametrize("momentum,weight_decay", [(0.0, 0.0), (0.9, 1e-3)])
+@pytest.mark.parametrize("name", list(MODELS))
+def test_fused_cpu_step_equals_the_pytorch_step_fp64(name, momentum, weight_decay):
+    model, x = MODELS[name]()
+    for (ref_p, ref_s, _), (got_p, got_s, opt) in step_pairs(model, x, torch.float64, momentum, weight_decay):
+        assert opt._cpu is not None                     # it did run the fused step
+        assert_close(got_p, ref_p, 1e-12)
+        assert got_s.keys() == ref_s.keys()
+        for k in ref_s:
+            assert got_s[k].keys() == ref_s[k].keys()
+            assert_close([got_s[k][f] for f in ref_s[k]], [ref_s[k][f] for f in ref_s[k]], 1e-12)
+
+
+@pytest.mark.parametrize("name", ["odd", "wide_mlp", "conv_transpose", "grouped_depthwise"])
+def test_fused_cpu_step_equals_the_pytorch_step_fp32(name):
+    model, x = MODELS[name]()
+    for (ref_p, _, _), (got_p, _, opt) in step_pairs(model, x, torch.float32, 0.9, 1e-3):
+        assert opt._cpu is not None and opt._cpu.dtype == torch.float32
+        assert_close(got_p, ref_p, 1e-5)                # rounding: products taken in another order
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_result_does_not_depend_on_the_thread_count(dtype):
+    model, x = MODELS["wide_mlp"]()
+    for (one, s1, _), (two, s2, _) in step_pairs(model, x, dtype, 0.9, 0.0, 2, (("auto", 1), ("auto", 2))):
+        for a, b in zip(one, two):
+            assert torch.equal(a, b)
+
+
+def test_half_precision_and_non_contiguous_weights_take_the_pytorch_path():
+    model, x = MODELS["odd"]()
+    plan_tensors = [torch.zeros(3, 4, dtype=torch.bfloat16)]
+    assert cpu.cpu_step(None, plan_tensors) is None
+    assert cpu.cpu_step(None, [torch.zeros(4, 3).t()]) is None
+    for _, (_, _, opt) in step_pairs(model, x, torch.bfloat16, 0.9, 0.0, 1):
+        assert opt._cpu is None
+
+
+def test_a_non_finite_carrier_raises_and_leaves_the_weights():
+    model, x = MODELS["odd"]()
+    model = model.double()
+    x = tuple(t.double() for t in x)
+    opt = GSGD(model, lr=0.05, example_inputs=x)
+    model(*x).pow(2).mean().backward()
+    before = [p.detach().clone() for p in model.parameters()]
+    model[6].weight.grad[0, 0] = float("nan")           # reaches the carriers through the reduction
+    with pytest.raises(FloatingPointError, match="zero or non-finite"):
+        opt.step()
+    for a, b in zip(model.parameters(), before):
+        assert torch.equal(a.detach(), b)
+
+
+def test_the_library_is_built_once_and_without_a_compiler_gsgd_warns_and_falls_back(monkeypatch, tmp_path):
+    monkeypatch.setenv("IC_CACHE_DIR", str(tmp_path))
+    cpu.library.cache_clear()
+    try:
+        assert cpu.library() is not None and len(list(tmp_path.glob("cpu_step-*.so"))) == 1
+        cpu.library.cache_clear()
+
+        def no_build(*args, **kwargs):
+            raise AssertionError("built again")
+        monkeypatch.setattr(cpu.subprocess, "run", no_build)
+        assert cpu.library() is not None                # from the cache, no compiler run
+        monkeypatch.undo()
+
+        monkeypatch.setenv("IC_CACHE_DIR", str(tmp_path / "empty"))
+        monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+        cpu.library.cache_clear()
+        model, x = MODELS["odd"]()
+        with pytest.warns(RuntimeWarning, match="could not be built.*CXX"):
+            for (ref_p, _, _), (got_p, _, opt) in step_pairs(model, x, torch.float64, 0.9, 0.0, 2):
+                assert opt._cpu is None
+                assert_close(got_p, ref_p, 0.0)             # the same PyTorch path
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")              # one warning, not one per step
+            list(step_pairs(model, x, torch.float64, 0.9, 0.0, 1))
+    finally:
+        monkeypatch.undo()
+        cpu.library.cache_clear()
