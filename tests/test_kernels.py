@@ -190,3 +190,26 @@ def test_compile_invariant_and_gsgd_keep_the_models_device():
     model(*x).pow(2).mean().backward()
     opt.step()
     assert {p.device.type for p in model.parameters()} == {torch.device(DEVICE).type}
+
+
+def test_gsgd_on_channels_last_weights_equals_gsgd_on_contiguous_ones():
+    # every pass indexes tensors flat in row-major order: a channels_last weight is stepped in a
+    # contiguous copy (before: the PyTorch path raised on `view` of a channels_last V, and V's
+    # fixed slots were zeroed in a copy made by `reshape`, so they were not zero)
+    model, x = ZOO["cnn_pool"]()
+    model = model.double().to(DEVICE)
+    x = tuple(t.double().to(DEVICE) for t in x)
+    last = copy.deepcopy(model).to(memory_format=torch.channels_last)
+    assert not last[0].weight.is_contiguous()
+    for mode in ("off", "auto", MODE):
+        models = [copy.deepcopy(model), copy.deepcopy(last)]
+        opts = [GSGD(m, lr=1e-3, momentum=0.9, example_inputs=x) for m in models]
+        with kernels.mode(mode):
+            for _ in range(2):
+                for m, opt in zip(models, opts):
+                    opt.zero_grad()
+                    m(*x).pow(2).mean().backward()
+                    opt.step()
+        assert not models[1][0].weight.is_contiguous()              # the layout is kept
+        for a, b in zip(models[0].parameters(), models[1].parameters()):
+            assert torch.allclose(a, b, rtol=1e-12, atol=1e-12)

@@ -317,7 +317,8 @@ def make_allocation(report, sk, weights: dict, form: str, names: Sequence[str], 
         ps = sk.params[name]
         inp, out, trivial = sides[name]
         w64 = weights[name].detach().to(torch.float64)
-        v = w64 * P[inp] * M[out] if form == "gspace" else w64.clone()
+        # contiguous: the slot indices are row-major, and reshape of a channels_last tensor copies
+        v = (w64 * P[inp] * M[out] if form == "gspace" else w64.clone()).contiguous()
         jx, jc = (ps.carrier_idx, ps.carrier_cls) if form == "gspace" else (torch.zeros(0, dtype=torch.long),) * 2
         carriers[jc] = v.reshape(-1)[jx]                       # the carriers' path values
         v.reshape(-1)[ps.fixed_idx] = 0.0                      # K and J slots of V are unused

@@ -45,7 +45,7 @@ class GSGD(torch.optim.Optimizer):
         self.plan, v0, self.allocated, carriers = make_allocation(
             self.report, skeleton, weights, "gspace", list(named), dtype)
         for n in self.allocated:            # parameters outside the allocation are their own V
-            self.state[named[n]]["v"] = v0[n].to(named[n].device)
+            self.state[named[n]]["v"] = v0[n].to(named[n].device).contiguous()
         self._alloc_params = [named[n] for n in self.allocated]
         if self._alloc_params:              # the carriers' path values ride with the first tensor
             self.state[self._alloc_params[0]]["carriers"] = carriers.to(self._alloc_params[0].device)
@@ -94,10 +94,14 @@ class GSGD(torch.optim.Optimizer):
         plan, ps = self.plan, self._alloc_params
         state0 = self.state[ps[0]]
         c = state0["carriers"]
-        gws = [p.grad.contiguous() if p.grad is not None else torch.zeros_like(p) for p in ps]
-        vs, ws = [self.state[p]["v"] for p in ps], [p.data for p in ps]
+        # every pass indexes the tensors flat in row-major order: V and the buffers are kept
+        # contiguous, and a weight that is not (channels_last) is stepped in a contiguous copy
+        dense = torch.contiguous_format
+        gws = [p.grad.contiguous() if p.grad is not None else torch.zeros_like(p, memory_format=dense) for p in ps]
+        vs, ws = [self.state[p]["v"] for p in ps], [p.data.contiguous() for p in ps]
         first = mom != 0 and "carriers_momentum" not in state0
-        bufs = [self.state[p].setdefault("momentum_buffer", torch.empty_like(p)) for p in ps] if mom else []
+        bufs = [self.state[p].setdefault("momentum_buffer", torch.empty_like(p, memory_format=dense))
+                for p in ps] if mom else []
         if kernels.use_triton(ps[0]):
             ops, layout, p_old = kernels.ops(), plan.layout(range(len(ps))), plan.path_in(c)
             reduced, g_car = ops.gsgd_reduce(gws, ws, p_old, plan.M, c.numel(), layout, plan.n)
@@ -113,6 +117,9 @@ class GSGD(torch.optim.Optimizer):
             reduced, g_car = ops.step(gws, vs, bufs, p_old, c, lr, mom, wd, first)
             self._carrier_step(c, reduced, g_car, p_old, lr, mom, wd, first)
             ops.allocate(vs, ws, plan.path_in(c), c)
+        for p, w in zip(ps, ws):
+            if w.data_ptr() != p.data.data_ptr():
+                p.data.copy_(w)
 
     def _carrier_step(self, c, reduced, g_car, p_old, lr, mom, wd, first) -> None:
         """SGD on the carriers' path values, from the per-class reduction Σ ∂L/∂V ⊙ V and their
