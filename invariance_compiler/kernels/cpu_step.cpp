@@ -57,6 +57,7 @@ std::vector<Unit> units(const Group &grp, int64_t count, bool with_scratch, int6
   for (int64_t t = 0; t < count; ++t) {
     const int64_t *mt = grp.m(t);
     int64_t G = mt[G_], R = mt[R_], S = mt[S_];
+    if (G * R * S == 0) continue;                     // an empty parameter
     int64_t rows = S >= CHUNK ? 1 : CHUNK / S;
     bool red = with_scratch && grp.reduces(t);
     for (int64_t g = 0; g < G; ++g)
