@@ -128,8 +128,9 @@ def cpu_step_rows(side: int, ms) -> list:
     sgd = torch.optim.SGD(twin.parameters(), lr=1e-9, foreach=True)
     nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
     t_gsgd = ms(gsgd.step)
-    return [("SGD(foreach) step (reference point)", 3, ms(sgd.step), "torch", nbytes),
-            ("G-SGD step: step + carriers + allocate", 5, t_gsgd, "C++" if gsgd._cpu else "PyTorch", nbytes)]
+    return [("SGD(foreach) step, no momentum (reference point)", 3, ms(sgd.step), "torch", nbytes),
+            ("G-SGD step, no momentum: step + carriers + allocate", 5, t_gsgd, "C++" if gsgd._cpu else "PyTorch",
+             nbytes)]
 
 
 def _device_name(device: torch.device) -> str:
