@@ -31,6 +31,13 @@ def _cpu_id() -> str:
     return "".join(sorted({ln for ln in lines if ln.startswith(("model name", "flags"))}))
 
 
+def _home() -> Path:
+    try:
+        return Path.home()
+    except RuntimeError:                      # no HOME and no password entry
+        return Path(tempfile.gettempdir())
+
+
 @functools.lru_cache(maxsize=None)
 def library() -> ctypes.CDLL | None:
     """The built library, or None (with one warning) where it cannot be built."""
@@ -41,7 +48,7 @@ def library() -> ctypes.CDLL | None:
         source = SOURCE.read_bytes()
         key = hashlib.sha256(b"\0".join([source, cxx.encode(), " ".join(FLAGS).encode(),
                                          _cpu_id().encode()])).hexdigest()[:16]
-        cache = Path(os.environ.get("IC_CACHE_DIR") or Path.home() / ".cache" / "invariance_compiler")
+        cache = Path(os.environ.get("IC_CACHE_DIR") or _home() / ".cache" / "invariance_compiler")
         target = cache / f"cpu_step-{key}.so"
         if not target.exists():
             cache.mkdir(parents=True, exist_ok=True)
