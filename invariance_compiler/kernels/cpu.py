@@ -118,8 +118,7 @@ def cpu_step(plan, tensors, cached: CpuStep | None = None) -> CpuStep | None:
     """The compiled step for `tensors` (every tensor the step reads or writes), or None where it
     does not apply: not all on the CPU, not one dtype of fp32 / fp64, or not all contiguous."""
     dtype = tensors[0].dtype
-    if dtype not in _SUFFIX or not all(t.device.type == "cpu" and t.dtype == dtype and t.is_contiguous()
-                                       for t in tensors):
+    if dtype not in _SUFFIX or not all(t.is_cpu and t.dtype is dtype and t.is_contiguous() for t in tensors):
         return None
     if cached is not None and cached.plan is plan and cached.dtype == dtype:
         return cached
