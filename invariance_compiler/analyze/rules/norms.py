@@ -118,7 +118,7 @@ def batch_norm(ctx, x, running_mean=None, running_var=None, weight=None, bias=No
         training = m.training or m.running_mean is None if hasattr(m, "running_mean") else True
         if isinstance(m, nn.modules.instancenorm._InstanceNorm):
             training = m.training or not m.track_running_stats
-    cls = ctx.channel_classes(x, 1)
+    ctx.channel_classes(x, 1)              # for its effect: a channel's elements share one scale
     if training:
         ctx.centred.add(ctx.node)
     else:
