@@ -47,7 +47,8 @@ def gsgd(model, x, dtype, momentum=0.9, weight_decay=1e-3):
 def step_pairs(model, x, dtype, momentum, weight_decay, steps=3, setups=(("off", None), ("auto", None))):
     """Two GSGD runs stepped from the same state with the same gradients `steps` times (the
     state re-synced after each step, so that the comparison is of the step alone, not of a
-    trajectory that may amplify rounding); yields each step's (params, states) of both."""
+    trajectory that may amplify rounding); yields each step's (params, optimizer state, optimizer)
+    of both."""
     runs = [gsgd(model, x, dtype, momentum, weight_decay) for _ in setups]
     (m0, x0, o0) = runs[0]
     for _ in range(steps):
@@ -106,9 +107,12 @@ def test_the_result_does_not_depend_on_the_thread_count(dtype):
     for (one, s1, _), (two, s2, _) in step_pairs(model, x, dtype, 0.9, 0.0, 2, (("auto", 1), ("auto", 2))):
         for a, b in zip(one, two):
             assert torch.equal(a, b)
+        for k in s1:
+            for f in s1[k]:
+                assert torch.equal(s1[k][f], s2[k][f])
 
 
-def test_half_precision_and_non_contiguous_weights_take_the_pytorch_path():
+def test_half_precision_takes_the_pytorch_path_and_the_fused_step_wants_contiguous_tensors():
     model, x = MODELS["odd"]()
     plan_tensors = [torch.zeros(3, 4, dtype=torch.bfloat16)]
     assert cpu.cpu_step(None, plan_tensors) is None
