@@ -2,6 +2,7 @@ import os
 
 import pytest
 import torch
+import torch.nn as nn
 
 if not torch.cuda.is_available():        # kernel tests run Triton's interpreter on CPU tensors;
     os.environ.setdefault("TRITON_INTERPRET", "1")   # it must be set before triton is imported
@@ -32,3 +33,10 @@ def train_steps(model, opt, x, y, steps):
         opt.zero_grad()
         F.cross_entropy(model(*x), y).backward()
         opt.step()
+
+
+def odd_model():
+    """Weights 7×3×3×3, 33×7×1×1, 17×33, 5×17, 3×5 and their biases: conv, 1×1 conv, Linear."""
+    return nn.Sequential(nn.Conv2d(3, 7, 3), nn.ReLU(), nn.Conv2d(7, 33, 1), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(33, 17), nn.ReLU(),
+                         nn.Linear(17, 5), nn.ReLU(), nn.Linear(5, 3))

@@ -16,14 +16,9 @@ from invariance_compiler.kernels import cpu
 from invariance_compiler.optim import GSGD
 from invariance_compiler.zoo import ZOO
 
+from conftest import odd_model
+
 pytestmark = pytest.mark.skipif(cpu.library() is None, reason="no C++ compiler with OpenMP here")
-
-
-def odd_model():
-    """Weights 7×3×3×3, 33×7×1×1, 17×33, 5×17, 3×5 and their biases."""
-    return nn.Sequential(nn.Conv2d(3, 7, 3), nn.ReLU(), nn.Conv2d(7, 33, 1), nn.ReLU(),
-                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(33, 17), nn.ReLU(),
-                         nn.Linear(17, 5), nn.ReLU(), nn.Linear(5, 3))
 
 
 def wide_mlp():

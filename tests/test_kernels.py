@@ -4,7 +4,6 @@ import copy
 
 import pytest
 import torch
-import torch.nn as nn
 
 import invariance_compiler as ic
 from invariance_compiler import kernels
@@ -13,19 +12,12 @@ from invariance_compiler.kernels.layout import block_view
 from invariance_compiler.optim import GSGD
 from invariance_compiler.zoo import ZOO
 
-from conftest import DEVICE
+from conftest import DEVICE, odd_model
 
 MODE = "auto" if DEVICE == "cuda" else "interpret"
 # (dtype, atol, rtol): the kernels compute in fp32 (fp64 for fp64) and round once
 DTYPES = [(torch.float64, 1e-12, 1e-12), (torch.float32, 1e-5, 1e-5),
           (torch.float16, 2e-3, 2e-3), (torch.bfloat16, 2e-2, 2e-2)]
-
-
-def odd_model():
-    """Weights 7×3×3×3, 33×7×1×1, 17×33, 5×17, 3×5 and their biases: conv, 1×1 conv, Linear."""
-    return nn.Sequential(nn.Conv2d(3, 7, 3), nn.ReLU(), nn.Conv2d(7, 33, 1), nn.ReLU(),
-                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(33, 17), nn.ReLU(),
-                         nn.Linear(17, 5), nn.ReLU(), nn.Linear(5, 3))
 
 
 def plan_and_values(model, x, dtype):

@@ -172,7 +172,9 @@ class _TorchStep:
         return reduced, g_car
 
     def allocate(self, vs, ws, p_new, carriers):
-        """W = WA(V) in place: V / (P_in · M), then the fixed values and c / (P_in · M) in their slots."""
+        """W = WA(V) written in place: V / (P_in · M), then the fixed values and c / (P_in · M) in
+        their slots (codegen/allocate.py's `reference` computes the same into new tensors, which
+        would cost this fallback a temporary and a copy per weight)."""
         plan = self.plan
         for i, (v, w) in enumerate(zip(vs, ws)):
             torch.div(v, plan.denominator(i, p_new), out=w)
