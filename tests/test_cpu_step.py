@@ -1,9 +1,11 @@
 """The fused C++ G-SGD step on CPU tensors (kernels/cpu_step.cpp) against the PyTorch path of
 GSGD (kernels.mode('off')), both CPU: over odd shapes and every kind of layout (Linear, 1×1 and
 grouped / depthwise convolutions, transposed convolutions, whose input class runs along rows,
-BatchNorm's inert biases, concatenation), momentum and weight decay, fp64 and fp32, large tensors
-(several units per tensor, streaming stores, rows not 32-byte aligned); the result does not
-depend on the thread count; without a compiler GSGD warns once and keeps the PyTorch path."""
+BatchNorm's inert biases, concatenation), tensors whose scale moves with the carriers and tensors
+whose scale does not (stepped in the last pass), momentum and weight decay, fp64 and fp32, large
+tensors (several units per tensor, streaming stores, rows not 32-byte aligned, fixed and carrier
+slots in a row's unaligned head, its vectors and its tail); the result does not depend on the
+thread count; without a compiler GSGD warns once and keeps the PyTorch path."""
 import copy
 import warnings
 

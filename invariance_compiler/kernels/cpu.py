@@ -4,6 +4,7 @@ $IC_CACHE_DIR, default ~/.cache/invariance_compiler) and called through ctypes, 
 GIL. Where no compiler works GSGD keeps its PyTorch path and one warning says why and what to set."""
 from __future__ import annotations
 
+import array
 import ctypes
 import functools
 import hashlib
@@ -75,13 +76,27 @@ class _Step(ctypes.Structure):
                 ("gws", _P), ("vs", _P), ("bufs", _P), ("ws", _P),
                 ("M", _P), ("path_scale", _P), ("path_root", _P),
                 ("carriers", _P), ("carriers_buf", _P), ("nc", _I),
-                ("k_tensor", _P), ("k_idx", _P), ("k_val", _P), ("nk", _I),
+                ("k_val", _P), ("nk", _I),
                 ("j_tensor", _P), ("j_idx", _P), ("j_in", _P), ("j_out", _P), ("j_cls", _P), ("nj", _I),
+                ("slot_start", _P), ("slot_idx", _P), ("slot_ref", _P),
                 ("lr", _D), ("mom", _D), ("wd", _D), ("momentum", _N), ("first", _N), ("threads", _N)]
 
 
-def _table(ts) -> ctypes.Array:
-    return (_P * max(len(ts), 1))(*[t.data_ptr() for t in ts])
+def _table(ts) -> array.array:
+    """The tensors' data pointers (array.array: a third of the cost of a ctypes array)."""
+    return array.array("q", [t.data_ptr() for t in ts] or [0])
+
+
+def _slots(count: int, k_tensor, k_idx, j_tensor, j_idx) -> tuple[torch.Tensor, ...]:
+    """The fixed (K) and carrier (J) slots sorted by tensor and flat index, as the step writes them
+    row by row: (start (count + 1,): tensor t's slots are [start[t], start[t + 1]), their flat
+    indices (int32), ref (int32): a K entry's number, or -1 - a J entry's)."""
+    tensor = torch.cat([k_tensor, j_tensor]).long()
+    idx = torch.cat([k_idx, j_idx]).long()
+    ref = torch.cat([torch.arange(k_idx.numel()), -1 - torch.arange(j_idx.numel())])
+    order = torch.argsort(tensor * 2**31 + idx)          # flat indices are int32
+    start = torch.searchsorted(tensor[order], torch.arange(count + 1))
+    return start.contiguous(), idx[order].int().contiguous(), ref[order].int().contiguous()
 
 
 class CpuStep:
@@ -91,20 +106,21 @@ class CpuStep:
         self._run = getattr(lib, f"gsgd_cpu_step_{_SUFFIX[dtype]}")
         self.plan, self.dtype = plan, dtype
         meta, cls, _, k_tensor, k_idx, _, k_val, j_tensor, j_idx, j_in, j_out, j_cls = plan.layout(range(plan.count))
-        self._keep = (meta, cls, k_tensor, k_idx, k_val, j_tensor, j_idx, j_in, j_out, j_cls)   # alive
+        slots = _slots(plan.count, k_tensor, k_idx, j_tensor, j_idx)
+        self._keep = (meta, cls, k_val, j_tensor, j_idx, j_in, j_out, j_cls, *slots)   # alive
         self._args = _Step(count=plan.count, meta=meta.data_ptr(), cls=cls.data_ptr(), n=plan.n,
                            M=plan.M.data_ptr(), path_scale=plan.path_scale.data_ptr(),
-                           path_root=plan.path_root.data_ptr(), k_tensor=k_tensor.data_ptr(),
-                           k_idx=k_idx.data_ptr(), k_val=k_val.data_ptr(), nk=k_idx.numel(),
+                           path_root=plan.path_root.data_ptr(), k_val=k_val.data_ptr(), nk=k_idx.numel(),
                            j_tensor=j_tensor.data_ptr(), j_idx=j_idx.data_ptr(), j_in=j_in.data_ptr(),
-                           j_out=j_out.data_ptr(), j_cls=j_cls.data_ptr(), nj=j_idx.numel())
+                           j_out=j_out.data_ptr(), j_cls=j_cls.data_ptr(), nj=j_idx.numel(),
+                           **{f"slot_{k}": t.data_ptr() for k, t in zip(("start", "idx", "ref"), slots)})
 
     def __call__(self, gws, vs, bufs, ws, carriers, carriers_buf, lr, mom, wd, first) -> None:
         """In place on vs, bufs (momentum buffers, [] without momentum), ws, carriers and
         carriers_buf. Raises, W untouched, where the new P_in is zero or non-finite."""
         a = self._args
         tables = [_table(t) for t in (gws, vs, bufs, ws)]        # alive for the call
-        a.gws, a.vs, a.bufs, a.ws = map(ctypes.addressof, tables)
+        a.gws, a.vs, a.bufs, a.ws = (t.buffer_info()[0] for t in tables)
         a.carriers, a.nc = carriers.data_ptr(), carriers.numel()
         a.carriers_buf = carriers_buf.data_ptr() if carriers_buf is not None else None
         a.lr, a.mom, a.wd, a.momentum, a.first = lr, mom, wd, int(mom != 0), int(first)
@@ -118,7 +134,8 @@ def cpu_step(plan, tensors, cached: CpuStep | None = None) -> CpuStep | None:
     """The compiled step for `tensors` (every tensor the step reads or writes), or None where it
     does not apply: not all on the CPU, not one dtype of fp32 / fp64, or not all contiguous."""
     dtype = tensors[0].dtype
-    if dtype not in _SUFFIX or not all(t.is_cpu and t.dtype is dtype and t.is_contiguous() for t in tensors):
+    if dtype not in _SUFFIX or not (all([t.is_cpu for t in tensors]) and all([t.dtype is dtype for t in tensors])
+                                    and all([t.is_contiguous() for t in tensors])):  # lists: faster here
         return None
     if cached is not None and cached.plan is plan and cached.dtype == dtype:
         return cached

@@ -90,7 +90,8 @@ class GSGD(torch.optim.Optimizer):
         between them. CUDA (kernels/gsgd_step.py): reduce over ∂L/∂W ⊙ W, then V, the momentum
         buffers and W in one pass. CPU (kernels/cpu_step.cpp in one call, or _TorchStep where it
         does not apply): V and the buffers with the reduction in one pass, then W, which saves
-        the second read of ∂L/∂W."""
+        the second read of ∂L/∂W; the C++ step leaves the tensors whose P_in does not depend on
+        the carriers to the second pass and steps them there with their W, one pass fewer."""
         plan, ps = self.plan, self._alloc_params
         state0 = self.state[ps[0]]
         c = state0["carriers"]
@@ -98,7 +99,7 @@ class GSGD(torch.optim.Optimizer):
         # contiguous, and a weight that is not (channels_last) is stepped in a contiguous copy
         dense = torch.contiguous_format
         gws = [p.grad.contiguous() if p.grad is not None else torch.zeros_like(p, memory_format=dense) for p in ps]
-        vs, ws = [self.state[p]["v"] for p in ps], [p.data.contiguous() for p in ps]
+        vs, ws = [self.state[p]["v"] for p in ps], [p.contiguous() for p in ps]     # p itself, mostly
         first = mom != 0 and "carriers_momentum" not in state0
         bufs = [self.state[p].setdefault("momentum_buffer", torch.empty_like(p, memory_format=dense))
                 for p in ps] if mom else []
@@ -118,8 +119,8 @@ class GSGD(torch.optim.Optimizer):
             self._carrier_step(c, reduced, g_car, p_old, lr, mom, wd, first)
             ops.allocate(vs, ws, plan.path_in(c), c)
         for p, w in zip(ps, ws):
-            if w.data_ptr() != p.data.data_ptr():
-                p.data.copy_(w)
+            if w is not p:
+                p.copy_(w)
 
     def _carrier_step(self, c, reduced, g_car, p_old, lr, mom, wd, first) -> None:
         """SGD on the carriers' path values, from the per-class reduction Σ ∂L/∂V ⊙ V and their
