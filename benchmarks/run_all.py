@@ -48,7 +48,7 @@ def main(argv=None) -> int:
              f"`python benchmarks/run_all.py{' --quick' if args.quick else ''}`."]
     sections = [("Training step: compiled modules over the original (target gspace <= 1.10)",
                  lambda: train_step.table(reps[0])),
-                ("G-SGD optimizer step over torch.optim.SGD(foreach=True), MLP 784-1024x3-10 (target <= 2.0)",
+                ("G-SGD optimizer step over torch.optim.SGD(foreach=True), MLP and ResNet-18-shaped (target <= 2.0)",
                  lambda: gsgd_step.table(reps[1])),
                 ("ResNet-50-shaped model, 224x224: analyze and compile (targets 5 s / 2 GB, 10 s)",
                  lambda: resnet50_cost.table(reps[2]))]

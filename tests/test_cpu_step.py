@@ -175,3 +175,14 @@ def test_an_empty_parameter_in_the_group():
     for (ref_p, _, _), (got_p, _, opt) in step_pairs(model, x, torch.float64, 0.9, 0.0, 2):
         assert "empty" in opt.allocated and opt._cpu is not None
         assert_close(got_p, ref_p, 1e-12)
+
+
+def test_the_profilers_pass_count_has_the_first_layer_in_one_pass():
+    """An MLP's first layer reads the inputs, whose P_in is 1: the fused step steps it (weight and
+    bias) in its last pass alone, 4 tensor passes; every other layer's input scale moves with the
+    carriers, 5 passes (profile.fused_passes, the figure behind the profiler's GB/s)."""
+    from invariance_compiler.kernels.profile import fused_passes
+    model = nn.Sequential(nn.Linear(7, 9), nn.ReLU(), nn.Linear(9, 6), nn.ReLU(), nn.Linear(6, 3))
+    opt = GSGD(model, example_inputs=(torch.randn(2, 7),))
+    first, total = 7 * 9 + 9, sum(p.numel() for p in model.parameters())
+    assert fused_passes(opt) == round((4 * first + 5 * (total - first)) / total, 1)
