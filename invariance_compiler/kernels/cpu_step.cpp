@@ -130,13 +130,25 @@ struct Factors {
   const T *col(const Group &grp, int64_t t, int64_t g) const { return data.data() + cols[t] + g * grp.m(t)[S_]; }
 };
 
-// The calling thread's units [lo, hi) of a parallel pass: a contiguous share, the same in both
-// passes.
+// The entries before each unit, and the total last.
+std::vector<int64_t> starts(const Group &grp, const std::vector<Unit> &us) {
+  std::vector<int64_t> out(us.size() + 1);
+  for (size_t u = 0; u < us.size(); ++u) out[u + 1] = out[u] + (us[u].r1 - us[u].r0) * grp.m(us[u].t)[S_];
+  return out;
+}
+
+// The calling thread's units [lo, hi) of a parallel pass: a contiguous share of about equal
+// entries (units range from a bias to CHUNK entries), the same in every pass over the same units.
 struct Share {
   int64_t lo, hi;
-  explicit Share(int64_t count)
-      : lo(count * omp_get_thread_num() / omp_get_num_threads()),
-        hi(count * (omp_get_thread_num() + 1) / omp_get_num_threads()) {}
+  explicit Share(const std::vector<int64_t> &starts) {
+    int64_t nt = omp_get_num_threads(), i = omp_get_thread_num(), total = starts.back();
+    auto first_at = [&](int64_t k) {        // the first unit that starts at or after total * k / nt
+      return std::lower_bound(starts.begin(), starts.end() - 1, total * k / nt) - starts.begin();
+    };
+    lo = first_at(i);
+    hi = first_at(i + 1);
+  }
 };
 
 enum Reduce { NONE, BY_COLUMNS, BY_ROWS };
@@ -303,10 +315,11 @@ void step_pass(const Step<T> &a, const Group &grp, const std::vector<Unit> &us, 
                std::vector<double> &reduced, std::vector<double> &g_car, int64_t scratch_size) {
   std::vector<double> scratch(scratch_size);
   Factors<T> fac(grp, a.count, p_old, a.M);
+  std::vector<int64_t> at = starts(grp, us);
   with_flags(a, [&](auto mom_flag, auto first_flag) {
 #pragma omp parallel num_threads(a.threads)
     {
-      Share sh(us.size());
+      Share sh(at);
       for (int64_t u = sh.lo; u < sh.hi; ++u)
         step_unit<T, decltype(mom_flag)::value, decltype(first_flag)::value>(
             a, grp, us[u], fac, scratch.data(), nullptr, false);
@@ -345,17 +358,15 @@ void carrier_pass(const Step<T> &a, const T *p_old, const std::vector<double> &r
 template <typename T>
 void allocate_pass(const Step<T> &a, const Group &grp, const std::vector<Unit> &moving,
                    const std::vector<Unit> &still, const T *p_new) {
-  int64_t total = 0;
-  for (const auto *us : {&moving, &still})
-    for (const Unit &un : *us) total += (un.r1 - un.r0) * grp.m(un.t)[S_];
-  bool stream = total * int64_t(sizeof(T)) >= STREAM_BYTES;
+  std::vector<int64_t> at_moving = starts(grp, moving), at_still = starts(grp, still);
+  bool stream = (at_moving.back() + at_still.back()) * int64_t(sizeof(T)) >= STREAM_BYTES;
   Factors<T> fac(grp, a.count, p_new, a.M);
   with_flags(a, [&](auto mom_flag, auto first_flag) {
 #pragma omp parallel num_threads(a.threads)
     {
       // the moving units pass 1 gave this thread, last first: the end of the V this core has
       // just written is still in its cache
-      Share sh(moving.size());
+      Share sh(at_moving);
       for (int64_t u = sh.hi - 1; u >= sh.lo; --u) {
         const Unit &un = moving[u];
         int64_t R = grp.m(un.t)[R_], S = grp.m(un.t)[S_];
@@ -366,7 +377,7 @@ void allocate_pass(const Step<T> &a, const Group &grp, const std::vector<Unit> &
           k = end;
         }
       }
-      Share st(still.size());
+      Share st(at_still);
       for (int64_t u = st.lo; u < st.hi; ++u)
         step_unit<T, decltype(mom_flag)::value, decltype(first_flag)::value>(
             a, grp, still[u], fac, nullptr, p_new, stream);
