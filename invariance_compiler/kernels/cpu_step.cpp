@@ -220,7 +220,7 @@ inline void stream(double *p, __m256d x) { _mm256_stream_pd(p, x); }
 #endif
 
 // One row of W (flat entries [base, base + S) of tensor t): V * (fr * fc), its slots [k, end) set
-// to their fixed value or c / den_new. With AVX and `stream`, streaming stores: W is written,
+// to their fixed value or c / den_new. With AVX and stream_w, streaming stores: W is written,
 // not read, and a store that bypasses the cache saves the read of its line; a slot is set in the
 // vector before it is stored (a store of its own would fetch the line).
 template <typename T>
@@ -267,7 +267,7 @@ inline int64_t row_slots(const Group &grp, int64_t t, int64_t k, int64_t row_end
 // with p_new, W from the new V too (row by row, while the row is in L1).
 template <typename T, bool MOM, bool FIRST>
 void step_unit(const Step<T> &a, const Group &grp, const Unit &un, const Factors<T> &fac, double *scratch,
-               const T *p_new, bool stream) {
+               const T *p_new, bool stream_w) {
   int64_t R = grp.m(un.t)[R_], S = grp.m(un.t)[S_];
   const T *fc = fac.col(grp, un.t, un.g), *fr = fac.row(grp, un.t, un.g);
   T lr = T(a.lr), mom = T(a.mom), wd = T(a.wd);
@@ -290,7 +290,7 @@ void step_unit(const Step<T> &a, const Group &grp, const Unit &un, const Factors
       v[grp.slot_idx[j] - base] = 0;
       if (MOM) buf[grp.slot_idx[j] - base] = 0;
     }
-    if (p_new) write_row(a, grp, un.t, base, S, fr[r], fc, k, end, p_new, stream);
+    if (p_new) write_row(a, grp, un.t, base, S, fr[r], fc, k, end, p_new, stream_w);
     k = end;
   }
 }
@@ -359,7 +359,7 @@ template <typename T>
 void allocate_pass(const Step<T> &a, const Group &grp, const std::vector<Unit> &moving,
                    const std::vector<Unit> &still, const T *p_new) {
   std::vector<int64_t> at_moving = starts(grp, moving), at_still = starts(grp, still);
-  bool stream = (at_moving.back() + at_still.back()) * int64_t(sizeof(T)) >= STREAM_BYTES;
+  bool stream_w = (at_moving.back() + at_still.back()) * int64_t(sizeof(T)) >= STREAM_BYTES;
   Factors<T> fac(grp, a.count, p_new, a.M);
   with_flags(a, [&](auto mom_flag, auto first_flag) {
 #pragma omp parallel num_threads(a.threads)
@@ -373,14 +373,14 @@ void allocate_pass(const Step<T> &a, const Group &grp, const std::vector<Unit> &
         const T *fc = fac.col(grp, un.t, un.g), *fr = fac.row(grp, un.t, un.g);
         for (int64_t r = un.r0, k = un.slot; r < un.r1; ++r) {
           int64_t base = (un.g * R + r) * S, end = row_slots(grp, un.t, k, base + S);
-          write_row(a, grp, un.t, base, S, fr[r], fc, k, end, p_new, stream);
+          write_row(a, grp, un.t, base, S, fr[r], fc, k, end, p_new, stream_w);
           k = end;
         }
       }
       Share st(at_still);
       for (int64_t u = st.lo; u < st.hi; ++u)
         step_unit<T, decltype(mom_flag)::value, decltype(first_flag)::value>(
-            a, grp, still[u], fac, nullptr, p_new, stream);
+            a, grp, still[u], fac, nullptr, p_new, stream_w);
 #if defined(__AVX__)
       _mm_sfence();
 #endif
