@@ -68,11 +68,16 @@ def timer(device: torch.device):
     return cpu
 
 
+def side_mlp(side: int) -> nn.Module:
+    """A ReLU MLP side-side-side-10: two side² weights, the kernels' bench group."""
+    return nn.Sequential(nn.Linear(side, side), nn.ReLU(), nn.Linear(side, side), nn.ReLU(), nn.Linear(side, 10))
+
+
 def bench_group(device: torch.device, side: int):
-    """The WA group of a ReLU MLP side-side-side-10 (two side² weights) with random gradients:
+    """The WA group of side_mlp(side) with random gradients:
     (plan, carriers, P_in, vs, gws, ws, bufs)."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(side, side), nn.ReLU(), nn.Linear(side, side), nn.ReLU(), nn.Linear(side, 10))
+    model = side_mlp(side)
     cm = compile_invariant(model, (torch.randn(2, side),), scale_activations=False).to(device)
     plan, c = cm.allocate, cm.v_carriers.detach()
     vs = [getattr(cm, cm._v_attr[cm._allocated[i]]).detach() for i in plan.wa]
@@ -119,7 +124,7 @@ def cpu_step_rows(side: int, ms) -> list:
     torch.optim.SGD(foreach=True), no momentum, on the parameters of the same MLP."""
     import copy
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(side, side), nn.ReLU(), nn.Linear(side, side), nn.ReLU(), nn.Linear(side, 10))
+    model = side_mlp(side)
     twin = copy.deepcopy(model)
     for m in (model, twin):
         for p in m.parameters():
