@@ -93,9 +93,10 @@ def test_analysis_lands_in_node_meta():
     model, x = ZOO["cnn_pool"]()
     report = ic.analyze(model, x)
     nodes = {n.name: n for n in report.graph.graph.nodes}
-    gens = nodes["_1"].meta["ic_generators"]                # after the first ReLU: one class per channel
+    gens = nodes["relu"].meta["ic_generators"]              # after the first ReLU: one class per channel
     assert gens.shape == (1, 4, 1, 1) and sorted(gens.reshape(-1).tolist()) == [0, 1, 2, 3]
-    assert (nodes["_7"].meta["ic_generators"] == -1).all()   # the output Linear: pinned
+    assert nodes["relu"].meta["nn_module_stack"]             # the exported graph keeps the layers
+    assert (nodes["linear"].meta["ic_generators"] == -1).all()   # the output Linear: pinned
 
 
 def test_model_is_left_untouched():
@@ -113,6 +114,7 @@ def test_report_pickles():
     report = ic.analyze(_mlp([3, 4, 2]))
     clone = pickle.loads(pickle.dumps(report))
     assert torch.equal(clone.generator_matrix(), report.generator_matrix())
+    assert clone.graph is None and report.graph is not None   # the exported graph stays behind
 
 
 def test_a_bias_is_inert_only_where_the_centring_really_removes_it():

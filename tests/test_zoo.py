@@ -10,12 +10,6 @@ from invariance_compiler.zoo import ZOO
 
 from conftest import batch_like
 
-# Attention logits q·kᵀ are a product of two scaled tensors, which pins by design (DESIGN §3.2):
-# the q/k counter-scaling (one per head dim) and the key bias (inert: softmax ignores a per-query
-# shift) are not found. Sound, 2·d generators short.
-INCOMPLETE = {"mini_transformer": "q/k counter-scaling and the softmax-shift-inert key bias are not found"}
-
-
 def test_zoo_is_large_enough():
     assert len(ZOO) >= 20
 
@@ -29,8 +23,6 @@ def test_random_group_element_preserves_outputs(name):
 
 @pytest.mark.parametrize("name", sorted(ZOO))
 def test_generators_span_the_numerical_null_space(name):
-    if name in INCOMPLETE:
-        pytest.xfail(INCOMPLETE[name])
     model, x = ZOO[name]()
     report = ic.analyze(model, x)
     got = oracle.completeness(model, report, batch_like(x, 8))
@@ -39,13 +31,20 @@ def test_generators_span_the_numerical_null_space(name):
     assert got["null_dim"] == report.num_generators          # ... and fills it (complete)
 
 
-def test_known_gap_is_still_sound_and_exactly_the_attention_directions():
+def test_attention_gives_one_query_key_generator_per_dim_and_an_inert_key_bias():
+    """q·kᵀ then softmax: +1 on the query rows (and bias), -1 on the key rows (and bias), per head
+    dimension; the key bias is inert (softmax ignores a per-query shift)."""
     model, x = ZOO["mini_transformer"]()
     report = ic.analyze(model, x)
-    got = oracle.completeness(model, report, batch_like(x, 8))
-    assert got["residual"] <= 1e-9
     d = model.proj.out_features
-    assert got["null_dim"] - report.num_generators == 2 * d
+    qk = [g for g in report.generators if g.kind == "rescale" and not report.is_simple(g.index)]
+    assert len(qk) == d
+    for g in qk:
+        (rows, coeffs), = [v for k, v in g.entries().items() if k == "qkv.weight"]
+        q_rows, k_rows = set((rows[coeffs > 0] // d).tolist()), set((rows[coeffs < 0] // d).tolist())
+        assert (len(q_rows), len(k_rows)) == (1, 1) and min(q_rows) < d <= min(k_rows) < 2 * d
+        assert set(coeffs.abs().tolist()) == {1}
+    assert report.inert_entries("qkv.bias").tolist() == list(range(d, 2 * d))
 
 
 def test_float32_models_analyse_to_the_same_group():

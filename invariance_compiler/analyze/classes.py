@@ -1,14 +1,22 @@
-"""Channel classes: fresh ids, unions recorded as edges, connected components solved once at the end.
+"""Channel classes: fresh ids, unions recorded as edges, connected components solved once at the end,
+and the few linear relations that are not unions (DESIGN §3.2, the exponent algebra).
 
 Rules never need a find() while the graph is walked: a union is just an edge between two ids, and an
 id stays a valid name for its class forever. `solve` labels every id with the smallest id of its
 component, so PIN (0) labels every pinned class.
+
+A product, a power or a contraction of scaled tensors gives its result a fresh class per element
+(compactly) and records a relation Σ coeff · λ(id) = 0 per element: λ(x·y) = λ(x) + λ(y),
+λ(xᵖ) = p·λ(x), λ(Σ_k a_ik b_kj) = λ(a_ik) + λ(b_kj) for every k. `algebra.solve_relations` solves
+them exactly after the unions.
 """
 from __future__ import annotations
 
+from fractions import Fraction
+
 import torch
 
-from .value import PIN
+from .value import PIN, ZERO
 
 __all__ = ["ClassTable"]
 
@@ -18,6 +26,8 @@ class ClassTable:
         self.count = 1                      # id 0 is PIN
         self._a: list[torch.Tensor] = []
         self._b: list[torch.Tensor] = []
+        self.rows = 0                       # relations recorded so far
+        self.relations: list[tuple[torch.Tensor, torch.Tensor, Fraction]] = []   # (row, id, coeff)
 
     def fresh(self, n: int) -> torch.Tensor:
         ids = torch.arange(self.count, self.count + n, dtype=torch.long)
@@ -41,6 +51,20 @@ class ClassTable:
             self.union(live.unique(), torch.zeros((), dtype=torch.long))
         return live.numel() > 0
 
+    def relate(self, terms: list[tuple[Fraction, torch.Tensor]]) -> None:
+        """Record Σ coeff · λ(ids[e]) = 0 for every element e of the terms' broadcast shape."""
+        shape = torch.broadcast_shapes(*[ids.shape for _, ids in terms])
+        n = 1
+        for s in shape:
+            n *= s
+        rows = torch.arange(self.rows, self.rows + n)
+        self.rows += n
+        for coeff, ids in terms:
+            flat = ids.expand(shape).reshape(-1)
+            live = flat > PIN
+            if bool(live.any()):
+                self.relations.append((rows[live], flat[live], Fraction(coeff)))
+
     def solve(self) -> torch.Tensor:
         """Label of every id: the smallest id in its component (min-label hooking + pointer jumping)."""
         parent = torch.arange(self.count, dtype=torch.long)
@@ -58,3 +82,7 @@ class ClassTable:
                 if torch.equal(nxt, parent):
                     break
                 parent = nxt
+
+
+def zero_ids_like(ids: torch.Tensor) -> torch.Tensor:
+    return torch.full_like(ids, ZERO)

@@ -1,29 +1,33 @@
-"""What a rule sees: the node, its real output, and helpers that record classes, unions, pins and
-parameter bindings. A rule is `rule(ctx, *args, **kwargs) -> Value | tuple[Value, ...]`, called with
-the node's arguments: a `Value` for every tensor argument, the concrete object for everything else."""
+"""What a rule sees: the node, its real output, and helpers that record classes, unions, relations,
+pins and parameter bindings. A rule is `rule(ctx, *args, **kwargs) -> Value | tuple[Value, ...]`,
+called with the ATen op's arguments: a `Value` for every tensor argument, the concrete object for
+everything else (the real arguments are in `ctx.real_args`)."""
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 from typing import Any, Optional, Sequence
 
 import torch
 import torch.fx
 
 from .classes import ClassTable
-from .value import ParamView, Value, compact, pinned_ids
+from .value import PIN, ZERO, ParamView, Value, compact, pinned_ids
 
 __all__ = ["Context", "Binding"]
 
 Factors = list  # list[tuple[int, torch.Tensor]]: (sign, class ids broadcastable to the parameter's shape)
+UNSET = -2      # an entry of a partly bound parameter that no use has reached (yet)
 
 
 class Binding:
     """How one parameter's entries scale: exponent(e) = sum of sign * λ(class) over its factors.
-    The first use of a parameter fixes the factors; a later use must agree (unions) or pins."""
+    The first use of a parameter fixes the factors; a later use must agree (unions) or pins. A
+    parameter used through slices (nn.MultiheadAttention's in_proj_weight) is bound slice by slice:
+    its factors are then full-shape, UNSET where no use has reached."""
 
     def __init__(self, name: str, shape: torch.Size, factors: Factors, node: str):
         self.name, self.shape, self.factors, self.nodes = name, shape, factors, [node]
-        self.inert = False      # the output does not depend on this parameter at all
 
     @property
     def signature(self):
@@ -37,12 +41,10 @@ class Context:
         self.bindings: dict[str, Binding] = {}
         self.pins: list[tuple[str, str]] = []     # (node name, reason)
         self.notes: list[str] = []                # semantics worth telling the user (eval-mode BN ...)
-        self.bias_of: dict[torch.fx.Node, tuple[str, int]] = {}  # node -> (bias param, channel dim)
-        self.centred: set[torch.fx.Node] = set()   # normalisers that remove a per-channel mean
-        self.additive: set[str] = set()            # parameters added, not multiplied (biases, β)
+        self.additive: set[str] = set()           # parameters added, not multiplied (biases, β)
+        self.inert: dict[str, torch.Tensor] = {}  # parameter -> flat entries proven not to matter
         self.gm: Optional[torch.fx.GraphModule] = None
         self.node: Optional[torch.fx.Node] = None
-        self.module: Optional[torch.nn.Module] = None
         self.real: Any = None                     # the node's real output
         self.real_args: tuple = ()
         self.real_kwargs: dict = {}
@@ -50,14 +52,16 @@ class Context:
     # ---- values -------------------------------------------------------------------------------
     def ids(self, v: Value) -> torch.Tensor:
         """Compact ids of v. A raw parameter used as an ordinary tensor gets one fresh class per
-        entry, bound with exponent +1 (its scale is its own)."""
+        entry, bound with exponent +1 (its scale is its own); a view that repeats entries
+        (`cls_token.expand(B, -1, -1)`) repeats their classes."""
         if v.ids is None:
-            numel = math.prod(v.shape)
-            fresh = self.classes.fresh(numel).view(v.shape)
-            if self.bind(v, [(+1, fresh)]):
-                v.ids = fresh
+            if v.param.entries is None:
+                fresh = self.classes.fresh(math.prod(v.shape)).view(v.shape)
             else:
-                v.ids = pinned_ids(len(v.shape))
+                uniq, inverse = v.param.entries.reshape(-1).unique(return_inverse=True)
+                fresh = self.classes.fresh(uniq.numel())[inverse].view(v.shape)
+            v.ids = fresh if self.bind(v, [(+1, fresh)]) else pinned_ids(len(v.shape))
+            v.ids = compact(v.ids)
         return v.ids
 
     def full(self, v: Value) -> torch.Tensor:
@@ -96,6 +100,27 @@ class Context:
         if hit:
             self.pins.append((self.node.name if self.node is not None else "?", reason))
 
+    def combine(self, terms: Sequence[tuple[Any, torch.Tensor]]) -> torch.Tensor:
+        """Ids whose λ is Σ coeff · λ(ids) elementwise (a product, quotient or power of scaled
+        tensors): a fresh class per element of the broadcast, tied by a relation. An element that
+        is exactly zero in a factor with positive power stays ZERO; constant factors drop out."""
+        live = [(Fraction(c), ids) for c, ids in terms if c != 0 and bool((ids > PIN).any())]
+        shape = torch.broadcast_shapes(*[ids.shape for _, ids in terms])
+        zero = torch.zeros(shape, dtype=torch.bool)
+        for c, ids in terms:
+            if c > 0:
+                zero = zero | (ids == ZERO)
+        if not live:
+            out = torch.zeros(shape, dtype=torch.long)
+        elif len(live) == 1 and live[0][0] == 1:
+            out = live[0][1].expand(shape).clone()
+        else:
+            bshape = torch.broadcast_shapes(*[ids.shape for _, ids in live])
+            fresh = self.fresh(math.prod(bshape)).view(bshape)
+            self.classes.relate([(Fraction(1), fresh)] + [(-c, ids) for c, ids in live])
+            out = fresh.expand(shape).clone()
+        return compact(torch.where(zero, ZERO, out) if bool(zero.any()) else out)
+
     def reduce(self, v: Value, dims: Sequence[int], ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Union the classes along `dims` (every slice shares one scale); returns the ids with those
         dims reduced to size 1."""
@@ -122,27 +147,15 @@ class Context:
         return red.reshape(-1).expand(v.shape[dim]).contiguous() if red.numel() == 1 else red.reshape(-1)
 
     # ---- parameters ---------------------------------------------------------------------------
-    def param_value(self, param: Optional[torch.nn.Parameter]) -> Optional[Value]:
-        """The Value of a module's own parameter (None stays None)."""
-        if param is None:
-            return None
-        return self.parameter(self.param_name(param))
-
     def parameter(self, name: str) -> Value:
         """A trainable parameter is a lazy ParamView. A frozen one (requires_grad=False) must stay
         exactly as it is while the rest trains, so it is a constant: its exponent is 0 and the
         classes around it merge or pin instead of moving it."""
         p = self.params[name]
-        if p.requires_grad:
+        if p.requires_grad and p.is_floating_point():
             return Value(p.shape, None, ParamView(name))
-        self.bindings.setdefault(name, Binding(name, p.shape, [], self.node.name))
+        self.bindings.setdefault(name, Binding(name, p.shape, [], "?"))
         return Value(p.shape, pinned_ids(p.dim()))
-
-    def param_name(self, param: torch.nn.Parameter) -> str:
-        for name, p in self.params.items():
-            if p is param:
-                return name
-        raise KeyError("parameter not registered on the model")
 
     def bind_bias(self, v: Optional[Value], cls: torch.Tensor) -> bool:
         """bind() for a parameter that is added to the output (it reads the constant 1)."""
@@ -152,7 +165,7 @@ class Context:
 
     def bind(self, v: Optional[Value], factors: Factors) -> bool:
         """Record the exponent of the parameter behind `v` (factors in v's shape). False, with the
-        classes pinned, when v is not a parameter or its view cannot be mapped back exactly."""
+        classes pinned, when v is not a parameter."""
         if v is None:
             return True
         if v.param is None:
@@ -162,52 +175,48 @@ class Context:
             return False
         name = v.param.name
         shape = self.params[name].shape
-        factors = [(s, self._to_param_shape(v, cls, shape)) for s, cls in factors]
-        if any(cls is None for _, cls in factors):
-            for _, cls in factors:
-                if cls is not None:
-                    self.classes.pin(cls)
-            self.pins.append((self.node.name, f"parameter {name} used through a non-invertible view"))
-            self._pin_binding(name, shape)
-            return False
+        mapped = [(s, self._to_param_shape(v, cls, shape)) for s, cls in factors]
         old = self.bindings.get(name)
         if old is None:
-            self.bindings[name] = Binding(name, shape, factors, self.node.name)
+            self.bindings[name] = Binding(name, shape, mapped, self.node.name)
             return True
         old.nodes.append(self.node.name)
-        new_sig = tuple(sorted(s for s, _ in factors))
+        new_sig = tuple(sorted(s for s, _ in mapped))
         if new_sig == old.signature:      # same structure: each factor must name the same class
-            for (_, c1), (_, c2) in zip(sorted(old.factors, key=lambda f: f[0]),
-                                          sorted(factors, key=lambda f: f[0])):
-                self.classes.union(c1, c2)
+            merged = []
+            for (s, c1), (_, c2) in zip(sorted(old.factors, key=lambda f: f[0]),
+                                          sorted(mapped, key=lambda f: f[0])):
+                if bool((c1 == UNSET).any()) or bool((c2 == UNSET).any()):
+                    a, b = torch.broadcast_tensors(c1, c2)
+                    both = (a != UNSET) & (b != UNSET)
+                    self.classes.union(a[both], b[both])
+                    merged.append((s, torch.where(a == UNSET, b, a)))
+                else:
+                    self.classes.union(c1, c2)
+                    merged.append((s, c1))
+            old.factors = merged
             return True
-        for _, cls in old.factors + factors:
-            self.classes.pin(cls)
+        for _, cls in old.factors + mapped:
+            self.classes.pin(cls[cls != UNSET])
+        old.factors = [(s, torch.where(c == UNSET, PIN, c)) for s, c in old.factors]
         self.pins.append((self.node.name, f"parameter {name} is used in two incompatible ways"))
         return True
 
-    def _pin_binding(self, name, shape):
-        b = self.bindings.get(name)
-        if b is None:
-            self.bindings[name] = Binding(name, shape, [], self.node.name)
-        else:
-            for _, cls in b.factors:
-                self.classes.pin(cls)
-            b.nodes.append(self.node.name)
-
-    @staticmethod
-    def _to_param_shape(v: Value, cls: torch.Tensor, shape: torch.Size) -> Optional[torch.Tensor]:
+    def _to_param_shape(self, v: Value, cls: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+        """Factor ids in the parameter's own shape. A view that repeats an entry gives it one class:
+        the classes of its copies merge."""
         while cls.dim() < len(v.shape):
             cls = cls.unsqueeze(0)
         if v.param.entries is None:
             return cls
         entries = v.param.entries.reshape(-1)
+        flat = cls.expand(v.shape).reshape(-1)
         n = math.prod(shape)
-        if entries.numel() != n or not torch.equal(entries.sort().values, torch.arange(n)):
-            return None                   # slices, repeats: not a bijection onto the parameter
-        out = torch.empty(n, dtype=torch.long)
-        out[entries] = cls.expand(v.shape).reshape(-1)
-        return compact(out.view(shape))
+        out = torch.full((n,), UNSET, dtype=torch.long)
+        out[entries] = flat
+        if entries.unique().numel() != entries.numel():
+            self.classes.union(out[entries], flat)
+        return out.view(shape) if bool((out == UNSET).any()) else compact(out.view(shape))
 
 
 def _map_tensors(obj, fn):

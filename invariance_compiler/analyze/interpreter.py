@@ -1,8 +1,13 @@
-"""The analysis pass: an fx.Interpreter that runs the real ops on the example inputs (so every size
-and shape is concrete) and, beside each real value, the op's rule on abstract values. The abstract
-value of node n lands in n.meta["ic_value"]."""
+"""The analysis pass: an fx.Interpreter over the exported ATen graph that runs the real ops on the
+example inputs (so every size and shape is concrete) and, beside each real value, the op's rule on
+abstract values. The abstract value of node n lands in n.meta["ic_value"].
+
+An op without a rule pins every class it touches and every parameter it reads. An op whose inputs
+are all constants (masks, positions, RoPE's cos/sin) has a constant output whatever it computes, so
+it needs no rule."""
 from __future__ import annotations
 
+import operator
 import warnings
 from typing import Any
 
@@ -10,13 +15,16 @@ import torch
 import torch.fx
 from torch.fx.node import map_aggregate
 
+from ..trace import Captured
 from .classes import ClassTable
-from .context import Context, _map_tensors, has_tensor
+from .context import Context, _map_tensors, _values_in, has_tensor
 from .rules import lookup
-from .rules.norms import mark_inert_biases
 from .value import Value, pinned_ids
 
 __all__ = ["SymmetryPass", "SymmetryWarning"]
+
+_SHAPE_QUERIES = {"sym_size", "sym_numel", "sym_stride", "sym_storage_offset", "size", "stride",
+                  "dim", "numel", "_assert_tensor_metadata", "_assert_scalar", "sym_constrain_range_for_size"}
 
 
 class SymmetryWarning(UserWarning):
@@ -24,19 +32,19 @@ class SymmetryWarning(UserWarning):
 
 
 class SymmetryPass(torch.fx.Interpreter):
-    def __init__(self, gm: torch.fx.GraphModule, params: dict[str, torch.nn.Parameter]):
-        super().__init__(gm)
+    def __init__(self, captured: Captured, params: dict[str, torch.nn.Parameter], user_outputs: set):
+        super().__init__(captured.gm)
+        self.captured = captured
         self.ctx = Context(ClassTable(), params)
-        self.ctx.gm = gm
-        self.param_ids = {id(p): name for name, p in params.items()}
-        self.unknown: list[tuple[str, str]] = []      # (op, node name)
+        self.ctx.gm = captured.gm
+        self.user_outputs = user_outputs             # names of output args the user sees
+        self.unknown: list[tuple[str, str]] = []     # (op, node name)
         self.abstract: dict[torch.fx.Node, Any] = {}
 
     def run_node(self, n: torch.fx.Node) -> Any:
         real = super().run_node(n)
         ctx = self.ctx
         ctx.node, ctx.real = n, real
-        ctx.module = self.module.get_submodule(n.target) if n.op == "call_module" else None
         ctx.args = map_aggregate(n.args, self._abstract_of)
         ctx.kwargs = map_aggregate(n.kwargs, self._abstract_of)
         ctx.real_args, ctx.real_kwargs = self.fetch_args_kwargs_from_env(n)
@@ -55,44 +63,53 @@ class SymmetryPass(torch.fx.Interpreter):
     def _abstract_node(self, n, real):
         ctx = self.ctx
         if n.op == "placeholder":
-            return _map_tensors(real, lambda t: Value(t.shape, pinned_ids(t.dim())))
-        if n.op == "get_attr":
-            name = self.param_ids.get(id(real))
+            name = self.captured.params.get(n.name)
             if name is not None:
-                return self.ctx.parameter(name)
+                return ctx.parameter(name)
             return _map_tensors(real, lambda t: Value(t.shape, pinned_ids(t.dim())))
         if n.op == "output":
-            ctx.pin(ctx.args, reason="model output")
+            outs = n.args[0] if isinstance(n.args[0], (list, tuple)) else [n.args[0]]
+            seen = [self.abstract[o] for o in outs if isinstance(o, torch.fx.Node) and o.name in self.user_outputs]
+            ctx.pin(seen, reason="model output")
             return None
+        if n.op != "call_function":
+            return _map_tensors(real, lambda t: ctx.constant(t.shape))
+        values = list(_values_in((ctx.args, ctx.kwargs)))
         if not has_tensor(real):
-            return real                     # sizes, shapes, Python numbers: the value is the abstraction
-        rule = lookup(n.op, n.target, ctx.module)
+            name = getattr(n.target, "__name__", str(n.target)).split(".")[0]
+            if values and name not in _SHAPE_QUERIES and n.target is not operator.getitem:
+                ctx.pin(values, reason=f"{_op_name(n)} turns a tensor into a Python value")
+            return real                      # sizes, shapes, Python numbers: the value is the abstraction
+        if n.target is not operator.getitem and values and all(
+                v.param is None and v.is_constant for v in values):
+            return ctx.like_real(lambda t: ctx.constant(t.shape))
+        rule = lookup(n.target)
         if rule is None:
-            self.unknown.append((_op_name(n, ctx.module), n.name))
-            ctx.pin(ctx.args, ctx.kwargs, reason=f"no rule for {_op_name(n, ctx.module)}")
+            self.unknown.append((_op_name(n), n.name))
+            ctx.pin(ctx.args, ctx.kwargs, reason=f"no rule for {_op_name(n)}")
+            return ctx.like_real(lambda t: ctx.constant(t.shape))
+        if not values:
             return ctx.like_real(lambda t: ctx.constant(t.shape))
         return rule(ctx, *ctx.args, **ctx.kwargs)
 
     def analyse(self, *inputs):
         with torch.no_grad():
             self.run(*inputs)
-        mark_inert_biases(self.ctx)
         if self.unknown:
             ops = sorted({op for op, _ in self.unknown})
             where = ", ".join(f"{op} (node {node})" for op, node in self.unknown[:12])
             warnings.warn(
                 f"invariance_compiler: no symmetry rule for {len(ops)} op(s): {', '.join(ops)}; "
                 f"pinned where used: {where}. If an op is positively homogeneous of degree 1 and "
-                f"elementwise, register it: ic.register_rule(<op>, ic.rules.passthrough); to "
-                f"silence this for an op that breaks scaling: ic.register_rule(<op>, ic.rules.pin).",
+                f"elementwise, register it: ic.register_rule(torch.ops.<ns>.<op>, "
+                f"ic.rules.passthrough); to silence this for an op that breaks scaling: "
+                f"ic.register_rule(torch.ops.<ns>.<op>, ic.rules.pin).",
                 SymmetryWarning, stacklevel=3)
         return self.ctx
 
 
-def _op_name(n: torch.fx.Node, module) -> str:
-    if n.op == "call_module":
-        return type(module).__name__
-    if n.op == "call_method":
-        return f"Tensor.{n.target}"
-    mod = getattr(n.target, "__module__", None) or ""
-    return f"{mod}.{getattr(n.target, '__name__', str(n.target))}".lstrip(".")
+def _op_name(n: torch.fx.Node) -> str:
+    t = n.target
+    if isinstance(t, torch._ops.OpOverload):
+        return f"{t.namespace}.{t._schema.name.split('::')[-1]}.{t._overloadname}"
+    return getattr(t, "__name__", str(t))

@@ -1,18 +1,22 @@
 """SymmetryReport: the rescaling group the analysis found, in the user's terms (parameters, layers).
 
-Generators are stored implicitly: every parameter keeps its factors (sign, class ids, compact), so
-E is never materialised unless asked for (ResNet-50 has ~25M rows)."""
+Generators are stored implicitly: every parameter keeps its factors (sign, class labels, compact),
+and every label its generator coefficients, so E is never materialised unless asked for (ResNet-50
+has ~25M rows). Most labels are one generator each (column `_col[label]`, coefficient 1); labels
+tied by the exponent algebra's relations (attention's query/key pairs) take their coefficients from
+the relations' null space (`_multi`). Inert entries are blocks per parameter, one column each."""
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
-import torch.fx
 import torch.nn as nn
 
-from .context import Context
+from .algebra import solve_relations
+from .context import UNSET, Context
 from .value import PIN, Value
 
 __all__ = ["SymmetryReport", "Generator"]
@@ -27,29 +31,52 @@ class Generator:
     kind: str                      # "rescale" | "normalize" | "inert"
     params: tuple[str, ...]        # parameters with non-zero entries
     _report: "SymmetryReport"
-    _label: Optional[int] = None   # class label (rescale/normalize)
     _entry: Optional[tuple[str, int]] = None   # (parameter, flat index) for inert
 
     def entries(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """{parameter name: (flat entry indices, signs in {-1, +1})}."""
+        """{parameter name: (flat entry indices, coefficients)}, coefficients ±1 nearly always."""
         if self._entry is not None:
             name, i = self._entry
             return {name: (torch.tensor([i]), torch.tensor([1]))}
         out = {}
         for name in self.params:
-            col = self._report._column_of_label(name, self._label)
-            idx = col.reshape(-1).nonzero().reshape(-1)
-            out[name] = (idx, col.reshape(-1)[idx])
+            col = self._report._column_values(name, self.index).reshape(-1)
+            idx = col.nonzero().reshape(-1)
+            out[name] = (idx, col[idx])
         return out
 
     def __repr__(self):
         return f"Generator({self.index}, {self.kind}, params={list(self.params)})"
 
 
+class _Generators(Sequence):
+    """The class generators as objects, the inert ones made on demand from their blocks (a model
+    can have millions of inert entries)."""
+
+    def __init__(self, report, classes: list[Generator]):
+        self._report, self._classes = report, classes
+
+    def __len__(self):
+        return len(self._classes) + self._report._num_inert
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        if i < 0:
+            i += len(self)
+        if i < len(self._classes):
+            return self._classes[i]
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        name, entry = self._report._inert_entry(i)
+        return Generator(i, "inert", (name,), self._report, _entry=(name, entry))
+
+
 class SymmetryReport:
-    def __init__(self, model: nn.Module, graph: torch.fx.GraphModule, ctx: Context,
-                 unknown: list[tuple[str, str]]):
-        self.graph = graph
+    def __init__(self, model: nn.Module, captured, ctx: Context, unknown: list[tuple[str, str]],
+                 inert: dict[str, torch.Tensor], read: set[str]):
+        self.captured = captured               # the torch.export capture (trace.Captured)
+        self.graph = captured.gm               # its graph, with the analysis in node.meta
         self.param_names = [n for n, _ in model.named_parameters()]
         self.param_shapes = {n: p.shape for n, p in model.named_parameters()}
         self.layer_types = {n: _layer_type(model, n) for n in self.param_names}
@@ -61,43 +88,164 @@ class SymmetryReport:
         labels = ctx.classes.solve()
         self._labels = labels
 
-        # Final factors per parameter, in labels; inert parameters have none.
+        # Inert entries: unread parameters, entries proven inert, rules' proofs (PReLU slopes).
+        self._inert: dict[str, torch.Tensor] = {}
+        for name in self.param_names:
+            entries = inert.get(name)
+            if name in ctx.inert:
+                extra = ctx.inert[name]
+                entries = extra if entries is None else torch.cat([entries, extra]).unique()
+            if name not in read and name not in ctx.bindings:
+                entries = torch.arange(self.param_shapes[name].numel())
+            if entries is not None and entries.numel():
+                self._inert[name] = entries.sort().values
+
+        # Final factors per parameter, in labels (UNSET entries of a partly used parameter pin).
         self._factors: dict[str, list[tuple[int, torch.Tensor]]] = {}
-        inert = []
         for name in self.param_names:
             b = ctx.bindings.get(name)
-            if b is None or (b.inert and len(b.nodes) == 1):
-                inert.append(name)
+            if b is None or self._all_inert(name):
                 continue
-            self._factors[name] = [(s, _relabel(labels, c)) for s, c in b.factors]
+            factors = []
+            for s, c in b.factors:
+                lab = _relabel(labels, torch.where(c == UNSET, PIN, c))
+                if name in self._inert:
+                    full = lab.expand(self.param_shapes[name]).reshape(-1).clone()
+                    full[self._inert[name]] = PIN
+                    lab = full.view(self.param_shapes[name])
+                factors.append((s, lab))
+            self._factors[name] = factors
 
-        # Which labels have non-zero +1 / -1 entries (a +c and -c on one entry cancel).
-        plus, minus = defaultdict(list), defaultdict(list)     # label -> parameter indices
-        for i, name in enumerate(self.param_names):
-            factors = self._factors.get(name, [])
-            uniq = [lab.unique() for _, lab in factors]
-            if len(factors) == 2 and bool(torch.isin(uniq[0], uniq[1]).any()):
-                (_, a), (_, b) = factors
-                shape = torch.broadcast_shapes(a.shape, b.shape)
-                a, b = a.expand(shape), b.expand(shape)
-                uniq = [a[a != b].unique(), b[a != b].unique()]
-            for (s, _), u in zip(factors, uniq):
-                for l in u[u > PIN].tolist():
-                    (plus if s > 0 else minus)[l].append(i)
-        self.generators: list[Generator] = []
+        visible = set()
+        for factors in self._factors.values():
+            for _, lab in factors:
+                visible.update(lab[lab > PIN].unique().tolist())
+        constrained, basis = solve_relations(ctx.classes.relations, labels, visible)
+
         self._col = torch.full((len(labels),), -1, dtype=torch.long)
-        for lab in sorted(set(plus) | set(minus)):
-            kind = "rescale" if lab in minus else "normalize"
-            params = tuple(self.param_names[i] for i in sorted(set(plus.get(lab, []) + minus.get(lab, []))))
-            self._col[lab] = len(self.generators)
-            self.generators.append(Generator(len(self.generators), kind, params, self, _label=lab))
-        self._inert_start = len(self.generators)
-        self._inert = inert
-        for name in inert:
-            for i in range(self.param_shapes[name].numel()):
-                self.generators.append(Generator(len(self.generators), "inert", (name,), self,
-                                                 _entry=(name, i)))
+        self._multi: dict[int, list[tuple[int, int]]] = {}
+        columns: list[dict[int, int]] = []              # label -> coefficient, per class generator
+        for lab in sorted(visible - constrained):
+            columns.append({lab: 1})
+        for vec in basis:
+            columns.append(vec)
+        counts = defaultdict(int)
+        for vec in columns:
+            for lab in vec:
+                counts[lab] += 1
+        self._simple: list[bool] = []
+        for c, vec in enumerate(columns):
+            simple = all(v == 1 and counts[lab] == 1 for lab, v in vec.items())
+            self._simple.append(simple)
+            for lab, v in vec.items():
+                if simple:
+                    self._col[lab] = c
+                else:
+                    self._multi.setdefault(lab, []).append((c, v))
+        self._num_class_columns = len(columns)
+
+        # Kind and parameters of each class generator, from the signs its entries take.
+        plus, minus = defaultdict(set), defaultdict(set)
+        for i, name in enumerate(self.param_names):
+            if name not in self._factors:
+                continue
+            for col, sign in self._column_signs(name):
+                (plus if sign > 0 else minus)[col].add(i)
+        classes = []
+        for c in range(len(columns)):
+            used = plus.get(c, set()) | minus.get(c, set())
+            if not used:
+                continue           # a direction no parameter sees (cancelled): not a generator
+            kind = "rescale" if c in minus else "normalize"
+            classes.append((c, kind, tuple(self.param_names[i] for i in sorted(used))))
+        # plain classes first: the skeleton removes columns [0, num_simple)
+        classes.sort(key=lambda t: not self._simple[t[0]])
+        self.num_simple = sum(self._simple[c] for c, _, _ in classes)
+        # renumber: drop columns that no entry sees
+        remap = torch.full((len(columns) + 1,), -1, dtype=torch.long)
+        for new, (c, _, _) in enumerate(classes):
+            remap[c] = new
+        self._col = torch.where(self._col >= 0, remap[self._col], -1)
+        self._multi = {lab: [(int(remap[c]), v) for c, v in cols if remap[c] >= 0]
+                       for lab, cols in self._multi.items()}
+        self._simple = [self._simple[c] for c, _, _ in classes]
+        self._inert_start = len(classes)
+        self._inert_names = [n for n in self.param_names if n in self._inert]
+        self._inert_offsets = {}
+        off = self._inert_start
+        for n in self._inert_names:
+            self._inert_offsets[n] = off
+            off += self._inert[n].numel()
+        self._num_inert = off - self._inert_start
+        objs = [Generator(k, kind, params, self) for k, (_, kind, params) in enumerate(classes)]
+        self.generators = _Generators(self, objs)
         self._annotate_graph()
+
+    def __getstate__(self):
+        # the exported graph (and what captured it) does not pickle; everything E needs does
+        return {k: (None if k in ("graph", "captured") else v) for k, v in self.__dict__.items()}
+
+    # ---- internals ------------------------------------------------------------------------------
+    def _all_inert(self, name) -> bool:
+        e = self._inert.get(name)
+        return e is not None and e.numel() == self.param_shapes[name].numel()
+
+    def _column_signs(self, name):
+        """(column, sign) pairs that some entry of `name` has (before renumbering)."""
+        shape = self.param_shapes[name]
+        factors = self._factors[name]
+        if not self._multi and len(factors) <= 2:
+            # fast path: simple columns only; a +c and -c on one entry cancel
+            labs = [lab for _, lab in factors]
+            uniq = [self._col[l.unique()] for l in labs]
+            if len(factors) == 2 and bool(torch.isin(uniq[0][uniq[0] >= 0], uniq[1][uniq[1] >= 0]).any()):
+                a, b = torch.broadcast_tensors(self._col[labs[0]], self._col[labs[1]])
+                diff = a != b
+                uniq = [a[diff].unique(), b[diff].unique()]
+            out = set()
+            for (s, _), u in zip(factors, uniq):
+                out.update((c, s) for c in u[u >= 0].tolist())
+            return out
+        vals = self._dense_columns(name)
+        out = set()
+        for c, v in vals.items():
+            if bool((v > 0).any()):
+                out.add((c, 1))
+            if bool((v < 0).any()):
+                out.add((c, -1))
+        return out
+
+    def _dense_columns(self, name) -> dict[int, torch.Tensor]:
+        """{column: coefficients in the parameter's shape} for every column touching it."""
+        shape = self.param_shapes[name]
+        out: dict[int, torch.Tensor] = {}
+        for s, lab in self._factors.get(name, []):
+            full = lab.expand(shape)
+            cols = self._col[full]
+            for c in cols[cols >= 0].unique().tolist():
+                out[c] = out.get(c, torch.zeros(shape, dtype=torch.long)) + s * (cols == c).long()
+            for l in full.unique().tolist():
+                for c, v in self._multi.get(l, []):
+                    out[c] = out.get(c, torch.zeros(shape, dtype=torch.long)) + s * v * (full == l).long()
+        return out
+
+    def _column_values(self, name, col) -> torch.Tensor:
+        return self._dense_columns(name).get(col, torch.zeros(self.param_shapes[name], dtype=torch.long))
+
+    def _inert_entry(self, i):
+        for n in self._inert_names:
+            off = self._inert_offsets[n]
+            if off <= i < off + self._inert[n].numel():
+                return n, int(self._inert[n][i - off])
+        raise IndexError(i)
+
+    def _label_values(self, lam: torch.Tensor) -> torch.Tensor:
+        """μ = B λ: the log-scale of every label."""
+        lam_ext = torch.cat([lam, lam.new_zeros(1)])            # column -1 -> 0
+        mu = lam_ext[self._col]
+        for lab, cols in self._multi.items():
+            mu[lab] = sum(v * lam[c] for c, v in cols) if cols else 0.0
+        return mu
 
     # ---- the contract -----------------------------------------------------------------------
     @property
@@ -110,51 +258,86 @@ class SymmetryReport:
 
     def counts(self) -> dict[str, int]:
         out = dict.fromkeys(KINDS, 0)
-        for g in self.generators:
+        for g in self.generators._classes:
             out[g.kind] += 1
+        out["inert"] = self._num_inert
         return out
 
-    def exponents(self, name: str, log_scales: torch.Tensor) -> torch.Tensor:
+    def exponents(self, name: str, log_scales: torch.Tensor, _mu: Optional[torch.Tensor] = None) -> torch.Tensor:
         """(E λ) restricted to parameter `name`, in its shape."""
         shape = self.param_shapes[name]
         lam = log_scales.reshape(-1)
-        if name in self._factors:
-            lam_ext = torch.cat([lam, lam.new_zeros(1)])           # column -1 -> 0
-            out = lam.new_zeros(shape)
-            for s, lab in self._factors[name]:
-                out = out + s * lam_ext[self._col[lab]]
-            return out
-        start = self.inert_column(name)
-        return lam[start: start + shape.numel()].view(shape)
+        mu = self._label_values(lam) if _mu is None else _mu
+        out = lam.new_zeros(shape)
+        for s, lab in self._factors.get(name, []):
+            out = out + s * mu[lab]
+        if name in self._inert:
+            idx = self._inert[name]
+            off = self._inert_offsets[name]
+            out = out.reshape(-1).clone()
+            out[idx] = lam[off: off + idx.numel()]
+            out = out.view(shape)
+        return out
 
     def generator_matrix(self, dtype=torch.float32, sparse: bool = False) -> torch.Tensor:
-        """E: (m, H), entries in {-1, 0, +1}, rows in model.parameters() order."""
+        """E: (m, H), small integers (±1 nearly everywhere), rows in model.parameters() order. The
+        sparse form is built coalesced, row by row (O(nnz), no sort of the whole matrix)."""
         m, h = self.num_params, self.num_generators
         if not sparse and m * h > 2 ** 28:
             raise MemoryError(f"E would be a dense {m} x {h} matrix; use generator_matrix(sparse=True)")
         rows, cols, vals, offset = [], [], [], 0
         for name in self.param_names:
             numel = self.param_shapes[name].numel()
-            for s, lab in self._factors.get(name, []):
-                col = self._col[lab].expand(self.param_shapes[name]).reshape(-1)
-                keep = col >= 0
-                rows.append(offset + keep.nonzero().reshape(-1))
-                cols.append(col[keep])
-                vals.append(torch.full((int(keep.sum()),), float(s), dtype=dtype))
-            offset += numel
-        start, offset = self._inert_start, 0
-        for name in self.param_names:
-            numel = self.param_shapes[name].numel()
-            if name in self._inert:
-                rows.append(offset + torch.arange(numel))
-                cols.append(start + torch.arange(numel))
-                vals.append(torch.ones(numel, dtype=dtype))
-                start += numel
+            r, c, v = self._param_block(name, dtype)
+            rows.append(offset + r)
+            cols.append(c)
+            vals.append(v)
             offset += numel
         idx = torch.stack([torch.cat(rows), torch.cat(cols)]) if rows else torch.zeros(2, 0, dtype=torch.long)
         val = torch.cat(vals) if vals else torch.zeros(0, dtype=dtype)
-        E = torch.sparse_coo_tensor(idx, val, (m, h), check_invariants=True).coalesce()   # a +1 and -1 on one entry sum to 0
+        E = torch.sparse_coo_tensor(idx, val, (m, h), is_coalesced=True,
+                                    check_invariants=False)
         return E if sparse else E.to_dense()
+
+    def _param_block(self, name, dtype):
+        """(rows, columns, values) of one parameter's rows of E, sorted by row then column."""
+        shape = self.param_shapes[name]
+        numel = shape.numel()
+        factors = self._factors.get(name, [])
+        multi = bool(self._multi) and any(bool(torch.isin(lab.unique(), torch.tensor(list(self._multi))).any())
+                                          for _, lab in factors)
+        if name in self._inert and not self._all_inert(name) or multi or len(factors) > 2:
+            dense = self._dense_columns(name)
+            if name in self._inert:
+                for k, e in enumerate(self._inert[name].tolist()):
+                    dense[self._inert_offsets[name] + k] = torch.zeros(numel, dtype=torch.long).index_fill_(
+                        0, torch.tensor([e]), 1).view(shape)
+            if not dense:
+                return (torch.zeros(0, dtype=torch.long),) * 2 + (torch.zeros(0, dtype=dtype),)
+            cs = sorted(dense)
+            M = torch.stack([dense[c].reshape(-1) for c in cs], dim=1)      # (numel, k), row-major
+            nz = M.nonzero()
+            return nz[:, 0], torch.tensor(cs)[nz[:, 1]], M[nz[:, 0], nz[:, 1]].to(dtype)
+        if self._all_inert(name):
+            return torch.arange(numel), self._inert_offsets[name] + torch.arange(numel), torch.ones(numel, dtype=dtype)
+        if not factors:
+            return (torch.zeros(0, dtype=torch.long),) * 2 + (torch.zeros(0, dtype=dtype),)
+        cs = [self._col[lab].expand(shape).reshape(-1) for _, lab in factors]
+        ss = [s for s, _ in factors]
+        if len(cs) == 1:
+            keep = (cs[0] >= 0).nonzero().reshape(-1)
+            return keep, cs[0][keep], torch.full((keep.numel(),), float(ss[0]), dtype=dtype)
+        (c1, c2), (s1, s2) = cs, ss
+        same = c1 == c2
+        lo = torch.where(c1 <= c2, c1, c2)
+        hi = torch.where(c1 <= c2, c2, c1)
+        slo = torch.where(c1 <= c2, s1, s2)
+        shi = torch.where(c1 <= c2, s2, s1)
+        pair_c = torch.stack([lo, hi], dim=1)
+        pair_v = torch.stack([torch.where(same, s1 + s2, slo), shi], dim=1).to(dtype)
+        valid = torch.stack([lo >= 0, (hi >= 0) & ~same], dim=1) & (pair_v != 0)
+        flat = valid.reshape(-1).nonzero().reshape(-1)
+        return flat // 2, pair_c.reshape(-1)[flat], pair_v.reshape(-1)[flat]
 
     @torch.no_grad()
     def act(self, model: nn.Module, log_scales: torch.Tensor) -> nn.Module:
@@ -168,21 +351,26 @@ class SymmetryReport:
         if missing:
             raise ValueError(f"act: the model lacks parameters {missing[:3]}; pass the model this "
                              f"report was built from (or one of the same architecture)")
+        mu = self._label_values(log_scales)
         for name in self.param_names:
             p = params[name]
-            p.mul_(self.exponents(name, log_scales).exp().to(p.dtype))
+            if p.is_floating_point():
+                p.mul_(self.exponents(name, log_scales, mu).exp().to(p.dtype))
         return model
 
     def sides(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """(in, out): the generator column each entry of `name` consumes (-1 factor) and produces
-        (+1 factor), compact (broadcastable to the parameter); -1 where there is none. An entry whose
-        two sides are one class (exponent 0) gets -1 on both. Inert parameters: -1 everywhere."""
+        """(in, out): the simple generator column each entry of `name` consumes (-1 factor) and
+        produces (+1 factor), compact (broadcastable to the parameter); -1 where there is none. An
+        entry whose two sides are one class (exponent 0) gets -1 on both. Columns from the exponent
+        algebra's relations (attention's query/key pairs) are not sides: the skeleton leaves them.
+        Inert entries: -1."""
         shape = self.param_shapes[name]
         nd = len(shape)
         none = torch.full((1,) * nd, -1, dtype=torch.long)
         side = {+1: none, -1: none}
         for s, lab in self._factors.get(name, []):
-            side[s] = self._col[lab]
+            col = self._col[lab]
+            side[s] = col if side[s] is none else torch.where(col >= 0, col, side[s])
         out, inp = side[+1], side[-1]
         if bool(((out == inp) & (out >= 0)).any()):
             same = out == inp
@@ -190,23 +378,32 @@ class SymmetryReport:
         return inp, out
 
     def is_inert(self, name: str) -> bool:
-        return name in self._inert
+        """Every entry of `name` is inert."""
+        return self._all_inert(name)
+
+    def inert_entries(self, name: str) -> torch.Tensor:
+        """Flat indices of the inert entries of `name` (empty when none)."""
+        return self._inert.get(name, torch.zeros(0, dtype=torch.long))
 
     def inert_column(self, name: str) -> int:
-        """Column of the first entry of an inert parameter (its entries are consecutive columns)."""
-        return self._inert_start + sum(self.param_shapes[n].numel()
-                                       for n in self._inert[: self._inert.index(name)])
+        """Column of the first inert entry of `name` (its inert entries are consecutive columns)."""
+        return self._inert_offsets[name]
+
+    def is_simple(self, col: int) -> bool:
+        """Whether class generator `col` is a plain class (+1 on what produces it, -1 on what
+        consumes it); the skeleton removes exactly these, columns [0, num_simple)."""
+        return col < self.num_simple
+
+    @property
+    def class_generators(self) -> list[Generator]:
+        """The rescale and normalize generators (columns [0, H - inert))."""
+        return list(self.generators._classes)
 
     # ---- inspection -------------------------------------------------------------------------
-    def _column_of_label(self, name: str, label: int) -> torch.Tensor:
-        shape = self.param_shapes[name]
-        out = torch.zeros(shape, dtype=torch.long)
-        for s, lab in self._factors.get(name, []):
-            out = out + s * (lab == label).long()
-        return out
-
     def _annotate_graph(self):
-        """node.meta["ic_generators"]: generator index per element (compact), -1 where no scale."""
+        """node.meta["ic_generators"]: generator index per element (compact), -1 where no simple scale."""
+        if self.graph is None:
+            return
         for node in self.graph.graph.nodes:
             v = node.meta.get("ic_value")
             if isinstance(v, Value) and v.ids is not None:
@@ -221,10 +418,6 @@ class SymmetryReport:
         for n in self.param_names:
             out.setdefault(_layer_of(n), []).append(n)
         return out
-
-    def _homes(self):
-        """Each generator's home layer: the first layer (in parameter order) it touches."""
-        return [_layer_of(g.params[0]) if g.params else "?" for g in self.generators]
 
     def __str__(self) -> str:
         return _format(self)
@@ -263,13 +456,15 @@ def _layer_type(model, param_name):
 
 
 def _format(r: SymmetryReport) -> str:
-    homes = r._homes()
     per = defaultdict(lambda: dict.fromkeys(KINDS, 0))
     shared = defaultdict(int)
-    for g, home in zip(r.generators, homes):
+    for g in r.generators._classes:
+        home = _layer_of(g.params[0]) if g.params else "?"
         per[home][g.kind] += 1
-        if len({_layer_of(p) for p in g.params}) > 2 and g.kind != "inert":
+        if len({_layer_of(p) for p in g.params}) > 2:
             shared[home] += 1
+    for n in r._inert_names:
+        per[_layer_of(n)]["inert"] += r._inert[n].numel()
     rows = [("layer", "type", "params", "rescale", "normalize", "inert", "note")]
     for layer, names in r.layers().items():
         n = sum(r.param_shapes[p].numel() for p in names)

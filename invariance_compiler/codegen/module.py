@@ -1,31 +1,105 @@
-"""compile_invariant and the module it returns."""
+"""compile_invariant and the module it returns (DESIGN §4b).
+
+The compiled module is the original model with other coordinates, nothing else: it keeps a copy of
+the model (its buffers, submodules, hooks, train/eval behaviour) without its parameters, and each
+forward computes every weight from the new parameters (WA; ICR in backward) and runs the model's
+own forward on them through torch.func.functional_call. So in-place ops, dropout, BatchNorm's
+running statistics and every module subclass behave exactly as in the original.
+
+Linear layers whose weight has no other use scale their activations instead of forming W
+(x @ (V ⊘ (M ⊗ P_in))ᵀ = ((x ⊘ P_in) @ Vᵀ) ⊘ M): such an nn.Linear in the copy becomes a
+`ScaledLinear`, which reads V where the weight would be."""
 from __future__ import annotations
 
 import copy
+import re
 from typing import Any, Optional
 
 import torch
-import torch.fx
 import torch.nn as nn
 
 from ..analyze import analyze
 from ..skeleton import build_skeleton, fix_to
 from .allocate import make_allocation, reference
-from .emit import attr_name, fetch, guard_reshapes, rewrite
 
-__all__ = ["compile_invariant", "InvariantModule"]
+__all__ = ["compile_invariant", "InvariantModule", "ScaledLinear"]
 
 
-class InvariantModule(torch.fx.GraphModule):
-    """A GraphModule whose parameters are path values (form="gspace") or the free entries of the
-    weights (form="fixed"); its graph computes every original weight from them."""
+class ScaledLinear(nn.Linear):
+    """An nn.Linear of the compiled module's copy whose weight and bias are path values V: the
+    compiled module's forward hands it the allocation plan, P_in and the carriers for one call."""
 
-    form: str
-    report: Any
-    skeleton: Any
+    def forward(self, x):
+        call = self.__dict__.get("_ic_call")
+        if call is None:
+            raise RuntimeError("ScaledLinear is part of a compiled module: call the InvariantModule, "
+                               "not its inner model")
+        plan, p_in, carriers, i, j = call
+        return plan.linear(x, self.weight, self.bias, p_in, carriers, i, j)
 
+
+class InvariantModule(nn.Module):
+    """The compiled model. Parameters: path values V (form="gspace", one `v_<name>` per weight and
+    `v_carriers`) or the free entries of the weights (form="fixed", `free_<name>`); `allocate` is the
+    allocation plan; `model` the original model without its parameters."""
+
+    def __init__(self, model: nn.Module, form: str, report, skeleton, plan, init: dict, allocated: list,
+                 carriers: Optional[torch.Tensor], requires_grad: dict, unused: dict, aliases: dict,
+                 fast: dict, guard: Optional[dict], state_keys: list, code: tuple):
+        super().__init__()
+        self._state_keys = list(state_keys)        # the original model's state_dict keys
+        self._code, self._placeholders = code      # the captured forward, for `code`
+        self.model = model
+        self.allocate = plan
+        self.form, self.report, self.skeleton = form, report, skeleton
+        self._allocated = list(allocated)
+        self._aliases = dict(aliases)              # every parameter name of the model -> canonical
+        self._fast = dict(fast)                    # module path -> (weight name, bias name or None)
+        self._guard = guard                        # example shapes, when a reshape depends on them
+        self._unused = {k: v.clone() for k, v in unused.items()}
+        if carriers is not None and allocated:
+            self.v_carriers = nn.Parameter(carriers)
+        self._v_attr: dict[str, str] = {}
+        taken = {"model", "allocate", "v_carriers"}
+        for name, v in init.items():
+            attr = attr_name("v_" if form == "gspace" else "free_", name, taken)
+            self._v_attr[name] = attr
+            self.register_parameter(attr, nn.Parameter(v, requires_grad=requires_grad[name]))
+
+    # ---- forward ------------------------------------------------------------------------------
+    def _weights(self) -> dict[str, torch.Tensor]:
+        """The tensors the model's forward reads for its parameters (the fast Linears get V)."""
+        plan = self.allocate
+        p_in = carriers = None
+        if self.form == "gspace" and self._allocated:
+            carriers = self.v_carriers
+            p_in = plan.path_in(carriers)
+        vs = {n: getattr(self, a) for n, a in self._v_attr.items()}
+        ws = dict(vs)
+        if plan.wa:
+            allocated = plan(p_in, carriers, *[vs[self._allocated[i]] for i in plan.wa])
+            ws.update({self._allocated[i]: w for i, w in zip(plan.wa, allocated)})
+        for path, (w, b) in self._fast.items():
+            mod = self.model.get_submodule(path)
+            i = self._allocated.index(w)
+            j = self._allocated.index(b) if b in self._allocated else -1
+            mod.__dict__["_ic_call"] = (plan, p_in, carriers, i, j)
+        ws.update(self._unused)
+        return {alias: ws[name] for alias, name in self._aliases.items()}
+
+    def forward(self, *args, **kwargs):
+        if self._guard is not None:
+            _check_shapes(self._guard, args, kwargs)
+        ws = self._weights()
+        try:
+            return torch.func.functional_call(self.model, ws, args, kwargs, tie_weights=False, strict=False)
+        finally:
+            for path in self._fast:
+                self.model.get_submodule(path).__dict__.pop("_ic_call", None)
+
+    # ---- the contract -------------------------------------------------------------------------
     def num_free_parameters(self) -> int:
-        """m - H: the entries that are not fixed."""
+        """m - H for the generators it removes: the entries that are not fixed."""
         return self.report.num_params - sum(p.fixed_idx.numel() for p in self.skeleton.params.values())
 
     @torch.no_grad()
@@ -36,8 +110,7 @@ class InvariantModule(torch.fx.GraphModule):
         ws = dict(zip(self._allocated, reference(self.allocate, carriers, vs))) if self._allocated else {}
         for name, attr in self._v_attr.items():
             ws.setdefault(name, getattr(self, attr))
-        for name, value in self._unused.items():
-            ws[name] = value
+        ws.update(self._unused)
         return {n: ws[n].detach().clone() for n in self.report.param_names}
 
     @torch.no_grad()
@@ -59,78 +132,76 @@ class InvariantModule(torch.fx.GraphModule):
         """The original model's state_dict keys with plain weights: load it into the original class
         to get this module's function."""
         out = dict(self.weights())
-        for key, buf in self._orig_buffers().items():
-            out[key] = buf.detach().clone()
+        for key, value in self.model.state_dict().items():
+            out.setdefault(key, value.detach().clone())
+        aliases = {a: out[c] for a, c in self._aliases.items() if c in out}
+        out.update(aliases)
         return {k: out[k] for k in self._state_keys}
 
-    def _orig_buffers(self):
-        out = {}
-        for key in self._state_keys:
-            if key in self.report.param_names:
-                continue
-            mod_path, _, leaf = key.rpartition(".")
-            try:
-                mod = self.get_submodule(mod_path) if mod_path else self
-                out[key] = getattr(mod, leaf)
-            except AttributeError:
-                out[key] = self._extra_buffers[key]
-        return out
+    @property
+    def code(self) -> str:
+        """The emitted program: the allocation, then the model's own forward (as torch.export
+        captured it) reading the allocated weights."""
+        return _program(self)
 
-    # The skeleton and the values export needs travel in state_dict (as tensors, so that
-    # torch.load(weights_only=True) reads them): a module compiled from other weights, whose
-    # skeleton differs, then loads a checkpoint and becomes the saved module (its plan buffers,
-    # resized by Allocation, come with the same state_dict).
+    def print_readable(self) -> str:
+        text = self.code
+        print(text)
+        return text
+
+    # The skeleton travels in state_dict (as tensors, so that torch.load(weights_only=True) reads
+    # it): a module compiled from other weights, whose skeleton differs, then loads a checkpoint and
+    # becomes the saved module (its plan buffers, resized by Allocation, come with the same state_dict).
     def get_extra_state(self):
-        return {"skeleton": self.skeleton.state(), "unused": dict(self._unused),
-                "extra_buffers": dict(self._extra_buffers)}
+        return {"skeleton": self.skeleton.state(), "unused": dict(self._unused), "format": 2}
 
     def set_extra_state(self, state) -> None:
         from ..skeleton import Skeleton
         self.skeleton = Skeleton.from_state(self.report, state["skeleton"])
-        self._unused = {k: v.clone() for k, v in state["unused"].items()}
-        self._extra_buffers = {k: v.clone() for k, v in state["extra_buffers"].items()}
+        self._unused = {k: v.clone() for k, v in state.get("unused", {}).items()}
 
-    _EXTRAS = ("form", "report", "skeleton", "_v_attr", "_allocated", "_unused", "_state_keys",
-               "_extra_buffers")
-
-    def __reduce__(self):
-        # GraphModule pickles its code and re-traces it on load, which cannot go through
-        # functional_call; we pickle the module state and the node list instead.
-        state = {k: v for k, v in self.__dict__.items() if k not in ("_graph", "_code")}
-        return (_rebuild, (state, _nodes_of(self.graph)))
-
-    def __deepcopy__(self, memo):
-        res = torch.fx.GraphModule.__deepcopy__(self, memo)
-        for k in self._EXTRAS:
-            res.__dict__[k] = copy.deepcopy(self.__dict__[k], memo)
-        return res
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
+        # Checkpoints of the fx-graph modules (before DESIGN §4b) kept the model's buffers at the
+        # top level ("1.running_mean"); ours live under "model.".
+        ours = {prefix + "model." + k for k, _ in self.model.named_buffers()}
+        for key in list(state_dict):
+            if key.startswith(prefix) and not key.startswith(prefix + "model.") and \
+                    prefix + "model." + key[len(prefix):] in ours and key[len(prefix):].split(".")[0] not in (
+                        "allocate", "v_carriers", "_extra_state") and key[len(prefix):] not in self._v_attr.values():
+                state_dict[prefix + "model." + key[len(prefix):]] = state_dict.pop(key)
+        extra = state_dict.get(prefix + "_extra_state")
+        if isinstance(extra, dict) and "extra_buffers" in extra and "format" not in extra:
+            extra.pop("extra_buffers")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
 
 
-class _Ref(str):
-    """A node argument, by name, in a pickled node list."""
+def attr_name(prefix: str, param: str, taken: set) -> str:
+    base = prefix + re.sub(r"\W", "_", param)
+    name, k = base, 1
+    while name in taken:
+        name, k = f"{base}_{k}", k + 1
+    taken.add(name)
+    return name
 
 
-def _nodes_of(graph: torch.fx.Graph) -> list:
-    return [(n.op, n.target, torch.fx.map_arg(n.args, lambda a: _Ref(a.name)),
-             torch.fx.map_arg(n.kwargs, lambda a: _Ref(a.name)), n.name) for n in graph.nodes]
-
-
-def _rebuild(state: dict, nodes: list) -> InvariantModule:
-    from torch.fx.node import map_aggregate
-    graph, env = torch.fx.Graph(), {}
-    for op, target, args, kwargs, name in nodes:
-        fix = lambda a: env[a] if isinstance(a, _Ref) else a
-        env[name] = graph.create_node(op, target, map_aggregate(args, fix), map_aggregate(kwargs, fix), name)
-    obj = InvariantModule.__new__(InvariantModule)
-    obj.__dict__.update(state)
-    obj.graph = graph                                 # recompiles forward
-    return obj
+def _check_shapes(guard, args, kwargs):
+    leaves = [t for t in torch.utils._pytree.tree_leaves((tuple(args), dict(kwargs)))
+              if isinstance(t, torch.Tensor)]
+    for t, shape in zip(leaves, guard["shapes"]):
+        if tuple(t.shape[1:]) != shape:
+            raise ValueError(
+                f"invariance_compiler: node '{guard['node']}' ({guard['op']}) reshapes a tensor whose "
+                f"layout follows the example's shape (an input of shape (N, {', '.join(map(str, shape))}) "
+                f"when the module was compiled), but got an input of shape {tuple(t.shape)}: which "
+                f"entries share a scale follows the example's layout, so the compiled symmetry may not "
+                f"hold for this shape. Compile again with an example of the new shape "
+                f"(compile_invariant(model, new_example)), or make the shape fixed before the reshape "
+                f"(adaptive pooling).")
 
 
 def compile_invariant(model: nn.Module, example_inputs: Any = None, form: str = "gspace",
-                      fixed: str = "keep", value: float = 1.0, *, skeleton=None,
-                      scale_activations: bool = True,
-                      concrete_args: Optional[dict[str, Any]] = None) -> InvariantModule:
+                      fixed: str = "keep", value: float = 1.0, *, example_kwargs: Optional[dict] = None,
+                      skeleton=None, scale_activations: bool = True) -> InvariantModule:
     """Compile `model` into a module with the same function whose parameters have no rescaling
     redundancy left.
 
@@ -147,20 +218,9 @@ def compile_invariant(model: nn.Module, example_inputs: Any = None, form: str = 
         raise ValueError(f"compile_invariant: form must be 'gspace' or 'fixed', got {form!r}")
     if fixed not in ("keep", "scale", "overwrite"):
         raise ValueError(f"compile_invariant: fixed must be 'keep', 'scale' or 'overwrite', got {fixed!r}")
-    report = analyze(model, example_inputs, concrete_args=concrete_args)
-    gm = copy.deepcopy(report.graph)
-    guard_reshapes(gm)                              # inputs of another shape must not pass silently
-    for node in gm.graph.nodes:                     # analysis values are not part of the program
-        node.meta.pop("ic_value", None)
-    # deepcopy keeps sharing: map each copied parameter back to the model's canonical name
+    report = analyze(model, example_inputs, example_kwargs)
+    captured = report.captured
     orig = dict(model.named_parameters())
-    copied = dict(gm.named_parameters(remove_duplicate=False))
-    by_value = {id(orig[n]): n for n in orig}
-    canonical = {}
-    for path, p in copied.items():
-        src = fetch(model, path)
-        canonical[id(p)] = by_value[id(src)]
-
     weights = {n: p.detach().cpu().clone() for n, p in orig.items()}   # plans are built on CPU
     _check_finite(weights, "compile_invariant")
     sk = skeleton if skeleton is not None else build_skeleton(report, weights, carriers=(form == "gspace"))
@@ -171,55 +231,172 @@ def compile_invariant(model: nn.Module, example_inputs: Any = None, form: str = 
     elif fixed == "overwrite":
         for name, ps in sk.params.items():
             if ps.fixed_idx.numel() and not report.is_inert(name):
-                weights[name].reshape(-1)[ps.fixed_idx] = value
+                keep = set(report.inert_entries(name).tolist())
+                idx = [i for i in ps.fixed_idx.tolist() if i not in keep]
+                weights[name].reshape(-1)[idx] = value
 
     dtype = _float_dtype(orig.values())
-    used = {canonical[id(p)] for p in copied.values()}
-    names = [n for n in report.param_names if n in used]
-    unused = {n: weights[n] for n in report.param_names if n not in used}   # inert; kept for export
-    linear = _single_use_linears(gm, canonical) if scale_activations else {}
-    gm.allocate, init, allocated, carriers = make_allocation(report, sk, weights, form, names, dtype, linear)
-    if carriers is not None and allocated:
-        gm.register_parameter("v_carriers", nn.Parameter(carriers))
-    taken = set(dict(gm.named_children())) | set(dict(gm.named_buffers())) | {"v_carriers"}
-    v_attr = {}
-    for name in names:
-        v_attr[name] = attr_name("v_" if form == "gspace" else "free_", name, taken)
-        gm.register_parameter(v_attr[name], nn.Parameter(init[name], requires_grad=orig[name].requires_grad))
-    graph = rewrite(gm, canonical, allocated, gm.allocate.wa, linear, v_attr, form)
-    # the modules keep their code and buffers; their parameters now come from the allocation
-    for mod in gm.modules():
-        if mod is not gm:
-            for k in list(mod._parameters):
-                mod.register_parameter(k, None)
-    cm = InvariantModule(gm, graph, f"Invariant{type(model).__name__}")
-    lean = copy.copy(report)
-    lean.graph = None                                # cm.graph carries the node meta
-    cm.form, cm.report, cm.skeleton = form, lean, sk
-    cm._v_attr, cm._allocated, cm._unused = v_attr, allocated, unused
-    cm._state_keys = list(model.state_dict().keys())
-    cm._extra_buffers = {k: b.detach().clone() for k, b in model.state_dict().items()
-                         if k not in orig and not _has(cm, k)}
+    read = {captured.params[n.name] for n in captured.gm.graph.nodes
+            if n.op == "placeholder" and n.name in captured.params and n.users}
+    names = [n for n in report.param_names if n in read]
+    unused = {n: weights[n].to(orig[n].device) for n in report.param_names if n not in read}
+    inner = copy.deepcopy(model)
+    linear = _single_use_linears(inner, captured) if (scale_activations and form == "gspace") else {}
+    plan, init, allocated, carriers = make_allocation(report, sk, weights, form, names, dtype,
+                                                      {w: b for w, b in linear.values()})
+    fast = {path: wb for path, wb in linear.items() if wb[0] in allocated and wb[0] not in
+            [allocated[i] for i in plan.wa]}
+    for path in fast:
+        inner.get_submodule(path).__class__ = ScaledLinear
+    for mod in inner.modules():                  # the copy keeps code and buffers, not parameters
+        for k in [k for k, p in mod._parameters.items() if p is not None]:
+            del mod._parameters[k]
+    aliases = {a: _canonical(model, a) for a, _ in model.named_parameters(remove_duplicate=False)}
+    cm = InvariantModule(inner, form, report, sk, plan, init, allocated,
+                         carriers if form == "gspace" else None,
+                         {n: orig[n].requires_grad for n in init}, unused, aliases, fast,
+                         _guard(report, captured, example_inputs, example_kwargs),
+                         list(model.state_dict().keys()), (captured.gm.code, dict(captured.params)))
     cm.train(model.training)
     return cm.to(next(iter(orig.values())).device) if orig else cm
 
 
-def _single_use_linears(gm: torch.fx.GraphModule, canonical: dict) -> dict:
-    """{weight: bias or None} of nn.Linear modules called once, whose parameters have no other use."""
-    uses: dict[str, int] = {}
-    linear = {}
-    for node in gm.graph.nodes:
-        if node.op == "call_module":
-            mod = gm.get_submodule(node.target)
-            for p in mod.parameters(recurse=False):
-                uses[canonical[id(p)]] = uses.get(canonical[id(p)], 0) + 1
-            if type(mod) is nn.Linear and not node.kwargs and len(node.args) == 1:
-                bias = canonical[id(mod.bias)] if mod.bias is not None else None
-                linear[canonical[id(mod.weight)]] = bias
-        elif node.op == "get_attr" and id(fetch(gm, node.target)) in canonical:
-            name = canonical[id(fetch(gm, node.target))]
-            uses[name] = uses.get(name, 0) + 1
-    return {w: b for w, b in linear.items() if uses.get(w) == 1 and (b is None or uses.get(b) == 1)}
+def _canonical(model, alias):
+    target = model.get_parameter(alias)
+    for n, p in model.named_parameters():
+        if p is target:
+            return n
+    return alias
+
+
+def _single_use_linears(model: nn.Module, captured) -> dict:
+    """{module path: (weight, bias or None)} of exact nn.Linear modules whose parameters are read
+    by one aten.linear call of that module and nothing else."""
+    out = {}
+    readers: dict[str, list] = {}
+    for ph in captured.gm.graph.nodes:
+        if ph.op == "placeholder" and ph.name in captured.params:
+            readers[captured.params[ph.name]] = list(ph.users)
+    for path, mod in model.named_modules():
+        if type(mod) is not nn.Linear:
+            continue
+        w = f"{path}.weight" if path else "weight"
+        b = (f"{path}.bias" if path else "bias") if mod.bias is not None else None
+        uses = readers.get(w, [])
+        if len(uses) != 1:
+            continue
+        node = uses[0]
+        if getattr(node.target, "overloadpacket", None) is not torch.ops.aten.linear or \
+                len(node.args) < 2 or node.args[1].name not in captured.params or \
+                captured.layer_of(node) != path:
+            continue
+        if b is not None:
+            b_uses = readers.get(b, [])
+            if b_uses != [node] or len(node.args) < 3:
+                continue
+        elif len(node.args) > 2 and node.args[2] is not None:
+            continue
+        out[path] = (w, b)
+    return out
+
+
+def _guard(report, captured, args, kwargs) -> Optional[dict]:
+    """The example's input shapes, when some reshape's element map depends on them."""
+    node = _shape_dependent_reshape(captured)
+    if node is None:
+        return None
+    if args is None:
+        args = ()
+    elif isinstance(args, torch.Tensor):
+        args = (args,)
+    leaves = [t for t in torch.utils._pytree.tree_leaves((tuple(args), dict(kwargs or {})))
+              if isinstance(t, torch.Tensor)]
+    return {"shapes": [tuple(t.shape[1:]) for t in leaves], "node": node.name,
+            "op": str(node.target)}
+
+
+_RESHAPES = {"view", "_unsafe_view", "reshape", "flatten", "unflatten"}
+
+
+def _shape_dependent_reshape(captured):
+    """The first reshape that merges a dim along which the classes do not change (a spatial or
+    sequence dim) inside one along which they do (channels): its element map follows the sizes."""
+    for n in captured.gm.graph.nodes:
+        if n.op != "call_function" or getattr(getattr(n.target, "overloadpacket", None), "__name__", "") \
+                not in _RESHAPES:
+            continue
+        src = n.args[0]
+        v_in, v_out = src.meta.get("ic_value"), n.meta.get("ic_value")
+        if not (hasattr(v_in, "ids") and hasattr(v_out, "ids")) or v_in.ids is None or v_out.ids is None:
+            continue
+        if _layout_depends_on_sizes(tuple(v_in.shape), v_in.ids, tuple(v_out.shape), v_out.ids):
+            return n
+    return None
+
+
+def _layout_depends_on_sizes(in_shape, in_ids, out_shape, out_ids) -> bool:
+    for ins, outs in _groups(in_shape, out_shape):
+        for side, shape, ids in ((ins, in_shape, in_ids), (outs, out_shape, out_ids)):
+            if len(side) < 2:
+                continue
+            vary = [ids.dim() == len(shape) and ids.size(d) > 1 for d in side]
+            for a in range(len(side)):
+                for b in range(a + 1, len(side)):
+                    if vary[a] and not vary[b] and shape[side[b]] > 1:
+                        return True
+    return False
+
+
+def _groups(a, b):
+    """Align two shapes of equal numel into groups of dims with equal products."""
+    i = j = 0
+    out = []
+    while i < len(a) or j < len(b):
+        gi, gj = [i] if i < len(a) else [], [j] if j < len(b) else []
+        pa = a[i] if i < len(a) else 1
+        pb = b[j] if j < len(b) else 1
+        i, j = i + 1, j + 1
+        while pa != pb:
+            if pa < pb and i < len(a):
+                pa *= a[i]
+                gi.append(i)
+                i += 1
+            elif j < len(b):
+                pb *= b[j]
+                gj.append(j)
+                j += 1
+            else:
+                break
+        out.append((gi, gj))
+    return out
+
+
+def _program(cm) -> str:
+    plan = cm.allocate
+    lines = [f"# {type(cm.model).__name__} compiled to form={cm.form!r}: "
+             f"{cm.num_free_parameters()} free of {cm.report.num_params} parameters"]
+    v = {n: a for n, a in cm._v_attr.items()}
+    if cm.form == "gspace" and cm._allocated:
+        lines.append("p_in = plan.path_in(v_carriers)                 # P_in: carrier path values / M")
+    if plan.wa:
+        outs = ", ".join("w_" + v[cm._allocated[i]].split("_", 1)[1] for i in plan.wa)
+        ins = ", ".join(v[cm._allocated[i]] for i in plan.wa)
+        extra = "p_in, v_carriers, " if cm.form == "gspace" else "None, None, "
+        lines.append(f"{outs} = plan({extra}{ins})   # WA forward, ICR backward")
+    for path, (w, b) in cm._fast.items():
+        i = cm._allocated.index(w)
+        j = cm._allocated.index(b) if b in cm._allocated else -1
+        lines.append(f"model.{path}: plan.linear(x, {v[w]}, {v.get(b, 'None')}, p_in, v_carriers, {i}, {j})"
+                     f"   # scaled activations, no W formed")
+    lines.append("return functional_call(model, weights, inputs)   # the model's own forward:")
+    code = cm._code
+    wa = {cm._allocated[i] for i in plan.wa}
+    for ph, name in cm._placeholders.items():    # the graph's parameter inputs, by what they receive
+        attr = v.get(name)
+        shown = ("w_" + attr.split("_", 1)[1]) if name in wa else (attr or name)
+        code = re.sub(rf"\b{re.escape(ph)}\b", shown, code)
+    lines.append(code)
+    return "\n".join(lines)
 
 
 def _float_dtype(params) -> torch.dtype:
@@ -235,11 +412,3 @@ def _check_finite(weights: dict, who: str) -> None:
             raise ValueError(f"{who}: parameter '{name}' has {bad.shape[0]} non-finite entries (first at "
                              f"index {tuple(bad[0].tolist())}: {w[tuple(bad[0])].item()}); the skeleton divides "
                              f"by weights and would spread them. Repair or re-initialise it first.")
-
-
-def _has(root, path):
-    try:
-        fetch(root, path)
-        return True
-    except AttributeError:
-        return False

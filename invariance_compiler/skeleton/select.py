@@ -86,10 +86,11 @@ class Skeleton:
                 params[name] = ParamSkeleton(name, shape, none, none, torch.arange(shape.numel()))
             else:
                 inp, out = report.sides(name)
-                params[name] = ParamSkeleton(name, shape, inp, out, torch.zeros(0, dtype=torch.long))
+                params[name] = ParamSkeleton(name, shape, inp, out, report.inert_entries(name))
         sk = cls(int(state["fixed_param"].numel()), names, params, *[state[k] for k in cls._STATE])
         for pi in sk.fixed_param.unique().tolist():
-            params[names[pi]].fixed_idx = sk.fixed_entry[sk.fixed_param == pi].sort().values
+            ps = params[names[pi]]
+            ps.fixed_idx = torch.cat([sk.fixed_entry[sk.fixed_param == pi], ps.fixed_idx]).sort().values
         free = (sk.carrier_param >= 0) & ~sk.carrier_fixed
         for pi in sk.carrier_param[free].unique().tolist():
             sel = (free & (sk.carrier_param == pi)).nonzero().reshape(-1)
@@ -166,7 +167,7 @@ def _best_per_class(cls: torch.Tensor, score: torch.Tensor, n: int):
 
 
 def build_skeleton(report, weights: dict[str, torch.Tensor], carriers: bool = True) -> Skeleton:
-    gens = [g for g in report.generators if g.kind != "inert"]
+    gens = report.class_generators[: report.num_simple]     # the plain classes: ±1 sides
     n = len(gens)
     names = list(report.param_names)
     params: dict[str, ParamSkeleton] = {}
@@ -178,7 +179,7 @@ def build_skeleton(report, weights: dict[str, torch.Tensor], carriers: bool = Tr
             params[name] = ParamSkeleton(name, shape, none, none, torch.arange(shape.numel()))
             continue
         inp, out = report.sides(name)
-        params[name] = ParamSkeleton(name, shape, inp, out, torch.zeros(0, dtype=torch.long))
+        params[name] = ParamSkeleton(name, shape, inp, out, report.inert_entries(name))
         if bool((inp >= 0).any() or (out >= 0).any()):
             grid = torch.broadcast_shapes(inp.shape, out.shape)
             w = weights[name].detach()[_centre(shape, grid)].to(torch.float64).expand(grid)
@@ -238,7 +239,8 @@ def build_skeleton(report, weights: dict[str, torch.Tensor], carriers: bool = Tr
     for pi in f_param.unique().tolist():
         sel = f_param == pi
         f_entry[sel] = _cell_to_entry(f_cell[sel], grids[pi][3], params[names[pi]].shape)
-        params[names[pi]].fixed_idx = f_entry[sel].sort().values
+        ps = params[names[pi]]
+        ps.fixed_idx = torch.cat([f_entry[sel], ps.fixed_idx]).sort().values   # + its inert entries
     other = torch.where(other >= n, -1, other)
     sk = Skeleton(n, names, params, f_param, f_entry, consumer, other, rnd,
                   torch.full((n,), -1, dtype=torch.long), torch.zeros(n, dtype=torch.long),

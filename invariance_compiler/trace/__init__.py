@@ -1,4 +1,4 @@
-"""Step 1 of the pipeline: model -> torch.fx graph with the leaves our rules understand."""
-from .tracer import TraceFailure, example_inputs_for, trace
+"""Step 1 of the pipeline: model -> torch.export graph of ATen ops (DESIGN §3.2)."""
+from .capture import Captured, TraceFailure, capture, example_inputs_for
 
-__all__ = ["trace", "example_inputs_for", "TraceFailure"]
+__all__ = ["capture", "Captured", "example_inputs_for", "TraceFailure"]

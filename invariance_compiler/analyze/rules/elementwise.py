@@ -1,20 +1,17 @@
 """Elementwise ops. Positively homogeneous ops of degree 1 pass classes through; add/sub/max/where
-line elements up (their classes merge); a product of two scaled tensors, and every op that is not
-positively homogeneous of degree 1, pins."""
+line elements up (their classes merge); products, quotients and powers combine exponents
+(λ(x·y) = λ(x) + λ(y), λ(xᵖ) = p·λ(x)); every op that is not positively homogeneous pins."""
 from __future__ import annotations
 
-import math
-import operator
+from fractions import Fraction
 
 import torch
-import torch.fx
-import torch.nn as nn
-import torch.nn.functional as F
 
 from ..value import PIN, ZERO, Value
-from . import _register
+from . import _register, aten
 
-__all__ = ["passthrough", "pin"]
+__all__ = ["passthrough", "pin", "identity"]
+
 
 
 def passthrough(ctx, x, *args, **kwargs):
@@ -23,7 +20,7 @@ def passthrough(ctx, x, *args, **kwargs):
 
 
 def identity(ctx, x, *args, **kwargs):
-    """Copies and casts: the same values, so a parameter stays that parameter."""
+    """Copies, casts, aliases: the same values, so a parameter stays that parameter."""
     if x.param is not None and x.ids is None:
         return Value(torch.Size(ctx.real.shape), None, x.param)
     return passthrough(ctx, x)
@@ -35,10 +32,16 @@ def pin(ctx, *args, **kwargs):
     return ctx.like_real(lambda t: ctx.constant(t.shape))
 
 
+def shape_only(ctx, *args, **kwargs):
+    """zeros_like, ones_like, rand_like, bernoulli(p): the result depends on the shape only."""
+    zero = ctx.node.target.overloadpacket in (aten.zeros_like, aten.new_zeros)
+    if zero:
+        return ctx.like_real(lambda t: Value(t.shape, torch.full((1,) * t.dim(), ZERO)))
+    return ctx.like_real(lambda t: ctx.constant(t.shape))
+
+
 def _name(ctx):
     t = ctx.node.target
-    if ctx.node.op == "call_module":
-        return type(ctx.module).__name__
     return getattr(t, "__name__", str(t))
 
 
@@ -46,162 +49,217 @@ def _is_value(x):
     return isinstance(x, Value)
 
 
-def _scalar(x):
-    return isinstance(x, (int, float, bool))
+def _is_zero(c):
+    return isinstance(c, (int, float, bool)) and c == 0
 
 
-def add(ctx, a, b=None, *args, alpha=1, other=None, **kwargs):
-    b = other if b is None else b
+def add(ctx, a, b, alpha=1):
     if _is_value(a) and _is_value(b):
         return ctx.value(ctx.union(a, b))
     x, c = (a, b) if _is_value(a) else (b, a)
-    if _scalar(c) and c == 0:
+    if _is_zero(c):
+        return ctx.value(ctx.ids(x))
+    if _negligible_eps(ctx, c):
         return ctx.value(ctx.ids(x))
     ctx.pin(x, reason=f"{_name(ctx)} adds a constant (offsets break scaling)")
     return ctx.constant()
 
 
-def mul(ctx, a, b=None, other=None, **kwargs):
-    b = other if b is None else b
+def _negligible_eps(ctx, c) -> bool:
+    """`s + eps` right before sqrt/rsqrt (a decomposed norm: x · rsqrt(mean(x²) + eps)) is treated as
+    `s`, as the fused normalisers are: the symmetry is exact as eps -> 0 (DESIGN §3.2)."""
+    if not isinstance(c, float) or not 0 < c <= 1e-3:
+        return False
+    users = list(ctx.node.users)
+    return bool(users) and all(getattr(u.target, "overloadpacket", None) in (aten.sqrt, aten.rsqrt)
+                               for u in users)
+
+
+def rsub(ctx, a, b, alpha=1):
+    return add(ctx, a, b)
+
+
+def mul(ctx, a, b):
     if not (_is_value(a) and _is_value(b)):
         x = a if _is_value(a) else b
+        c = b if x is a else a
+        if _is_zero(c):
+            return Value(torch.Size(ctx.real.shape), torch.full((1,) * ctx.real.dim(), ZERO))
         return ctx.value(ctx.ids(x))                      # times a Python number
     for p, x in ((a, b), (b, a)):                          # x * parameter: a diagonal weight
-        if p.param is not None and p.ids is None and x.param is None:
+        if p.param is not None and p.ids is None and x.param is None and len(p.shape) <= len(ctx.real.shape):
             return _diagonal_weight(ctx, x, p)
     for c, x in ((a, b), (b, a)):                          # x * constant tensor
-        if c.is_constant:
+        if c.param is None and c.is_constant:
             return ctx.value(torch.where(c.ids < PIN, ZERO, ctx.ids(x)))
-    ctx.pin(a, b, reason="product of two scaled tensors")
-    return ctx.constant()
+    return ctx.value(ctx.combine([(1, ctx.ids(a)), (1, ctx.ids(b))]))
 
 
 def _diagonal_weight(ctx, x, p):
-    """out = x * P with P broadcast: P's entry e scales out by its own fresh class and divides out
-    the class of the x elements it multiplies (like a diagonal Linear)."""
+    """out = x * P with P broadcast (LayerScale, a norm's weight written out): P's entry e scales
+    out by its own fresh class and divides out the class of the x elements it multiplies."""
+    import math
     out_nd = len(ctx.real.shape)
     lead = out_nd - len(p.shape)
     fresh = ctx.fresh(math.prod(p.shape)).view(p.shape)
     xs = ctx.full(x).expand(ctx.real.shape)
-    # x's classes, reduced onto P's positions: union over dims where P broadcasts
     dims = list(range(lead)) + [lead + i for i, s in enumerate(p.shape) if s == 1 and ctx.real.shape[lead + i] > 1]
     red = ctx.reduce(Value(ctx.real.shape, xs), dims)
     xcls = red.reshape(red.shape[lead:]).expand(p.shape)
     if not ctx.bind(p, [(+1, fresh), (-1, xcls)]):
-        ctx.pin(x, reason="product of two scaled tensors")
+        ctx.pin(x, reason="product with a parameter that cannot be bound")
         return ctx.constant()
     return ctx.value(fresh.reshape((1,) * lead + tuple(p.shape)))
 
 
-def div(ctx, a, b=None, other=None, **kwargs):
-    b = other if b is None else b
+def div(ctx, a, b, rounding_mode=None):
+    if rounding_mode is not None:
+        return pin(ctx, a, b)
     if _is_value(a) and not _is_value(b):
         return ctx.value(ctx.ids(a))
-    if _is_value(a) and _is_value(b) and b.is_constant:
+    if not _is_value(a):
+        return ctx.value(ctx.combine([(-1, ctx.ids(b))]))
+    if b.param is None and b.is_constant:
         return ctx.value(ctx.ids(a))
-    ctx.pin(a, b, reason=f"{_name(ctx)} divides by a scaled tensor")
-    return ctx.constant()
+    return ctx.value(ctx.combine([(1, ctx.ids(a)), (-1, ctx.ids(b))]))
 
 
-def binary_union(ctx, a, b=None, *args, other=None, **kwargs):
-    """max/min/where of two tensors: homogeneous only when both sides share a scale."""
-    b = other if b is None else b
+def power(ctx, x, exponent):
+    if not _is_value(x):
+        return pin(ctx, exponent)
+    if isinstance(exponent, (int, float)) and not isinstance(exponent, bool):
+        p = Fraction(exponent).limit_denominator(64)
+        if float(p) == float(exponent):
+            return ctx.value(ctx.combine([(p, ctx.ids(x))]))
+    return pin(ctx, x, exponent)
+
+
+def _scaled_by(coeff):
+    def rule(ctx, x, *args, **kwargs):
+        return ctx.value(ctx.combine([(coeff, ctx.ids(x))]))
+    return rule
+
+
+def binary_union(ctx, a, b):
+    """max/min of two tensors: homogeneous only when both sides share a scale."""
     if _is_value(a) and _is_value(b):
         return ctx.value(ctx.union(a, b))
     x, c = (a, b) if _is_value(a) else (b, a)
-    if _scalar(c) and c == 0:
+    if _is_zero(c):
         return ctx.value(ctx.ids(x))
     ctx.pin(x, reason=f"{_name(ctx)} against a non-zero constant")
     return ctx.constant()
 
 
-def where(ctx, cond, a, b=None, *args, **kwargs):
+def where(ctx, cond, a, b):
+    """The condition is a mask; the two branches must share a scale (0 fits any)."""
     vals = [v for v in (a, b) if _is_value(v)]
     consts = [v for v in (a, b) if not _is_value(v)]
-    if any(not (_scalar(c) and c == 0) for c in consts):
-        ctx.pin(*vals, reason="torch.where against a non-zero constant")
+    if any(not _is_zero(c) for c in consts):
+        ctx.pin(*vals, reason="where against a non-zero constant")
         return ctx.constant()
+    if _is_value(cond) and not cond.is_constant:
+        ctx.pin(cond, reason="where's condition is a scaled tensor")
     return ctx.value(ctx.union(*vals)) if vals else ctx.constant()
 
 
-def clamp(ctx, x, min=None, max=None, **kwargs):
-    if (min is None or (_scalar(min) and min == 0)) and max is None:
+def masked_fill(ctx, x, mask, value):
+    if _is_value(mask) and not mask.is_constant:
+        ctx.pin(mask, reason="masked_fill's mask is a scaled tensor")
+    if _is_value(value) or not _is_zero(value):
+        ctx.pin(x, value, reason="masked_fill with a non-zero value")
+        return ctx.constant()
+    return ctx.value(ctx.ids(x))
+
+
+def clamp(ctx, x, min=None, max=None):
+    if (min is None or _is_zero(min)) and max is None:
         return ctx.value(ctx.ids(x))                      # clamp(min=0) is ReLU
     return pin(ctx, x)
 
 
-def power(ctx, x, exponent=None, **kwargs):
-    if _scalar(exponent) and exponent == 1:
-        return ctx.value(ctx.ids(x))
-    return pin(ctx, x, exponent)
+def threshold(ctx, x, threshold, value):
+    if _is_zero(threshold) and _is_zero(value):
+        return ctx.value(ctx.ids(x))                      # threshold(x, 0, 0) is ReLU
+    return pin(ctx, x)
 
 
-def prelu(ctx, x, weight=None, **kwargs):
-    weight = ctx.param_value(ctx.module.weight) if ctx.module is not None else weight
+def compare(ctx, a, b=None):
+    """x > 0 does not change when x is scaled; x > c and a > b do unless a and b share one scale."""
+    if _is_value(a) and _is_value(b):
+        ctx.union(a, b)
+    elif not _is_zero(b if _is_value(a) else a):
+        ctx.pin(a, b, reason=f"{_name(ctx)} against a non-zero constant")
+    return ctx.constant()
+
+
+def prelu(ctx, x, weight):
     ctx.bind(weight, [])         # the slope is a ratio: it never scales
-    if weight is not None and weight.param is not None and _non_negative(ctx, ctx.node.args[0]):
-        ctx.bindings[weight.param.name].inert = True    # the slope only ever meets negative inputs
+    if weight is not None and weight.param is not None and _non_negative(ctx.node.args[0]):
+        shape = ctx.params[weight.param.name].shape
+        ctx.inert[weight.param.name] = torch.arange(shape.numel())   # only ever meets x >= 0
     return ctx.value(ctx.ids(x))
 
 
-_NON_NEGATIVE = (torch.relu, F.relu, torch.abs, torch.sigmoid, F.sigmoid, torch.exp, torch.softmax,
-                 F.softmax, F.relu6, F.softplus, "relu", "abs", "sigmoid", "exp", "softmax")
-_NON_NEGATIVE_MODULES = (nn.ReLU, nn.ReLU6, nn.Sigmoid, nn.Softmax, nn.Softplus)
-# non-negative in, non-negative out: pooling, reshapes, and activations that are the identity or
-# increasing through 0 on x >= 0
-_KEEPS_SIGN = (F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
-               F.adaptive_max_pool2d, F.adaptive_avg_pool2d, F.dropout, torch.flatten, torch.tanh,
-               F.tanh, F.gelu, F.silu, F.elu, F.leaky_relu, F.hardtanh, F.prelu, "flatten", "view",
-               "reshape", "contiguous", "tanh")
-_KEEPS_SIGN_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d,
-                       nn.AvgPool3d, nn.AdaptiveMaxPool2d, nn.AdaptiveAvgPool2d, nn.Dropout,
-                       nn.Flatten, nn.Identity, nn.Tanh, nn.GELU, nn.SiLU, nn.ELU, nn.LeakyReLU,
-                       nn.PReLU, nn.Hardtanh)
+def sign_only(ctx, x, *args, **kwargs):
+    """Degree 0: the output does not scale and the input may scale freely (sign, argmax ...)."""
+    return ctx.constant()
 
 
-def _non_negative(ctx, node) -> bool:
+_NON_NEGATIVE = {aten.relu, aten.relu_, aten.abs, aten.sigmoid, aten.exp, aten.softmax, aten._softmax,
+                 aten.hardsigmoid, aten.relu6, aten.softplus}
+_KEEPS_SIGN = {aten.max_pool1d, aten.max_pool2d, aten.max_pool3d, aten.max_pool2d_with_indices,
+               aten.avg_pool1d, aten.avg_pool2d, aten.avg_pool3d, aten.adaptive_avg_pool1d,
+               aten.adaptive_avg_pool2d, aten.adaptive_avg_pool3d, aten.dropout, aten.flatten,
+               aten.view, aten.reshape, aten.clone, aten.contiguous, aten._to_copy, aten.tanh,
+               aten.gelu, aten.silu, aten.elu, aten.leaky_relu, aten.hardtanh, aten.prelu,
+               aten.unsqueeze, aten.squeeze, aten.permute, aten.transpose, aten.alias}
+
+
+def _non_negative(node) -> bool:
     """Whether `node` is non-negative for every input and weight (a ReLU, through pooling and
     reshapes). Structural, never from the example's values."""
-    if not isinstance(node, torch.fx.Node):
+    if not isinstance(node, torch.fx.Node) or node.op != "call_function":
         return False
-    if node.op == "call_module":
-        m = ctx.gm.get_submodule(node.target)
-        if isinstance(m, _NON_NEGATIVE_MODULES):
-            return True
-        return isinstance(m, _KEEPS_SIGN_MODULES) and _non_negative(ctx, node.args[0])
-    if node.op in ("call_function", "call_method"):
-        if node.target in _NON_NEGATIVE:
-            return True
-        return node.target in _KEEPS_SIGN and bool(node.args) and _non_negative(ctx, node.args[0])
-    return False
+    packet = getattr(node.target, "overloadpacket", None)
+    if packet in _NON_NEGATIVE:
+        return True
+    if packet is aten.clamp and len(node.args) > 1 and _is_zero(node.args[1]):
+        return True
+    return packet in _KEEPS_SIGN and bool(node.args) and _non_negative(node.args[0])
 
 
-_register([torch.relu, torch.relu_, F.relu, F.relu_, F.leaky_relu, F.leaky_relu_, F.rrelu, F.dropout,
-           F.dropout1d, F.dropout2d, F.dropout3d, F.feature_alpha_dropout, torch.abs, torch.neg,
-           operator.neg, operator.pos, "relu", "relu_", "abs", "neg",
-           nn.ReLU, nn.LeakyReLU, nn.RReLU, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d],
-          passthrough)
-_register(["contiguous", "clone", "detach", "float", "double", "half", "bfloat16", "to", "type_as",
-           "cpu", "cuda", "requires_grad_", nn.Identity, torch.clone, torch.detach], identity)
-_register([torch.sigmoid, torch.tanh, torch.exp, torch.log, torch.sqrt, torch.rsqrt, torch.sin,
-           torch.cos, torch.erf, torch.softmax, torch.log_softmax, torch.logsumexp, torch.var,
-           torch.prod, torch.reciprocal, torch.square,
-           F.sigmoid, F.tanh, F.gelu, F.silu, F.mish, F.elu, F.selu, F.celu, F.softplus, F.relu6,
-           F.hardtanh, F.hardswish, F.hardsigmoid, F.logsigmoid, F.softsign, F.tanhshrink,
-           F.softmax, F.log_softmax, F.softmin, F.threshold, F.hardshrink, F.softshrink, F.glu,
-           F.alpha_dropout, F.cross_entropy, F.mse_loss, F.nll_loss, F.local_response_norm,
-           "sigmoid", "tanh", "exp", "log", "sqrt", "rsqrt", "softmax", "log_softmax", "var",
-           "prod", "reciprocal", "square", "sin", "cos", "erf", "exp_", "sigmoid_", "tanh_",
-           nn.Sigmoid, nn.Tanh, nn.GELU, nn.SiLU, nn.Mish, nn.ELU, nn.SELU, nn.CELU, nn.Softplus,
-           nn.ReLU6, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.LogSigmoid, nn.Softsign,
-           nn.Tanhshrink, nn.Softmax, nn.LogSoftmax, nn.Softmin, nn.Threshold, nn.Hardshrink,
-           nn.Softshrink, nn.GLU, nn.AlphaDropout, nn.LocalResponseNorm], pin)
-_register([operator.add, operator.iadd, operator.sub, operator.isub, torch.add, torch.sub,
-           torch.subtract, "add", "add_", "sub", "sub_"], add)
-_register([operator.mul, operator.imul, torch.mul, torch.multiply, "mul", "mul_"], mul)
-_register([operator.truediv, operator.itruediv, torch.div, torch.true_divide, "div", "div_"], div)
-_register([torch.maximum, torch.minimum, torch.fmax, torch.fmin, "maximum", "minimum"], binary_union)
-_register([torch.where, "where"], where)
-_register([torch.clamp, torch.clamp_min, torch.clip, "clamp", "clamp_min", "clip", "clamp_"], clamp)
-_register([operator.pow, torch.pow, "pow"], power)
-_register([F.prelu, torch.prelu, nn.PReLU], prelu)
+_register([aten.relu, aten.relu_, aten.leaky_relu, aten.leaky_relu_, aten.rrelu, aten.dropout,
+           aten.dropout_, aten.feature_dropout, aten.feature_dropout_, aten.abs, aten.abs_, aten.neg,
+           aten.neg_, aten.positive], passthrough)
+_register([aten.clone, aten.contiguous, aten._to_copy, aten.to, aten.type_as, aten.alias,
+           aten.detach, aten.detach_, aten.lift_fresh_copy, aten.lift_fresh, aten.clone], identity)
+_register([aten.zeros_like, aten.ones_like, aten.full_like, aten.empty_like, aten.rand_like,
+           aten.randn_like, aten.randint_like, aten.new_zeros, aten.new_ones, aten.new_empty,
+           aten.new_full, aten.bernoulli, aten.bernoulli_, aten.empty_strided, aten.zero_,
+           aten.fill_], shape_only)
+_register([aten.sigmoid, aten.sigmoid_, aten.tanh, aten.tanh_, aten.exp, aten.exp_, aten.log,
+           aten.log1p, aten.expm1, aten.sin, aten.cos, aten.erf, aten.erfc, aten.gelu, aten.gelu_,
+           aten.silu, aten.silu_, aten.mish, aten.elu, aten.elu_, aten.selu, aten.celu, aten.softplus,
+           aten.relu6, aten.hardtanh, aten.hardtanh_, aten.hardswish, aten.hardswish_,
+           aten.hardsigmoid, aten.hardsigmoid_, aten.log_sigmoid, aten.softshrink, aten.hardshrink,
+           aten.glu, aten.alpha_dropout, aten.feature_alpha_dropout, aten.softmax, aten._softmax,
+           aten.log_softmax, aten._log_softmax, aten.logsumexp, aten.cross_entropy_loss,
+           aten.mse_loss, aten.nll_loss, aten.local_response_norm], pin)
+_register([aten.add, aten.add_, aten.sub, aten.sub_], add)
+_register([aten.rsub], rsub)
+_register([aten.mul, aten.mul_, aten.multiply], mul)
+_register([aten.div, aten.div_, aten.true_divide], div)
+_register([aten.pow, aten.pow_], power)
+_register([aten.sqrt, aten.sqrt_], _scaled_by(Fraction(1, 2)))
+_register([aten.rsqrt, aten.rsqrt_], _scaled_by(Fraction(-1, 2)))
+_register([aten.reciprocal, aten.reciprocal_], _scaled_by(-1))
+_register([aten.square], _scaled_by(2))
+_register([aten.maximum, aten.minimum, aten.fmax, aten.fmin], binary_union)
+_register([aten.where], where)
+_register([aten.masked_fill, aten.masked_fill_], masked_fill)
+_register([aten.clamp, aten.clamp_, aten.clamp_min, aten.clamp_min_, aten.clip], clamp)
+_register([aten.threshold, aten.threshold_], threshold)
+_register([aten.gt, aten.lt, aten.ge, aten.le, aten.eq, aten.ne], compare)
+_register([aten.prelu, aten._prelu_kernel], prelu)
+_register([aten.sign], sign_only)

@@ -1,19 +1,19 @@
 """Layers with weights: each output channel starts a fresh class (+1 on its weight row and bias),
 each input channel's class is divided out of the weight slice that reads it (-1 on the column, for
-every spatial tap). Module and functional forms share one rule per family."""
+every spatial tap). A contraction of two activations (attention's q kᵀ, einsum, bmm) combines
+exponents: its output is homogeneous only if λ_a + λ_b is the same along the contracted index."""
 from __future__ import annotations
 
-import operator
+import string
 
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 
 from ..value import Value
-from . import _register
+from . import _register, aten
 from .elementwise import pin
 
-__all__ = ["linear", "conv", "conv_transpose", "embedding"]
+__all__ = ["linear", "conv", "conv_transpose", "embedding", "contract"]
+
 
 
 def _channel_out(ctx, rows: torch.Tensor, dim: int) -> Value:
@@ -23,26 +23,26 @@ def _channel_out(ctx, rows: torch.Tensor, dim: int) -> Value:
     return ctx.value(rows.view(shape))
 
 
-def _weight_and_bias(ctx, weight, bias):
-    if ctx.module is not None:
-        return ctx.param_value(ctx.module.weight), ctx.param_value(getattr(ctx.module, "bias", None))
-    return weight, bias
+def _is_param(w) -> bool:
+    return isinstance(w, Value) and w.param is not None and w.ids is None
 
 
 def _consume_with_constant_weight(ctx, x, weight, bias, dim):
     """A weight that is not a parameter: a constant one mixes the channels it reads (they merge);
-    a scaled one makes a product of two scaled tensors (pin)."""
+    a scaled one is a contraction of two scaled tensors."""
     if isinstance(weight, Value) and weight.is_constant:
         rep = ctx.reduce(x, [dim])
         if bias is not None and not ctx.bind_bias(bias, rep.reshape(-1)[:1]):
-            ctx.pin(x, reason="bias is not a parameter")
+            ctx.pin(x, bias, reason="bias is not a parameter")
+            return ctx.constant()
         return ctx.value(rep)
     return pin(ctx, x, weight, bias)
 
 
-def linear(ctx, x, weight=None, bias=None):
-    weight, bias = _weight_and_bias(ctx, weight, bias)
-    if weight.param is None:
+def linear(ctx, x, weight, bias=None):
+    if not _is_param(weight):
+        if isinstance(weight, Value) and not weight.is_constant and bias is None:
+            return contract(ctx, x, _transposed(ctx, weight), "...k,kj->...j")
         return _consume_with_constant_weight(ctx, x, weight, bias, -1)
     out_f = weight.shape[0]
     cols = ctx.channel_classes(x, -1)                        # (in,)
@@ -50,21 +50,32 @@ def linear(ctx, x, weight=None, bias=None):
     if not ctx.bind(weight, [(+1, rows.view(-1, 1)), (-1, cols.view(1, -1))]):
         return pin(ctx, x, weight, bias)
     ctx.bind_bias(bias, rows)
-    _note_bias(ctx, bias, len(ctx.real.shape) - 1)
     return _channel_out(ctx, rows, -1)
 
 
-def _note_bias(ctx, bias, dim):
-    if bias is not None and bias.param is not None and bias.param.entries is None:
-        ctx.bias_of[ctx.node] = (bias.param.name, dim)
+def _transposed(ctx, w: Value) -> Value:
+    ids = ctx.ids(w)
+    return Value(torch.Size(tuple(w.shape)[::-1]), ids.t() if ids.dim() == 2 else ids)
 
 
-def conv(ctx, x, weight=None, bias=None, stride=1, padding=0, dilation=1, groups=1):
-    if ctx.module is not None:
-        groups = ctx.module.groups
-    weight, bias = _weight_and_bias(ctx, weight, bias)
+def addmm(ctx, bias, a, b, beta=1, alpha=1):
+    """bias + a @ b (a Linear written out by some exporters)."""
+    if _is_param(b) and len(b.shape) == 2:
+        cols = ctx.channel_classes(a, -1)
+        rows = ctx.fresh(b.shape[1])
+        if ctx.bind(b, [(-1, cols.view(-1, 1)), (+1, rows.view(1, -1))]):
+            out = _channel_out(ctx, rows, -1)
+            if _is_param(bias):
+                ctx.bind_bias(bias, rows)
+                return out
+            return ctx.value(ctx.union(out, bias))
+    out = contract(ctx, a, b, "ik,kj->ij")
+    return ctx.value(ctx.union(out, bias))
+
+
+def conv(ctx, x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
     cdim = len(x.shape) - (len(weight.shape) - 2) - 1        # 1 batched, 0 unbatched
-    if weight.param is None:
+    if not _is_param(weight):
         return _consume_with_constant_weight(ctx, x, weight, bias, cdim)
     c_out, c_in_g = weight.shape[:2]
     taps = (1,) * (len(weight.shape) - 2)
@@ -75,17 +86,13 @@ def conv(ctx, x, weight=None, bias=None, stride=1, padding=0, dilation=1, groups
     if not ctx.bind(weight, [(+1, rows.view(-1, 1, *taps)), (-1, cols.view(c_out, c_in_g, *taps))]):
         return pin(ctx, x, weight, bias)
     ctx.bind_bias(bias, rows)
-    _note_bias(ctx, bias, cdim)
     return _channel_out(ctx, rows, cdim)
 
 
-def conv_transpose(ctx, x, weight=None, bias=None, stride=1, padding=0, output_padding=0,
-                   groups=1, dilation=1, *args, **kwargs):
-    if ctx.module is not None:
-        groups = ctx.module.groups
-    weight, bias = _weight_and_bias(ctx, weight, bias)
+def conv_transpose(ctx, x, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1,
+                   dilation=1):
     cdim = len(x.shape) - (len(weight.shape) - 2) - 1
-    if weight.param is None:
+    if not _is_param(weight):
         return _consume_with_constant_weight(ctx, x, weight, bias, cdim)
     c_in, c_out_g = weight.shape[:2]
     c_out = c_out_g * groups
@@ -97,13 +104,17 @@ def conv_transpose(ctx, x, weight=None, bias=None, stride=1, padding=0, output_p
     if not ctx.bind(weight, [(-1, ins.view(-1, 1, *taps)), (+1, outs.view(c_in, c_out_g, *taps))]):
         return pin(ctx, x, weight, bias)
     ctx.bind_bias(bias, rows)
-    _note_bias(ctx, bias, cdim)
     return _channel_out(ctx, rows, cdim)
 
 
-def embedding(ctx, idx, weight=None, *args, **kwargs):
-    weight = ctx.param_value(ctx.module.weight) if ctx.module is not None else weight
-    if weight.param is None:
+def convolution(ctx, x, weight, bias, stride, padding, dilation, transposed, output_padding, groups):
+    if transposed:
+        return conv_transpose(ctx, x, weight, bias, stride, padding, output_padding, groups, dilation)
+    return conv(ctx, x, weight, bias, stride, padding, dilation, groups)
+
+
+def embedding(ctx, weight, idx, *args, **kwargs):
+    if not _is_param(weight):
         return pin(ctx, idx, weight)
     rows = ctx.fresh(weight.shape[1])                        # one class per embedding coordinate
     if not ctx.bind(weight, [(+1, rows.view(1, -1))]):
@@ -112,29 +123,112 @@ def embedding(ctx, idx, weight=None, *args, **kwargs):
 
 
 def matmul(ctx, a, b):
-    """x @ W with W a (view of a) 2-D parameter is a Linear without bias; W @ x likewise along -2."""
-    if isinstance(b, Value) and b.param is not None and b.ids is None and len(b.shape) == 2:
+    """x @ W with W a 2-D parameter is a Linear without bias; W @ x likewise along -2; anything else
+    is a contraction."""
+    if _is_param(b) and len(b.shape) == 2 and len(a.shape) >= 1:
         cols = ctx.channel_classes(a, -1)                    # x (..., in) @ W (in, out)
         rows = ctx.fresh(b.shape[1])
         if ctx.bind(b, [(-1, cols.view(-1, 1)), (+1, rows.view(1, -1))]):
             return _channel_out(ctx, rows, -1)
-    elif isinstance(a, Value) and a.param is not None and a.ids is None and len(a.shape) == 2 \
-            and len(b.shape) >= 2:
+        return pin(ctx, a, b)
+    if _is_param(a) and len(a.shape) == 2 and len(b.shape) >= 2:
         cols = ctx.channel_classes(b, -2)                    # W (out, in) @ x (..., in, n)
         rows = ctx.fresh(a.shape[0])
         if ctx.bind(a, [(+1, rows.view(-1, 1)), (-1, cols.view(1, -1))]):
             return _channel_out(ctx, rows, -2)
-    for w, x, dim in ((b, a, -1), (a, b, -2)):               # a constant matrix mixes channels
-        if isinstance(w, Value) and w.is_constant and isinstance(x, Value):
-            return ctx.value(ctx.reduce(x, [dim]))
-    ctx.pin(a, b, reason="matmul of two scaled tensors (a product: scales add, no class holds it)")
-    return ctx.constant()
+        return pin(ctx, a, b)
+    na, nb = len(a.shape), len(b.shape)
+    if na == 1 and nb == 1:
+        return contract(ctx, a, b, "k,k->")
+    if na == 1:
+        return contract(ctx, a, b, "k,...kj->...j")
+    if nb == 1:
+        return contract(ctx, a, b, "...ik,k->...i")
+    return contract(ctx, a, b, "...ik,...kj->...ij")
 
 
-_register([nn.Linear, F.linear, torch._C._nn.linear], linear)
-_register([nn.Conv1d, nn.Conv2d, nn.Conv3d, F.conv1d, F.conv2d, F.conv3d], conv)
-_register([nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, F.conv_transpose1d,
-           F.conv_transpose2d, F.conv_transpose3d], conv_transpose)
-_register([nn.Embedding, F.embedding], embedding)
-_register([torch.matmul, operator.matmul, torch.mm, torch.bmm,
-           "matmul", "mm", "bmm"], matmul)
+def einsum(ctx, equation, operands, path=None):
+    if len(operands) != 2:
+        if len(operands) == 1:
+            return _einsum_one(ctx, equation, operands[0])
+        return pin(ctx, *operands)
+    return contract(ctx, operands[0], operands[1], equation.replace(" ", ""))
+
+
+def _einsum_one(ctx, equation, x):
+    """A one-operand einsum (a permute plus sums): the summed letters merge."""
+    lhs, rhs = equation.replace(" ", "").split("->")
+    if "..." in lhs:
+        return pin(ctx, x)
+    summed = [i for i, c in enumerate(lhs) if c not in rhs]
+    ids = ctx.reduce(x, summed)
+    kept = [c for c in lhs if c in rhs]
+    ids = ids.reshape([ids.size(i) for i, c in enumerate(lhs) if c in rhs])
+    return ctx.value(ids.permute([kept.index(c) for c in rhs]) if rhs else ids.reshape(()))
+
+
+def contract(ctx, a, b, equation):
+    """out = Σ over the letters missing from the output of a ⊗ b. A constant side merges the other
+    side's classes along the contracted letters; two scaled sides give the output a fresh class per
+    element with λ_out = λ_a + λ_b for every contracted index (a relation per element)."""
+    lhs, out = equation.split("->")
+    ea, eb = lhs.split(",")
+    ia, ib = ctx.ids(a), ctx.ids(b)
+    ea, eb, out = _expand_ellipsis(ea, len(a.shape), eb, len(b.shape), out)
+    letters = sorted(set(ea) | set(eb), key=lambda c: (c not in out, (out + ea + eb).index(c)))
+    A = _to_letters(ia, ea, letters)
+    B = _to_letters(ib, eb, letters)
+    summed = [i for i, c in enumerate(letters) if c not in out]
+    a_const = a.param is None and a.is_constant
+    b_const = b.param is None and b.is_constant
+    if a_const or b_const:
+        side = B if a_const else A
+        res = ctx.reduce(Value(torch.Size(side.shape), side), summed) if summed else side
+    else:
+        shape = torch.broadcast_shapes(A.shape, B.shape)
+        rshape = [1 if i in summed else s for i, s in enumerate(shape)]
+        fresh = ctx.fresh(int(torch.Size(rshape).numel())).view(rshape)
+        ctx.classes.relate([(1, fresh), (-1, A), (-1, B)])
+        res = fresh
+    res = res.reshape([res.size(i) for i in range(len(letters)) if i not in summed]) if summed else res
+    return ctx.value(res)
+
+
+def _expand_ellipsis(ea, na, eb, nb, out):
+    free = [c for c in string.ascii_letters if c not in ea + eb + out]
+    if "..." not in ea + eb + out:
+        return ea, eb, out
+    k = max(na - len(ea.replace("...", "")), nb - len(eb.replace("...", "")), 0)
+    dots = "".join(free[:k])
+    def sub(e, n):
+        if "..." not in e:
+            return e
+        m = n - len(e.replace("...", ""))
+        return e.replace("...", dots[k - m:] if m else "")
+    return sub(ea, na), sub(eb, nb), out.replace("...", dots)
+
+
+def _to_letters(ids, spec, letters):
+    """ids (compact, one dim per letter of spec) laid out over `letters` (size 1 where absent)."""
+    while ids.dim() < len(spec):
+        ids = ids.unsqueeze(0)
+    perm = [spec.index(c) for c in letters if c in spec]
+    moved = ids.permute(perm)
+    shape, k = [], 0
+    for c in letters:
+        if c in spec:
+            shape.append(moved.size(k))
+            k += 1
+        else:
+            shape.append(1)
+    return moved.reshape(shape)
+
+
+_register([aten.linear], linear)
+_register([aten.addmm], addmm)
+_register([aten.conv1d, aten.conv2d, aten.conv3d], conv)
+_register([aten.conv_transpose1d, aten.conv_transpose2d, aten.conv_transpose3d], conv_transpose)
+_register([aten.convolution, aten._convolution], convolution)
+_register([aten.embedding], embedding)
+_register([aten.matmul, aten.mm, aten.bmm], matmul)
+_register([aten.einsum], einsum)

@@ -1,34 +1,22 @@
 """Data movement maps classes exactly: the op itself is applied to the class-id tensor (an integer
-tensor goes through view, permute, cat, getitem... the same way the data does), then compacted.
-Zero padding marks the padded elements ZERO; ops that mix positions within a channel (interpolation,
-non-constant padding) merge the classes along the dims they mix."""
+tensor goes through view, permute, cat, slice... the same way the data does), then compacted.
+Zero padding marks the padded elements ZERO; ops that mix positions within a channel
+(interpolation, reflection padding) merge the classes along the dims they mix; indexing with a
+tensor (gather, index_select, advanced indexing) may move any element along the indexed dims to any
+position, so the classes along those dims merge first."""
 from __future__ import annotations
 
 import operator
 
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 
-from ..context import _map_tensors, has_tensor
+from ..context import _map_tensors
 from ..value import PIN, ZERO, ParamView, Value, compact
-from . import _register
+from . import _register, aten
 
 __all__ = ["movement"]
 
-
-def _apply(ctx, substitute):
-    """Re-run the node's op with its data argument(s) replaced by `substitute(Value)`."""
-    node = ctx.node
-    sub = _substitute(ctx.args[0], substitute)
-    rest, kwargs = ctx.real_args[1:], ctx.real_kwargs
-    if node.op == "call_method":
-        # ids are often stride-0 views, which .view cannot always take: reshape moves the same way
-        method = "reshape" if node.target == "view" else node.target
-        return getattr(sub, method)(*rest, **kwargs)
-    if node.op == "call_module":
-        return ctx.module(sub, *rest, **kwargs)
-    return node.target(sub, *rest, **kwargs)
+_AS_RESHAPE = {aten.view.default, aten._unsafe_view.default, aten.view.dtype}
 
 
 def _substitute(arg, fn):
@@ -39,44 +27,78 @@ def _substitute(arg, fn):
     return arg
 
 
-def movement(ctx, x, *args, **kwargs):
+def _run(ctx, substitute):
+    """Re-run the node's op with every Value argument replaced by `substitute(Value)` and every
+    other argument as it really was."""
+    target = ctx.node.target
+    if target in _AS_RESHAPE:
+        target = aten.reshape.default       # ids are often stride-0 views, which view cannot take
+    args = [_substitute(a, substitute) if _has_value(a) else r for a, r in zip(ctx.args, ctx.real_args)]
+    kwargs = {k: (_substitute(v, substitute) if _has_value(v) else ctx.real_kwargs[k])
+              for k, v in ctx.kwargs.items()}
+    return target(*args, **kwargs)
+
+
+def _has_value(a):
+    return isinstance(a, Value) or (isinstance(a, (list, tuple)) and any(isinstance(x, Value) for x in a))
+
+
+def movement(ctx, *args, **kwargs):
     """Pure data movement: output element i is input element j, for a map that depends on shapes only."""
-    if isinstance(x, Value) and x.param is not None and x.ids is None:
-        # A view of a parameter stays a parameter view (F.linear(x, self.w.t()) is still a Linear).
+    values = [v for a in args for v in (a if isinstance(a, (list, tuple)) else [a]) if isinstance(v, Value)]
+    if len(values) == 1 and values[0].param is not None and values[0].ids is None:
+        x = values[0]
+        # A view of a parameter stays a parameter view (linear(x, self.w.t()) is still a Linear).
         def entries(v):
             return v.param.entries if v.param.entries is not None else torch.arange(
                 v.shape.numel()).view(v.shape)
-        return _map_tensors(_apply(ctx, entries), lambda e: Value(e.shape, None, ParamView(x.param.name, e)))
-    return _map_tensors(_apply(ctx, ctx.full), lambda ids: Value(ids.shape, compact(ids)))
+        return _map_tensors(_run(ctx, entries), lambda e: Value(e.shape, None, ParamView(x.param.name, e)))
+    return _map_tensors(_run(ctx, ctx.full), lambda ids: Value(ids.shape, compact(ids)))
 
 
 def getitem(ctx, x, idx):
-    if not isinstance(x, Value):              # indexing the tuple a rule returned
-        return x[idx]
-    if has_tensor(ctx.real_args[1]):
-        # A tensor index may depend on the data: every element may land anywhere, so one class.
-        rep = ctx.reduce(x, range(len(x.shape)))
-        return ctx.value(rep.reshape(-1)[:1])
-    return movement(ctx, x, idx)
+    """Indexing the tuple or list a rule returned."""
+    return x[idx]
 
 
-def pad(ctx, x, pad, mode="constant", value=None):
+def indexed(dims_of):
+    """gather / index_select / index: merge along the indexed dims, then move as the op does."""
+    def rule(ctx, x, *args, **kwargs):
+        dims = dims_of(ctx, x, *args)
+        merged = ctx.reduce(x, dims).expand(x.shape) if dims else ctx.full(x)
+        sub = {id(x): merged}
+        args_real = [ctx.real_args[0]] + list(ctx.real_args[1:])
+        out = ctx.node.target(sub[id(x)], *args_real[1:], **ctx.real_kwargs)
+        return Value(out.shape, compact(out))
+    return rule
+
+
+def _dim_arg(ctx, x, dim, *rest):
+    return [dim % len(x.shape)] if len(x.shape) else []
+
+
+def _index_dims(ctx, x, indices, *rest):
+    return [d for d, i in enumerate(indices) if i is not None]
+
+
+def pad_rule(ctx, x, pad, value=0.0):
+    fill = ZERO if not value else PIN
+    ids = aten.constant_pad_nd(ctx.full(x), pad, fill)
+    if fill == PIN and bool((ctx.ids(x) > PIN).any()):
+        ctx.pin(x, reason="padding with a non-zero constant")
+    return Value(ids.shape, compact(ids))
+
+
+def pad_any(ctx, x, pad, mode="constant", value=None):
+    """aten.pad: constant padding, or the modes that copy neighbours."""
     if mode == "constant":
-        fill = ZERO if not value else PIN
-        ids = F.pad(ctx.full(x), pad, mode="constant", value=fill)
-        if fill == PIN and bool((ctx.ids(x) > PIN).any()):
-            ctx.pin(x, reason="padding with a non-zero constant")
-        return Value(ids.shape, compact(ids))
-    dims = range(len(x.shape) - len(pad) // 2, len(x.shape))   # reflect/replicate/circular copy
+        return pad_rule(ctx, x, pad, value or 0.0)
+    return mixing_pad(ctx, x, pad)
+
+
+def mixing_pad(ctx, x, pad, *args):
+    dims = range(len(x.shape) - len(pad) // 2, len(x.shape))   # reflect / replicate / circular copy
     return ctx.value(ctx.reduce(x, dims))
-
-
-def pad_module(ctx, x):
-    m = ctx.module
-    value = getattr(m, "value", 0.0)
-    mode = "constant" if isinstance(m, (nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d,
-                                        nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d)) else "reflect"
-    return pad(ctx, x, list(m.padding), mode=mode, value=value)
 
 
 def spatial_mix(ctx, x, *args, **kwargs):
@@ -84,31 +106,39 @@ def spatial_mix(ctx, x, *args, **kwargs):
     return ctx.value(ctx.reduce(x, range(2, len(x.shape))))
 
 
-_register([torch.flatten, torch.reshape, torch.permute, torch.transpose, torch.swapaxes,
-           torch.squeeze, torch.unsqueeze, torch.cat, torch.concat, torch.concatenate, torch.stack,
-           torch.split, torch.chunk, torch.unbind, torch.narrow, torch.select, torch.flip,
-           torch.roll, torch.movedim, torch.tile, torch.t, torch.hstack, torch.vstack,
-           torch.unflatten, torch.tensor_split, F.pixel_shuffle, F.pixel_unshuffle,
-           torch.channel_shuffle, F.channel_shuffle,
-           "view", "reshape", "flatten", "unflatten", "permute", "transpose", "t", "squeeze",
-           "unsqueeze", "expand", "repeat", "split", "chunk", "unbind", "narrow", "select", "flip",
-           "roll", "movedim", "swapaxes", "tile", "mT", "tensor_split",
-           nn.Flatten, nn.Unflatten, nn.PixelShuffle, nn.PixelUnshuffle, nn.ChannelShuffle], movement)
+def copy(ctx, dst, src, *args):
+    """copy(dst, src): the result is src's values in dst's shape."""
+    if not isinstance(src, Value):
+        return ctx.constant()
+    return Value(torch.Size(ctx.real.shape), compact(ctx.full(src).expand(ctx.real.shape)))
+
+
+def scatter_like(ctx, base, src, *args):
+    """slice_scatter / select_scatter / diagonal_scatter: exact on the ids."""
+    return _map_tensors(_run(ctx, ctx.full), lambda ids: Value(ids.shape, compact(ids)))
+
+
+_register([aten.view, aten._unsafe_view, aten.reshape, aten.flatten, aten.unflatten, aten.permute,
+           aten.transpose, aten.transpose_, aten.t, aten.numpy_T, aten.squeeze, aten.squeeze_,
+           aten.unsqueeze, aten.unsqueeze_, aten.expand, aten.expand_as, aten.repeat, aten.cat,
+           aten.concat, aten.stack, aten.split, aten.split_with_sizes, aten.chunk, aten.unbind,
+           aten.narrow, aten.select, aten.slice, aten.flip, aten.roll, aten.movedim, aten.swapaxes,
+           aten.tile, aten.pixel_shuffle, aten.pixel_unshuffle, aten.channel_shuffle,
+           aten.native_channel_shuffle, aten.tensor_split, aten.hstack, aten.vstack, aten.view_as,
+           aten.reshape_as, aten.diagonal, aten.unfold, aten.as_strided, aten.mT, aten.mH,
+           aten.adjoint, aten.repeat_interleave.self_int, aten.im2col, aten.col2im], movement)
 _register([operator.getitem], getitem)
-_register([F.pad, torch.constant_pad_nd], pad)
-_register([nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d, nn.ConstantPad1d, nn.ConstantPad2d,
-           nn.ConstantPad3d, nn.ReflectionPad1d, nn.ReflectionPad2d, nn.ReflectionPad3d,
-           nn.ReplicationPad1d, nn.ReplicationPad2d, nn.ReplicationPad3d, nn.CircularPad1d,
-           nn.CircularPad2d, nn.CircularPad3d], pad_module)
-_register([F.interpolate, F.upsample, F.upsample_nearest, F.upsample_bilinear, nn.Upsample,
-           nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d], spatial_mix)
-
-
-def _same_as(ctx, x, other):
-    """expand_as / view_as / reshape_as: the other tensor only gives a shape."""
-    method = ctx.node.target[: -len("_as")]
-    moved = getattr(ctx.full(x), method)(ctx.real_args[1].shape)
-    return Value(moved.shape, compact(moved))
-
-
-_register(["expand_as", "view_as", "reshape_as"], _same_as)
+_register([aten.index_select, aten.gather], indexed(_dim_arg))
+_register([aten.index.Tensor], indexed(_index_dims))
+_register([aten.constant_pad_nd], pad_rule)
+_register([aten.pad], pad_any)
+_register([aten.reflection_pad1d, aten.reflection_pad2d, aten.reflection_pad3d,
+           aten.replication_pad1d, aten.replication_pad2d, aten.replication_pad3d,
+           aten._pad_circular], mixing_pad)
+_register([aten.upsample_nearest1d, aten.upsample_nearest2d, aten.upsample_nearest3d,
+           aten.upsample_bilinear2d, aten.upsample_linear1d, aten.upsample_bicubic2d,
+           aten.upsample_trilinear3d, aten._upsample_nearest_exact1d, aten._upsample_nearest_exact2d,
+           aten._upsample_nearest_exact3d, aten._upsample_bilinear2d_aa,
+           aten._upsample_bicubic2d_aa], spatial_mix)
+_register([aten.copy, aten.copy_], copy)
+_register([aten.slice_scatter, aten.select_scatter, aten.diagonal_scatter], scatter_like)

@@ -1,21 +1,22 @@
 """Pooling and reductions. Max, average and Lp pooling are positively homogeneous when every element
 of a window has the same scale, so the classes of a window merge (within a channel that is free; for
 Arch1's max-pooling across features it ties neighbouring units). Sums, means, maxima and norms over
-dims merge along those dims (over the channel dim: the channels merge)."""
+dims merge along those dims (over the channel dim: the channels merge); a variance has twice the
+exponent of what it reduces."""
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 
 from ..value import Value
-from . import _register
+from . import _register, aten
 
 __all__ = ["pool", "reduce_dims"]
 
 
+
 def _tuple(v, k):
-    return tuple(v) if isinstance(v, (list, tuple)) else (v,) * k
+    return tuple(v) if isinstance(v, (list, tuple)) and len(v) == k else (
+        (tuple(v) * k)[:k] if isinstance(v, (list, tuple)) and v else (v,) * k)
 
 
 def _windows(n_in, n_out, kernel, stride, padding, dilation):
@@ -57,29 +58,29 @@ def pool(ctx, x, k, windows_of):
     return value
 
 
-def _pool_rule(k, kind):
-    def rule(ctx, x, *args, **kwargs):
-        m = ctx.module
-        if kind == "adaptive":
-            return pool(ctx, x, k, lambda i, n_in, n_out: _adaptive_windows(n_in, n_out))
-        if m is not None:
-            kernel, stride = m.kernel_size, m.stride
-            padding, dilation = m.padding, getattr(m, "dilation", 1)
-        else:
-            names = {"max": ["kernel_size", "stride", "padding", "dilation"],
-                     "avg": ["kernel_size", "stride", "padding"],
-                     "lp": ["norm_type", "kernel_size", "stride"]}[kind]
-            got = dict(zip(names, args))
-            got.update({n: kwargs[n] for n in names if n in kwargs})
-            kernel, stride = got["kernel_size"], got.get("stride")
-            padding, dilation = got.get("padding", 0), got.get("dilation", 1)
-        if kind == "lp":
-            padding, dilation = 0, 1
-        kernel = _tuple(kernel, k)
+def _window_pool(k):
+    def rule(ctx, x, kernel_size, stride=(), padding=0, dilation=1, *args):
+        if not isinstance(dilation, (int, list, tuple)):      # avg_pool: ceil_mode in this slot
+            dilation = 1
+        kernel = _tuple(kernel_size, k)
         stride = kernel if stride is None or stride == [] or stride == () else _tuple(stride, k)
         padding, dilation = _tuple(padding, k), _tuple(dilation, k)
         return pool(ctx, x, k, lambda i, n_in, n_out: _windows(
             n_in, n_out, kernel[i], stride[i], padding[i], dilation[i]))
+    return rule
+
+
+def _avg_pool(k):
+    inner = _window_pool(k)
+
+    def rule(ctx, x, kernel_size, stride=(), padding=0, *args):
+        return inner(ctx, x, kernel_size, stride, padding, 1)
+    return rule
+
+
+def _adaptive(k):
+    def rule(ctx, x, output_size):
+        return pool(ctx, x, k, lambda i, n_in, n_out: _adaptive_windows(n_in, n_out))
     return rule
 
 
@@ -89,71 +90,78 @@ def _dims_arg(dim, nd):
     return [d % nd for d in ((dim,) if isinstance(dim, int) else dim)] if nd else []
 
 
-def reduce_dims(ctx, x, dims, keepdim):
-    """Merge along dims, then drop them unless keepdim."""
+def reduce_dims(ctx, x, dims, keepdim, power=1):
+    """Merge along dims, then drop them unless keepdim; `power`: the result's exponent multiple."""
     ids = ctx.reduce(x, dims)
     if not keepdim:
         keep = [d for d in range(ids.dim()) if d not in dims]
         ids = ids.reshape([ids.size(d) for d in keep])
+    if power != 1:
+        ids = ctx.combine([(power, ids)])
     return ctx.value(ids)
 
 
 def sum_like(ctx, x, dim=None, keepdim=False, *args, **kwargs):
-    """sum, mean, nansum, nanmean, amax, amin: homogeneous of degree 1."""
-    return reduce_dims(ctx, x, _dims_arg(dim, len(x.shape)), keepdim)
-
-
-def norm_rule(ctx, x, p="fro", dim=None, keepdim=False, *args, **kwargs):
-    return reduce_dims(ctx, x, _dims_arg(dim, len(x.shape)), keepdim)
-
-
-def std_rule(ctx, x, dim=None, *args, keepdim=False, **kwargs):
-    if isinstance(dim, bool):                                 # std(x, unbiased)
+    """sum, mean, amax, amin, logsumexp-free reductions: homogeneous of degree 1."""
+    if isinstance(dim, torch.dtype):
         dim = None
-    if len(args) > 1:                                         # std(x, dim, unbiased, keepdim)
-        keepdim = args[1]
+    return reduce_dims(ctx, x, _dims_arg(dim, len(x.shape)), bool(keepdim))
+
+
+def vector_norm(ctx, x, ord=2, dim=None, keepdim=False, *args, **kwargs):
     return reduce_dims(ctx, x, _dims_arg(dim, len(x.shape)), keepdim)
 
 
-def max_like(ctx, x, dim=None, keepdim=False, **kwargs):
-    """torch.max / torch.min: all elements, along a dim (values, indices), or against a tensor."""
-    dim = kwargs.get("other", dim)
-    if isinstance(dim, Value):
-        return ctx.value(ctx.union(x, dim))
-    if dim is None:
-        return reduce_dims(ctx, x, list(range(len(x.shape))), False)
+def var_like(ctx, x, dim=None, *args, correction=None, keepdim=False, **kwargs):
+    """var (exponent 2λ) and std (λ): var.correction(x, dim, correction=, keepdim=)."""
+    if isinstance(dim, bool):
+        dim = None
+    rest = [a for a in args if isinstance(a, bool)]
+    keepdim = kwargs.get("keepdim", rest[-1] if rest else keepdim)
+    power = 2 if ctx.node.target.overloadpacket is aten.var else 1
+    return reduce_dims(ctx, x, _dims_arg(dim, len(x.shape)), keepdim, power)
+
+
+def var_mean(ctx, x, dim=None, *args, keepdim=False, **kwargs):
+    dims = _dims_arg(dim, len(x.shape))
+    mean = reduce_dims(ctx, x, dims, keepdim)
+    return Value(torch.Size(ctx.real[0].shape), ctx.combine([(2, mean.ids)])), \
+        Value(torch.Size(ctx.real[1].shape), mean.ids)
+
+
+def max_dim(ctx, x, dim, keepdim=False):
+    """max.dim / min.dim: (values, indices); the indices do not scale."""
     values = reduce_dims(ctx, x, _dims_arg(dim, len(x.shape)), keepdim)
     return values, ctx.constant(ctx.real[1].shape)
 
 
-def argmax_like(ctx, x, *args, **kwargs):
+def max_all(ctx, x, other=None):
+    if isinstance(other, Value):
+        return ctx.value(ctx.union(x, other))
+    return reduce_dims(ctx, x, list(range(len(x.shape))), False)
+
+
+def argmax_like(ctx, x, dim=None, keepdim=False):
     """Indices do not scale; they do not depend on the scale when a slice shares one class."""
-    dim = args[0] if args else kwargs.get("dim")
     ctx.reduce(x, _dims_arg(dim, len(x.shape)))
     return ctx.constant()
 
 
-_register([nn.MaxPool1d, F.max_pool1d, torch.max_pool1d, F.max_pool1d_with_indices],
-          _pool_rule(1, "max"))
-_register([nn.MaxPool2d, F.max_pool2d, torch.max_pool2d, F.max_pool2d_with_indices],
-          _pool_rule(2, "max"))
-_register([nn.MaxPool3d, F.max_pool3d, torch.max_pool3d, F.max_pool3d_with_indices],
-          _pool_rule(3, "max"))
-_register([nn.AvgPool1d, F.avg_pool1d, torch.avg_pool1d], _pool_rule(1, "avg"))
-_register([nn.AvgPool2d, F.avg_pool2d], _pool_rule(2, "avg"))
-_register([nn.AvgPool3d, F.avg_pool3d], _pool_rule(3, "avg"))
-_register([nn.LPPool1d, F.lp_pool1d], _pool_rule(1, "lp"))
-_register([nn.LPPool2d, F.lp_pool2d], _pool_rule(2, "lp"))
-for _k, _fns in ((1, [nn.AdaptiveAvgPool1d, nn.AdaptiveMaxPool1d, F.adaptive_avg_pool1d,
-                      F.adaptive_max_pool1d, torch.adaptive_avg_pool1d]),
-                 (2, [nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, F.adaptive_avg_pool2d,
-                      F.adaptive_max_pool2d]),
-                 (3, [nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool3d, F.adaptive_avg_pool3d,
-                      F.adaptive_max_pool3d])):
-    _register(_fns, _pool_rule(_k, "adaptive"))
-_register([torch.sum, torch.mean, torch.nansum, torch.nanmean, torch.amax, torch.amin,
-           "sum", "mean", "nansum", "nanmean", "amax", "amin"], sum_like)
-_register([torch.norm, "norm"], norm_rule)
-_register([torch.std, "std"], std_rule)
-_register([torch.max, torch.min, "max", "min"], max_like)
-_register([torch.argmax, torch.argmin, "argmax", "argmin"], argmax_like)
+for _k, _ops in ((1, [aten.max_pool1d, aten.max_pool1d_with_indices]),
+                 (2, [aten.max_pool2d, aten.max_pool2d_with_indices]),
+                 (3, [aten.max_pool3d, aten.max_pool3d_with_indices])):
+    _register(_ops, _window_pool(_k))
+_register([aten.avg_pool1d], _avg_pool(1))
+_register([aten.avg_pool2d], _avg_pool(2))
+_register([aten.avg_pool3d], _avg_pool(3))
+for _k, _ops in ((1, [aten.adaptive_avg_pool1d, aten.adaptive_max_pool1d]),
+                 (2, [aten.adaptive_avg_pool2d, aten._adaptive_avg_pool2d, aten.adaptive_max_pool2d]),
+                 (3, [aten.adaptive_avg_pool3d, aten._adaptive_avg_pool3d, aten.adaptive_max_pool3d])):
+    _register(_ops, _adaptive(_k))
+_register([aten.sum, aten.mean, aten.nansum, aten.nanmean, aten.amax, aten.amin], sum_like)
+_register([aten.linalg_vector_norm, aten.norm, aten.frobenius_norm], vector_norm)
+_register([aten.var, aten.std], var_like)
+_register([aten.var_mean], var_mean)
+_register([aten.max.dim, aten.min.dim], max_dim)
+_register([aten.max.default, aten.min.default, aten.max.other, aten.min.other], max_all)
+_register([aten.argmax, aten.argmin], argmax_like)

@@ -1,0 +1,408 @@
+"""Inert parameters, proven (DESIGN §3.2): a parameter entry is inert when the output does not depend
+on it. Two proofs: no node reads it, or every place it is added (a bias of linear/conv/a normaliser,
+an added parameter) starts a perturbation that dies before the output.
+
+The perturbation δ an additive entry makes is followed forward through the ops that are linear in
+it, as a compact pattern tensor: elements with the same id carry the same function of δ, -1 none.
+Movement ops move the pattern exactly (the op runs on it); sums and contractions keep what they
+can (a Linear keeps a perturbation that is constant over positions constant over positions); a
+centring normaliser over dims along which the pattern is constant removes it (BatchNorm and
+InstanceNorm per channel, LayerNorm over the normalised vector, GroupNorm per group), and so does a
+softmax over a dim along which it is constant (a key bias: softmax ignores a per-query shift).
+Anything else, or reaching the output, leaves the entry unproven: it stays in the group's algebra."""
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.fx
+
+from ..trace import Captured
+from .rules import aten
+from .value import compact
+
+__all__ = ["prove_inert"]
+
+NONE = -1
+KILLED = "killed"
+
+
+class _Fail(Exception):
+    pass
+
+
+_VIEWS = {aten.view, aten._unsafe_view, aten.reshape, aten.flatten, aten.unflatten, aten.permute,
+          aten.transpose, aten.t, aten.numpy_T, aten.squeeze, aten.unsqueeze, aten.expand,
+          aten.expand_as, aten.slice, aten.select, aten.narrow, aten.split, aten.split_with_sizes,
+          aten.chunk, aten.unbind, aten.alias, aten.clone, aten.contiguous, aten._to_copy, aten.to,
+          aten.detach, aten.lift_fresh_copy, aten.repeat, aten.movedim, aten.swapaxes, aten.flip,
+          aten.roll, aten.pixel_shuffle, aten.pixel_unshuffle, aten.channel_shuffle, aten.tile,
+          aten.cat, aten.concat, aten.stack, aten.view_as, aten.reshape_as, aten.type_as}
+_SOFTMAX = {aten.softmax, aten._softmax, aten.log_softmax, aten._log_softmax}
+_POOLS = {aten.max_pool1d, aten.max_pool2d, aten.max_pool3d, aten.max_pool2d_with_indices,
+          aten.adaptive_avg_pool1d, aten.adaptive_avg_pool2d, aten.adaptive_avg_pool3d,
+          aten._adaptive_avg_pool2d, aten.adaptive_max_pool1d, aten.adaptive_max_pool2d,
+          aten.adaptive_max_pool3d}
+_AVG = {aten.avg_pool1d, aten.avg_pool2d, aten.avg_pool3d}
+_CONV = {aten.conv1d, aten.conv2d, aten.conv3d, aten.convolution}
+_BN = {aten.batch_norm, aten._native_batch_norm_legit_functional, aten._native_batch_norm_legit,
+       aten.native_batch_norm, aten.instance_norm}
+
+
+def _packet(node):
+    return getattr(node.target, "overloadpacket", node.target)
+
+
+def prove_inert(captured: Captured, params: dict) -> dict[str, torch.Tensor]:
+    """{parameter name: flat indices of its entries proven inert}."""
+    gm = captured.gm
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    out: dict[str, torch.Tensor] = {}
+    for ph in gm.graph.nodes:
+        name = captured.params.get(ph.name)
+        if ph.op != "placeholder" or name is None:
+            continue
+        p = params[name]
+        if not (p.requires_grad and p.is_floating_point()):
+            continue
+        numel = p.numel()
+        proven = torch.ones(numel, dtype=torch.bool)        # until a use that is not proven reads it
+        for use, entries, slot in _terminal_uses(ph, numel, p.shape):
+            budget = [_BISECTIONS]
+            for bad in _unproven(gm, order, use, slot, entries, budget):
+                proven[bad] = False
+            if not bool(proven.any()):
+                break
+        if bool(proven.any()):
+            out[name] = proven.nonzero().reshape(-1)
+    return out
+
+
+_BISECTIONS = 64     # sweeps per use spent on telling inert entries from the others
+
+
+def _unproven(gm, order, use, slot, entries, budget):
+    """Flat entries of this use whose perturbation is not proven to die. A use that fails as a whole
+    (a qkv bias: its k part dies in the softmax, its q and v parts do not) is split in halves
+    along the entries' first dim, while the budget lasts."""
+    if _proven(gm, order, use, slot, entries):
+        return
+    budget[0] -= 1
+    flat = entries.reshape(-1)
+    live = flat[flat >= 0]
+    if budget[0] <= 0 or live.numel() == 1 or not _splittable(use, slot, entries):
+        yield live
+        return
+    half = live.numel() // 2
+    for part in (live[:half], live[half:]):
+        sub = torch.full_like(flat, NONE)
+        keep = torch.isin(flat, part)
+        sub[keep] = flat[keep]
+        yield from _unproven(gm, order, use, slot, sub.view(entries.shape), budget)
+
+
+def _splittable(use, slot, entries) -> bool:
+    return entries.dim() == 1
+
+
+def _terminal_uses(ph, numel, shape):
+    """(node, entry map of the argument, argument position) for every non-view op reading the
+    parameter; the entry map says which parameter entry each element of the argument is."""
+    stack = [(ph, torch.arange(numel).view(shape))]
+    while stack:
+        node, entries = stack.pop()
+        for user in node.users:
+            if user.op != "call_function":
+                yield user, entries, None
+                continue
+            if user.target is operator.getitem:
+                stack.append((user, entries[user.args[1]] if isinstance(entries, (list, tuple)) else entries))
+                continue
+            if _packet(user) in _VIEWS and user.args and user.args[0] is node and \
+                    _packet(user) not in (aten.cat, aten.concat, aten.stack):
+                try:
+                    moved = _rerun(user, {node: entries})
+                except Exception:
+                    yield user, entries, None
+                    continue
+                stack.append((user, moved))
+                continue
+            slots = [i for i, a in enumerate(user.args) if a is node]
+            yield user, entries, (slots[0] if len(slots) == 1 and node not in user.kwargs.values() else None)
+
+
+def _real(a):
+    if isinstance(a, torch.fx.Node):
+        return a.meta.get("val")
+    return a
+
+
+def _rerun(node, sub: dict):
+    """Run node's op with some argument nodes replaced by integer pattern tensors, the others by
+    their example values (shapes)."""
+    def arg(a):
+        if isinstance(a, torch.fx.Node):
+            if a in sub:
+                return sub[a]
+            v = a.meta.get("val")
+            if isinstance(v, torch.Tensor):
+                return torch.full(v.shape, NONE, dtype=torch.long)
+            return v
+        if isinstance(a, (list, tuple)):
+            return type(a)(arg(x) for x in a)
+        return a
+    target = node.target
+    if _packet(node) in (aten.view, aten._unsafe_view):
+        target = aten.reshape.default
+    if _packet(node) in (aten._to_copy, aten.to, aten.type_as, aten.lift_fresh_copy, aten.detach, aten.alias):
+        return sub[node.args[0]].clone()
+    kwargs = {k: arg(v) for k, v in node.kwargs.items() if k not in ("dtype", "memory_format", "layout",
+                                                                     "device", "pin_memory")}
+    return target(*[arg(a) for a in node.args], **kwargs)
+
+
+def _proven(gm, order, use, slot, entries) -> bool:
+    """Whether the perturbation of the parameter entries `entries` at argument `slot` of `use` dies."""
+    try:
+        start = _start(use, slot, entries)
+    except _Fail:
+        return False
+    if start is KILLED:
+        return True
+    state = {use: start}
+    for node in sorted((n for n in gm.graph.nodes if order[n] > order[use]), key=order.get):
+        hit = [a for a in node.all_input_nodes if a in state]
+        if not hit:
+            continue
+        if node.op == "output":
+            return False
+        try:
+            res = _step(node, state)
+        except _Fail:
+            return False
+        except Exception:             # an op our pattern trick cannot run: not proven
+            return False
+        if res is KILLED or res is None or (isinstance(res, torch.Tensor) and bool((res == NONE).all())):
+            continue                  # nothing of the perturbation left here
+        state[node] = res
+    return True
+
+
+def _ndim(node):
+    v = node.meta.get("val")
+    return v.dim() if isinstance(v, torch.Tensor) else 0
+
+
+def _start(use, slot, entries):
+    """The pattern at the output of the op where the entries are added."""
+    p = _packet(use)
+    out = use.meta.get("val")
+    if isinstance(out, (tuple, list)):
+        out = out[0]
+    if not isinstance(out, torch.Tensor):
+        raise _Fail
+    nd = out.dim()
+    if p is aten.linear and slot == 2:
+        return entries.reshape((1,) * (nd - 1) + (-1,))
+    if p in _CONV and slot == 2:
+        return _channel_pattern(entries, nd)
+    if p in (aten.add, aten.sub) and slot in (0, 1) and use.args[0] is not use.args[1]:
+        e = entries
+        while e.dim() < nd:
+            e = e.unsqueeze(0)
+        return e
+    if p in _BN and slot == 2:
+        return _channel_pattern(entries, nd)
+    if p is aten.group_norm and slot == 3:
+        return _channel_pattern(entries, nd)
+    if p is aten.layer_norm and slot == 3:
+        e = entries
+        while e.dim() < nd:
+            e = e.unsqueeze(0)
+        return e
+    raise _Fail
+
+
+def _channel_pattern(entries, nd):
+    shape = [1] * nd
+    shape[1 if nd > 1 else 0] = entries.numel()
+    return entries.reshape(shape)
+
+
+def _constant_along(P, dims) -> bool:
+    return all(P.size(d) == 1 for d in dims)
+
+
+def _rows(P, dims):
+    """Ids of P's slices along `dims` (equal slices, equal ids); the dims become size 1."""
+    dims = [d % P.dim() for d in dims]
+    if _constant_along(P, dims):
+        return P
+    keep = [d for d in range(P.dim()) if d not in dims]
+    moved = P.permute(*keep, *dims)
+    flat = moved.reshape(*moved.shape[:len(keep)], -1)
+    if bool((flat == NONE).all()):
+        return torch.full([P.size(d) if d in keep else 1 for d in range(P.dim())], NONE, dtype=torch.long)
+    uniq, inv = flat.reshape(-1, flat.shape[-1]).unique(dim=0, return_inverse=True)
+    none_row = (uniq == NONE).all(dim=1)
+    ids = torch.where(none_row[inv], NONE, inv)
+    return ids.reshape([P.size(d) if d in keep else 1 for d in range(P.dim())])
+
+
+def _vary(P, shape, dims):
+    """Make P's ids distinct along `dims` (sizes from `shape`): the perturbation is multiplied by
+    something that varies there."""
+    full = P.expand(shape)
+    idx = torch.zeros(shape, dtype=torch.long)
+    for d in dims:
+        view = [1] * len(shape)
+        view[d] = shape[d]
+        idx = idx * shape[d] + torch.arange(shape[d]).view(view)
+    pairs = torch.stack([full.reshape(-1), idx.expand(shape).reshape(-1)], dim=1)
+    _, inv = pairs.unique(dim=0, return_inverse=True)
+    return compact(torch.where(full.reshape(-1) == NONE, NONE, inv).view(shape))
+
+
+def _step(node, state):
+    p = _packet(node)
+    args = node.args
+    perturbed = [a for a in node.all_input_nodes if a in state]
+    out = node.meta.get("val")
+    if node.target is operator.getitem:
+        src = state[args[0]]
+        if isinstance(src, (list, tuple)):
+            return src[args[1]]
+        raise _Fail
+    if p in _VIEWS:
+        return _map(_rerun(node, {a: state[a].expand(a.meta["val"].shape) if isinstance(state[a], torch.Tensor)
+                                  else state[a] for a in perturbed}))
+    if p in (aten.add, aten.sub):
+        shapes = out.shape
+        parts = [state[a].expand(shapes) for a in perturbed]
+        if len(parts) == 1:
+            return compact(parts[0].contiguous())
+        pairs = torch.stack([x.reshape(-1) for x in parts], dim=1)
+        _, inv = pairs.unique(dim=0, return_inverse=True)
+        none = (pairs == NONE).all(dim=1)
+        return compact(torch.where(none, NONE, inv).view(shapes))
+    if p in (aten.mul, aten.div):
+        other = [a for a in args if a not in perturbed]
+        if len(perturbed) != 1 or (p is aten.div and args[0] not in perturbed):
+            raise _Fail
+        P = state[perturbed[0]]
+        o = other[0] if other else None
+        if isinstance(o, torch.fx.Node):
+            oshape = o.meta["val"].shape
+            lead = len(out.shape) - len(oshape)
+            dims = [lead + i for i, s in enumerate(oshape) if s > 1]
+            return _vary(P, out.shape, dims)
+        return P
+    if p is aten.linear and args[0] in perturbed and len(perturbed) == 1:
+        P = _rows(state[args[0]], [-1])
+        return _vary(P, out.shape, [out.dim() - 1])
+    if p in _CONV and args[0] in perturbed and len(perturbed) == 1:
+        P = state[args[0]]
+        padding = args[4] if len(args) > 4 else 0
+        if not _constant_along(P, range(2, P.dim())) or (isinstance(padding, str) and padding != "valid") \
+                or (not isinstance(padding, str) and any(_as_list(padding))):
+            raise _Fail
+        return _vary(_rows(P, [1]), out.shape, [1])
+    if p in (aten.matmul, aten.bmm, aten.mm) and len(perturbed) == 1:
+        a, b = args[0], args[1]
+        if a.meta["val"].dim() < 2 or b.meta["val"].dim() < 2:
+            raise _Fail
+        if b in perturbed:
+            P = _rows(state[b].expand(b.meta["val"].shape), [-2])            # (..., 1, j)
+            others = [d for d in range(out.dim()) if d != out.dim() - 1]
+        else:
+            P = _rows(state[a].expand(a.meta["val"].shape), [-1])            # (..., i, 1)
+            others = [d for d in range(out.dim()) if d != out.dim() - 2]
+        while P.dim() < out.dim():
+            P = P.unsqueeze(0)
+        return _vary(P, out.shape, others)
+    if p in _SOFTMAX and len(perturbed) == 1:
+        P = state[args[0]]
+        return KILLED if _constant_along(P, [args[1] % P.dim()]) else _fail()
+    if p is aten.scaled_dot_product_attention and perturbed == [args[1]]:
+        P = state[args[1]]
+        return KILLED if _constant_along(P, [P.dim() - 2]) else _fail()
+    if p in _BN and perturbed == [args[0]]:
+        P = state[args[0]]
+        training = _bn_training(node)
+        if training and _constant_along(P, [d for d in range(P.dim()) if d != 1]):
+            return KILLED
+        raise _Fail
+    if p is aten.layer_norm and perturbed == [args[0]]:
+        P = state[args[0]]
+        k = len(args[1])
+        if _constant_along(P, range(P.dim() - k, P.dim())):
+            return KILLED
+        raise _Fail
+    if p is aten.group_norm and perturbed == [args[0]]:
+        P = state[args[0]]
+        if _constant_along(P, range(2, P.dim())) and P.size(1) == 1:
+            return KILLED
+        groups = args[1]
+        if _constant_along(P, range(2, P.dim())) and P.size(1) > 1:
+            g = P.reshape(P.size(0), groups, -1)
+            if bool((g == g[:, :, :1]).all()):
+                return KILLED
+        raise _Fail
+    if p in _POOLS and perturbed == [args[0]]:
+        P = state[args[0]]
+        if _constant_along(P, range(2, P.dim())):
+            return _map_first(P, out)
+        raise _Fail
+    if p in _AVG and perturbed == [args[0]]:
+        P = state[args[0]]
+        padding = args[3] if len(args) > 3 else 0
+        if _constant_along(P, range(2, P.dim())) and not any(_as_list(padding)):
+            return P
+        raise _Fail
+    if p in (aten.sum, aten.mean) and perturbed == [args[0]]:
+        P = state[args[0]]
+        dims = args[1] if len(args) > 1 else None
+        dims = list(range(P.dim())) if dims is None else [d % P.dim() for d in _as_list(dims)]
+        keep = len(args) > 2 and args[2]
+        R = _rows(P, dims)
+        if not keep:
+            R = R.reshape([R.size(d) for d in range(R.dim()) if d not in dims])
+        return R
+    if p in (aten.dropout,) and not args[2]:
+        return state[args[0]]
+    raise _Fail
+
+
+def _fail():
+    raise _Fail
+
+
+def _map_first(P, out):
+    if isinstance(out, (tuple, list)):
+        return (P, None)
+    return P
+
+
+def _map(res):
+    if isinstance(res, (list, tuple)):
+        return type(res)(compact(r) if isinstance(r, torch.Tensor) else r for r in res)
+    return compact(res)
+
+
+def _as_list(v):
+    return list(v) if isinstance(v, (list, tuple)) else [v]
+
+
+def _bn_training(node) -> bool:
+    p = _packet(node)
+    if p is aten.batch_norm:
+        return bool(node.args[5]) or node.args[3] is None
+    if p is aten._native_batch_norm_legit and node.target._overloadname == "no_stats":
+        return bool(node.args[3])
+    if p is aten._native_batch_norm_legit_functional or p is aten._native_batch_norm_legit:
+        return bool(node.args[5])
+    if p is aten.native_batch_norm:
+        return bool(node.args[5])
+    if p is aten.instance_norm:
+        return bool(node.args[5])
+    return False
