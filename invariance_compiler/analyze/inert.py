@@ -56,7 +56,7 @@ def _packet(node):
 def prove_inert(captured: Captured, params: dict) -> dict[str, torch.Tensor]:
     """{parameter name: flat indices of its entries proven inert}."""
     gm = captured.gm
-    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    order = list(gm.graph.nodes)
     out: dict[str, torch.Tensor] = {}
     for ph in gm.graph.nodes:
         name = captured.params.get(ph.name)
@@ -82,23 +82,44 @@ _BISECTIONS = 64     # sweeps per use spent on telling inert entries from the ot
 
 
 def _unproven(gm, order, use, slot, entries, budget):
-    """Flat entries of this use whose perturbation is not proven to die. A use that fails as a whole
-    (a qkv bias: its k part dies in the softmax, its q and v parts do not) is split in halves
-    along the entries' first dim, while the budget lasts."""
-    if _proven(gm, order, use, slot, entries):
+    """Flat entries of this use whose perturbation is not proven to die. A sweep that fails where the
+    raw entries arrive (their ids not yet mixed) is run again on the groups it tells apart: the
+    entries that reached the failing op and those that did not, or, when they all did, the entries
+    of each perturbed input (a qkv bias: its q and k parts meet in the logits; alone, the k part
+    dies in the softmax). When the ids were mixed first, the entries are split in halves. All of
+    it while the budget lasts; what is left unproven is not inert."""
+    verdict, groups = _proven(gm, order, use, slot, entries)
+    if verdict is True:
         return
     budget[0] -= 1
     flat = entries.reshape(-1)
     live = flat[flat >= 0]
-    if budget[0] <= 0 or live.numel() == 1 or not _splittable(use, slot, entries):
+    if verdict is _NOT_ADDITIVE or budget[0] <= 0 or live.numel() == 1:
         yield live
         return
-    half = live.numel() // 2
-    for part in (live[:half], live[half:]):
-        sub = torch.full_like(flat, NONE)
-        keep = torch.isin(flat, part)
-        sub[keep] = flat[keep]
-        yield from _unproven(gm, order, use, slot, sub.view(entries.shape), budget)
+    if groups is not None:
+        reached = torch.cat(groups).unique()
+        if bool(torch.isin(live, reached).all()):
+            if len(groups) == 1:
+                yield live            # every entry reaches the failing op, and alone
+                return
+            parts, seen = [], torch.zeros(0, dtype=torch.long)
+            for g in groups:
+                part = live[torch.isin(live, g) & ~torch.isin(live, seen)]
+                seen = torch.cat([seen, part])
+                parts.append(part)
+        else:
+            parts = [live[torch.isin(live, reached)], live[~torch.isin(live, reached)]]
+    elif _splittable(use, slot, entries):
+        half = live.numel() // 2
+        parts = [live[:half], live[half:]]
+    else:
+        yield live
+        return
+    for part in parts:
+        if part.numel():
+            sub = torch.where(torch.isin(flat, part), flat, NONE)
+            yield from _unproven(gm, order, use, slot, sub.view(entries.shape), budget)
 
 
 def _splittable(use, slot, entries) -> bool:
@@ -161,31 +182,52 @@ def _rerun(node, sub: dict):
     return target(*[arg(a) for a in node.args], **kwargs)
 
 
-def _proven(gm, order, use, slot, entries) -> bool:
-    """Whether the perturbation of the parameter entries `entries` at argument `slot` of `use` dies."""
+_NOT_ADDITIVE = "not additive"
+
+
+def _proven(gm, order, use, slot, entries):
+    """(verdict, groups): whether the perturbation of the parameter entries `entries` at argument
+    `slot` of `use` dies (True / False, or _NOT_ADDITIVE when the use does not add the entries at
+    all), and on failure the raw entries of each perturbed input of the failing op (None when some
+    ids were mixed on the way)."""
+    raw = torch.where(entries >= 0, entries + RAW, NONE)      # raw entry ids, apart from derived ones
     try:
-        start = _start(use, slot, entries)
+        start = _start(use, slot, raw)
     except _Fail:
-        return False
+        return _NOT_ADDITIVE, None
     if start is KILLED:
-        return True
+        return True, None
     state = {use: start}
-    for node in sorted((n for n in gm.graph.nodes if order[n] > order[use]), key=order.get):
+    for node in order[order.index(use) + 1:]:
         hit = [a for a in node.all_input_nodes if a in state]
         if not hit:
             continue
-        if node.op == "output":
-            return False
         try:
+            if node.op == "output":
+                raise _Fail
             res = _step(node, state)
-        except _Fail:
-            return False
-        except Exception:             # an op our pattern trick cannot run: not proven
-            return False
+        except Exception:             # _Fail, or an op our pattern trick cannot run: not proven
+            return False, _raw_entries([state[a] for a in hit])
         if res is KILLED or res is None or (isinstance(res, torch.Tensor) and bool((res == NONE).all())):
             continue                  # nothing of the perturbation left here
         state[node] = res
-    return True
+    return True, None
+
+
+RAW = 1 << 40       # raw entry e is id RAW + e; ids that sums and contractions derive are small
+
+
+def _raw_entries(patterns):
+    """The raw entries in each perturbed input's pattern, or None when some ids were mixed."""
+    out = []
+    for p in patterns:
+        vals = [t.reshape(-1) for t in (p if isinstance(p, (list, tuple)) else [p]) if isinstance(t, torch.Tensor)]
+        v = torch.cat(vals).unique() if vals else torch.zeros(0, dtype=torch.long)
+        v = v[v != NONE]
+        if not bool((v >= RAW).all()):
+            return None
+        out.append(v - RAW)
+    return out
 
 
 def _ndim(node):

@@ -50,22 +50,28 @@ class Generator:
 
 
 class _Generators(Sequence):
-    """The class generators as objects, the inert ones made on demand from their blocks (a model
-    can have millions of inert entries)."""
+    """The generators as objects, made on demand: class generators from (kind, parameters), inert
+    ones from their blocks (a model can have tens of thousands of classes, millions of inert
+    entries)."""
 
-    def __init__(self, report, classes: list[Generator]):
-        self._report, self._classes = report, classes
+    def __init__(self, report, classes: list[tuple[str, tuple]]):
+        self._report, self._info = report, classes
+
+    @property
+    def _classes(self) -> list[Generator]:
+        return [Generator(k, kind, params, self._report) for k, (kind, params) in enumerate(self._info)]
 
     def __len__(self):
-        return len(self._classes) + self._report._num_inert
+        return len(self._info) + self._report._num_inert
 
     def __getitem__(self, i):
         if isinstance(i, slice):
             return [self[j] for j in range(*i.indices(len(self)))]
         if i < 0:
             i += len(self)
-        if i < len(self._classes):
-            return self._classes[i]
+        if i < len(self._info):
+            kind, params = self._info[i]
+            return Generator(i, kind, params, self._report)
         if not 0 <= i < len(self):
             raise IndexError(i)
         name, entry = self._report._inert_entry(i)
@@ -124,17 +130,17 @@ class SymmetryReport:
 
         self._col = torch.full((len(labels),), -1, dtype=torch.long)
         self._multi: dict[int, list[tuple[int, int]]] = {}
-        columns: list[dict[int, int]] = []              # label -> coefficient, per class generator
-        for lab in sorted(visible - constrained):
-            columns.append({lab: 1})
-        for vec in basis:
-            columns.append(vec)
+        # one column per label outside the relations (vectorised: ResNet-50 has 38k), then one per
+        # null-space vector of the relations
+        singles = torch.tensor(sorted(visible - constrained), dtype=torch.long)
+        self._col[singles] = torch.arange(singles.numel())
+        columns: list = [None] * singles.numel() + list(basis)
         counts = defaultdict(int)
-        for vec in columns:
+        for vec in basis:
             for lab in vec:
                 counts[lab] += 1
-        self._simple: list[bool] = []
-        for c, vec in enumerate(columns):
+        self._simple: list[bool] = [True] * singles.numel()
+        for c, vec in enumerate(basis, start=singles.numel()):
             simple = all(v == 1 and counts[lab] == 1 for lab, v in vec.items())
             self._simple.append(simple)
             for lab, v in vec.items():
@@ -177,8 +183,7 @@ class SymmetryReport:
             self._inert_offsets[n] = off
             off += self._inert[n].numel()
         self._num_inert = off - self._inert_start
-        objs = [Generator(k, kind, params, self) for k, (_, kind, params) in enumerate(classes)]
-        self.generators = _Generators(self, objs)
+        self.generators = _Generators(self, [(kind, params) for _, kind, params in classes])
         self._annotate_graph()
 
     def __getstate__(self):
@@ -258,8 +263,8 @@ class SymmetryReport:
 
     def counts(self) -> dict[str, int]:
         out = dict.fromkeys(KINDS, 0)
-        for g in self.generators._classes:
-            out[g.kind] += 1
+        for kind, _ in self.generators._info:
+            out[kind] += 1
         out["inert"] = self._num_inert
         return out
 

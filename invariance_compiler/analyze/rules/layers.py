@@ -8,7 +8,7 @@ import string
 
 import torch
 
-from ..value import Value
+from ..value import Value, compact
 from . import _register, aten
 from .elementwise import pin
 
@@ -81,9 +81,12 @@ def conv(ctx, x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
     taps = (1,) * (len(weight.shape) - 2)
     ins = ctx.channel_classes(x, cdim)                       # (C_in,)
     group = torch.arange(c_out) // (c_out // groups)         # group of each output channel
-    cols = ins[group.view(-1, 1) * c_in_g + torch.arange(c_in_g).view(1, -1)]   # (C_out, C_in/g)
+    if groups == 1:
+        cols = ins.view(1, -1)                                # every output channel reads all of them
+    else:
+        cols = compact(ins[group.view(-1, 1) * c_in_g + torch.arange(c_in_g).view(1, -1)])   # (C_out, C_in/g)
     rows = ctx.fresh(c_out)
-    if not ctx.bind(weight, [(+1, rows.view(-1, 1, *taps)), (-1, cols.view(c_out, c_in_g, *taps))]):
+    if not ctx.bind(weight, [(+1, rows.view(-1, 1, *taps)), (-1, cols.view(cols.shape[0], c_in_g, *taps))]):
         return pin(ctx, x, weight, bias)
     ctx.bind_bias(bias, rows)
     return _channel_out(ctx, rows, cdim)
