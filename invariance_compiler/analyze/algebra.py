@@ -19,21 +19,25 @@ __all__ = ["solve_relations"]
 
 
 def solve_relations(relations, labels: torch.Tensor, visible: set[int]):
-    """relations: (row ids, class ids, coeff) triplets from ClassTable; labels: class id -> label;
+    """relations: (ids (rows, terms), coeffs) batches from ClassTable; labels: class id -> label;
     visible: labels that parameter entries carry.
     Returns (constrained: every label in a relation, basis: list of {label: int coeff}); a visible
     constrained label that no basis vector names is forced to 0."""
     if not relations:
         return set(), []
-    rows = torch.cat([r for r, _, _ in relations])
-    labs = labels[torch.cat([i for _, i, _ in relations])]
-    coeffs = [c for r, _, c in relations for _ in range(r.numel())]
-    entries: dict[int, dict[int, Fraction]] = defaultdict(lambda: defaultdict(Fraction))
-    for r, lab, c in zip(rows.tolist(), labs.tolist(), coeffs):
-        if lab != PIN:
-            entries[r][lab] += c
-    eqs = [{l: c for l, c in e.items() if c != 0} for e in entries.values()]
-    eqs = [e for e in eqs if e]
+    eqs = []
+    for ids, coeffs in relations:
+        lab = torch.where(ids > PIN, labels[ids.clamp(min=0)], PIN)
+        lab = lab.unique(dim=0) if lab.shape[0] > 1 else lab          # rows that the unions made equal
+        for row in lab.tolist():
+            e: dict[int, Fraction] = defaultdict(Fraction)
+            for l, c in zip(row, coeffs):
+                if l > PIN:
+                    e[l] += c
+            e = {l: c for l, c in e.items() if c != 0}
+            if e:
+                eqs.append(e)
+    eqs = list({tuple(sorted(e.items())): e for e in eqs}.values())
     # components over labels joined by a shared equation
     parent: dict[int, int] = {}
 

@@ -16,7 +16,7 @@ from fractions import Fraction
 
 import torch
 
-from .value import PIN, ZERO
+from .value import PIN
 
 __all__ = ["ClassTable"]
 
@@ -26,8 +26,8 @@ class ClassTable:
         self.count = 1                      # id 0 is PIN
         self._a: list[torch.Tensor] = []
         self._b: list[torch.Tensor] = []
-        self.rows = 0                       # relations recorded so far
-        self.relations: list[tuple[torch.Tensor, torch.Tensor, Fraction]] = []   # (row, id, coeff)
+        # relations, in batches that share their coefficients: (ids (rows, terms), coeffs per term)
+        self.relations: list[tuple[torch.Tensor, tuple[Fraction, ...]]] = []
 
     def fresh(self, n: int) -> torch.Tensor:
         ids = torch.arange(self.count, self.count + n, dtype=torch.long)
@@ -54,16 +54,9 @@ class ClassTable:
     def relate(self, terms: list[tuple[Fraction, torch.Tensor]]) -> None:
         """Record Σ coeff · λ(ids[e]) = 0 for every element e of the terms' broadcast shape."""
         shape = torch.broadcast_shapes(*[ids.shape for _, ids in terms])
-        n = 1
-        for s in shape:
-            n *= s
-        rows = torch.arange(self.rows, self.rows + n)
-        self.rows += n
-        for coeff, ids in terms:
-            flat = ids.expand(shape).reshape(-1)
-            live = flat > PIN
-            if bool(live.any()):
-                self.relations.append((rows[live], flat[live], Fraction(coeff)))
+        ids = torch.stack([i.expand(shape).reshape(-1) for _, i in terms], dim=1)    # (rows, terms)
+        ids = ids.unique(dim=0) if ids.shape[0] > 1 else ids
+        self.relations.append((ids, tuple(Fraction(c) for c, _ in terms)))
 
     def solve(self) -> torch.Tensor:
         """Label of every id: the smallest id in its component (min-label hooking + pointer jumping)."""
@@ -82,7 +75,3 @@ class ClassTable:
                 if torch.equal(nxt, parent):
                     break
                 parent = nxt
-
-
-def zero_ids_like(ids: torch.Tensor) -> torch.Tensor:
-    return torch.full_like(ids, ZERO)

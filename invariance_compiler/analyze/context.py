@@ -196,6 +196,11 @@ class Context:
                     merged.append((s, c1))
             old.factors = merged
             return True
+        if not any(bool((c == UNSET).any()) for _, c in old.factors + mapped):
+            # two uses that scale the entries differently (a tied embedding and output head): each
+            # entry's exponent must agree, a relation per entry between the two uses' classes
+            self.classes.relate([(s, c) for s, c in old.factors] + [(-s, c) for s, c in mapped])
+            return True
         for _, cls in old.factors + mapped:
             self.classes.pin(cls[cls != UNSET])
         old.factors = [(s, torch.where(c == UNSET, PIN, c)) for s, c in old.factors]

@@ -57,7 +57,7 @@ def prove_inert(captured: Captured, params: dict) -> dict[str, torch.Tensor]:
     """{parameter name: flat indices of its entries proven inert}."""
     gm = captured.gm
     order = list(gm.graph.nodes)
-    out: dict[str, torch.Tensor] = {}
+    masks: dict[str, torch.Tensor] = {}
     for ph in gm.graph.nodes:
         name = captured.params.get(ph.name)
         if ph.op != "placeholder" or name is None:
@@ -66,16 +66,15 @@ def prove_inert(captured: Captured, params: dict) -> dict[str, torch.Tensor]:
         if not (p.requires_grad and p.is_floating_point()):
             continue
         numel = p.numel()
-        proven = torch.ones(numel, dtype=torch.bool)        # until a use that is not proven reads it
+        # a tied parameter has a placeholder per name: an entry must be proven through all of them
+        proven = masks.setdefault(name, torch.ones(numel, dtype=torch.bool))
         for use, entries, slot in _terminal_uses(ph, numel, p.shape):
+            if not bool(proven.any()):
+                break
             budget = [_BISECTIONS]
             for bad in _unproven(gm, order, use, slot, entries, budget):
                 proven[bad] = False
-            if not bool(proven.any()):
-                break
-        if bool(proven.any()):
-            out[name] = proven.nonzero().reshape(-1)
-    return out
+    return {name: m.nonzero().reshape(-1) for name, m in masks.items() if bool(m.any())}
 
 
 _BISECTIONS = 64     # sweeps per use spent on telling inert entries from the others
@@ -244,7 +243,7 @@ def _start(use, slot, entries):
     if not isinstance(out, torch.Tensor):
         raise _Fail
     nd = out.dim()
-    if p is aten.linear and slot == 2:
+    if (p is aten.linear and slot == 2) or (p is aten.addmm and slot == 0 and entries.dim() == 1):
         return entries.reshape((1,) * (nd - 1) + (-1,))
     if p in _CONV and slot == 2:
         return _channel_pattern(entries, nd)
@@ -339,6 +338,9 @@ def _step(node, state):
             dims = [lead + i for i, s in enumerate(oshape) if s > 1]
             return _vary(P, out.shape, dims)
         return P
+    if p is aten.addmm and args[1] in perturbed and len(perturbed) == 1:
+        P = _rows(state[args[1]], [-1])
+        return _vary(P, out.shape, [out.dim() - 1])
     if p is aten.linear and args[0] in perturbed and len(perturbed) == 1:
         P = _rows(state[args[0]], [-1])
         return _vary(P, out.shape, [out.dim() - 1])

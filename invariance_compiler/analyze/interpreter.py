@@ -80,15 +80,12 @@ class SymmetryPass(torch.fx.Interpreter):
             if values and name not in _SHAPE_QUERIES and n.target is not operator.getitem:
                 ctx.pin(values, reason=f"{_op_name(n)} turns a tensor into a Python value")
             return real                      # sizes, shapes, Python numbers: the value is the abstraction
-        if n.target is not operator.getitem and values and all(
-                v.param is None and v.is_constant for v in values):
-            return ctx.like_real(lambda t: ctx.constant(t.shape))
+        if n.target is not operator.getitem and all(v.param is None and v.is_constant for v in values):
+            return ctx.like_real(lambda t: ctx.constant(t.shape))    # arange, masks, cos/sin of RoPE
         rule = lookup(n.target)
         if rule is None:
             self.unknown.append((_op_name(n), n.name))
             ctx.pin(ctx.args, ctx.kwargs, reason=f"no rule for {_op_name(n)}")
-            return ctx.like_real(lambda t: ctx.constant(t.shape))
-        if not values:
             return ctx.like_real(lambda t: ctx.constant(t.shape))
         return rule(ctx, *ctx.args, **ctx.kwargs)
 

@@ -17,39 +17,54 @@ import torch.nn as nn
 __all__ = ["prepare", "invariance_error", "null_space", "completeness"]
 
 _NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.RMSNorm)
+_EPS_NAMES = ("eps", "variance_epsilon", "epsilon", "layer_norm_eps", "norm_eps")
 
 
 def prepare(model: nn.Module, eps: float = 1e-30) -> nn.Module:
-    """A float64 copy with negligible normaliser eps (every float `eps` attribute, so functional
-    normalisers that read one are covered) and no running-statistics updates."""
+    """A float64 copy with negligible normaliser eps (every float `eps`-like attribute, so functional
+    normalisers that read one are covered), no running-statistics updates and no embedding
+    padding_idx."""
     m = copy.deepcopy(model).double()
     for mod in m.modules():
-        if isinstance(getattr(mod, "eps", None), float):
-            mod.eps = eps
+        for attr in _EPS_NAMES:       # nn's norms, Hugging Face's RMSNorms and LayerNorms
+            if isinstance(getattr(mod, attr, None), float):
+                setattr(mod, attr, eps)
+        if isinstance(mod, nn.Embedding):
+            mod.padding_idx = None    # same forward; its backward zeroes that row's gradient, which
+                                      # would look like an invariance to the Jacobian
         if isinstance(mod, nn.modules.batchnorm._NormBase) and mod.training:
             mod.track_running_stats, mod.running_mean, mod.running_var = False, None, None
     return m
 
 
-def _outputs(model, inputs):
-    out = model(*inputs)
-    flat = [o for o in (out if isinstance(out, (tuple, list)) else (out,)) if isinstance(o, torch.Tensor)]
+def _flat_tensors(out):
+    """Every floating-point tensor of a model's output (tuples, dicts, Hugging Face ModelOutputs)."""
+    if isinstance(out, dict):
+        out = list(out.values())
+    leaves = torch.utils._pytree.tree_leaves(out)
+    flat = [o for o in leaves if isinstance(o, torch.Tensor) and o.is_floating_point()]
     return torch.cat([o.reshape(-1) for o in flat])
+
+
+def _outputs(model, inputs, kwargs=None):
+    return _flat_tensors(model(*inputs, **(kwargs or {})))
 
 
 @torch.no_grad()
 def invariance_error(model: nn.Module, report, inputs, trials: int = 3, scale: float = 1.0,
-                     seed: int = 0) -> float:
+                     seed: int = 0, *, kwargs: dict | None = None) -> float:
     """Largest relative change of the outputs under random group elements exp(E λ), λ ~ N(0, scale²)."""
     m = prepare(model)
-    inputs = tuple(x.double() if x.is_floating_point() else x for x in inputs)
-    ref = _outputs(m, inputs)
+    inputs, kwargs = _double(inputs), _double(kwargs or {})
+    torch.manual_seed(seed)
+    ref = _outputs(m, inputs, kwargs)
     gen = torch.Generator().manual_seed(seed)
     worst = 0.0
     for _ in range(trials):
         moved = copy.deepcopy(m)
         report.act(moved, torch.randn(report.num_generators, generator=gen, dtype=torch.float64) * scale)
-        out = _outputs(moved, inputs)
+        torch.manual_seed(seed)                      # dropout draws the same masks
+        out = _outputs(moved, inputs, kwargs)
         worst = max(worst, float((out - ref).norm() / ref.norm().clamp_min(1e-300)))
     return worst
 
@@ -69,22 +84,28 @@ def _redraw(model: nn.Module, gen: torch.Generator):
                     p.copy_(0.1 * noise)
 
 
+def _double(obj):
+    return torch.utils._pytree.tree_map(
+        lambda x: x.double() if isinstance(x, torch.Tensor) and x.is_floating_point() else x, obj)
+
+
 def null_space(model: nn.Module, inputs, draws: int | None = None, seed: int = 0,
-               rtol: float = 1e-9, rows_per_param: float = 3.0, max_rounds: int = 8):
+               rtol: float = 1e-9, rows_per_param: float = 3.0, max_rounds: int = 8, *,
+               kwargs: dict | None = None):
     """Joint null space of J(θ_k)·diag(θ_k) over random θ_k. With draws=None, rounds of draws (each
     giving rows_per_param x m rows, at least 6 draws) are added until a round leaves the dimension
     unchanged: a narrow layer makes each J low-rank, and invariances that hold only at one θ (an
     additive shift that a normaliser's zero mean hides, say) then need many draws to drop out.
     Returns (basis (m, d), singular values)."""
     m = prepare(model)
-    inputs = tuple(x.double() if x.is_floating_point() else x for x in inputs)
+    inputs, kwargs = _double(inputs), _double(kwargs or {})
     names = [n for n, _ in m.named_parameters()]
     n_params = sum(p.numel() for p in m.parameters())
     with torch.no_grad():
-        rows = _outputs(m, inputs).numel()
+        rows = _outputs(m, inputs, kwargs).numel()
     per_round = draws if draws is not None else max(6, math.ceil(rows_per_param * n_params / rows))
     gen = torch.Generator().manual_seed(seed)
-    f = lambda params: _outputs_functional(m, params, inputs)     # noqa: E731
+    f = lambda params: _outputs_functional(m, params, inputs, kwargs)     # noqa: E731
     blocks, dims = [], []
     for _ in range(1 if draws is not None else max_rounds):
         for _ in range(per_round):
@@ -105,15 +126,16 @@ def null_space(model: nn.Module, inputs, draws: int | None = None, seed: int = 0
     return vh[rank:].T, s
 
 
-def _outputs_functional(model, params, inputs):
-    out = torch.func.functional_call(model, params, inputs)
-    flat = [o for o in (out if isinstance(out, (tuple, list)) else (out,)) if isinstance(o, torch.Tensor)]
-    return torch.cat([o.reshape(-1) for o in flat])
+def _outputs_functional(model, params, inputs, kwargs):
+    return _flat_tensors(torch.func.functional_call(model, params, inputs, kwargs))
 
 
-def completeness(model: nn.Module, report, inputs, draws: int | None = None) -> dict:
-    """Compare span(E) with the numerical null space: dimensions, and the part of E outside it."""
-    basis, s = null_space(model, inputs, draws)
+def completeness(model: nn.Module, report, inputs, draws: int | None = None, *,
+                 kwargs: dict | None = None, rtol: float = 1e-9) -> dict:
+    """Compare span(E) with the numerical null space: dimensions, and the part of E outside it.
+    rtol: singular values below rtol x the largest count as zero (raise it for models that compute
+    in float32 inside a float64 model, as Hugging Face's RMSNorms do)."""
+    basis, s = null_space(model, inputs, draws, kwargs=kwargs, rtol=rtol)
     E = report.generator_matrix(dtype=torch.float64)
     if E.shape[1]:
         outside = E - basis @ (basis.T @ E)

@@ -1,0 +1,86 @@
+"""The analysis and the compiler on Hugging Face transformers' own classes (tiny configs, random
+init): soundness (a random group element leaves the outputs unchanged, float64, negligible eps),
+completeness against the rule-free oracle (span(E) = the joint null space), and both compiled forms
+keeping the function in train mode (same dropout seed) and in eval mode."""
+import pytest
+import torch
+
+import invariance_compiler as ic
+from invariance_compiler.analyze import oracle
+
+from hf_families import BUILDERS, build
+
+# Hugging Face computes these norms in float32 even in a float64 model: their normalize symmetry
+# holds to float32 rounding, and the oracle's rank needs a tolerance above it.
+FP32_NORMS = {"llama", "qwen2", "t5"}
+# Where the joint null space is larger than what the analysis finds (sound, incomplete), and why.
+GAPS = {
+    "opt": "OPT's learned positions start at offset 2: rows 0-1 are never indexed, which only the "
+           "index values show",
+    "t5": "the relative-position bias and the gated-free decoder leave directions not yet found",
+    "clip_vision": "one joint direction of the class embedding and the position embedding",
+    "poolformer": "pooling minus identity inside GroupNorm(1) blocks leaves per-channel directions",
+    "llama": "one direction more in float32 rounding of the RMSNorm (rank at rtol 1e-5)",
+}
+# The oracle's Jacobian grows with m x outputs: families above this size are checked for
+# soundness and compilation only; the slow ones run with IC_SLOW=1.
+ORACLE_LIMIT = 1100
+SLOW_ORACLE = {"resnet", "convnext", "t5", "poolformer", "qwen2"}
+
+
+def _out(model, args, kwargs, seed=1):
+    torch.manual_seed(seed)
+    return oracle._flat_tensors(model(*args, **kwargs))
+
+
+@pytest.mark.parametrize("name", sorted(BUILDERS))
+def test_random_group_elements_leave_the_outputs_unchanged(name):
+    model, args, kwargs = build(name, dropout=False)
+    report = ic.analyze(model, args, kwargs)
+    assert report.num_generators > 0
+    tol = 1e-6 if name in FP32_NORMS else 1e-10
+    assert oracle.invariance_error(model, report, args, kwargs=kwargs, trials=2) <= tol
+
+
+def _oracle_params():
+    import os
+    out = []
+    for name in sorted(BUILDERS):
+        model, _, _ = build(name, dropout=False)
+        m = sum(p.numel() for p in model.parameters())
+        if m > 2000:
+            continue
+        marks = []
+        if name in GAPS:
+            marks.append(pytest.mark.xfail(reason=GAPS[name], strict=True))
+        if (name in SLOW_ORACLE or m > ORACLE_LIMIT) and not os.environ.get("IC_SLOW"):
+            marks.append(pytest.mark.skip(reason="slow oracle (m x outputs Jacobians): set IC_SLOW=1"))
+        out.append(pytest.param(name, marks=marks))
+    return out
+
+
+@pytest.mark.parametrize("name", _oracle_params())
+def test_generators_are_the_joint_null_space(name):
+    model, args, kwargs = build(name, dropout=False)
+    report = ic.analyze(model, args, kwargs)
+    rtol = 1e-5 if name in FP32_NORMS else 1e-9
+    got = oracle.completeness(model, report, args, kwargs=kwargs, rtol=rtol)
+    assert got["rank_E"] == report.num_generators                    # independent
+    assert got["residual"] <= (1e-4 if name in FP32_NORMS else 1e-9)  # inside the null space: sound
+    assert got["null_dim"] == report.num_generators                  # and all of it: complete
+
+
+@pytest.mark.parametrize("form", ["gspace", "fixed"])
+@pytest.mark.parametrize("name", sorted(BUILDERS))
+def test_both_forms_keep_the_function_in_train_and_eval_mode(name, form):
+    model, args, kwargs = build(name, dropout=True)
+    cm = ic.compile_invariant(model, args, form=form, example_kwargs=kwargs)
+    assert cm.num_free_parameters() < cm.report.num_params
+    for train in (True, False):
+        model.train(train), cm.train(train)
+        ref, out = _out(model, args, kwargs), _out(cm, args, kwargs)
+        assert float((out - ref).abs().max() / ref.abs().max()) <= 1e-9, ("train" if train else "eval")
+    back, _, _ = build(name, dropout=True)        # (LeViT caches eval-mode tensors: no deepcopy)
+    back.load_state_dict(cm.export_state_dict())
+    back.train(False)
+    assert torch.allclose(_out(back, args, kwargs), _out(cm, args, kwargs), rtol=1e-9, atol=1e-12)
