@@ -254,7 +254,7 @@ def icr(plan: Allocation, p_in: torch.Tensor, carriers: torch.Tensor, vs: Sequen
     """From ∂L/∂W of tensors `index`: ∂L/∂V (0 on K and J slots), ∂L/∂P_in (the per-class
     reduction Σ ∂L/∂W ⊙ W over free entries) and the direct part of ∂L/∂carriers."""
     if kernels.use_triton(vs[0]):
-        gws = [torch.zeros_like(v) if g is None else g for v, g in zip(vs, gws)]
+        gws = [torch.zeros_like(v) if g is None else g.contiguous() for v, g in zip(vs, gws)]
         *gvs, reduced, g_car = kernels.ops().icr(gws, list(vs), p_in, plan.M, carriers, plan.layout(index), plan.n)
         return gvs, -reduced.to(p_in.dtype) / p_in, g_car.to(carriers.dtype)
     reduced = torch.zeros_like(p_in)
@@ -263,7 +263,7 @@ def icr(plan: Allocation, p_in: torch.Tensor, carriers: torch.Tensor, vs: Sequen
     for i, v, gw in zip(index, vs, gws):
         if gw is None:
             gw = torch.zeros_like(v)
-        gv = gw / plan.denominator(i, p_in)
+        gv = (gw / plan.denominator(i, p_in)).contiguous()           # gw may come permuted
         flat = gv.view(-1)
         flat[plan.buf("fixed_idx", i)] = 0                            # fixed: not functions of V
         j_idx, j_cls = plan.buf("carrier_idx", i), plan.buf("carrier_cls", i)

@@ -1,0 +1,207 @@
+"""Models written the way people write them: in-place statements, subclasses of known modules that
+change what they compute, gates, weight tying, nn.MultiheadAttention, SDPA with grouped-query
+attention, SwiGLU, nn.LSTM. Each must analyse soundly (and, where the oracle is cheap, completely),
+compile in both forms, and keep its function in train and eval mode."""
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import invariance_compiler as ic
+from invariance_compiler.analyze import oracle
+
+
+class InPlace(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.b2, self.c = nn.Linear(4, 6), nn.Linear(6, 6), nn.Linear(6, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = self.a(x)
+        h.relu_()                                  # result unused: the mutation is the effect
+        g = self.b(h)
+        F.relu(g, inplace=True)
+        g = self.b2(g)
+        g += h                                     # residual, in place
+        g *= 0.5
+        return self.c(g)
+
+
+class BatchNormAct2d(nn.BatchNorm2d):
+    """timm's pattern: a BatchNorm2d whose forward also applies an activation."""
+    def forward(self, x):
+        return F.silu(super().forward(x))
+
+
+class LayerNorm2d(nn.LayerNorm):
+    """timm's / torchvision's pattern: an nn.LayerNorm over the channels of an NCHW map."""
+    def forward(self, x):
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+class ConvNet(nn.Module):
+    def __init__(self, norm):
+        super().__init__()
+        self.c1, self.n, self.c2 = nn.Conv2d(2, 4, 3, padding=1), norm(4), nn.Conv2d(4, 3, 3, padding=1)
+        self.fc = nn.Linear(3, 2)
+
+    def forward(self, x):
+        return self.fc(F.relu(self.c2(F.relu(self.n(self.c1(x))))).mean(dim=(2, 3)))
+
+
+class Gated(nn.Module):
+    """A module's own parameter used through a gate, and a raw weight used via F.linear."""
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(6, 4) * 0.5)
+        self.gate = nn.Parameter(torch.zeros(6))
+        self.out = nn.Linear(6, 2)
+
+    def forward(self, x):
+        return self.out(F.relu(F.linear(x, self.w)) * torch.sigmoid(self.gate))
+
+
+class Tied(nn.Module):
+    def __init__(self, vocab=8, d=4):
+        super().__init__()
+        self.emb, self.mid, self.head = nn.Embedding(vocab, d), nn.Linear(d, d), nn.Linear(d, vocab, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, idx):
+        return self.head(F.relu(self.mid(self.emb(idx))))
+
+
+class MHA(nn.Module):
+    def __init__(self, d=4, heads=2):
+        super().__init__()
+        self.inp, self.att, self.out = nn.Linear(3, d), nn.MultiheadAttention(d, heads, batch_first=True), nn.Linear(d, 2)
+
+    def forward(self, x):
+        h = self.inp(x)
+        a, _ = self.att(h, h, h, need_weights=False)
+        return self.out(F.relu(h + a)).sum(1)
+
+
+class SDPA(nn.Module):
+    """Grouped-query causal attention through F.scaled_dot_product_attention, SwiGLU MLP, RMSNorm."""
+    def __init__(self, d=8, hq=4, hk=2):
+        super().__init__()
+        self.hq, self.hk, self.hd = hq, hk, d // hq
+        self.emb = nn.Linear(3, d)
+        self.q, self.k = nn.Linear(d, d, bias=False), nn.Linear(d, hk * self.hd, bias=False)
+        self.v, self.o = nn.Linear(d, hk * self.hd, bias=False), nn.Linear(d, d, bias=False)
+        self.norm = nn.RMSNorm(d)
+        self.gate, self.up, self.down = nn.Linear(d, 6, bias=False), nn.Linear(d, 6, bias=False), nn.Linear(6, d, bias=False)
+        self.head = nn.Linear(d, 2)
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        h = self.emb(x)
+        q = self.q(h).view(b, t, self.hq, self.hd).transpose(1, 2)
+        k = self.k(h).view(b, t, self.hk, self.hd).transpose(1, 2)
+        v = self.v(h).view(b, t, self.hk, self.hd).transpose(1, 2)
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        h = h + self.o(a.transpose(1, 2).reshape(b, t, -1))
+        n = self.norm(h)
+        h = h + self.down(F.silu(self.gate(n)) * self.up(n))
+        return self.head(h).sum(1)
+
+
+class LSTMHead(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inp, self.rnn, self.out = nn.Linear(3, 4), nn.LSTM(4, 5, batch_first=True), nn.Linear(5, 2)
+
+    def forward(self, x):
+        y, _ = self.rnn(F.relu(self.inp(x)))
+        return self.out(y[:, -1])
+
+
+CASES = {
+    "in_place": (InPlace, lambda: (torch.randn(8, 4),)),
+    "batchnorm_act_subclass": (lambda: ConvNet(BatchNormAct2d), lambda: (torch.randn(4, 2, 5, 5),)),
+    "layernorm_over_channels": (lambda: ConvNet(LayerNorm2d), lambda: (torch.randn(4, 2, 5, 5),)),
+    "gate_and_f_linear": (Gated, lambda: (torch.randn(8, 4),)),
+    "weight_tying": (Tied, lambda: (torch.arange(8).view(2, 4),)),
+    "multihead_attention": (MHA, lambda: (torch.randn(2, 5, 3),)),
+    "sdpa_gqa_swiglu": (SDPA, lambda: (torch.randn(2, 5, 3),)),
+    "lstm": (LSTMHead, lambda: (torch.randn(3, 4, 3),)),
+}
+
+
+def _case(name):
+    torch.manual_seed(0)
+    make, inputs = CASES[name]
+    model = make().double().train()
+    x = tuple(t.double() if t.is_floating_point() else t for t in inputs())
+    return model, x
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_sound_and_complete(name):
+    model, x = _case(name)
+    report = ic.analyze(model, x)
+    assert oracle.invariance_error(model, report, x) <= 1e-10
+    got = oracle.completeness(model, report, x)
+    assert got["residual"] <= 1e-9 and got["rank_E"] == report.num_generators
+    # aten.lstm has no rule: it pins, so the ReLU units feeding its input weights are not found
+    missing = model.inp.out_features if name == "lstm" else 0
+    assert got["null_dim"] == report.num_generators + missing, got
+
+
+@pytest.mark.parametrize("form", ["gspace", "fixed"])
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_compiled_forms_keep_the_function(name, form):
+    model, x = _case(name)
+    cm = ic.compile_invariant(model, x, form=form)
+    for train in (True, False):
+        model.train(train), cm.train(train)
+        torch.manual_seed(1)
+        ref = model(*x)
+        torch.manual_seed(1)
+        out = cm(*x)
+        assert torch.allclose(out, ref, rtol=1e-10, atol=1e-12), ("train" if train else "eval")
+    opt = torch.optim.SGD(cm.parameters(), lr=1e-2)   # and it trains
+    cm.train()
+    cm(*x).square().sum().backward()
+    opt.step()
+
+
+def test_a_subclass_is_its_ops_not_its_parent():
+    """BatchNormAct2d is a BatchNorm2d to isinstance, but the SiLU after it pins: its affine
+    classes are not the plain BatchNorm's rescale classes."""
+    plain, act = ic.analyze(*_case_model(nn.BatchNorm2d)), ic.analyze(*_case_model(BatchNormAct2d))
+    assert plain.counts()["rescale"] == act.counts()["rescale"] + 4
+
+
+def _case_model(norm):
+    torch.manual_seed(0)
+    return ConvNet(norm).double(), (torch.randn(4, 2, 5, 5, dtype=torch.float64),)
+
+
+def test_in_place_ops_are_kept():
+    """h.relu_() with its result unused still clamps h (it was dropped as dead code before)."""
+    model, x = _case("in_place")
+    report = ic.analyze(model, x)
+    ops = {str(n.target) for n in report.graph.graph.nodes}
+    assert any("relu" in o for o in ops)
+    cm = ic.compile_invariant(model, x)
+    assert torch.allclose(cm(*x), model(*x), rtol=1e-12)
+
+
+def test_multihead_attention_parameters_are_not_called_inert():
+    model, x = _case("multihead_attention")
+    report = ic.analyze(model, x)
+    d = model.att.embed_dim
+    assert not report.is_inert("att.in_proj_weight") and not report.is_inert("att.out_proj.weight")
+    assert report.inert_entries("att.in_proj_bias").tolist() == list(range(d, 2 * d))   # the key bias
+
+
+def test_tied_weights_give_a_signed_relation_not_a_pin():
+    """The embedding's classes meet the head's input classes through the shared weight: scaling an
+    embedding coordinate by c scales the head's input column by c, so mid's output classes are
+    the inverse of the embedding's (a rescale generator through the tie)."""
+    model, x = _case("weight_tying")
+    report = ic.analyze(model, x)
+    assert report.num_generators >= model.mid.out_features
+    assert oracle.invariance_error(model, report, x) <= 1e-10
