@@ -213,7 +213,7 @@ def _proven(gm, order, use, slot, entries):
     return True, None
 
 
-RAW = 1 << 40       # raw entry e is id RAW + e; ids that sums and contractions derive are small
+RAW = 1 << 60       # raw entry e is id RAW + e; ids that sums and contractions derive are small
 
 
 def _raw_entries(patterns):
@@ -292,16 +292,20 @@ def _rows(P, dims):
 
 def _vary(P, shape, dims):
     """Make P's ids distinct along `dims` (sizes from `shape`): the perturbation is multiplied by
-    something that varies there."""
-    full = P.expand(shape)
-    idx = torch.zeros(shape, dtype=torch.long)
+    something that varies there. Ids stay below RAW: (rank of P's id) x positions + position."""
+    dims = [d % len(shape) for d in dims]
+    P = P.reshape((1,) * (len(shape) - P.dim()) + tuple(P.shape))
+    uniq, rank = P.reshape(-1).unique(return_inverse=True)
+    rank = rank.view(P.shape)
+    target = [shape[d] if d in dims else P.size(d) for d in range(len(shape))]
+    idx = torch.zeros([shape[d] if d in dims else 1 for d in range(len(shape))], dtype=torch.long)
     for d in dims:
         view = [1] * len(shape)
         view[d] = shape[d]
         idx = idx * shape[d] + torch.arange(shape[d]).view(view)
-    pairs = torch.stack([full.reshape(-1), idx.expand(shape).reshape(-1)], dim=1)
-    _, inv = pairs.unique(dim=0, return_inverse=True)
-    return compact(torch.where(full.reshape(-1) == NONE, NONE, inv).view(shape))
+    positions = idx.numel()
+    out = rank.expand(target) * positions + idx.expand(target)
+    return compact(torch.where(P.expand(target) == NONE, NONE, out))
 
 
 def _step(node, state):

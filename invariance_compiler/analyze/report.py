@@ -149,6 +149,15 @@ class SymmetryReport:
                 else:
                     self._multi.setdefault(lab, []).append((c, v))
         self._num_class_columns = len(columns)
+        # relation columns as padded tables over labels: label l has coefficient _mval[k, l] on
+        # column _mcol[k, l] (-1: none), k < the most columns any label has (1 or 2 in practice)
+        depth = max((len(c) for c in self._multi.values()), default=0)
+        self._mcol = torch.full((depth, len(labels)), -1, dtype=torch.long)
+        self._mval = torch.zeros((depth, len(labels)), dtype=torch.long)
+        for lab, cols in self._multi.items():
+            for k, (c, v) in enumerate(cols):
+                self._mcol[k, lab], self._mval[k, lab] = c, v
+        self._multi = bool(self._multi)
 
         # Kind and parameters of each class generator, from the signs its entries take.
         plus, minus = defaultdict(set), defaultdict(set)
@@ -172,8 +181,8 @@ class SymmetryReport:
         for new, (c, _, _) in enumerate(classes):
             remap[c] = new
         self._col = torch.where(self._col >= 0, remap[self._col], -1)
-        self._multi = {lab: [(int(remap[c]), v) for c, v in cols if remap[c] >= 0]
-                       for lab, cols in self._multi.items()}
+        self._mcol = torch.where(self._mcol >= 0, remap[self._mcol], -1)
+        self._mval = torch.where(self._mcol >= 0, self._mval, 0)
         self._simple = [self._simple[c] for c, _, _ in classes]
         self._inert_start = len(classes)
         self._inert_names = [n for n in self.param_names if n in self._inert]
@@ -197,9 +206,8 @@ class SymmetryReport:
 
     def _column_signs(self, name):
         """(column, sign) pairs that some entry of `name` has (before renumbering)."""
-        shape = self.param_shapes[name]
         factors = self._factors[name]
-        if not self._multi and len(factors) <= 2:
+        if not self._touches_multi(name) and len(factors) <= 2:
             # fast path: simple columns only; a +c and -c on one entry cancel
             labs = [lab for _, lab in factors]
             uniq = [self._col[l.unique()] for l in labs]
@@ -211,31 +219,52 @@ class SymmetryReport:
             for (s, _), u in zip(factors, uniq):
                 out.update((c, s) for c in u[u >= 0].tolist())
             return out
-        vals = self._dense_columns(name)
-        out = set()
-        for c, v in vals.items():
-            if bool((v > 0).any()):
-                out.add((c, 1))
-            if bool((v < 0).any()):
-                out.add((c, -1))
+        _, cols, vals = self._triplets(name)
+        keys = (cols * 3 + vals.sign() + 1).unique()          # 1-D unique: unique(dim=0) is slow
+        return {(int(k // 3), int(k % 3) - 1) for k in keys.tolist()}
+
+    def _touches_multi(self, name) -> bool:
+        if not self._multi:
+            return False
+        return any(bool((self._mcol[:, lab.reshape(-1)] >= 0).any()) for _, lab in self._factors.get(name, []))
+
+    def _terms(self, lab):
+        """[(columns, coefficients)] over lab's shape: its simple column, then its relation columns."""
+        out = [(self._col[lab], torch.ones_like(lab))]
+        for k in range(self._mcol.shape[0]):
+            out.append((self._mcol[k][lab], self._mval[k][lab]))
         return out
 
-    def _dense_columns(self, name) -> dict[int, torch.Tensor]:
-        """{column: coefficients in the parameter's shape} for every column touching it."""
+    def _triplets(self, name):
+        """(entries, columns, coefficients) of the non-zero exponents of `name`, coalesced: sorted
+        by entry, then column (inert entries excluded)."""
         shape = self.param_shapes[name]
-        out: dict[int, torch.Tensor] = {}
+        numel = shape.numel()
+        ents, cols, vals = [], [], []
         for s, lab in self._factors.get(name, []):
-            full = lab.expand(shape)
-            cols = self._col[full]
-            for c in cols[cols >= 0].unique().tolist():
-                out[c] = out.get(c, torch.zeros(shape, dtype=torch.long)) + s * (cols == c).long()
-            for l in full.unique().tolist():
-                for c, v in self._multi.get(l, []):
-                    out[c] = out.get(c, torch.zeros(shape, dtype=torch.long)) + s * v * (full == l).long()
-        return out
+            full = lab.expand(shape).reshape(-1)
+            for col, val in self._terms(full):
+                keep = (col >= 0) & (val != 0)
+                ents.append(keep.nonzero().reshape(-1))
+                cols.append(col[keep])
+                vals.append(s * val[keep])
+        if not ents:
+            z = torch.zeros(0, dtype=torch.long)
+            return z, z, z
+        e, c, v = torch.cat(ents), torch.cat(cols), torch.cat(vals)
+        width = int(c.max()) + 1 if c.numel() else 1
+        key, inv = (e * width + c).unique(return_inverse=True)
+        total = torch.zeros(key.numel(), dtype=torch.long).index_add_(0, inv, v)
+        keep = total != 0
+        key, total = key[keep], total[keep]
+        return key // width, key % width, total
 
     def _column_values(self, name, col) -> torch.Tensor:
-        return self._dense_columns(name).get(col, torch.zeros(self.param_shapes[name], dtype=torch.long))
+        out = torch.zeros(self.param_shapes[name].numel(), dtype=torch.long)
+        e, c, v = self._triplets(name)
+        hit = c == col
+        out[e[hit]] = v[hit]
+        return out.view(self.param_shapes[name])
 
     def _inert_entry(self, i):
         for n in self._inert_names:
@@ -248,8 +277,8 @@ class SymmetryReport:
         """μ = B λ: the log-scale of every label."""
         lam_ext = torch.cat([lam, lam.new_zeros(1)])            # column -1 -> 0
         mu = lam_ext[self._col]
-        for lab, cols in self._multi.items():
-            mu[lab] = sum(v * lam[c] for c, v in cols) if cols else 0.0
+        for k in range(self._mcol.shape[0]):
+            mu = mu + self._mval[k].to(lam.dtype) * lam_ext[self._mcol[k]]
         return mu
 
     # ---- the contract -----------------------------------------------------------------------
@@ -309,20 +338,16 @@ class SymmetryReport:
         shape = self.param_shapes[name]
         numel = shape.numel()
         factors = self._factors.get(name, [])
-        multi = bool(self._multi) and any(bool(torch.isin(lab.unique(), torch.tensor(list(self._multi))).any())
-                                          for _, lab in factors)
-        if name in self._inert and not self._all_inert(name) or multi or len(factors) > 2:
-            dense = self._dense_columns(name)
+        if (name in self._inert and not self._all_inert(name)) or self._touches_multi(name) or len(factors) > 2:
+            e, c, v = self._triplets(name)
             if name in self._inert:
-                for k, e in enumerate(self._inert[name].tolist()):
-                    dense[self._inert_offsets[name] + k] = torch.zeros(numel, dtype=torch.long).index_fill_(
-                        0, torch.tensor([e]), 1).view(shape)
-            if not dense:
-                return (torch.zeros(0, dtype=torch.long),) * 2 + (torch.zeros(0, dtype=dtype),)
-            cs = sorted(dense)
-            M = torch.stack([dense[c].reshape(-1) for c in cs], dim=1)      # (numel, k), row-major
-            nz = M.nonzero()
-            return nz[:, 0], torch.tensor(cs)[nz[:, 1]], M[nz[:, 0], nz[:, 1]].to(dtype)
+                idx = self._inert[name]
+                e = torch.cat([e, idx])
+                c = torch.cat([c, self._inert_offsets[name] + torch.arange(idx.numel())])
+                v = torch.cat([v, torch.ones(idx.numel(), dtype=torch.long)])
+                order = (e * (self.num_generators + 1) + c).argsort()
+                e, c, v = e[order], c[order], v[order]
+            return e, c, v.to(dtype)
         if self._all_inert(name):
             return torch.arange(numel), self._inert_offsets[name] + torch.arange(numel), torch.ones(numel, dtype=dtype)
         if not factors:
