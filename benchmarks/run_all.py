@@ -6,6 +6,7 @@
      MLP and CNN: train_step.py
   2. the G-SGD optimizer step over torch.optim.SGD(foreach=True): gsgd_step.py
   3. analyze and compile_invariant time and peak memory, ResNet-50-shaped model: resnet50_cost.py
+  4. analyze ViT-B/16 (transformers) and the sparse generator matrix of VGG-11: real_models.py
 Ratios are medians of per-round ratios of interleaved runs; times are medians of repeats.
 --quick uses fewer repeats (a smoke run: the figures are noisier). About 3 minutes on 2 cores."""
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import gsgd_step  # noqa: E402
+import real_models  # noqa: E402
 import resnet50_cost  # noqa: E402
 import train_step  # noqa: E402
 
@@ -51,7 +53,9 @@ def main(argv=None) -> int:
                 ("G-SGD optimizer step over torch.optim.SGD(foreach=True), MLP and ResNet-18-shaped (target <= 2.0)",
                  lambda: gsgd_step.table(reps[1])),
                 ("ResNet-50-shaped model, 224x224: analyze and compile (targets 5 s / 2 GB, 10 s)",
-                 lambda: resnet50_cost.table(reps[2]))]
+                 lambda: resnet50_cost.table(reps[2])),
+                ("Full-size models: ViT-B/16 analyze (targets 5 s / 3 GB), VGG-11 sparse E (15 s / 2x COO)",
+                 real_models.table)]
     for title, run in sections:
         t = time.perf_counter()
         print(f"running: {title} ...", flush=True)
