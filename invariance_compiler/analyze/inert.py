@@ -229,11 +229,6 @@ def _raw_entries(patterns):
     return out
 
 
-def _ndim(node):
-    v = node.meta.get("val")
-    return v.dim() if isinstance(v, torch.Tensor) else 0
-
-
 def _start(use, slot, entries):
     """The pattern at the output of the op where the entries are added."""
     p = _packet(use)

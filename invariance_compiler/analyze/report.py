@@ -148,7 +148,6 @@ class SymmetryReport:
                     self._col[lab] = c
                 else:
                     self._multi.setdefault(lab, []).append((c, v))
-        self._num_class_columns = len(columns)
         # relation columns as padded tables over labels: label l has coefficient _mval[k, l] on
         # column _mcol[k, l] (-1: none), k < the most columns any label has (1 or 2 in practice)
         depth = max((len(c) for c in self._multi.values()), default=0)
@@ -239,7 +238,6 @@ class SymmetryReport:
         """(entries, columns, coefficients) of the non-zero exponents of `name`, coalesced: sorted
         by entry, then column (inert entries excluded)."""
         shape = self.param_shapes[name]
-        numel = shape.numel()
         ents, cols, vals = [], [], []
         for s, lab in self._factors.get(name, []):
             full = lab.expand(shape).reshape(-1)

@@ -87,4 +87,4 @@ def lookup(target) -> Optional[Callable]:
 
 
 from .elementwise import passthrough, pin  # noqa: E402  (registers as a side effect)
-from . import attention, layers, movement, norms, pooling  # noqa: E402,F401
+from . import attention, layers, movement, norms, pooling  # noqa: E402,F401  (they register)

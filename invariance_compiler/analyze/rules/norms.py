@@ -9,7 +9,6 @@ import math
 
 import torch
 
-from ..value import Value
 from . import _register, aten
 
 __all__ = ["batch_norm", "group_norm", "layer_norm"]
@@ -42,7 +41,7 @@ def _per_channel(ctx, cls, shape=None):
 
 
 def _norm_over_channels(ctx, x, weight, bias, training, what):
-    joint = ctx.channel_classes(x, 1)                       # a channel's elements share one scale
+    ctx.channel_classes(x, 1)                  # for its effect: a channel's elements share one scale
     if not training:
         ctx.notes.append(f"{ctx.node.name} ({what}) is in eval mode: analysed as the affine map it "
                          f"computes with its running statistics, which pins its input (call "
