@@ -107,3 +107,21 @@ def test_exported_weights_of_a_resumed_module_reproduce_it_in_the_original_class
     other.load_state_dict(_roundtrip(cm.state_dict()))
     fresh.load_state_dict(_roundtrip(other.export_state_dict()))
     assert torch.allclose(fresh(x), cm(x), rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("form", ["gspace", "fixed"])
+def test_a_checkpoint_of_the_fx_graph_modules_loads(form):
+    """tests/data/fx_module_checkpoints.pt was written by the compiled modules before the torch.export
+    front end (a vgg_bn trained two steps, then eval): their buffers sat at the top level
+    ("1.running_mean"); today's live under "model.". Loading it reproduces the saved module."""
+    import os
+    path = os.path.join(os.path.dirname(__file__), "data", "fx_module_checkpoints.pt")
+    saved = torch.load(path, weights_only=True)
+    model, _ = ZOO["vgg_bn"]()
+    model = model.double()
+    model.load_state_dict(saved["seed_state"])
+    x = saved["x"]
+    cm = ic.compile_invariant(model, x, form=form)
+    cm.load_state_dict(saved[form]["state"])
+    cm.eval()
+    assert torch.allclose(cm(*x), saved[form]["eval_out"], rtol=1e-12, atol=1e-14)
