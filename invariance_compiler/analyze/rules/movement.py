@@ -125,8 +125,10 @@ _register([aten.view, aten._unsafe_view, aten.reshape, aten.flatten, aten.unflat
            aten.narrow, aten.select, aten.slice, aten.flip, aten.roll, aten.movedim, aten.swapaxes,
            aten.tile, aten.pixel_shuffle, aten.pixel_unshuffle, aten.channel_shuffle,
            aten.native_channel_shuffle, aten.tensor_split, aten.hstack, aten.vstack, aten.view_as,
-           aten.reshape_as, aten.diagonal, aten.unfold, aten.as_strided, aten.mT, aten.mH,
-           aten.adjoint, aten.repeat_interleave.self_int, aten.im2col, aten.col2im], movement)
+           aten.reshape_as, aten.diagonal, aten.unfold, aten.mT, aten.mH, aten.adjoint,
+           aten.repeat_interleave.self_int], movement)
+# not movement on ids: as_strided reads the real tensor's storage layout, which a compact id tensor
+# does not have; im2col pads with zeros and col2im sums overlaps. Without a rule they pin.
 _register([operator.getitem], getitem)
 _register([aten.index_select, aten.gather], indexed(_dim_arg))
 _register([aten.index.Tensor], indexed(_index_dims))
