@@ -90,6 +90,7 @@ class SymmetryReport:
         self.unknown_ops = list(unknown)
         self.notes = list(dict.fromkeys(ctx.notes))
         self.additive = set(ctx.additive)      # parameters added to an output (biases, β)
+        self.read = set(read)                  # parameters some node of the graph reads
         self.num_params = sum(p.numel() for p in model.parameters())
         labels = ctx.classes.solve()
         self._labels = labels

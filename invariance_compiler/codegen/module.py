@@ -55,6 +55,8 @@ class InvariantModule(nn.Module):
         self._allocated = list(allocated)
         self._aliases = dict(aliases)              # every parameter name of the model -> canonical
         self._fast = dict(fast)                    # module path -> (weight name, bias name or None)
+        self._fast_slots = {path: (self._allocated.index(w), self._allocated.index(b) if b in self._allocated
+                                   else -1) for path, (w, b) in self._fast.items()}   # plan indices
         self._guard = guard                        # example shapes, when a reshape depends on them
         self._unused = {k: v.clone() for k, v in unused.items()}
         if carriers is not None and allocated:
@@ -79,11 +81,8 @@ class InvariantModule(nn.Module):
         if plan.wa:
             allocated = plan(p_in, carriers, *[vs[self._allocated[i]] for i in plan.wa])
             ws.update({self._allocated[i]: w for i, w in zip(plan.wa, allocated)})
-        for path, (w, b) in self._fast.items():
-            mod = self.model.get_submodule(path)
-            i = self._allocated.index(w)
-            j = self._allocated.index(b) if b in self._allocated else -1
-            mod.__dict__["_ic_call"] = (plan, p_in, carriers, i, j)
+        for path, (i, j) in self._fast_slots.items():
+            self.model.get_submodule(path).__dict__["_ic_call"] = (plan, p_in, carriers, i, j)
         ws.update(self._unused)
         return {alias: ws[name] for alias, name in self._aliases.items()}
 
@@ -236,8 +235,7 @@ def compile_invariant(model: nn.Module, example_inputs: Any = None, form: str = 
                 weights[name].reshape(-1)[idx] = value
 
     dtype = _float_dtype(orig.values())
-    read = {captured.params[n.name] for n in captured.gm.graph.nodes
-            if n.op == "placeholder" and n.name in captured.params and n.users}
+    read = report.read
     names = [n for n in report.param_names if n in read]
     unused = {n: weights[n].to(orig[n].device) for n in report.param_names if n not in read}
     inner = copy.deepcopy(model)
@@ -384,8 +382,7 @@ def _program(cm) -> str:
         extra = "p_in, v_carriers, " if cm.form == "gspace" else "None, None, "
         lines.append(f"{outs} = plan({extra}{ins})   # WA forward, ICR backward")
     for path, (w, b) in cm._fast.items():
-        i = cm._allocated.index(w)
-        j = cm._allocated.index(b) if b in cm._allocated else -1
+        i, j = cm._fast_slots[path]
         lines.append(f"model.{path}: plan.linear(x, {v[w]}, {v.get(b, 'None')}, p_in, v_carriers, {i}, {j})"
                      f"   # scaled activations, no W formed")
     lines.append("return functional_call(model, weights, inputs)   # the model's own forward:")

@@ -3,6 +3,7 @@ line elements up (their classes merge); products, quotients and powers combine e
 (λ(x·y) = λ(x) + λ(y), λ(xᵖ) = p·λ(x)); every op that is not positively homogeneous pins."""
 from __future__ import annotations
 
+import math
 from fractions import Fraction
 
 import torch
@@ -98,7 +99,6 @@ def mul(ctx, a, b):
 def _diagonal_weight(ctx, x, p):
     """out = x * P with P broadcast (LayerScale, a norm's weight written out): P's entry e scales
     out by its own fresh class and divides out the class of the x elements it multiplies."""
-    import math
     out_nd = len(ctx.real.shape)
     lead = out_nd - len(p.shape)
     fresh = ctx.fresh(math.prod(p.shape)).view(p.shape)
