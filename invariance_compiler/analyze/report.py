@@ -235,13 +235,14 @@ class SymmetryReport:
             out.append((self._mcol[k][lab], self._mval[k][lab]))
         return out
 
-    def _triplets(self, name):
-        """(entries, columns, coefficients) of the non-zero exponents of `name`, coalesced: sorted
-        by entry, then column (inert entries excluded)."""
+    def _triplets(self, name, rows: Optional[slice] = None):
+        """(entries, columns, coefficients) of the non-zero exponents of `name` (of its dim-0 slice
+        `rows`, entries counted from the slice's start), coalesced: sorted by entry, then column
+        (inert entries excluded)."""
         shape = self.param_shapes[name]
         ents, cols, vals = [], [], []
         for s, lab in self._factors.get(name, []):
-            full = lab.expand(shape).reshape(-1)
+            full = _rows(lab.expand(shape), rows).reshape(-1)
             for col, val in self._terms(full):
                 keep = (col >= 0) & (val != 0)
                 ents.append(keep.nonzero().reshape(-1))
@@ -314,44 +315,58 @@ class SymmetryReport:
 
     def generator_matrix(self, dtype=torch.float32, sparse: bool = False) -> torch.Tensor:
         """E: (m, H), small integers (±1 nearly everywhere), rows in model.parameters() order. The
-        sparse form is built coalesced, row by row (O(nnz), no sort of the whole matrix)."""
+        sparse form is built coalesced in O(nnz): each parameter in slices of its rows, each slice
+        already sorted, copied into the result and freed as it goes (peak about one COO result)."""
         m, h = self.num_params, self.num_generators
         if not sparse and m * h > 2 ** 28:
             raise MemoryError(f"E would be a dense {m} x {h} matrix; use generator_matrix(sparse=True)")
-        rows, cols, vals, offset = [], [], [], 0
+        blocks, offset = [], 0
         for name in self.param_names:
-            numel = self.param_shapes[name].numel()
-            r, c, v = self._param_block(name, dtype)
-            rows.append(offset + r)
-            cols.append(c)
-            vals.append(v)
-            offset += numel
-        idx = torch.stack([torch.cat(rows), torch.cat(cols)]) if rows else torch.zeros(2, 0, dtype=torch.long)
-        val = torch.cat(vals) if vals else torch.zeros(0, dtype=dtype)
-        E = torch.sparse_coo_tensor(idx, val, (m, h), is_coalesced=True,
-                                    check_invariants=False)
+            for start, rows in _row_slices(self.param_shapes[name]):
+                r, c, v = self._param_block(name, torch.long, rows)
+                small = v.abs().max() <= 127 if v.numel() else True   # E's entries: small integers
+                # kept compact (9 bytes a non-zero, not 20) until copied into the result
+                blocks.append((offset + start, r.int(), c.int(), v.to(torch.int8) if small else v))
+            offset += self.param_shapes[name].numel()
+        nnz = sum(b[1].numel() for b in blocks)
+        idx, val, at = torch.empty(2, nnz, dtype=torch.long), torch.empty(nnz, dtype=dtype), 0
+        blocks.reverse()
+        while blocks:                      # pop as we copy, so the compact slices are freed as we go
+            base, r, c, v = blocks.pop()
+            n = r.numel()
+            idx[0, at: at + n].copy_(r).add_(base)
+            idx[1, at: at + n].copy_(c)
+            val[at: at + n].copy_(v)
+            at += n
+        E = torch.sparse_coo_tensor(idx, val, (m, h), is_coalesced=True, check_invariants=False)
         return E if sparse else E.to_dense()
 
-    def _param_block(self, name, dtype):
-        """(rows, columns, values) of one parameter's rows of E, sorted by row then column."""
+    def _param_block(self, name, dtype, rows: Optional[slice] = None):
+        """(entries, columns, values) of one parameter's rows of E (of its dim-0 slice `rows`,
+        entries counted from the slice's start), sorted by entry then column."""
         shape = self.param_shapes[name]
-        numel = shape.numel()
         factors = self._factors.get(name, [])
+        start, numel = 0, shape.numel()
+        if rows is not None:                        # _row_slices' slices: explicit start and stop
+            inner = numel // shape[0]
+            start, numel = rows.start * inner, (rows.stop - rows.start) * inner
         if (name in self._inert and not self._all_inert(name)) or self._touches_multi(name) or len(factors) > 2:
-            e, c, v = self._triplets(name)
+            e, c, v = self._triplets(name, rows)
             if name in self._inert:
                 idx = self._inert[name]
-                e = torch.cat([e, idx])
-                c = torch.cat([c, self._inert_offsets[name] + torch.arange(idx.numel())])
-                v = torch.cat([v, torch.ones(idx.numel(), dtype=torch.long)])
+                mine = ((idx >= start) & (idx < start + numel)).nonzero().reshape(-1)
+                e = torch.cat([e, idx[mine] - start])
+                c = torch.cat([c, self._inert_offsets[name] + mine])
+                v = torch.cat([v, torch.ones(mine.numel(), dtype=torch.long)])
                 order = (e * (self.num_generators + 1) + c).argsort()
                 e, c, v = e[order], c[order], v[order]
             return e, c, v.to(dtype)
         if self._all_inert(name):
-            return torch.arange(numel), self._inert_offsets[name] + torch.arange(numel), torch.ones(numel, dtype=dtype)
+            return (torch.arange(numel), self._inert_offsets[name] + start + torch.arange(numel),
+                    torch.ones(numel, dtype=dtype))
         if not factors:
             return (torch.zeros(0, dtype=torch.long),) * 2 + (torch.zeros(0, dtype=dtype),)
-        cs = [self._col[lab].expand(shape).reshape(-1) for _, lab in factors]
+        cs = [_rows(self._col[lab].expand(shape), rows).reshape(-1) for _, lab in factors]
         ss = [s for s, _ in factors]
         if len(cs) == 1:
             keep = (cs[0] >= 0).nonzero().reshape(-1)
@@ -467,6 +482,26 @@ class SymmetryReport:
     def structure_matrix(self, max_paths: int = 100_000) -> torch.Tensor:
         from .paths import structure_matrix
         return structure_matrix(self, max_paths)
+
+
+def _rows(t: torch.Tensor, rows: Optional[slice]) -> torch.Tensor:
+    return t if rows is None else t[rows]
+
+
+ROW_CHUNK = 1 << 21   # entries of one piece of a parameter when E is built (tests make it tiny)
+
+
+def _row_slices(shape: torch.Size):
+    """(first flat entry, dim-0 slice) covering a tensor of `shape` in pieces of about ROW_CHUNK
+    entries, so that E's temporaries for one piece stay small."""
+    chunk = ROW_CHUNK
+    if len(shape) == 0 or shape.numel() <= chunk:
+        yield 0, None
+        return
+    inner = shape.numel() // shape[0]
+    step = max(1, chunk // inner)
+    for r0 in range(0, shape[0], step):
+        yield r0 * inner, slice(r0, min(r0 + step, shape[0]))
 
 
 def _relabel(labels: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
