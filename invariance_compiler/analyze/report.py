@@ -207,6 +207,20 @@ class SymmetryReport:
     def _column_signs(self, name):
         """(column, sign) pairs that some entry of `name` has (before renumbering)."""
         factors = self._factors[name]
+        # Within one factor an entry's label has distinct columns, so terms cancel only where two
+        # factors share a column; when none do, the pairs are read off each factor's labels.
+        per_factor = []
+        for s, lab in factors:
+            terms = self._terms(lab.unique())
+            cols = torch.cat([c for c, _ in terms])
+            vals = torch.cat([v for _, v in terms]) * s
+            keep = (cols >= 0) & (vals != 0)
+            per_factor.append((cols[keep], vals[keep].sign()))
+        seen = [c.unique() for c, _ in per_factor]
+        if not any(bool(torch.isin(seen[i], seen[j]).any())
+                   for i in range(len(seen)) for j in range(i + 1, len(seen))):
+            keys = torch.cat([c * 3 + v + 1 for c, v in per_factor] + [torch.zeros(0, dtype=torch.long)]).unique()
+            return {(int(k // 3), int(k % 3) - 1) for k in keys.tolist()}
         if not self._touches_multi(name) and len(factors) <= 2:
             # fast path: simple columns only; a +c and -c on one entry cancel
             labs = [lab for _, lab in factors]
