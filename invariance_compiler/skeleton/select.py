@@ -4,8 +4,13 @@ K holds one entry per generator with E_K invertible. We peel in rounds: a class 
 has an entry whose other class (if any) was fixed in an earlier round; every class that can, is
 fixed in the same round, so E_K is block-triangular with ±1 on the diagonal. Preference: a consumer
 entry (towards the output, as G-SGD fixes the outgoing skeleton weights) for rescale classes, a
-producer entry for normalize classes; when no class has its preferred kind, any eligible entry.
-Among candidates: the one whose value is nearest ±1 (conv kernels: the centre tap of a channel pair).
+producer entry for normalize classes; when no class has its preferred kind, any eligible entry
+(consumers first). Among candidates: the largest at the orbit's canonical point (all fixed entries
+at |w| = 1): for a consumer the largest |w|·M[next], the largest product of fixed entries to the
+output (conv kernels: the centre tap of a channel pair). A group element moves every candidate of
+a class by the same factor, so a model and any rescaled copy choose the same entries (DESIGN §3.4);
+scores are rounded and ties go to the first parameter and entry. A model whose skeleton entries
+were set to 1 (G-SGD's initialisation) gets those entries back.
 
 M[c] is a constant monomial in the K entries with exponent -λ_c: M[c] = w_K(c)^{+1} · M[next] when
 K(c) consumes c, w_K(c)^{-1} · M[src] when it produces c. J (G-space only) gives each class a carrier:
@@ -183,10 +188,10 @@ def build_skeleton(report, weights: dict[str, torch.Tensor], carriers: bool = Tr
         if bool((inp >= 0).any() or (out >= 0).any()):
             grid = torch.broadcast_shapes(inp.shape, out.shape)
             w = weights[name].detach()[_centre(shape, grid)].to(torch.float64).expand(grid)
-            score = -w.abs().log().abs()                       # nearest ±1 first
-            score[~torch.isfinite(score)] = NEG                # zero / non-finite: never fixed
+            logw = w.abs().log()
+            logw[~torch.isfinite(logw)] = NEG                  # zero / non-finite: never fixed
             grids[pi] = (inp.expand(grid).reshape(-1), out.expand(grid).reshape(-1),
-                         score.reshape(-1), grid, w.reshape(-1))
+                         logw.reshape(-1), grid, w.reshape(-1))
 
     kinds = torch.tensor([g.kind == "rescale" for g in gens] + [False])
     done = torch.zeros(n + 1, dtype=torch.bool)
@@ -195,35 +200,57 @@ def build_skeleton(report, weights: dict[str, torch.Tensor], carriers: bool = Tr
     f_param, f_cell = torch.full((n,), -1, dtype=torch.long), torch.zeros(n, dtype=torch.long)
     consumer, other = torch.zeros(n, dtype=torch.bool), torch.full((n,), -1, dtype=torch.long)
     live = {pi: tuple(torch.where(t < 0, n, t) for t in g[:2]) + g[2:] for pi, g in grids.items()}
+    # u[c] = log|M[c]| (M as in Skeleton.out_factor; u[n] = 0: no class), known once c is fixed.
+    # Fixing a consumer entry c -> o would make it log|w| + u[o] (t below), a producer entry a -> c
+    # u[a] - log|w|.
+    # Under a group element g every candidate of class c moves by the same g_c, so the order of t
+    # among c's candidates of one side is a property of the orbit (DESIGN §3.4).
+    u = torch.zeros(n + 1, dtype=torch.float64)
     r = 0
     while not bool(done[:n].all()):
         for strict in (True, False):
+            found = []           # (param, consumes, cells, their class, other class, score, t)
+            for pi, (inp, out, logw, grid, _) in list(live.items()):
+                if bool(done[inp].all() and done[out].all()):
+                    del live[pi]
+                    continue
+                for is_cons, cls, oth in ((True, inp, out), (False, out, inp)):
+                    elig = ~done[cls] & done[oth] & (logw > NEG)
+                    if strict:
+                        elig &= kinds[cls] == is_cons
+                    cells = elig.nonzero().reshape(-1)
+                    if cells.numel():
+                        t = logw[cells] + u[oth[cells]] if is_cons else u[oth[cells]] - logw[cells]
+                        found.append((pi, is_cons, cells, cls[cells], oth[cells], t))
+            # one side per class (consumers when it has any: which side is eligible is structure),
+            # then the entry of largest magnitude at the canonical point: consumers the largest t
+            # (the largest path to the output), producers the smallest (the largest |w| relative
+            # to their source). Rounded, so that rounding noise cannot reorder the candidates of a
+            # rescaled copy: ties go to the first parameter, then the first entry.
+            has_cons = torch.zeros(n + 1, dtype=torch.bool)
+            for _, is_cons, _, c, _, _ in found:
+                if is_cons:
+                    has_cons[c] = True
             best = torch.full((n + 1,), NEG, dtype=torch.float64)
             b_param = torch.full((n + 1,), -1, dtype=torch.long)
             b_cell = torch.zeros(n + 1, dtype=torch.long)
             b_cons = torch.zeros(n + 1, dtype=torch.bool)
             b_other = torch.full((n + 1,), n, dtype=torch.long)
-            for pi, (inp, out, score, grid, _) in list(live.items()):
-                if bool(done[inp].all() and done[out].all()):
-                    del live[pi]
-                    continue
-                for is_cons, cls, oth in ((True, inp, out), (False, out, inp)):
-                    elig = ~done[cls] & done[oth] & (score > NEG)
-                    if strict:
-                        elig &= kinds[cls] == is_cons
-                    cells = elig.nonzero().reshape(-1)
-                    if cells.numel() == 0:
-                        continue
-                    top, pos = _best_per_class(cls[cells], score[cells], n)
-                    better = top > best
-                    take = better.nonzero().reshape(-1)
-                    cell = cells[pos[take]]
-                    best[take], b_param[take], b_cell[take] = top[take], pi, cell
-                    b_cons[take], b_other[take] = is_cons, oth[cell]
+            b_t = torch.zeros(n + 1, dtype=torch.float64)
+            for pi, is_cons, cells, c, oth, t in found:
+                score = torch.round((t if is_cons else -t) * 1e9) / 1e9
+                if not is_cons:
+                    score = torch.where(has_cons[c], NEG, score)
+                top, pos = _best_per_class(c, score, n)
+                take = ((top > best) & (top > NEG)).nonzero().reshape(-1)
+                k = pos[take]
+                best[take], b_param[take], b_cell[take] = top[take], pi, cells[k]
+                b_cons[take], b_other[take], b_t[take] = is_cons, oth[k], t[k]
             chosen = (b_param[:n] >= 0).nonzero().reshape(-1)
             if chosen.numel():
                 f_param[chosen], f_cell[chosen] = b_param[chosen], b_cell[chosen]
                 consumer[chosen], other[chosen] = b_cons[chosen], b_other[chosen]
+                u[chosen] = b_t[chosen]
                 rnd[chosen] = r
                 done[chosen] = True
                 r += 1
@@ -247,16 +274,18 @@ def build_skeleton(report, weights: dict[str, torch.Tensor], carriers: bool = Tr
                   torch.full((n,), -1, dtype=torch.long), torch.full((n,), -1, dtype=torch.long),
                   torch.zeros(n, dtype=torch.bool))
     if carriers:
-        _carriers(sk, grids, report.additive)
+        _carriers(sk, grids, report.additive, weights)
     return sk
 
 
-def _carriers(sk: Skeleton, grids, additive: set) -> None:
+def _carriers(sk: Skeleton, grids, additive: set, weights: dict) -> None:
     """Choose J in rounds from the input: a class gets a producer entry whose source is the input or
     a class resolved earlier: the fixed entry entering it if there is one (its value is a constant),
-    else the free one with the largest |w| (it is divided by). Additive parameters (biases, β) read
-    the constant 1 and so would always be first, but they are small (often 0): they carry only
-    when nothing else can.
+    else the free one that gives the largest |P_in| = |w|·|P_in(source)| (it is divided by). A
+    group element moves all candidates of a class by the same factor, so the choice is the orbit's
+    (scores rounded as in the peeling; ties to the first parameter and entry). Additive parameters
+    (biases, β) read the constant 1 and so would always be first, but they are small (often 0):
+    they carry only when nothing else can.
     Classes left over (no producer, or cycles) get no carrier: P_in = 1/M, a constant."""
     n = sk.num_classes
     resolved = torch.zeros(n + 1, dtype=torch.bool)
@@ -269,8 +298,9 @@ def _carriers(sk: Skeleton, grids, additive: set) -> None:
         mask[p.fixed_idx] = True
         fixed_cell = mask.view(p.shape)[_centre(p.shape, grid)].expand(grid).reshape(-1)
         ok = (out >= 0) & (w != 0) & torch.isfinite(w) & ~fixed_cell
-        prepared[pi] = (torch.where(inp < 0, n, inp), torch.where(out < 0, n, out), w.abs(), ok, grid,
-                        sk.names[pi] in additive)
+        prepared[pi] = (torch.where(inp < 0, n, inp), torch.where(out < 0, n, out), w.abs().log(), ok,
+                        grid, sk.names[pi] in additive)
+    log_p = torch.zeros(n + 1, dtype=torch.float64)          # log|P_in| of resolved classes (n: input)
     r = 0
     allow_bias = False
     while True:
@@ -286,16 +316,18 @@ def _carriers(sk: Skeleton, grids, additive: set) -> None:
             sk.carrier_param[cls], sk.carrier_entry[cls] = sk.fixed_param[a], sk.fixed_entry[a]
             sk.carrier_src[cls], sk.carrier_fixed[cls], sk.carrier_round[cls] = a, True, r
             chosen_k[cls] = True
+            log_p[cls] = sk._values(weights, sk.fixed_param[a], sk.fixed_entry[a]).abs().log() + log_p[a]
         best = torch.full((n + 1,), NEG, dtype=torch.float64)
         b_param = torch.full((n + 1,), -1, dtype=torch.long)
         b_cell = torch.zeros(n + 1, dtype=torch.long)
-        for pi, (inp, out, mag, ok, grid, is_bias) in prepared.items():
+        for pi, (inp, out, logw, ok, grid, is_bias) in prepared.items():
             if is_bias and not allow_bias:
                 continue
             cells = (ok & ~resolved[out] & ~chosen_k[out] & resolved[inp]).nonzero().reshape(-1)
             if cells.numel() == 0:
                 continue
-            top, pos = _best_per_class(out[cells], mag[cells], n)
+            score = torch.round((logw[cells] + log_p[inp[cells]]) * 1e9) / 1e9
+            top, pos = _best_per_class(out[cells], score, n)
             take = (top > best).nonzero().reshape(-1)
             best[take], b_param[take], b_cell[take] = top[take], pi, cells[pos[take]]
         chosen = (b_param[:n] >= 0).nonzero().reshape(-1)
@@ -306,6 +338,7 @@ def _carriers(sk: Skeleton, grids, additive: set) -> None:
             sk.carrier_entry[sel] = _cell_to_entry(b_cell[sel], grid, sk.params[sk.names[pi]].shape)
             src_cls = inp[b_cell[sel]]
             sk.carrier_src[sel] = torch.where(src_cls >= n, -1, src_cls)
+            log_p[sel] = prepared[pi][2][b_cell[sel]] + log_p[src_cls]
         sk.carrier_round[chosen] = r
         if chosen.numel() == 0 and not bool(chosen_k.any()):
             if allow_bias:
