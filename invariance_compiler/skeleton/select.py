@@ -209,7 +209,7 @@ def build_skeleton(report, weights: dict[str, torch.Tensor], carriers: bool = Tr
     r = 0
     while not bool(done[:n].all()):
         for strict in (True, False):
-            found = []           # (param, consumes, cells, their class, other class, score, t)
+            found = []           # (param, consumes, cells, their class, other class, t)
             for pi, (inp, out, logw, grid, _) in list(live.items()):
                 if bool(done[inp].all() and done[out].all()):
                     del live[pi]
@@ -224,8 +224,8 @@ def build_skeleton(report, weights: dict[str, torch.Tensor], carriers: bool = Tr
                         found.append((pi, is_cons, cells, cls[cells], oth[cells], t))
             # one side per class (consumers when it has any: which side is eligible is structure),
             # then the entry of largest magnitude at the canonical point: consumers the largest t
-            # (the largest path to the output), producers the smallest (the largest |w| relative
-            # to their source). Rounded, so that rounding noise cannot reorder the candidates of a
+            # (the largest product of fixed entries to the output), producers the smallest (the
+            # largest |w| / M[source]). Rounded, so that rounding noise cannot reorder the candidates of a
             # rescaled copy: ties go to the first parameter, then the first entry.
             has_cons = torch.zeros(n + 1, dtype=torch.bool)
             for _, is_cons, _, c, _, _ in found:
