@@ -330,30 +330,40 @@ class SymmetryReport:
     def generator_matrix(self, dtype=torch.float32, sparse: bool = False) -> torch.Tensor:
         """E: (m, H), small integers (±1 nearly everywhere), rows in model.parameters() order. The
         sparse form is built coalesced in O(nnz): each parameter in slices of its rows, each slice
-        already sorted, copied into the result and freed as it goes (peak about one COO result)."""
+        already sorted and written straight into the result, which is allocated for a bound on
+        the non-zeros (the pages of an unused tail are never touched) and returned as a view."""
         m, h = self.num_params, self.num_generators
         if not sparse and m * h > 2 ** 28:
             raise MemoryError(f"E would be a dense {m} x {h} matrix; use generator_matrix(sparse=True)")
-        blocks, offset = [], 0
+        bound = sum(self.param_shapes[n].numel() * self._terms_per_entry(n) for n in self.param_names)
+        idx, val = torch.empty(2, bound, dtype=torch.long), torch.empty(bound, dtype=dtype)
+        at, offset = 0, 0
         for name in self.param_names:
             for start, rows in _row_slices(self.param_shapes[name]):
-                r, c, v = self._param_block(name, torch.long, rows)
-                small = v.abs().max() <= 127 if v.numel() else True   # E's entries: small integers
-                # kept compact (9 bytes a non-zero, not 20) until copied into the result
-                blocks.append((offset + start, r.int(), c.int(), v.to(torch.int8) if small else v))
+                r, c, v = self._param_block(name, dtype, rows)
+                n = r.numel()
+                torch.add(r, offset + start, out=idx[0, at: at + n])
+                idx[1, at: at + n] = c
+                val[at: at + n] = v
+                at += n
             offset += self.param_shapes[name].numel()
-        nnz = sum(b[1].numel() for b in blocks)
-        idx, val, at = torch.empty(2, nnz, dtype=torch.long), torch.empty(nnz, dtype=dtype), 0
-        blocks.reverse()
-        while blocks:                      # pop as we copy, so the compact slices are freed as we go
-            base, r, c, v = blocks.pop()
-            n = r.numel()
-            idx[0, at: at + n].copy_(r).add_(base)
-            idx[1, at: at + n].copy_(c)
-            val[at: at + n].copy_(v)
-            at += n
-        E = torch.sparse_coo_tensor(idx, val, (m, h), is_coalesced=True, check_invariants=False)
+        E = torch.sparse_coo_tensor(idx[:, :at], val[:at], (m, h), is_coalesced=True, check_invariants=False)
         return E if sparse else E.to_dense()
+
+    def _general(self, name) -> bool:
+        """Whether `name`'s rows of E need the general path (relations, some inert entries, more
+        than two factors) rather than one or two ±1 columns an entry."""
+        return ((name in self._inert and not self._all_inert(name)) or self._touches_multi(name)
+                or len(self._factors.get(name, [])) > 2)
+
+    def _terms_per_entry(self, name) -> int:
+        """A bound on the non-zeros of one row of E that belongs to `name`."""
+        if self._all_inert(name):
+            return 1
+        factors = self._factors.get(name, [])
+        if self._general(name):
+            return len(factors) * (1 + self._mcol.shape[0]) + (name in self._inert)
+        return len(factors)
 
     def _param_block(self, name, dtype, rows: Optional[slice] = None):
         """(entries, columns, values) of one parameter's rows of E (of its dim-0 slice `rows`,
@@ -364,7 +374,7 @@ class SymmetryReport:
         if rows is not None:                        # _row_slices' slices: explicit start and stop
             inner = numel // shape[0]
             start, numel = rows.start * inner, (rows.stop - rows.start) * inner
-        if (name in self._inert and not self._all_inert(name)) or self._touches_multi(name) or len(factors) > 2:
+        if self._general(name):
             e, c, v = self._triplets(name, rows)
             if name in self._inert:
                 idx = self._inert[name]
@@ -394,6 +404,8 @@ class SymmetryReport:
         pair_c = torch.stack([lo, hi], dim=1)
         pair_v = torch.stack([torch.where(same, s1 + s2, slo), shi], dim=1).to(dtype)
         valid = torch.stack([lo >= 0, (hi >= 0) & ~same], dim=1) & (pair_v != 0)
+        if bool(valid.all()):               # a producer and a consumer class on every entry (a weight)
+            return torch.arange(2 * c1.numel()) // 2, pair_c.reshape(-1), pair_v.reshape(-1)
         flat = valid.reshape(-1).nonzero().reshape(-1)
         return flat // 2, pair_c.reshape(-1)[flat], pair_v.reshape(-1)[flat]
 
