@@ -200,11 +200,10 @@ def build_skeleton(report, weights: dict[str, torch.Tensor], carriers: bool = Tr
     f_param, f_cell = torch.full((n,), -1, dtype=torch.long), torch.zeros(n, dtype=torch.long)
     consumer, other = torch.zeros(n, dtype=torch.bool), torch.full((n,), -1, dtype=torch.long)
     live = {pi: tuple(torch.where(t < 0, n, t) for t in g[:2]) + g[2:] for pi, g in grids.items()}
-    # u[c] = log|M[c]| (M as in Skeleton.out_factor; u[n] = 0: no class), known once c is fixed.
-    # Fixing a consumer entry c -> o would make it log|w| + u[o] (t below), a producer entry a -> c
-    # u[a] - log|w|.
-    # Under a group element g every candidate of class c moves by the same g_c, so the order of t
-    # among c's candidates of one side is a property of the orbit (DESIGN §3.4).
+    # u[c] = log|M[c]| (M as in Skeleton.out_factor; u[n] = 0: no class), known once c is fixed:
+    # fixing a consumer entry c -> o makes it log|w| + u[o] (t below), a producer entry a -> c
+    # u[a] - log|w|. A group element g moves every candidate t of class c by the same g_c, so the
+    # order of t among c's candidates of one side is a property of the orbit (DESIGN §3.4).
     u = torch.zeros(n + 1, dtype=torch.float64)
     r = 0
     while not bool(done[:n].all()):
@@ -225,8 +224,8 @@ def build_skeleton(report, weights: dict[str, torch.Tensor], carriers: bool = Tr
             # one side per class (consumers when it has any: which side is eligible is structure),
             # then the entry of largest magnitude at the canonical point: consumers the largest t
             # (the largest product of fixed entries to the output), producers the smallest (the
-            # largest |w| / M[source]). Rounded, so that rounding noise cannot reorder the candidates of a
-            # rescaled copy: ties go to the first parameter, then the first entry.
+            # largest |w| / M[source]). Rounded, so that rounding noise cannot reorder the
+            # candidates of a rescaled copy: ties go to the first parameter, then the first entry.
             has_cons = torch.zeros(n + 1, dtype=torch.bool)
             for _, is_cons, _, c, _, _ in found:
                 if is_cons:
