@@ -10,9 +10,11 @@ from .analyze import Generator, SymmetryReport, SymmetryWarning, analyze
 from .analyze import rules
 from .analyze.rules import register_rule
 from .codegen import InvariantModule, compile_invariant
+from .equalize import equalize, fold_batchnorm
 from . import optim
 from .trace import TraceFailure
 
 __all__ = ["analyze", "compile_invariant", "InvariantModule", "SymmetryReport", "Generator",
-           "SymmetryWarning", "register_rule", "rules", "optim", "TraceFailure"]
+           "SymmetryWarning", "register_rule", "rules", "optim", "TraceFailure", "equalize",
+           "fold_batchnorm"]
 __version__ = "0.1.0"

@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["ZOO", "resnet50_like", "Bottleneck"]
+__all__ = ["ZOO", "resnet50_like", "Bottleneck", "digits_mobilenet"]
 
 
 def _mlp(widths, bias=True, act=nn.ReLU):
@@ -331,6 +331,18 @@ ZOO = {
     "prelu": lambda: (_seq(nn.Linear(5, 6), nn.PReLU(6), nn.Linear(6, 6), nn.PReLU(), nn.Linear(6, 3)),
                       (torch.randn(4, 5),)),
 }
+
+
+def digits_mobilenet(width: int = 16) -> nn.Module:
+    """A MobileNet-style CNN for scikit-learn's 8x8 digits (flat 64-vectors in): depthwise and
+    pointwise convolutions with BatchNorm and ReLU (DFQ's setting; ReLU6 would break the scaling)."""
+    def block(cin, cout, groups=1, k=1):
+        return [nn.Conv2d(cin, cout, k, padding=k // 2, groups=groups, bias=False), nn.BatchNorm2d(cout),
+                nn.ReLU()]
+    w = width
+    return nn.Sequential(nn.Unflatten(1, (1, 8, 8)), *block(1, w, k=3), *block(w, w, groups=w, k=3),
+                         *block(w, 2 * w), nn.MaxPool2d(2), *block(2 * w, 2 * w, groups=2 * w, k=3),
+                         *block(2 * w, 2 * w), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2 * w, 10))
 
 
 def resnet50_like(blocks=(3, 4, 6, 3), width=64, num_classes=1000) -> nn.Module:
