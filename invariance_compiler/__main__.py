@@ -1,7 +1,8 @@
-"""Command line: `python -m invariance_compiler [demo | analyze NAME... | zoo | profile]`."""
+"""Command line: `python -m invariance_compiler [demo | analyze NAME... | equalize NAME... | zoo | profile]`."""
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 import warnings
 
@@ -20,6 +21,24 @@ def _show(name: str) -> None:
     print()
 
 
+def _equalize(name: str, objective: str, fold_bn: bool) -> None:
+    from .equalize import equalize, fold_batchnorm, quantize_weights_, sqnr_db
+    model, x = ZOO[name]()
+    model.eval()
+    with warnings.catch_warnings(record=True), torch.no_grad():
+        warnings.simplefilter("always")
+        folded = fold_batchnorm(model, x) if fold_bn else []
+        before = quantize_weights_(copy.deepcopy(model), 8)(*x)
+        eq = equalize(model, x, objective=objective)
+        eq.folded = folded
+        ref = model(*x)
+        after = quantize_weights_(copy.deepcopy(model), 8)(*x)
+    print(f"== {name}: {type(model).__name__}, objective {objective}")
+    print(eq)
+    print(f"int8 per-tensor output SQNR: {sqnr_db(ref, before):.1f} dB before, {sqnr_db(ref, after):.1f} dB after")
+    print()
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m invariance_compiler",
                                      description="Find the rescaling symmetries of PyTorch models.")
@@ -29,6 +48,10 @@ def main(argv=None) -> int:
     d.add_argument("--epochs", type=int, default=20)
     p = sub.add_parser("analyze", help="analyze models of the built-in zoo")
     p.add_argument("names", nargs="+", choices=sorted(ZOO), metavar="NAME")
+    e = sub.add_parser("equalize", help="equalize models of the zoo for per-tensor quantization")
+    e.add_argument("names", nargs="+", choices=sorted(ZOO), metavar="NAME")
+    e.add_argument("--objective", choices=["range", "l2"], default="range")
+    e.add_argument("--fold-bn", action="store_true", help="fold eval-mode BatchNorm first")
     sub.add_parser("zoo", help="list the built-in example models")
     sub.add_parser("profile", help="profile the kernels and a G-SGD training step (--help for options)",
                    add_help=False)
@@ -44,6 +67,9 @@ def main(argv=None) -> int:
     elif args.cmd == "analyze":
         for name in args.names:
             _show(name)
+    elif args.cmd == "equalize":
+        for name in args.names:
+            _equalize(name, args.objective, args.fold_bn)
     else:
         from .demo import main as demo
         return demo(getattr(args, "out", "out/demo"), getattr(args, "epochs", 20))

@@ -49,8 +49,11 @@ def test_equalize_keeps_the_function_and_balances_every_class(name):
     eq = _equalize_and_compare(model, _doubles(x), {})
     assert eq.imbalance <= 1e-6                # max |log(r_producer / r_consumer)| at the fixed point
     assert eq.classes.numel() <= eq.report.num_simple
-    if name in ("mlp", "resnet_bottleneck", "mini_transformer"):
+    assert bool(torch.isin(eq.float_producers, eq.classes).all())
+    if name in ("mlp", "resnet_bottleneck", "mini_transformer"):     # it had work to do
         assert eq.classes.numel() > 0 and float((eq.before[:, 0] / eq.before[:, 1]).log().abs().max()) > 0.1
+    if name == "resnet_bottleneck":            # BatchNorm's affine produces every class: kept in float
+        assert eq.float_producers.numel() == eq.classes.numel()
 
 
 @pytest.mark.parametrize("name", ["mlp_nonstraight", "resnet_bottleneck", "densenet"])

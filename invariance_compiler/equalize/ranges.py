@@ -6,9 +6,13 @@ once (residual streams, concatenation, depthwise convolutions, attention's value
 iterated to a fixed point, since an entry produces one class and consumes another. The move is
 `report.act`: the function is unchanged.
 
-Ranges are read on compact channel grids (a conv's (C_out, C_in/g) pairs: the taps of a pair scale
-alike, so their maximum is the pair's). Biases and other additive parameters are scaled with their
-class but left out of its range (DFQ quantizes them apart, in higher precision)."""
+Ranges are those of the tensors that per-tensor quantization rounds (conv and linear weights,
+embeddings: dim >= 2), read on compact channel grids (a conv's (C_out, C_in/g) pairs: the taps of a
+pair scale alike, so their maximum is the pair's). Biases and 1-D parameters (norm affines,
+LayerScale) stay in float, as DFQ keeps them: they move with their class but have no range. A
+class whose producers are all such parameters (a LayerNorm's γ in front of q, k, v) puts its
+whole scale there: its consumers' ranges are brought to one value (their geometric mean), which is
+what per-tensor rounding of the consumers wants."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -33,10 +37,12 @@ class Equalization:
     model: nn.Module
     report: SymmetryReport
     log_scales: torch.Tensor                     # (num_generators,), float64
-    classes: torch.Tensor                        # generator columns that have both sides
-    before: torch.Tensor                         # (len(classes), 2): producer, consumer range
-    after: torch.Tensor
+    classes: torch.Tensor                        # generator columns equalized
+    before: torch.Tensor                         # (len(classes), 2): producer, consumer range; for a
+    after: torch.Tensor                          # class in float_producers the producer column is
+                                                 # the one range its consumers are brought to
     iterations: int
+    float_producers: torch.Tensor = None         # those of `classes` whose producers stay in float
     folded: list = field(default_factory=list)   # (layer, batchnorm) pairs folded first
 
     @property
@@ -50,7 +56,8 @@ class Equalization:
         def spread(r):
             ratio = (r[:, 0] / r[:, 1]).log().abs().exp() if r.numel() else torch.ones(1)
             return f"median {float(ratio.median()):.3g}, max {float(ratio.max()):.3g}"
-        lines = [f"equalized {self.classes.numel()} classes in {self.iterations} iterations"]
+        lines = [f"equalized {self.classes.numel()} classes in {self.iterations} iterations "
+                 f"({self.float_producers.numel()} of them with their producers in float)"]
         if self.folded:
             lines.append(f"folded {len(self.folded)} BatchNorm(s): " +
                          ", ".join(f"{b} -> {a}" for a, b in self.folded))
@@ -61,7 +68,7 @@ class Equalization:
 
 def _grids(report: SymmetryReport, model: nn.Module, n: int):
     """Per parameter with a plain class on some side: (consumed column, produced column, log max|w|
-    per compact cell, additive?) with column -1 mapped to n."""
+    per compact cell, kept in float?) with column -1 mapped to n."""
     out = []
     for name, p in model.named_parameters():
         if report.is_inert(name) or name not in report._factors:
@@ -76,15 +83,16 @@ def _grids(report: SymmetryReport, model: nn.Module, n: int):
             a = a.amax(dims, keepdim=True)
         a = a.expand(grid).reshape(-1).log()
         out.append((torch.where(inp < 0, n, inp).expand(grid).reshape(-1),
-                    torch.where(prod < 0, n, prod).expand(grid).reshape(-1), a, name in report.additive))
+                    torch.where(prod < 0, n, prod).expand(grid).reshape(-1), a,
+                    p.dim() < 2 or name in report.additive))
     return out
 
 
 def _ranges(grids, lam: torch.Tensor, n: int) -> torch.Tensor:
     """(n + 1, 2) log range of each column's producers and consumers under log-scales lam."""
     r = torch.full((2, n + 1), NEG, dtype=torch.float64)
-    for inp, prod, logw, additive in grids:
-        if additive:
+    for inp, prod, logw, in_float in grids:
+        if in_float:
             continue
         moved = logw + lam[prod] - lam[inp]
         r[0].scatter_reduce_(0, prod, moved, "amax")
@@ -93,7 +101,7 @@ def _ranges(grids, lam: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def equalize(model: nn.Module, example_inputs: Any = None, example_kwargs: Optional[dict] = None, *,
-             objective: str = "range", iterations: int = 300, tol: float = 1e-9,
+             objective: str = "range", iterations: int = 1000, tol: float = 1e-9,
              fold_bn: bool = False) -> Equalization:
     """Move `model` along its rescaling orbit, in place, so that its weights quantize well with one
     scale per tensor; its function does not change.
@@ -114,6 +122,10 @@ def equalize(model: nn.Module, example_inputs: Any = None, example_kwargs: Optio
     start = _ranges(grids, lam, n)
     both = rescale & torch.isfinite(start).all(dim=1)            # producers and consumers: equalizable
     both[n] = False
+    # producers only in float (or none rounded): the class's scale goes there
+    lone = rescale & torch.isfinite(start[:, 1]) & ~torch.isfinite(start[:, 0])
+    lone[n] = False
+    target = start[lone, 1].mean() if bool(lone.any()) else 0.0
     steps = 0
     if objective == "l2":
         full = balance(report, model)
@@ -122,6 +134,7 @@ def equalize(model: nn.Module, example_inputs: Any = None, example_kwargs: Optio
         for steps in range(1, iterations + 1):
             r = _ranges(grids, lam, n)
             gap = torch.where(both, r[:, 1] - r[:, 0], 0.0)
+            gap = torch.where(lone, 2 * (r[:, 1] - target), gap)     # one side moves: twice the step
             # DFQ's step is gap / 2; 0.8 of it, because a class's producers are its upstream
             # neighbour's consumers and moving every class by its full step at once can oscillate
             # (layerscale in the zoo did); 0.5 of it converged 2-3x slower
@@ -132,5 +145,8 @@ def equalize(model: nn.Module, example_inputs: Any = None, example_kwargs: Optio
         full[:n] = lam[:n]
         report.act(model, full)
     after = _ranges(grids, lam, n)
-    idx = both.nonzero().reshape(-1)
-    return Equalization(model, report, full, idx, start[idx].exp(), after[idx].exp(), steps, folded)
+    for r in (start, after):
+        r[lone, 0] = target
+    idx = (both | lone).nonzero().reshape(-1)
+    return Equalization(model, report, full, idx, start[idx].exp(), after[idx].exp(), steps,
+                        lone.nonzero().reshape(-1), folded)
