@@ -144,3 +144,36 @@ def test_int8_accuracy_on_digits_does_not_drop_after_equalization():
         # int8 output noise against the float model (int4 and int6 are mixed: see the benchmark)
         q8 = [quantize_weights_(copy.deepcopy(m), 8)(data[2]) for m in (net, equalized)]
         assert sqnr_db(ref, q8[1]) > sqnr_db(ref, q8[0])
+
+
+def test_with_calibration_a_layernorm_migrates_scale_as_smoothquant():
+    """SmoothQuant (α = 0.5): at the linear layer after a LayerNorm, every input channel's largest
+    activation equals its weight column's largest entry, and the function is unchanged."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.LayerNorm(8), nn.Linear(8, 6)).double()
+    with torch.no_grad():
+        model[0].weight.copy_(torch.logspace(-1, 1, 8, dtype=torch.float64) * torch.randn(8, dtype=torch.float64).sign())
+        model[0].bias.normal_()
+    batches = [torch.randn(16, 8, dtype=torch.float64) for _ in range(3)]
+    ref = [model(b).detach() for b in batches]
+    eq = ic.equalize(model, batches[0], calibration=batches, alpha=0.5)
+    assert eq.float_producers.numel() == 8 and eq.imbalance <= 1e-9
+    acts = torch.stack([model[0](b).detach().abs().amax(0) for b in batches]).amax(0)
+    weights = model[1].weight.detach().abs().amax(0)
+    assert torch.allclose(acts, weights, rtol=1e-9)
+    for b, r in zip(batches, ref):
+        assert torch.allclose(model(b), r, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("name", ["llama", "vit"])
+def test_with_calibration_transformers_models_keep_their_function(name):
+    model, args, kwargs = build(name, dropout=True)
+    model = oracle.prepare(model)
+    before = {t: _outputs(model, args, kwargs, t) for t in (True, False)}
+    model.eval()
+    eq = ic.equalize(model, args, kwargs, calibration=[args if args else kwargs])
+    assert eq.float_producers.numel() > 0
+    for train, ref in before.items():
+        scale = max(float(b.abs().max()) for b in ref)
+        for a, b in zip(_outputs(model, args, kwargs, train), ref):
+            assert float((a - b).abs().max()) <= 1e-10 * scale, train

@@ -100,9 +100,41 @@ def _ranges(grids, lam: torch.Tensor, n: int) -> torch.Tensor:
     return r.t()
 
 
+def _activation_ranges(model: nn.Module, report: SymmetryReport, n: int, calibration) -> torch.Tensor:
+    """(n + 1,) log max|x| of each class's activation over the calibration batches, read at the
+    inputs of the Linear and conv modules that consume it (-inf: not seen)."""
+    seen = torch.full((n + 1,), NEG, dtype=torch.float64)
+    hooks = []
+    for mod_name, mod in model.named_modules():
+        name = f"{mod_name}.weight" if mod_name else "weight"
+        if not isinstance(mod, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)) or name not in report.param_shapes:
+            continue
+        inp, _ = report.sides(name)
+        cols = inp.reshape(-1) if isinstance(mod, nn.Linear) else inp.reshape(inp.shape[1])
+        if isinstance(mod, nn.Conv1d | nn.Conv2d | nn.Conv3d) and mod.groups > 1:
+            continue                                 # grouped: a column is not one input channel
+        cols = torch.where(cols < 0, n, cols)
+
+        def hook(m, args, _out, cols=cols, linear=isinstance(mod, nn.Linear)):
+            x = args[0].detach().abs().to(torch.float64)
+            per = x.reshape(-1, x.shape[-1]).amax(0) if linear else x.transpose(0, 1).reshape(x.shape[1], -1).amax(1)
+            seen.scatter_reduce_(0, cols.expand(per.shape), per.log(), "amax")
+        hooks.append(mod.register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            for batch in calibration:
+                args, kwargs = (batch, {}) if not isinstance(batch, dict) else ((), batch)
+                model(*(args if isinstance(args, tuple) else (args,)), **kwargs)
+    finally:
+        for h in hooks:
+            h.remove()
+    seen[n] = NEG
+    return seen
+
+
 def equalize(model: nn.Module, example_inputs: Any = None, example_kwargs: Optional[dict] = None, *,
              objective: str = "range", iterations: int = 1000, tol: float = 1e-9,
-             fold_bn: bool = False) -> Equalization:
+             fold_bn: bool = False, calibration=None, alpha: float = 0.5) -> Equalization:
     """Move `model` along its rescaling orbit, in place, so that its weights quantize well with one
     scale per tensor; its function does not change.
 
@@ -110,7 +142,12 @@ def equalize(model: nn.Module, example_inputs: Any = None, example_kwargs: Optio
                largest |w| that consumes it, iterated to a fixed point) or "l2" (the point of
                least Σ‖w‖²: skeleton.balance).
     fold_bn:   first fold eval-mode BatchNorm into the conv/linear before it (the model must be in
-               eval mode), so that the classes run through the folded layers."""
+               eval mode), so that the classes run through the folded layers.
+    calibration: (objective "range") batches of inputs (tensors, tuples of positional arguments, or
+               dicts of keyword arguments): the classes whose producers stay in float (a LayerNorm's
+               or RMSNorm's γ in front of linear layers) then migrate scale between activations and
+               weights as SmoothQuant does, s = max|x|^alpha / max|w|^(1 - alpha) per channel, so that
+               activations as well as weights quantize per tensor (alpha = 0.5: equal ranges)."""
     if objective not in ("range", "l2"):
         raise ValueError(f"equalize: objective must be 'range' or 'l2', got {objective!r}")
     folded = fold_batchnorm(model, example_inputs, example_kwargs) if fold_bn else []
@@ -126,6 +163,13 @@ def equalize(model: nn.Module, example_inputs: Any = None, example_kwargs: Optio
     lone = rescale & torch.isfinite(start[:, 1]) & ~torch.isfinite(start[:, 0])
     lone[n] = False
     target = start[lone, 1].mean() if bool(lone.any()) else 0.0
+    smooth = torch.zeros(n + 1, dtype=torch.bool)
+    if calibration is not None and objective == "range":
+        act = _activation_ranges(model, report, n, calibration)
+        smooth = lone & torch.isfinite(act)
+        # x moves by e^λ, its consumers by e^-λ: λ = -log s = (1 - alpha) log max|w| - alpha log max|x|
+        lam[smooth] = ((1 - alpha) * start[:, 1] - alpha * act)[smooth]
+        lone = lone & ~smooth
     steps = 0
     if objective == "l2":
         full = balance(report, model)
@@ -147,6 +191,10 @@ def equalize(model: nn.Module, example_inputs: Any = None, example_kwargs: Optio
     after = _ranges(grids, lam, n)
     for r in (start, after):
         r[lone, 0] = target
+    if bool(smooth.any()):                 # activation against weight range, as SmoothQuant balances
+        start[smooth, 0] = act[smooth]
+        after[smooth, 0] = act[smooth] + lam[smooth]
+        lone = lone | smooth
     idx = (both | lone).nonzero().reshape(-1)
     return Equalization(model, report, full, idx, start[idx].exp(), after[idx].exp(), steps,
                         lone.nonzero().reshape(-1), folded)
