@@ -9,7 +9,7 @@ from typing import Any, Optional
 import torch
 import torch.nn as nn
 
-from ..trace import capture
+from ..trace import capture, example_inputs_for
 
 __all__ = ["fold_batchnorm"]
 
@@ -34,9 +34,10 @@ def fold_batchnorm(model: nn.Module, example_inputs: Any = None, example_kwargs:
     if model.training:
         raise ValueError("fold_batchnorm folds BatchNorm's running statistics, which only eval mode "
                          "uses: call model.eval() first")
-    from ..trace.capture import example_inputs_for
-    args = example_inputs if example_inputs is not None else example_inputs_for(model)
-    args = args if isinstance(args, tuple) else (args,)
+    if example_inputs is None:
+        args = () if example_kwargs else example_inputs_for(model)
+    else:
+        args = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
     cap = capture(model, args, example_kwargs)
     names = {**cap.params, **cap.buffers}
     folded = []

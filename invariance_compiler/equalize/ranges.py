@@ -110,12 +110,13 @@ def _activation_ranges(model: nn.Module, report: SymmetryReport, n: int, calibra
         if not isinstance(mod, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)) or name not in report.param_shapes:
             continue
         inp, _ = report.sides(name)
-        cols = inp.reshape(-1) if isinstance(mod, nn.Linear) else inp.reshape(inp.shape[1])
-        if isinstance(mod, nn.Conv1d | nn.Conv2d | nn.Conv3d) and mod.groups > 1:
+        linear = isinstance(mod, nn.Linear)
+        if not linear and mod.groups > 1:
             continue                                 # grouped: a column is not one input channel
+        cols = inp.reshape(-1) if linear else inp.reshape(inp.shape[1])
         cols = torch.where(cols < 0, n, cols)
 
-        def hook(m, args, _out, cols=cols, linear=isinstance(mod, nn.Linear)):
+        def hook(m, args, _out, cols=cols, linear=linear):
             x = args[0].detach().abs().to(torch.float64)
             per = x.reshape(-1, x.shape[-1]).amax(0) if linear else x.transpose(0, 1).reshape(x.shape[1], -1).amax(1)
             seen.scatter_reduce_(0, cols.expand(per.shape), per.log(), "amax")
