@@ -71,6 +71,22 @@ class Tied(nn.Module):
         return self.head(F.relu(self.mid(self.emb(idx))))
 
 
+class PoolMixer(nn.Module):
+    """PoolFormer's token mixer: pool(norm(x)) - norm(x) with count_include_pad=False, scaled by a
+    LayerScale; the norm's β cancels (the mean of a constant is the constant): it is inert."""
+    def __init__(self, c=3):
+        super().__init__()
+        self.stem, self.norm = nn.Conv2d(2, c, 1), nn.GroupNorm(1, c)
+        self.pool = nn.AvgPool2d(3, 1, 1, count_include_pad=False)
+        self.scale, self.head = nn.Parameter(torch.rand(c) + 0.5), nn.Linear(c, 2)
+
+    def forward(self, x):
+        h = self.stem(x)
+        y = self.norm(h)
+        h = h + self.scale[:, None, None] * (self.pool(y) - y)
+        return self.head(h.mean((2, 3)))
+
+
 class MHA(nn.Module):
     def __init__(self, d=4, heads=2):
         super().__init__()
@@ -126,6 +142,7 @@ CASES = {
     "multihead_attention": (MHA, lambda: (torch.randn(2, 5, 3),)),
     "sdpa_gqa_swiglu": (SDPA, lambda: (torch.randn(2, 5, 3),)),
     "lstm": (LSTMHead, lambda: (torch.randn(3, 4, 3),)),
+    "pool_minus_identity": (PoolMixer, lambda: (torch.randn(4, 2, 5, 5),)),
 }
 
 
@@ -165,6 +182,12 @@ def test_compiled_forms_keep_the_function(name, form):
     cm.train()
     cm(*x).square().sum().backward()
     opt.step()
+
+
+def test_pooling_minus_identity_makes_the_norm_bias_inert():
+    model, x = _case("pool_minus_identity")
+    report = ic.analyze(model, x)
+    assert report.is_inert("norm.bias") and not report.is_inert("norm.weight")
 
 
 def test_a_subclass_is_its_ops_not_its_parent():

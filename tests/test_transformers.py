@@ -17,9 +17,10 @@ FP32_NORMS = {"llama", "qwen2", "t5"}
 GAPS = {
     "opt": "OPT's learned positions start at offset 2: rows 0-1 are never indexed, which only the "
            "index values show",
-    "t5": "the relative-position bias and the gated-free decoder leave directions not yet found",
-    "clip_vision": "one joint direction of the class embedding and the position embedding",
-    "poolformer": "pooling minus identity inside GroupNorm(1) blocks leaves per-channel directions",
+    "t5": "4 relative-attention-bias buckets that this sequence length never indexes (longer inputs "
+          "use them: not inert) and 1 direction at float32 rounding",
+    "clip_vision": "one joint direction of the class embedding and position row 0 (token 0's scale "
+                   "under the pre-LayerNorm), which holds at this token count only",
     "llama": "one direction more in float32 rounding of the RMSNorm (rank at rtol 1e-5)",
 }
 # The oracle's Jacobian grows with m x outputs: families above this size are checked for

@@ -5,7 +5,8 @@ an added parameter) starts a perturbation that dies before the output.
 The perturbation δ an additive entry makes is followed forward through the ops that are linear in
 it, as a compact pattern tensor: elements with the same id carry the same function of δ, -1 none.
 Movement ops move the pattern exactly (the op runs on it); sums and contractions keep what they
-can (a Linear keeps a perturbation that is constant over positions constant over positions); a
+can (a Linear keeps a perturbation that is constant over positions constant over positions; x - x'
+with equal patterns cancels: PoolFormer's pooling minus identity); a
 centring normaliser over dims along which the pattern is constant removes it (BatchNorm and
 InstanceNorm per channel, LayerNorm over the normalised vector, GroupNorm per group), and so does a
 softmax over a dim along which it is constant (a key bias: softmax ignores a per-query shift).
@@ -325,6 +326,10 @@ def _step(node, state):
         parts = [state[a].expand(shapes) for a in perturbed]
         if len(parts) == 1:
             return compact(parts[0].contiguous())
+        if p is aten.sub and len(args) == 2 and node.kwargs.get("alpha", 1) == 1 and \
+                torch.equal(parts[0], parts[1]) and args[0] is not args[1]:
+            return KILLED             # equal ids: the same function of δ on both sides, x - x'
+
         pairs = torch.stack([x.reshape(-1) for x in parts], dim=1)
         _, inv = pairs.unique(dim=0, return_inverse=True)
         none = (pairs == NONE).all(dim=1)
@@ -403,7 +408,11 @@ def _step(node, state):
     if p in _AVG and perturbed == [args[0]]:
         P = state[args[0]]
         padding = args[3] if len(args) > 3 else 0
-        if _constant_along(P, range(2, P.dim())) and not any(_as_list(padding)):
+        include_pad = args[5] if len(args) > 5 else True
+        divisor = args[6] if len(args) > 6 else None
+        # the mean of a constant is that constant unless zero padding enters the count
+        if _constant_along(P, range(2, P.dim())) and divisor is None and \
+                (not any(_as_list(padding)) or not include_pad):
             return P
         raise _Fail
     if p in (aten.sum, aten.mean) and perturbed == [args[0]]:
