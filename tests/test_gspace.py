@@ -59,6 +59,36 @@ def test_scaled_activation_linears_equal_allocated_weights(name):
         assert n1 == n2 and torch.allclose(p1.grad, p2.grad, rtol=1e-10, atol=1e-13), n1
 
 
+def _bias_carried_mlp():
+    """A row of zeros cannot carry its class: the bias does (the slots of a bias)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 2))
+    with torch.no_grad():
+        model[0].weight[0] = 0
+        model[2].weight[1] = 0
+    return model, (torch.randn(6, 3),)
+
+
+@pytest.mark.parametrize("name", ["mlp", "residual_mlp", "bias_carried"])
+def test_scaled_activation_linears_pass_gradcheck(name):
+    """The scaled Linear differentiates what it derives from P_in and the carriers by hand."""
+    model, x = _bias_carried_mlp() if name == "bias_carried" else ZOO[name]()
+    model = model.double()
+    x = tuple(t.double() for t in x)
+    cm = ic.compile_invariant(model, x)
+    assert "plan.linear" in cm.code
+    plan = cm.allocate
+    if name == "bias_carried":
+        assert any(j >= 0 and plan.buf("carrier_idx", j).numel() for _, j in cm._fast_slots.values())
+    names = [n for n, p in cm.named_parameters() if p.requires_grad]
+    start = tuple(cm.get_parameter(n).detach().clone().requires_grad_(True) for n in names)
+    # clones: the forward writes its slots into V's storage, which gradcheck's later calls would
+    # change under the graph it differentiates
+    run = lambda *ps: torch.func.functional_call(cm, {n: p.clone() for n, p in zip(names, ps)},
+                                                 x).square().sum()
+    assert torch.autograd.gradcheck(run, start, eps=1e-6, atol=1e-7)
+
+
 def test_coordinates_and_gradients_of_a_straight_mlp_are_the_thesis_table():
     """Skeleton weights overwritten with 1 (G-SGD's initialisation): v_j = w_j (carrier, first layer), v_h = w_h (hidden-to-hidden
     entries into a class whose out-chain is 1), v_i = w_i·w_j (outgoing non-skeleton);

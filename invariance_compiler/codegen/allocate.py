@@ -155,15 +155,16 @@ class Allocation(nn.Module):
                i: int, j: int) -> torch.Tensor:
         """F.linear(x, W_i, b_j) without forming W_i: W = D_out⁻¹ V' D_in⁻¹, so scale x by 1/P_in
         and the output by 1/M. V' is V with its fixed slots holding w_K·P_in·M and its carrier
-        slots the carrier path values; in the same units the bias is its own path value V_j."""
-        k = torch.cat([self.buf("fixed_scaled", i) * p_in[self.buf("fixed_in", i)],
-                       carriers[self.buf("carrier_cls", i)]])
-        if bias is not None and j >= 0:
-            bias = _overwrite(bias, self.buf("slot_idx", j),
-                              torch.cat([self.buf("fixed_scaled", j), carriers[self.buf("carrier_cls", j)]]))
-        r_in = (1.0 / p_in[self.buf("in", i)]).reshape(-1) if self.scales_in[i] else None
+        slots the carrier path values; in the same units the bias is its own path value V_j.
+        One autograd node: what it derives from P_in and the carriers is differentiated by hand."""
+        b = j if bias is not None and j >= 0 else None
+        slots = [self.buf("slot_idx", i), self.buf("fixed_in", i), self.buf("fixed_scaled", i),
+                 self.buf("carrier_cls", i)]
+        if b is not None:
+            slots += [self.buf("slot_idx", b), self.buf("fixed_scaled", b), self.buf("carrier_cls", b)]
+        in_idx = self.buf("in", i).reshape(-1) if self.scales_in[i] else None
         r_out = self.buf("r_out", i) if self.scales_out[i] else None
-        return _ScaledLinear.apply(x, v, bias, r_in, r_out, k, self.buf("slot_idx", i))
+        return _ScaledLinear.apply(x, v, bias, p_in, carriers, in_idx, r_out, *slots)
 
 
 def _raise_if_bad(p_in: torch.Tensor) -> None:
@@ -182,45 +183,68 @@ def _overwrite(v: torch.Tensor, idx: torch.Tensor, val: torch.Tensor) -> torch.T
 
 
 class _ScaledLinear(torch.autograd.Function):
-    """y = ((x ⊙ r_in) @ V'ᵀ + b) ⊙ r_out, V' = V with its slots `idx` (fixed entries, carriers:
-    not coordinates of V) set to k. The slots are kept in V's own storage, rewritten only when k
-    changed (after an optimizer step, which invalidates older graphs anyway), which saves a copy
-    of V per forward. The gradient landing on the slots goes to k (it depends on P_in and the
-    carrier values); V's own gradient there is zero, so no optimizer moves them on purpose."""
+    """y = ((x ⊙ r_in) @ V'ᵀ + b') ⊙ r_out with r_in = 1/P_in[in], V' = V with its slots (fixed
+    entries, carriers: not coordinates of V) set to k = [w_K·M·P_in[fixed_in], c[carrier_cls]], and
+    b' likewise from the bias's slots. The slots are kept in V's (and b's) own storage, rewritten
+    only when k changed (after an optimizer step, which invalidates older graphs anyway), which
+    saves a copy of V per forward. The gradient landing on the slots goes to P_in and the carriers;
+    V's own gradient there is zero, so no optimizer moves them on purpose."""
 
     @staticmethod
-    def forward(ctx, x, v, bias, r_in, r_out, k, idx):
-        if idx.numel():
-            k = k.to(v.dtype)
-            flat = v.view(-1)
-            if not torch.equal(flat[idx], k):
-                flat[idx] = k
+    def forward(ctx, x, v, bias, p_in, carriers, in_idx, r_out, slot, fixed_in, fixed_scaled, carrier_cls,
+                b_slot=None, b_fixed_scaled=None, b_carrier_cls=None):
+        _fill(v, slot, torch.cat([fixed_scaled * p_in[fixed_in], carriers[carrier_cls]]))
+        if b_slot is not None:
+            _fill(bias, b_slot, torch.cat([b_fixed_scaled, carriers[b_carrier_cls]]))
+        r_in = 1.0 / p_in[in_idx] if in_idx is not None else None
         xs = x * r_in if r_in is not None else x
         y = F.linear(xs, v, bias)
         if r_out is not None:
-            y = y * r_out
-        ctx.save_for_backward(x, xs, v, r_in, r_out, idx)
+            y.mul_(r_out)                                                 # y is ours: in place
+        ctx.save_for_backward(x, xs, v, r_in, r_out, in_idx, slot, fixed_in, fixed_scaled, carrier_cls,
+                              b_slot, b_carrier_cls, p_in, carriers)
         ctx.has_bias = bias is not None
         return y
 
     @staticmethod
     def backward(ctx, gy):
-        x, xs, v, r_in, r_out, idx = ctx.saved_tensors
+        (x, xs, v, r_in, r_out, in_idx, slot, fixed_in, fixed_scaled, carrier_cls, b_slot, b_carrier_cls,
+         p_in, carriers) = ctx.saved_tensors
         g = gy * r_out if r_out is not None else gy                       # (…, out)
         g2, xs2 = g.reshape(-1, g.shape[-1]), xs.reshape(-1, xs.shape[-1])
+        grad_p = p_in.new_zeros(p_in.shape)
+        grad_c = carriers.new_zeros(carriers.shape)
         grad_v = g2.t() @ xs2                                             # (out, in), fresh
         flat = grad_v.view(-1)
-        grad_k = flat[idx].clone() if idx.numel() else None
-        if idx.numel():
-            flat[idx] = 0                                                 # not coordinates
-        grad_x = grad_r_in = None
-        if ctx.needs_input_grad[0] or ctx.needs_input_grad[3]:        # a first layer needs neither
-            grad_xs = g @ v
-            grad_x = grad_xs * r_in if r_in is not None else grad_xs
-            if r_in is not None and ctx.needs_input_grad[3]:
-                grad_r_in = (grad_xs * x).reshape(-1, x.shape[-1]).sum(0)
+        if slot.numel():                          # the slots' gradient goes to P_in and carriers
+            nf = fixed_in.numel()
+            grad_k = flat[slot]
+            flat[slot] = 0
+            grad_p.index_add_(0, fixed_in, (grad_k[:nf] * fixed_scaled).to(p_in.dtype))
+            grad_c.index_add_(0, carrier_cls, grad_k[nf:].to(carriers.dtype))
         grad_b = g2.sum(0) if ctx.has_bias else None
-        return grad_x, grad_v, grad_b, grad_r_in, None, grad_k, None
+        if b_slot is not None and b_slot.numel():
+            nf = b_slot.numel() - b_carrier_cls.numel()
+            grad_c.index_add_(0, b_carrier_cls, grad_b[b_slot[nf:]].to(carriers.dtype))
+            grad_b[b_slot] = 0
+        grad_x = None
+        if ctx.needs_input_grad[0] or r_in is not None:               # a first layer needs neither
+            grad_xs = g @ v
+            if r_in is not None:                  # d(1/P)/dP = -1/P²
+                grad_r_in = (grad_xs * x).reshape(-1, x.shape[-1]).sum(0)
+                grad_p.index_add_(0, in_idx, (-grad_r_in * r_in * r_in).to(p_in.dtype))
+            if ctx.needs_input_grad[0]:
+                grad_x = grad_xs.mul_(r_in) if r_in is not None else grad_xs
+        return (grad_x, grad_v, grad_b, grad_p, grad_c) + (None,) * 9
+
+
+def _fill(t: torch.Tensor, idx: torch.Tensor, k: torch.Tensor) -> None:
+    """Write k into t's slots idx, in place and only when they differ."""
+    if idx.numel():
+        k = k.to(t.dtype)
+        flat = t.detach().view(-1)
+        if not torch.equal(flat[idx], k):
+            flat[idx] = k
 
 
 class WeightAllocation(torch.autograd.Function):
