@@ -4,7 +4,7 @@
 
 For each (BS, BR, ROWS, warps) it rebuilds the layout of a ReLU MLP's two side² weights and times
 WA, ICR and the G-SGD step's two passes (kernel time, torch.profiler); prints GB/s and the share of
-the device's peak. The defaults in kernels/layout.py come from this table."""
+the device's peak. Tiling's defaults in kernels/layout.py come from this table."""
 from __future__ import annotations
 
 import argparse
@@ -13,8 +13,8 @@ import itertools
 import torch
 
 from invariance_compiler import kernels
-from invariance_compiler.kernels import layout as lay
-from invariance_compiler.kernels.profile import bench_group, kernel_ms, peak_bandwidth
+from invariance_compiler.kernels.layout import Tiling, build_group
+from invariance_compiler.profile import bench_group, kernel_ms, peak_bandwidth
 
 
 def main():
@@ -33,8 +33,8 @@ def main():
     for bs, br, rows, warps in itertools.product((64, 128, 256), (8, 16, 32), (64, 256), (4, 8)):
         if rows < br or bs * br > 4096 or bs * br < 1024:
             continue
-        lay.BS, lay.BR, lay.ROWS, lay.WARPS = bs, br, rows, warps
-        L = [t.to(dev) for t in lay.build_group(plan, plan.wa, [plan.shapes[i] for i in plan.wa])]
+        tiling = Tiling(BS=bs, BR=br, ROWS=rows, WARPS=warps)
+        L = build_group([plan.tensor_slots(i) for i in plan.wa], plan.n, plan.M.dtype, tiling).to(dev)
         runs = {"WA": (2, lambda: ops.wa(vs, p_in, plan.M, c, L, plan.n)),
                 "ICR": (3, lambda: ops.icr(gws, vs, p_in, plan.M, c, L, plan.n)),
                 "reduce": (2, lambda: ops.gsgd_reduce(gws, ws, p_in, plan.M, c.numel(), L, plan.n)),

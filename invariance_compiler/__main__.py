@@ -57,7 +57,7 @@ def main(argv=None) -> int:
                    add_help=False)
     args, rest = parser.parse_known_args(argv)
     if args.cmd == "profile":
-        from .kernels.profile import main as profile
+        from .profile import main as profile
         return profile(rest)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")

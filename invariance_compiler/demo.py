@@ -221,7 +221,7 @@ def _plot(results: dict, png: str, epochs: int) -> None:
 
 def run_profile(out_dir: str) -> str:
     _section("4. The kernel profiler")
-    from .kernels.profile import main as profile
+    from .profile import main as profile
     md = os.path.join(out_dir, "profile.md")
     gpu = torch.cuda.is_available()
     profile(["--rounds", "5", "--out", md] + ([] if gpu else ["--side", "512"]))

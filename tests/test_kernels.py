@@ -15,6 +15,9 @@ from invariance_compiler.zoo import ZOO
 from conftest import DEVICE, odd_model
 
 MODE = "auto" if DEVICE == "cuda" else "interpret"
+# every test that compares the kernels with the reference needs them: skip, never pass on the reference
+needs_triton = pytest.mark.skipif(not kernels.triton_available(),
+                                  reason="Triton is not installed (pip install triton; Linux only)")
 # (dtype, atol, rtol): the kernels compute in fp32 (fp64 for fp64) and round once
 DTYPES = [(torch.float64, 1e-12, 1e-12), (torch.float32, 1e-5, 1e-5),
           (torch.float16, 2e-3, 2e-3), (torch.bfloat16, 2e-2, 2e-2)]
@@ -33,6 +36,7 @@ def close(a, b, atol, rtol):
     return bool(((a - b).abs() <= atol + rtol * b.abs()).all()), float((a - b).abs().max())
 
 
+@needs_triton
 @pytest.mark.parametrize("dtype,atol,rtol", DTYPES)
 def test_wa_and_icr_match_the_reference_on_odd_shapes(dtype, atol, rtol):
     cm, plan, vs, c = plan_and_values(odd_model(), (torch.randn(2, 3, 6, 6),), dtype)
@@ -91,6 +95,7 @@ class _Count:
         return self.fn[grid]
 
 
+@needs_triton
 def test_one_launch_per_group(monkeypatch):
     from invariance_compiler.kernels import icr as icr_mod, wa as wa_mod
     cm, plan, vs, c = plan_and_values(odd_model(), (torch.randn(2, 3, 6, 6),), torch.float32)
@@ -107,6 +112,7 @@ def test_one_launch_per_group(monkeypatch):
     assert {k: cnt.launches for k, cnt in counts.items()} == dict.fromkeys(counts, 1)
 
 
+@needs_triton
 @pytest.mark.parametrize("name", ["cnn_pool", "resnet_basic", "grouped_depthwise", "conv_transpose1d",
                                   "vgg_bn", "embedding", "densenet"])
 def test_gspace_module_with_kernels_equals_without(name):
@@ -119,6 +125,7 @@ def test_gspace_module_with_kernels_equals_without(name):
     for cm, m in zip(cms, ("off", MODE)):
         opt = torch.optim.SGD(cm.parameters(), lr=0.05, momentum=0.9)
         with kernels.mode(m):
+            assert kernels.use_triton(cm.v_carriers) == (m == MODE)          # the backend under test
             for _ in range(3):
                 opt.zero_grad()
                 y = cm(*x)
@@ -130,6 +137,7 @@ def test_gspace_module_with_kernels_equals_without(name):
         assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
 
 
+@needs_triton
 @pytest.mark.parametrize("momentum,weight_decay", [(0.0, 0.0), (0.9, 1e-3)])
 @pytest.mark.parametrize("name", ["cnn_pool", "resnet_basic", "conv_transpose", "mlp"])
 def test_fused_gsgd_step_equals_the_reference_step(name, momentum, weight_decay):
@@ -141,6 +149,7 @@ def test_fused_gsgd_step_equals_the_reference_step(name, momentum, weight_decay)
     for _ in range(5):
         for m, opt, mode in zip(models, opts, ("off", MODE)):
             with kernels.mode(mode):
+                assert kernels.use_triton(next(m.parameters())) == (mode == MODE)
                 opt.zero_grad()
                 m(*x).pow(2).mean().backward()
                 opt.step()
@@ -155,21 +164,23 @@ def test_fused_gsgd_step_equals_the_reference_step(name, momentum, weight_decay)
             assert torch.allclose(s0[k][f], s1[k][f], rtol=1e-9, atol=1e-9 * float(s0[k][f].abs().max()))
 
 
+@needs_triton
 def test_custom_ops_pass_opcheck():
     cm, plan, vs, c = plan_and_values(odd_model(), (torch.randn(2, 3, 6, 6),), torch.float32)
     with kernels.mode(MODE):
         ops = kernels.ops()
         p_in = plan.path_in(c)
-        layout = plan.layout(plan.wa)
+        lay, tiling = plan.layout(plan.wa).op_args()      # as the registered ops take the record
         gws = [torch.randn_like(v) for v in vs]
         checks = ("test_schema", "test_faketensor")
-        torch.library.opcheck(ops.wa, (vs, p_in, plan.M, c, layout, plan.n), test_utils=checks)
-        torch.library.opcheck(ops.icr, (gws, vs, p_in, plan.M, c, layout, plan.n), test_utils=checks)
+        torch.library.opcheck(ops.wa_op, (vs, p_in, plan.M, c, lay, tiling, plan.n), test_utils=checks)
+        torch.library.opcheck(ops.icr_op, (gws, vs, p_in, plan.M, c, lay, tiling, plan.n), test_utils=checks)
         ws = [v.clone() for v in vs]
-        torch.library.opcheck(ops.gsgd_reduce, (gws, ws, p_in, plan.M, c.numel(), layout, plan.n), test_utils=checks)
+        torch.library.opcheck(ops.gsgd_reduce_op, (gws, ws, p_in, plan.M, c.numel(), lay, tiling, plan.n),
+                              test_utils=checks)
         args = (gws, [v.clone() for v in vs], [torch.zeros_like(v) for v in vs], ws, p_in, p_in.clone(),
-                plan.M, c, layout, plan.n, 0.1, 0.9, 0.0, True)
-        torch.library.opcheck(ops.gsgd_update, args, test_utils=checks)
+                plan.M, c, lay, tiling, plan.n, 0.1, 0.9, 0.0, True)
+        torch.library.opcheck(ops.gsgd_update_op, args, test_utils=checks)
 
 
 def test_compile_invariant_and_gsgd_keep_the_models_device():
@@ -205,3 +216,32 @@ def test_gsgd_on_channels_last_weights_equals_gsgd_on_contiguous_ones():
         assert not models[1][0].weight.is_contiguous()              # the layout is kept
         for a, b in zip(models[0].parameters(), models[1].parameters()):
             assert torch.allclose(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_the_switch_is_read_at_use_and_the_context_manager_wins(monkeypatch):
+    monkeypatch.setenv("IC_KERNELS", "off")
+    assert kernels.current_mode() == "off"
+    with kernels.mode("auto"):
+        assert kernels.current_mode() == "auto"
+    assert kernels.current_mode() == "off"
+    monkeypatch.setenv("IC_KERNELS", "fast")
+    with pytest.raises(ValueError, match="IC_KERNELS"):
+        kernels.current_mode()
+
+
+@needs_triton
+def test_a_layout_launches_with_the_tiling_it_was_built_with():
+    from invariance_compiler.kernels.layout import META, Tiling, build_group
+    cm, plan, vs, c = plan_and_values(odd_model(), (torch.randn(2, 3, 6, 6),), torch.float64)
+    p_in = plan.path_in(c)
+    with kernels.mode("off"):
+        ref = plan(p_in, c, *vs)
+    with kernels.mode(MODE):
+        ops = kernels.ops()
+        for tiling in (Tiling(), Tiling(BS=32, BR=4, ROWS=8, WARPS=2)):
+            lay = build_group([plan.tensor_slots(i) for i in plan.wa], plan.n, plan.M.dtype, tiling).to(DEVICE)
+            S, cols = lay.meta[:, META.index("S")], lay.meta[:, META.index("col_tiles")]
+            assert torch.equal(cols, -(-S // tiling.BS))            # tiles cut with its own BS
+            got = ops.wa(vs, p_in, plan.M, c, lay, plan.n)
+            for a, b in zip(got, ref):
+                assert torch.allclose(a, b, rtol=1e-12, atol=1e-14)

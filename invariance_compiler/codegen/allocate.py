@@ -27,9 +27,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import kernels
-from ..kernels.layout import FIELDS, build_group
+from ..kernels.layout import Layout, TensorSlots, Tiling, build_group
 
-__all__ = ["Allocation", "WeightAllocation", "icr", "make_allocation", "reference"]
+__all__ = ["Allocation", "WeightAllocation", "allocation_dtype", "icr", "make_allocation", "reference"]
 
 
 class Allocation(nn.Module):
@@ -37,6 +37,7 @@ class Allocation(nn.Module):
     into M and P_in (`n` meaning no class), its fixed entries (K slots) and carrier entries (J slots,
     whose values are carrier path values). `wa` lists the tensors allocated by WA; the others are
     Linear weights and biases used through `linear`."""
+    tiling = Tiling()             # the kernels' tiles (an instance may set its own, then _build_layouts)
 
     def __init__(self, form: str, num_classes: int, M: torch.Tensor, plans: Sequence[dict], dtype,
                  wa: Sequence[int], chain: Sequence[tuple] = (), free: Optional[torch.Tensor] = None):
@@ -77,9 +78,17 @@ class Allocation(nn.Module):
 
     def _build_layouts(self) -> None:
         self._layouts: dict = {}
-        if self.wa:       # the kernels' view of the WA group; a buffer, so it follows .to(device)
-            for name, t in zip(FIELDS, build_group(self, self.wa, [self.shapes[i] for i in self.wa])):
+        if self.wa:       # the kernels' view of the WA group; buffers, so they follow .to(device)
+            for name, t in zip(Layout._fields, self._group(self.wa).tensors()):
                 self.register_buffer(f"wa_{name}", t.to(self.M.device), persistent=False)
+
+    def tensor_slots(self, i: int) -> TensorSlots:
+        """What the kernels read of plan tensor i."""
+        return TensorSlots(self.shapes[i], *(self.buf(k, i) for k in (
+            "in", "out", "fixed_idx", "fixed_in", "fixed_val", "carrier_idx", "carrier_in", "carrier_out", "carrier_cls")))
+
+    def _group(self, index: Sequence[int]) -> Layout:
+        return build_group([self.tensor_slots(i) for i in index], self.n, self.M.dtype, self.tiling)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # A checkpoint of a module with another skeleton has other numbers of fixed and carrier
@@ -98,15 +107,14 @@ class Allocation(nn.Module):
         state.pop("_pending", None)              # a CUDA event: neither copied nor pickled
         return state
 
-    def layout(self, index: Sequence[int]) -> list[torch.Tensor]:
+    def layout(self, index: Sequence[int]) -> Layout:
         """The kernel layout (kernels/layout.py) of plan tensors `index`, on the plan's device."""
         if list(index) == self.wa:
-            return [getattr(self, f"wa_{name}") for name in FIELDS]
+            return Layout(*(getattr(self, f"wa_{name}") for name in Layout._fields[:-1]), self.tiling)
         key = tuple(index)
         cached = self._layouts.get(key)
-        if cached is None or cached[0].device != self.M.device:
-            cached = self._layouts[key] = [t.to(self.M.device) for t in
-                                           build_group(self, key, [self.shapes[i] for i in key])]
+        if cached is None or cached.meta.device != self.M.device:
+            cached = self._layouts[key] = self._group(key).to(self.M.device)
         return cached
 
     def buf(self, kind: str, i: int) -> torch.Tensor:
@@ -308,6 +316,12 @@ def carrier_grads(plan: Allocation, g_p_in: torch.Tensor, carriers: torch.Tensor
     """∂L/∂carriers through P_in (the backward of path_in, O(H))."""
     g = torch.zeros(plan.n + 1, dtype=carriers.dtype, device=carriers.device)
     return g.index_add_(0, plan.path_root, g_p_in.to(carriers.dtype) * plan.path_scale)[:-1]
+
+
+def allocation_dtype(params) -> torch.dtype:
+    """The dtype of the allocation: that of the first floating-point parameter (integer ones are
+    constants the analysis pins)."""
+    return next((p.dtype for p in params if p.is_floating_point()), torch.get_default_dtype())
 
 
 def make_allocation(report, sk, weights: dict, form: str, names: Sequence[str], dtype,

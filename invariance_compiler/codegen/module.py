@@ -19,8 +19,8 @@ import torch
 import torch.nn as nn
 
 from ..analyze import analyze
-from ..skeleton import build_skeleton, fix_to
-from .allocate import make_allocation, reference
+from ..skeleton import build_skeleton, check_finite, fix_to
+from .allocate import allocation_dtype, make_allocation, reference
 
 __all__ = ["compile_invariant", "InvariantModule", "ScaledLinear"]
 
@@ -221,7 +221,7 @@ def compile_invariant(model: nn.Module, example_inputs: Any = None, form: str = 
     captured = report.captured
     orig = dict(model.named_parameters())
     weights = {n: p.detach().cpu().clone() for n, p in orig.items()}   # plans are built on CPU
-    _check_finite(weights, "compile_invariant")
+    check_finite(weights, "compile_invariant")
     sk = skeleton if skeleton is not None else build_skeleton(report, weights, carriers=(form == "gspace"))
     if fixed == "scale":
         work = copy.deepcopy(model).cpu()
@@ -234,7 +234,7 @@ def compile_invariant(model: nn.Module, example_inputs: Any = None, form: str = 
                 idx = [i for i in ps.fixed_idx.tolist() if i not in keep]
                 weights[name].reshape(-1)[idx] = value
 
-    dtype = _float_dtype(orig.values())
+    dtype = allocation_dtype(orig.values())
     read = report.read
     names = [n for n in report.param_names if n in read]
     unused = {n: weights[n].to(orig[n].device) for n in report.param_names if n not in read}
@@ -394,18 +394,3 @@ def _program(cm) -> str:
         code = re.sub(rf"\b{re.escape(ph)}\b", shown, code)
     lines.append(code)
     return "\n".join(lines)
-
-
-def _float_dtype(params) -> torch.dtype:
-    """The dtype of the allocation: that of the first floating-point parameter (integer ones are
-    constants the analysis pins)."""
-    return next((p.dtype for p in params if p.is_floating_point()), torch.get_default_dtype())
-
-
-def _check_finite(weights: dict, who: str) -> None:
-    for name, w in weights.items():
-        if w.is_floating_point() and not bool(torch.isfinite(w).all()):
-            bad = (~torch.isfinite(w)).nonzero()
-            raise ValueError(f"{who}: parameter '{name}' has {bad.shape[0]} non-finite entries (first at "
-                             f"index {tuple(bad[0].tolist())}: {w[tuple(bad[0])].item()}); the skeleton divides "
-                             f"by weights and would spread them. Repair or re-initialise it first.")

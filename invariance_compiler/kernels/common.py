@@ -6,7 +6,18 @@ import triton.language as tl
 
 from . import layout
 
-NF = tl.constexpr(layout.NF)          # a global read inside a kernel must be a constexpr
+# the meta row's columns by name (layout.META); a global read inside a kernel must be a constexpr
+NF = tl.constexpr(len(layout.META))
+R_ = tl.constexpr(layout.META.index("R"))
+S_ = tl.constexpr(layout.META.index("S"))
+IN_R = tl.constexpr(layout.META.index("in_r"))
+IN_C = tl.constexpr(layout.META.index("in_c"))
+OUT_R = tl.constexpr(layout.META.index("out_r"))
+OUT_C = tl.constexpr(layout.META.index("out_c"))
+FIRST_TILE = tl.constexpr(layout.META.index("first_tile"))
+ROW_TILES = tl.constexpr(layout.META.index("row_tiles"))
+COL_TILES = tl.constexpr(layout.META.index("col_tiles"))
+ROW_MODE = tl.constexpr(layout.META.index("row_mode"))
 
 TL_DTYPE = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16,
             torch.float64: tl.float64}
@@ -39,6 +50,14 @@ def small_tensor(values: tuple, dtype: torch.dtype, device: torch.device) -> tor
     return t
 
 
+def sparse_grid(layout: layout.Layout) -> int:
+    """Programs of the sparse launch over the K and J entries."""
+    return triton.cdiv(max(layout.k_idx.numel(), layout.j_idx.numel()), SPARSE_BLOCK)
+
+
+SPARSE_BLOCK = 128
+
+
 def pointers(tensors) -> torch.Tensor:
     """The pointer table of `tensors` (int64, on their device)."""
     return small_tensor(tuple(t.data_ptr() for t in tensors), torch.int64, tensors[0].device)
@@ -49,11 +68,11 @@ def locate(tiles, meta):
     """Program -> (tensor t, its meta row, block g, R, S, row tile, column tile)."""
     t = tl.load(tiles + tl.program_id(0))
     m = meta + t * NF
-    R = tl.load(m + 1)
-    S = tl.load(m + 2)
-    local = tl.program_id(0) - tl.load(m + 7)
-    row_tiles = tl.load(m + 8)
-    col_tiles = tl.load(m + 9)
+    R = tl.load(m + R_)
+    S = tl.load(m + S_)
+    local = tl.program_id(0) - tl.load(m + FIRST_TILE)
+    row_tiles = tl.load(m + ROW_TILES)
+    col_tiles = tl.load(m + COL_TILES)
     g = local // (row_tiles * col_tiles)
     rem = local - g * (row_tiles * col_tiles)
     rt = rem // col_tiles
@@ -62,7 +81,8 @@ def locate(tiles, meta):
 
 @triton.jit
 def classes(cls, m, field, g, pos, length, mask, n):
-    """Class ids at positions `pos` of block g from the class array in meta field `field`."""
+    """Class ids at positions `pos` of block g from the class array at meta column `field`
+    (IN_R, IN_C, OUT_R or OUT_C)."""
     return tl.load(cls + tl.load(m + field) + g * length + pos, mask=mask, other=n)
 
 

@@ -18,8 +18,13 @@ from pathlib import Path
 
 import torch
 
+from .layout import META
+
 SOURCE = Path(__file__).with_name("cpu_step.cpp")
-FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=256", "-fopenmp", "-std=c++17", "-shared", "-fPIC"]
+# the meta row's columns by name, from layout.META (the source reads IC_META_<NAME>)
+META_FLAGS = [f"-DIC_META_{name.upper()}={i}" for i, name in enumerate(META)] + [f"-DIC_META_COLUMNS={len(META)}"]
+FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=256", "-fopenmp", "-std=c++17", "-shared", "-fPIC",
+         *META_FLAGS]
 _SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
 
 
@@ -105,14 +110,13 @@ class CpuStep:
     def __init__(self, lib: ctypes.CDLL, plan, dtype: torch.dtype):
         self._run = getattr(lib, f"gsgd_cpu_step_{_SUFFIX[dtype]}")
         self.plan, self.dtype = plan, dtype
-        meta, cls, _, k_tensor, k_idx, _, k_val, j_tensor, j_idx, j_in, j_out, j_cls = plan.layout(range(plan.count))
-        slots = _slots(plan.count, k_tensor, k_idx, j_tensor, j_idx)
-        self._keep = (meta, cls, k_val, j_tensor, j_idx, j_in, j_out, j_cls, *slots)   # alive
-        self._args = _Step(count=plan.count, meta=meta.data_ptr(), cls=cls.data_ptr(), n=plan.n,
-                           M=plan.M.data_ptr(), path_scale=plan.path_scale.data_ptr(),
-                           path_root=plan.path_root.data_ptr(), k_val=k_val.data_ptr(), nk=k_idx.numel(),
-                           j_tensor=j_tensor.data_ptr(), j_idx=j_idx.data_ptr(), j_in=j_in.data_ptr(),
-                           j_out=j_out.data_ptr(), j_cls=j_cls.data_ptr(), nj=j_idx.numel(),
+        lay = plan.layout(range(plan.count))
+        slots = _slots(plan.count, lay.k_tensor, lay.k_idx, lay.j_tensor, lay.j_idx)
+        self._keep = (lay, *slots)                                                  # alive
+        self._args = _Step(count=plan.count, n=plan.n, M=plan.M.data_ptr(), path_scale=plan.path_scale.data_ptr(),
+                           path_root=plan.path_root.data_ptr(), nk=lay.k_idx.numel(), nj=lay.j_idx.numel(),
+                           **{k: getattr(lay, k).data_ptr() for k in ("meta", "cls", "k_val", "j_tensor", "j_idx",
+                                                                     "j_in", "j_out", "j_cls")},
                            **{f"slot_{k}": t.data_ptr() for k, t in zip(("start", "idx", "ref"), slots)})
 
     def __call__(self, gws, vs, bufs, ws, carriers, carriers_buf, lr, mom, wd, first) -> None:

@@ -34,7 +34,9 @@
 
 namespace {
 
-enum { G_, R_, S_, IN_R, IN_C, OUT_R, OUT_C, NF = 11 };   // meta fields (layout.py), ROW_MODE = 10
+// the meta row's columns by name: cpu.py passes them from layout.META as -DIC_META_<NAME>=column
+enum { G_ = IC_META_G, R_ = IC_META_R, S_ = IC_META_S, IN_R = IC_META_IN_R, IN_C = IC_META_IN_C,
+       OUT_R = IC_META_OUT_R, OUT_C = IC_META_OUT_C, ROW_MODE = IC_META_ROW_MODE, NF = IC_META_COLUMNS };
 const int64_t CHUNK = 1 << 17;          // entries per unit of work (measured: 1 << 15 was slower)
 const int64_t STREAM_BYTES = 1 << 22;   // smaller weights may stay in cache for the next forward
 
@@ -52,7 +54,7 @@ struct Group {
   const int32_t *classes(int64_t t, int field, int64_t g, int64_t len) const {
     return cls + m(t)[field] + g * len;
   }
-  bool row_mode(int64_t t) const { return m(t)[10] != 0; }
+  bool row_mode(int64_t t) const { return m(t)[ROW_MODE] != 0; }
   // does the tensor's denominator move with the carriers (an input class with a carrier root)?
   bool moves(int64_t t) const {
     const int64_t *mt = m(t);

@@ -15,10 +15,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (acc_dtype, add_by_class, classes, denominator,
-                     dtypes, flush_columns, locate, pointers, small_tensor, tensor_ptr)
-from .layout import tile_args
-from .wa import SPARSE_BLOCK, launch_sparse_grid
+from .common import (IN_C, IN_R, OUT_C, OUT_R, ROW_MODE, SPARSE_BLOCK, acc_dtype, add_by_class, classes,
+                     denominator, dtypes, flush_columns, locate, pointers, sparse_grid, small_tensor, tensor_ptr)
+from .layout import Layout
 
 
 @triton.jit
@@ -29,14 +28,14 @@ def _reduce_dense(tiles, meta, cls, g_ptrs, w_ptrs, reduced, n,
     w_p = tensor_ptr(w_ptrs, t, DT)
     cols = st * BS + tl.arange(0, BS)
     cmask = cols < S
-    in_col = classes(cls, m, 4, g, cols, S, cmask, n)
+    in_col = classes(cls, m, IN_C, g, cols, S, cmask, n)
     acc = tl.zeros([BR, BS], ACC)
-    row_mode = tl.load(m + 10) != 0
+    row_mode = tl.load(m + ROW_MODE) != 0
     base = g.to(tl.int64) * R * S
     for r0 in range(rt * ROWS, tl.minimum(rt * ROWS + ROWS, R), BR):
         rows = r0 + tl.arange(0, BR)
         rmask = rows < R
-        in_row = classes(cls, m, 3, g, rows, R, rmask, n)
+        in_row = classes(cls, m, IN_R, g, rows, R, rmask, n)
         off = base + rows[:, None].to(tl.int64) * S + cols[None, :]
         mask = rmask[:, None] & cmask[None, :]
         contrib = tl.load(gw_p + off, mask=mask, other=0).to(ACC) * tl.load(w_p + off, mask=mask, other=0).to(ACC)
@@ -77,16 +76,16 @@ def _update_dense(tiles, meta, cls, p_old, p_new, M, g_ptrs, v_ptrs, b_ptrs, w_p
     w_p = tensor_ptr(w_ptrs, t, DT)
     cols = st * BS + tl.arange(0, BS)
     cmask = cols < S
-    in_col = classes(cls, m, 4, g, cols, S, cmask, n)
-    out_col = classes(cls, m, 6, g, cols, S, cmask, n)
+    in_col = classes(cls, m, IN_C, g, cols, S, cmask, n)
+    out_col = classes(cls, m, OUT_C, g, cols, S, cmask, n)
     old_col = 1.0 / denominator(p_old, M, in_col, out_col, ACC)        # reciprocals: a multiply
     new_col = 1.0 / denominator(p_new, M, in_col, out_col, ACC)        # per entry, not a divide
     base = g.to(tl.int64) * R * S
     for r0 in range(rt * ROWS, tl.minimum(rt * ROWS + ROWS, R), BR):
         rows = r0 + tl.arange(0, BR)
         rmask = rows < R
-        in_row = classes(cls, m, 3, g, rows, R, rmask, n)
-        out_row = classes(cls, m, 5, g, rows, R, rmask, n)
+        in_row = classes(cls, m, IN_R, g, rows, R, rmask, n)
+        out_row = classes(cls, m, OUT_R, g, rows, R, rmask, n)
         old = (1.0 / denominator(p_old, M, in_row, out_row, ACC))[:, None] * old_col[None, :]
         new = (1.0 / denominator(p_new, M, in_row, out_row, ACC))[:, None] * new_col[None, :]
         off = base + rows[:, None].to(tl.int64) * S + cols[None, :]
@@ -128,18 +127,19 @@ def _update_sparse(k_tensor, k_idx, k_val, nk, j_tensor, j_idx, j_in, j_out, j_c
 
 
 @torch.library.custom_op("invariance_compiler::gsgd_reduce", mutates_args=())
-def gsgd_reduce(gws: list[torch.Tensor], ws: list[torch.Tensor], p_in: torch.Tensor, M: torch.Tensor,
-                num_carriers: int, layout: list[torch.Tensor], n: int) -> tuple[torch.Tensor, torch.Tensor]:
+def gsgd_reduce_op(gws: list[torch.Tensor], ws: list[torch.Tensor], p_in: torch.Tensor, M: torch.Tensor,
+                   num_carriers: int, layout: list[torch.Tensor], tiling: list[int], n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Pass 1: (reduced (n + 1,), the carriers' direct gradients), in the arithmetic dtype."""
-    meta, cls, tiles, k_tensor, k_idx, k_in, k_val, j_tensor, j_idx, j_in, j_out, j_cls = layout
+    layout = Layout.from_op_args(layout, tiling)
+    meta, cls, tiles, k_tensor, k_idx, k_in, k_val, j_tensor, j_idx, j_in, j_out, j_cls = layout.tensors()
     acc = acc_dtype(ws[0].dtype)
     reduced = torch.zeros(p_in.numel(), dtype=acc, device=p_in.device)
     g_car = torch.zeros(num_carriers, dtype=acc, device=p_in.device)
     DT, ACC = dtypes(ws[0].dtype)
     g_ptrs, w_ptrs = pointers(gws), pointers(ws)
     _reduce_dense[(tiles.numel(),)](tiles, meta, cls, g_ptrs, w_ptrs, reduced, n,
-                                    DT=DT, ACC=ACC, **tile_args())
-    grid = launch_sparse_grid(layout)
+                                    DT=DT, ACC=ACC, **layout.tiling.launch_args())
+    grid = sparse_grid(layout)
     if grid:
         _reduce_sparse[(grid,)](k_tensor, k_idx, k_in, k_idx.numel(), j_tensor, j_idx, j_in, j_out, j_cls,
                                 j_idx.numel(), p_in, M, g_ptrs, w_ptrs, reduced, g_car,
@@ -147,34 +147,45 @@ def gsgd_reduce(gws: list[torch.Tensor], ws: list[torch.Tensor], p_in: torch.Ten
     return reduced, g_car
 
 
-@gsgd_reduce.register_fake
-def _(gws, ws, p_in, M, num_carriers, layout, n):
+@gsgd_reduce_op.register_fake
+def _(gws, ws, p_in, M, num_carriers, layout, tiling, n):
     acc = acc_dtype(ws[0].dtype)
     return p_in.new_empty(p_in.shape, dtype=acc), p_in.new_empty((num_carriers,), dtype=acc)
 
 
 @torch.library.custom_op("invariance_compiler::gsgd_update", mutates_args=("vs", "bufs", "ws"))
-def gsgd_update(gws: list[torch.Tensor], vs: list[torch.Tensor], bufs: list[torch.Tensor],
-                ws: list[torch.Tensor], p_old: torch.Tensor, p_new: torch.Tensor, M: torch.Tensor,
-                carriers: torch.Tensor, layout: list[torch.Tensor], n: int, lr: float, momentum: float,
-                weight_decay: float, first: bool) -> None:
+def gsgd_update_op(gws: list[torch.Tensor], vs: list[torch.Tensor], bufs: list[torch.Tensor],
+                   ws: list[torch.Tensor], p_old: torch.Tensor, p_new: torch.Tensor, M: torch.Tensor,
+                   carriers: torch.Tensor, layout: list[torch.Tensor], tiling: list[int], n: int, lr: float, momentum: float,
+                   weight_decay: float, first: bool) -> None:
     """Pass 2, in place on vs, bufs (momentum buffers; ignored when momentum == 0) and ws. Every
     tensor must be contiguous."""
-    meta, cls, tiles, k_tensor, k_idx, k_in, k_val, j_tensor, j_idx, j_in, j_out, j_cls = layout
+    layout = Layout.from_op_args(layout, tiling)
+    meta, cls, tiles, k_tensor, k_idx, k_in, k_val, j_tensor, j_idx, j_in, j_out, j_cls = layout.tensors()
     DT, ACC = dtypes(ws[0].dtype)
     v_ptrs, w_ptrs = pointers(vs), pointers(ws)
     b_ptrs = pointers(bufs) if momentum else v_ptrs
     _update_dense[(tiles.numel(),)](tiles, meta, cls, p_old, p_new, M, pointers(gws), v_ptrs, b_ptrs,
                                     w_ptrs, n, small_tensor((lr, momentum, weight_decay), acc_dtype(ws[0].dtype),
                                                             ws[0].device), DT=DT, ACC=ACC,
-                                    MOMENTUM=momentum != 0, FIRST=first, **tile_args())
-    grid = launch_sparse_grid(layout)
+                                    MOMENTUM=momentum != 0, FIRST=first, **layout.tiling.launch_args())
+    grid = sparse_grid(layout)
     if grid:
         _update_sparse[(grid,)](k_tensor, k_idx, k_val, k_idx.numel(), j_tensor, j_idx, j_in, j_out,
                                 j_cls, j_idx.numel(), p_new, M, carriers, v_ptrs, b_ptrs, w_ptrs,
                                 DT=DT, ACC=ACC, MOMENTUM=momentum != 0, BLOCK=SPARSE_BLOCK)
 
 
-@gsgd_update.register_fake
-def _(gws, vs, bufs, ws, p_old, p_new, M, carriers, layout, n, lr, momentum, weight_decay, first):
+@gsgd_update_op.register_fake
+def _(gws, vs, bufs, ws, p_old, p_new, M, carriers, layout, tiling, n, lr, momentum, weight_decay, first):
     return None
+
+
+def gsgd_reduce(gws, ws, p_in, M, num_carriers, layout: Layout, n):
+    """gsgd_reduce_op with the layout record."""
+    return gsgd_reduce_op(gws, ws, p_in, M, num_carriers, *layout.op_args(), n)
+
+
+def gsgd_update(gws, vs, bufs, ws, p_old, p_new, M, carriers, layout: Layout, n, lr, momentum, weight_decay, first):
+    """gsgd_update_op with the layout record."""
+    return gsgd_update_op(gws, vs, bufs, ws, p_old, p_new, M, carriers, *layout.op_args(), n, lr, momentum, weight_decay, first)

@@ -11,10 +11,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (acc_dtype, add_by_class, classes, denominator,
-                     dtypes, flush_columns, locate, pointers, tensor_ptr)
-from .layout import tile_args
-from .wa import SPARSE_BLOCK, launch_sparse_grid
+from .common import (IN_C, IN_R, OUT_C, OUT_R, ROW_MODE, SPARSE_BLOCK, acc_dtype, add_by_class, classes,
+                     denominator, dtypes, flush_columns, locate, pointers, sparse_grid, tensor_ptr)
+from .layout import Layout
 
 
 @triton.jit
@@ -26,16 +25,16 @@ def _icr_dense(tiles, meta, cls, p_in, M, g_ptrs, v_ptrs, gv_ptrs, reduced, n,
     gv_p = tensor_ptr(gv_ptrs, t, DT)
     cols = st * BS + tl.arange(0, BS)
     cmask = cols < S
-    in_col = classes(cls, m, 4, g, cols, S, cmask, n)
-    d_col = denominator(p_in, M, in_col, classes(cls, m, 6, g, cols, S, cmask, n), ACC)
+    in_col = classes(cls, m, IN_C, g, cols, S, cmask, n)
+    d_col = denominator(p_in, M, in_col, classes(cls, m, OUT_C, g, cols, S, cmask, n), ACC)
     acc = tl.zeros([BR, BS], ACC)
-    row_mode = tl.load(m + 10) != 0
+    row_mode = tl.load(m + ROW_MODE) != 0
     base = g.to(tl.int64) * R * S
     for r0 in range(rt * ROWS, tl.minimum(rt * ROWS + ROWS, R), BR):
         rows = r0 + tl.arange(0, BR)
         rmask = rows < R
-        in_row = classes(cls, m, 3, g, rows, R, rmask, n)
-        d_row = denominator(p_in, M, in_row, classes(cls, m, 5, g, rows, R, rmask, n), ACC)
+        in_row = classes(cls, m, IN_R, g, rows, R, rmask, n)
+        d_row = denominator(p_in, M, in_row, classes(cls, m, OUT_R, g, rows, R, rmask, n), ACC)
         off = base + rows[:, None].to(tl.int64) * S + cols[None, :]
         mask = rmask[:, None] & cmask[None, :]
         gv = tl.load(gw_p + off, mask=mask, other=0).to(ACC) * ((1.0 / d_row)[:, None] * (1.0 / d_col)[None, :])
@@ -74,11 +73,12 @@ def _icr_sparse(k_tensor, k_idx, k_in, nk, j_tensor, j_idx, j_in, j_cls, nj, car
 
 
 @torch.library.custom_op("invariance_compiler::icr", mutates_args=())
-def icr(gws: list[torch.Tensor], vs: list[torch.Tensor], p_in: torch.Tensor, M: torch.Tensor,
-        carriers: torch.Tensor, layout: list[torch.Tensor], n: int) -> list[torch.Tensor]:
+def icr_op(gws: list[torch.Tensor], vs: list[torch.Tensor], p_in: torch.Tensor, M: torch.Tensor,
+           carriers: torch.Tensor, layout: list[torch.Tensor], tiling: list[int], n: int) -> list[torch.Tensor]:
     """[∂L/∂V of each tensor..., reduced (n + 1,), ∂L/∂c direct (len(carriers),)], the last two in
     the arithmetic dtype."""
-    meta, cls, tiles, k_tensor, k_idx, k_in, k_val, j_tensor, j_idx, j_in, j_out, j_cls = layout
+    layout = Layout.from_op_args(layout, tiling)
+    meta, cls, tiles, k_tensor, k_idx, k_in, k_val, j_tensor, j_idx, j_in, j_out, j_cls = layout.tensors()
     gws = [g.contiguous() for g in gws]
     vs = [v.contiguous() for v in vs]
     gvs = [torch.empty_like(v) for v in vs]
@@ -88,8 +88,8 @@ def icr(gws: list[torch.Tensor], vs: list[torch.Tensor], p_in: torch.Tensor, M: 
     DT, ACC = dtypes(vs[0].dtype)
     v_ptrs, gv_ptrs = pointers(vs), pointers(gvs)
     _icr_dense[(tiles.numel(),)](tiles, meta, cls, p_in, M, pointers(gws), v_ptrs, gv_ptrs, reduced, n,
-                                 DT=DT, ACC=ACC, **tile_args())
-    grid = launch_sparse_grid(layout)
+                                 DT=DT, ACC=ACC, **layout.tiling.launch_args())
+    grid = sparse_grid(layout)
     if grid:
         _icr_sparse[(grid,)](k_tensor, k_idx, k_in, k_idx.numel(), j_tensor, j_idx, j_in, j_cls,
                              j_idx.numel(), carriers, v_ptrs, gv_ptrs, reduced, g_car,
@@ -97,8 +97,13 @@ def icr(gws: list[torch.Tensor], vs: list[torch.Tensor], p_in: torch.Tensor, M: 
     return gvs + [reduced, g_car]
 
 
-@icr.register_fake
-def _(gws, vs, p_in, M, carriers, layout, n):
+@icr_op.register_fake
+def _(gws, vs, p_in, M, carriers, layout, tiling, n):
     acc = acc_dtype(vs[0].dtype)
     return ([torch.empty_like(v, memory_format=torch.contiguous_format) for v in vs]
             + [p_in.new_empty(p_in.shape, dtype=acc), carriers.new_empty(carriers.shape, dtype=acc)])
+
+
+def icr(gws, vs, p_in, M, carriers, layout: Layout, n):
+    """icr_op with the layout record."""
+    return icr_op(gws, vs, p_in, M, carriers, *layout.op_args(), n)

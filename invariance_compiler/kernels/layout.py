@@ -8,21 +8,88 @@ column sum of the tile followed by one atomic add per row or column. G > 1 only 
 it (grouped and depthwise convolutions); G = shape[0] with R = 1 always works, so every tensor fits.
 
 Tiles: a program takes BS columns and up to ROWS rows of one block of one tensor; `tiles` maps a
-program id to its tensor, `meta` holds each tensor's G, R, S, the offsets of its four class arrays
-in `cls`, its first tile, its tile counts and whether its input class varies along rows. The fixed (K) and carrier (J) entries are few; they
-get a second, sparse launch (`sparse_*`), ordered after the dense one on the stream."""
+program id to its tensor, `meta` holds one row per tensor with the columns META names (G, R, S, the
+offsets of its four class arrays in `cls`, its first tile, its tile counts and whether its input
+class varies along rows). The fixed (K) and carrier (J) entries are few; they get a second, sparse
+launch, ordered after the dense one on the stream.
+
+The names are the contract: the Triton kernels read META's columns through common.py's constants,
+the C++ step through the -D flags cpu.py derives from META, the Python side through Layout's fields.
+A layout carries the Tiling it was built with, so a kernel always launches with its own tiles."""
 from __future__ import annotations
 
+import dataclasses
 import math
+from dataclasses import dataclass
+from typing import NamedTuple
+
 import torch
 
-BS, BR, ROWS, WARPS = 128, 8, 64, 4     # tile columns, rows per step, rows per program, warps
-NF = 11                                 # meta fields per tensor
+__all__ = ["META", "Layout", "TensorSlots", "Tiling", "block_view", "build_group"]
+
+# the columns of a meta row, in order
+META = ("G", "R", "S", "in_r", "in_c", "out_r", "out_c", "first_tile", "row_tiles", "col_tiles", "row_mode")
 
 
-def tile_args() -> dict:
-    """The launch constants the layouts were built with (benchmarks/tune_kernels.py varies them)."""
-    return dict(BS=BS, BR=BR, ROWS=ROWS, num_warps=WARPS)
+@dataclass(frozen=True)
+class Tiling:
+    """Launch constants: tile columns, rows per step, rows per program, warps
+    (benchmarks/tune_kernels.py measured the defaults)."""
+    BS: int = 128
+    BR: int = 8
+    ROWS: int = 64
+    WARPS: int = 4
+
+    def launch_args(self) -> dict:
+        return dict(BS=self.BS, BR=self.BR, ROWS=self.ROWS, num_warps=self.WARPS)
+
+
+class TensorSlots(NamedTuple):
+    """What the kernels need of one tensor: its shape, compact class maps (`n`: no class), and its
+    fixed (K) and carrier (J) entries with their classes."""
+    shape: torch.Size
+    inp: torch.Tensor
+    out: torch.Tensor
+    fixed_idx: torch.Tensor
+    fixed_in: torch.Tensor
+    fixed_val: torch.Tensor
+    carrier_idx: torch.Tensor
+    carrier_in: torch.Tensor
+    carrier_out: torch.Tensor
+    carrier_cls: torch.Tensor
+
+
+class Layout(NamedTuple):
+    """A tensor group as the kernels read it (tensors on the group's device; `tiling` what `meta`
+    and `tiles` were cut with). K entries: tensor, flat index, input class, fixed value; J entries:
+    tensor, flat index, input and output class, carrier."""
+    meta: torch.Tensor            # (count, len(META)) int64
+    cls: torch.Tensor             # int32 class arrays
+    tiles: torch.Tensor           # int32 program -> tensor
+    k_tensor: torch.Tensor
+    k_idx: torch.Tensor
+    k_in: torch.Tensor
+    k_val: torch.Tensor
+    j_tensor: torch.Tensor
+    j_idx: torch.Tensor
+    j_in: torch.Tensor
+    j_out: torch.Tensor
+    j_cls: torch.Tensor
+    tiling: Tiling = Tiling()
+
+    def tensors(self) -> list[torch.Tensor]:
+        return list(self[:-1])
+
+    def to(self, device) -> "Layout":
+        return Layout(*(t.to(device) for t in self.tensors()), self.tiling)
+
+    def op_args(self) -> tuple[list[torch.Tensor], list[int]]:
+        """The record as a custom op's schema takes it: its tensors, the tiling's numbers."""
+        return self.tensors(), list(dataclasses.astuple(self.tiling))
+
+    @staticmethod
+    def from_op_args(tensors: list[torch.Tensor], tiling: list[int]) -> "Layout":
+        return Layout(*tensors, Tiling(*tiling))
 
 
 def _divisors(d: int) -> list[int]:
@@ -56,37 +123,31 @@ def block_view(inp: torch.Tensor, out: torch.Tensor, shape: torch.Size, n: int):
     raise AssertionError("unreachable: R = 1 always factors")
 
 
-FIELDS = ("meta", "cls", "tiles", "k_tensor", "k_idx", "k_in", "k_val",
-          "j_tensor", "j_idx", "j_in", "j_out", "j_cls")
-
-
-def build_group(plan, index: list[int], shapes: list) -> list[torch.Tensor]:
-    """The layout (CPU tensors, in FIELDS order) of plan tensors `index` with their shapes. The
-    sparse entries of all tensors: their tensor, flat index, classes and fixed value (K) or
-    carrier class (J)."""
-    n = plan.n
+def build_group(group: list[TensorSlots], n: int, dtype: torch.dtype, tiling: Tiling = Tiling()) -> Layout:
+    """The layout (CPU tensors) of a group of tensors; K values in `dtype`."""
     meta, cls, tiles, off, start = [], [], [], 0, 0
     ks, js = [], []
-    for t, (i, shape) in enumerate(zip(index, shapes)):
-        G, R, S, *arrays = block_view(plan.buf("in", i).cpu(), plan.buf("out", i).cpu(), shape, n)
+    for t, ts in enumerate(group):
+        G, R, S, *arrays = block_view(ts.inp.cpu(), ts.out.cpu(), ts.shape, n)
         offs = []
         for a in arrays:
             offs.append(off)
             cls.append(a)
             off += a.numel()
-        rt, st = -(-R // ROWS), -(-S // BS)
-        row_mode = int(bool((arrays[0] != n).any()))     # input class varies along rows
-        meta.append([G, R, S, *offs, start, rt, st, row_mode])
+        rt, st = -(-R // tiling.ROWS), -(-S // tiling.BS)
+        row = dict(G=G, R=R, S=S, first_tile=start, row_tiles=rt, col_tiles=st,
+                   row_mode=int(bool((arrays[0] != n).any())),       # input class varies along rows
+                   **dict(zip(("in_r", "in_c", "out_r", "out_c"), offs)))
+        meta.append([row[name] for name in META])
         tiles.append(torch.full((G * rt * st,), t))
         start += G * rt * st
-        k = plan.buf("fixed_idx", i)
-        ks.append((torch.full_like(k, t), k, plan.buf("fixed_in", i), plan.buf("fixed_val", i)))
-        j = plan.buf("carrier_idx", i)
-        js.append((torch.full_like(j, t), j, plan.buf("carrier_in", i), plan.buf("carrier_out", i),
-                   plan.buf("carrier_cls", i)))
+        ks.append((torch.full_like(ts.fixed_idx, t), ts.fixed_idx, ts.fixed_in, ts.fixed_val))
+        js.append((torch.full_like(ts.carrier_idx, t), ts.carrier_idx, ts.carrier_in, ts.carrier_out,
+                   ts.carrier_cls))
 
     def cat(xs, dtype=torch.int32):
         return torch.cat([x.reshape(-1).cpu() for x in xs]).to(dtype) if xs else torch.zeros(0, dtype=dtype)
-    return [torch.tensor(meta, dtype=torch.int64).reshape(-1, NF), cat(cls), cat(tiles),
-            *[cat(col) for col in list(zip(*ks))[:3]], cat([k[3] for k in ks], plan.M.dtype),
-            *[cat(col) for col in zip(*js)]]
+    k_cols, j_cols = list(zip(*ks)) or [()] * 4, list(zip(*js)) or [()] * 5
+    return Layout(torch.tensor(meta, dtype=torch.int64).reshape(-1, len(META)), cat(cls), cat(tiles),
+                  *[cat(col) for col in k_cols[:3]], cat(k_cols[3], dtype), *[cat(col) for col in j_cols],
+                  tiling)

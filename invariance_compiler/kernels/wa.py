@@ -7,10 +7,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import classes, denominator, dtypes, locate, pointers, tensor_ptr
-from .layout import tile_args
-
-SPARSE_BLOCK = 128
+from .common import (IN_C, IN_R, OUT_C, OUT_R, SPARSE_BLOCK, classes, denominator, dtypes, locate,
+                     pointers, sparse_grid, tensor_ptr)
+from .layout import Layout
 
 
 @triton.jit
@@ -21,14 +20,14 @@ def _wa_dense(tiles, meta, cls, p_in, M, v_ptrs, w_ptrs, n,
     w = tensor_ptr(w_ptrs, t, DT)
     cols = st * BS + tl.arange(0, BS)
     cmask = cols < S
-    d_col = denominator(p_in, M, classes(cls, m, 4, g, cols, S, cmask, n),
-                        classes(cls, m, 6, g, cols, S, cmask, n), ACC)          # [BS]
+    d_col = denominator(p_in, M, classes(cls, m, IN_C, g, cols, S, cmask, n),
+                        classes(cls, m, OUT_C, g, cols, S, cmask, n), ACC)          # [BS]
     base = g.to(tl.int64) * R * S
     for r0 in range(rt * ROWS, tl.minimum(rt * ROWS + ROWS, R), BR):
         rows = r0 + tl.arange(0, BR)
         rmask = rows < R
-        d_row = denominator(p_in, M, classes(cls, m, 3, g, rows, R, rmask, n),
-                            classes(cls, m, 5, g, rows, R, rmask, n), ACC)      # [BR]
+        d_row = denominator(p_in, M, classes(cls, m, IN_R, g, rows, R, rmask, n),
+                            classes(cls, m, OUT_R, g, rows, R, rmask, n), ACC)      # [BR]
         off = base + rows[:, None].to(tl.int64) * S + cols[None, :]
         mask = rmask[:, None] & cmask[None, :]
         x = tl.load(v + off, mask=mask).to(ACC)
@@ -49,29 +48,31 @@ def _wa_sparse(k_tensor, k_idx, k_val, nk, j_tensor, j_idx, j_in, j_out, j_cls, 
     tl.store(w + tl.load(j_idx + off, mask=mj, other=0), (c / den).to(DT), mask=mj)
 
 
-def launch_sparse_grid(layout) -> int:
-    return triton.cdiv(max(layout[4].numel(), layout[8].numel()), SPARSE_BLOCK)
-
-
 @torch.library.custom_op("invariance_compiler::wa", mutates_args=())
-def wa(vs: list[torch.Tensor], p_in: torch.Tensor, M: torch.Tensor, carriers: torch.Tensor,
-       layout: list[torch.Tensor], n: int) -> list[torch.Tensor]:
+def wa_op(vs: list[torch.Tensor], p_in: torch.Tensor, M: torch.Tensor, carriers: torch.Tensor,
+          layout: list[torch.Tensor], tiling: list[int], n: int) -> list[torch.Tensor]:
     """The allocated weights of `vs` (a group of one dtype and device) with `layout` from
     layout.build_group."""
-    meta, cls, tiles, k_tensor, k_idx, k_in, k_val, j_tensor, j_idx, j_in, j_out, j_cls = layout
+    layout = Layout.from_op_args(layout, tiling)
+    meta, cls, tiles, k_tensor, k_idx, k_in, k_val, j_tensor, j_idx, j_in, j_out, j_cls = layout.tensors()
     vs = [v.contiguous() for v in vs]
     ws = [torch.empty_like(v) for v in vs]
     DT, ACC = dtypes(vs[0].dtype)
     w_ptrs = pointers(ws)
     _wa_dense[(tiles.numel(),)](tiles, meta, cls, p_in, M, pointers(vs), w_ptrs, n,
-                                DT=DT, ACC=ACC, **tile_args())
-    grid = launch_sparse_grid(layout)
+                                DT=DT, ACC=ACC, **layout.tiling.launch_args())
+    grid = sparse_grid(layout)
     if grid:
         _wa_sparse[(grid,)](k_tensor, k_idx, k_val, k_idx.numel(), j_tensor, j_idx, j_in, j_out, j_cls,
                             j_idx.numel(), p_in, M, carriers, w_ptrs, DT=DT, ACC=ACC, BLOCK=SPARSE_BLOCK)
     return ws
 
 
-@wa.register_fake
-def _(vs, p_in, M, carriers, layout, n):
+@wa_op.register_fake
+def _(vs, p_in, M, carriers, layout, tiling, n):
     return [torch.empty_like(v, memory_format=torch.contiguous_format) for v in vs]
+
+
+def wa(vs, p_in, M, carriers, layout: Layout, n):
+    """wa_op with the layout record."""
+    return wa_op(vs, p_in, M, carriers, *layout.op_args(), n)

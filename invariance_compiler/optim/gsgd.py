@@ -13,9 +13,8 @@ import torch.nn as nn
 
 from .. import kernels
 from ..analyze import analyze
-from ..codegen.allocate import carrier_grads, make_allocation
-from ..codegen.module import _check_finite, _float_dtype
-from ..skeleton import Skeleton, build_skeleton
+from ..codegen.allocate import allocation_dtype, carrier_grads, make_allocation
+from ..skeleton import Skeleton, build_skeleton, check_finite
 from .scaled import run_closure
 
 __all__ = ["GSGD"]
@@ -38,8 +37,8 @@ class GSGD(torch.optim.Optimizer):
         entries never move, so a resumed run rebuilds the same plan from the saved skeleton)."""
         named = self._named
         weights = {n: p.detach().cpu() for n, p in named.items()}
-        _check_finite(weights, "GSGD")
-        dtype = _float_dtype(named.values())
+        check_finite(weights, "GSGD")
+        dtype = allocation_dtype(named.values())
         self.skeleton = skeleton
         self._cpu = None                    # the fused CPU step of this plan, once built
         self.plan, v0, self.allocated, carriers = make_allocation(

@@ -2,6 +2,6 @@
 the allocation (DESIGN §3.4-3.6)."""
 from .basis import basis_paths
 from .canonical import balance, fix_to
-from .select import Skeleton, build_skeleton
+from .select import Skeleton, build_skeleton, check_finite
 
-__all__ = ["Skeleton", "build_skeleton", "balance", "fix_to", "basis_paths"]
+__all__ = ["Skeleton", "build_skeleton", "check_finite", "balance", "fix_to", "basis_paths"]

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["Skeleton", "build_skeleton"]
+__all__ = ["Skeleton", "build_skeleton", "check_finite"]
 
 NEG = -math.inf
 
@@ -169,6 +169,16 @@ def _best_per_class(cls: torch.Tensor, score: torch.Tensor, n: int):
     pos = torch.full((n + 1,), big, dtype=torch.long).scatter_reduce(
         0, cls[hit], torch.arange(big)[hit], "amin")
     return top, pos
+
+
+def check_finite(weights: dict, who: str) -> None:
+    """Refuse non-finite weights, naming the parameter: the skeleton divides by weights."""
+    for name, w in weights.items():
+        if w.is_floating_point() and not bool(torch.isfinite(w).all()):
+            bad = (~torch.isfinite(w)).nonzero()
+            raise ValueError(f"{who}: parameter '{name}' has {bad.shape[0]} non-finite entries (first at "
+                             f"index {tuple(bad[0].tolist())}: {w[tuple(bad[0])].item()}); the skeleton divides "
+                             f"by weights and would spread them. Repair or re-initialise it first.")
 
 
 def build_skeleton(report, weights: dict[str, torch.Tensor], carriers: bool = True) -> Skeleton:

@@ -20,9 +20,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .. import compile_invariant, kernels
-from ..codegen.allocate import icr
-from ..optim import GSGD
+from . import compile_invariant, kernels
+from .codegen.allocate import icr
+from .optim import GSGD
 
 # peak HBM bandwidth (TB/s) by device name, most specific first (DESIGN §4)
 PEAK_TBS = [("H200", 4.8), ("H100 PCIe", 2.0), ("H100", 3.35), ("A100", 2.0)]
@@ -157,7 +157,7 @@ def _device_name(device: torch.device) -> str:
 
 
 def _model_and_batch(device: torch.device):
-    from ..zoo import resnet18_like
+    from .zoo import resnet18_like
     if device.type == "cuda":
         return resnet18_like().to(device), torch.randn(128, 3, 224, 224, device=device), "ResNet-18-shaped, batch 128, 224x224"
     model = nn.Sequential(nn.Linear(784, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.ReLU(),
