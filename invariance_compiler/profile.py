@@ -80,7 +80,7 @@ def bench_group(device: torch.device, side: int):
     model = side_mlp(side)
     cm = compile_invariant(model, (torch.randn(2, side),), scale_activations=False).to(device)
     plan, c = cm.allocate, cm.v_carriers.detach()
-    vs = [getattr(cm, cm._v_attr[cm._allocated[i]]).detach() for i in plan.wa]
+    vs = [cm.parameter_of(cm.allocated[i]).detach() for i in plan.wa]
     return (plan, c, plan.path_in(c), vs, [torch.randn_like(v) for v in vs], [v.clone() for v in vs],
             [torch.zeros_like(v) for v in vs])
 
@@ -135,7 +135,7 @@ def cpu_step_rows(side: int, ms) -> list:
     t_gsgd = ms(gsgd.step)
     return [("SGD(foreach) step, no momentum (reference point)", 3, ms(sgd.step), "torch", nbytes),
             ("G-SGD step, no momentum: step + carriers + allocate", fused_passes(gsgd), t_gsgd,
-             "C++" if gsgd._cpu else "PyTorch", nbytes)]
+             gsgd.backend, nbytes)]
 
 
 def fused_passes(gsgd) -> float:
@@ -143,9 +143,11 @@ def fused_passes(gsgd) -> float:
     (kernels/cpu_step.cpp): 5 over a tensor whose P_in depends on the carriers, 4 over one whose
     does not, 3 (SGD's) over a parameter outside the allocation."""
     plan, n = gsgd.plan, gsgd.plan.n
-    total = sum(p.numel() for p in gsgd._named.values())
-    passes = 3 * (total - sum(p.numel() for p in gsgd._alloc_params))
-    for i, p in enumerate(gsgd._alloc_params):
+    params = gsgd.param_groups[0]["params"]
+    allocated = [p for p in params if "v" in gsgd.state[p]]        # in plan order
+    total = sum(p.numel() for p in params)
+    passes = 3 * (total - sum(p.numel() for p in allocated))
+    for i, p in enumerate(allocated):
         inp = plan.buf("in", i).reshape(-1).cpu()
         moves = bool((plan.path_root.cpu()[inp] < n).any())      # path_root[n] = n
         passes += (5 if moves else 4) * p.numel()

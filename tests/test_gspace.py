@@ -14,7 +14,7 @@ from invariance_compiler.zoo import ZOO, _mlp
 
 
 def _vs(cm):
-    return [getattr(cm, cm._v_attr[n]) for n in cm._allocated]
+    return [cm.parameter_of(n) for n in cm.allocated]
 
 
 @pytest.mark.parametrize("name", ["mlp", "resnet_basic", "densenet", "layerscale", "conv_transpose"])
@@ -156,7 +156,7 @@ def test_v_to_w_to_v_round_trip():
     w = cm.weights()
     again = ic.compile_invariant(_load(model, w), x, skeleton=cm.skeleton)
     a, b = again.path_values(), cm.path_values()
-    for n in cm._allocated:
+    for n in cm.allocated:
         assert torch.allclose(a[n], b[n], rtol=1e-13, atol=0)
 
 
@@ -220,8 +220,8 @@ def test_gsgd_optimizer_matches_sgd_on_the_gspace_module():
     for name, ps in cm.skeleton.params.items():               # skeleton weights never move
         k = ps.fixed_idx
         assert torch.equal(dict(plain.named_parameters())[name].detach().reshape(-1)[k],
-                           cm.allocate.buf("fixed_val", cm._allocated.index(name))
-                           if name in cm._allocated else torch.zeros(0))
+                           cm.allocate.buf("fixed_val", cm.allocated.index(name))
+                           if name in cm.allocated else torch.zeros(0))
 
 
 def test_zero_entries_are_never_fixed_or_carriers():

@@ -27,7 +27,7 @@ def plan_and_values(model, x, dtype):
     x = tuple(t.double() for t in x)
     cm = ic.compile_invariant(model.double(), x, scale_activations=False).to(dtype=dtype, device=DEVICE)
     plan = cm.allocate
-    vs = [getattr(cm, cm._v_attr[cm._allocated[i]]).detach() for i in plan.wa]
+    vs = [cm.parameter_of(cm.allocated[i]).detach() for i in plan.wa]
     return cm, plan, vs, cm.v_carriers.detach()
 
 

@@ -4,9 +4,13 @@ Every import statement counts, also those inside functions."""
 import ast
 from pathlib import Path
 
+import pytest
+
 import invariance_compiler
+from invariance_compiler import kernels
 
 ROOT = Path(invariance_compiler.__file__).parent
+KERNELS = Path(kernels.__file__).parent          # beside the package, installed inside it
 # a module may import its own layer and those below it
 # (the package's __init__, the public names, sits above the pipeline and below the command line)
 LAYER = {"kernels": 0, "trace": 1, "analyze": 2, "skeleton": 3, "codegen": 4, "optim": 5, "equalize": 5,
@@ -20,12 +24,10 @@ def _unit(parts: tuple) -> str:
 
 
 def _modules():
-    for path in sorted(ROOT.rglob("*.py")):
-        rel = path.relative_to(ROOT).with_suffix("").parts
-        if ".venv" in rel:
-            continue
-        package = rel[:-1] if rel[-1] != "__init__" else rel[:-1]
-        yield rel, package, ast.parse(path.read_text(), str(path))
+    for root, prefix in ((ROOT, ()), (KERNELS, ("kernels",))):
+        for path in sorted(root.rglob("*.py")):
+            rel = prefix + path.relative_to(root).with_suffix("").parts
+            yield rel, rel[:-1], ast.parse(path.read_text(), str(path))      # (its package)
 
 
 def _imported(package: tuple, tree, private: list | None = None) -> set:
@@ -57,7 +59,7 @@ def test_no_import_runs_back_up_the_pipeline():
     seen, bad = 0, []
     for rel, package, tree in _modules():
         private = []
-        here = _unit(rel if rel[-1] != "__init__" else rel[:-1]) if len(rel) > 1 else rel[0]
+        here = rel[0]                                   # its first path component
         assert here in LAYER, f"{'/'.join(rel)}: a module of no known layer; add it to LAYER"
         units = _imported(package, tree, private)
         bad += [f"{'/'.join(rel)} reads the private {p}" for p in private]
@@ -79,3 +81,47 @@ def test_the_walk_sees_a_violation():
     assert _imported(("optim",), tree, private) == {"codegen"} and private == ["_check from codegen.module"]
     tree = ast.parse("def f():\n    from invariance_compiler.codegen import allocate\n")
     assert _imported(("trace",), tree) == {"codegen"}
+
+
+def test_kernels_sit_beside_the_package_and_every_package_is_installed():
+    tomllib = pytest.importorskip("tomllib", reason="tomllib is Python >= 3.11")
+    assert KERNELS == ROOT.parent / "kernels"
+    config = tomllib.loads((ROOT.parent / "pyproject.toml").read_text())["tool"]["setuptools"]
+    found = {".".join(("invariance_compiler",) + p.relative_to(ROOT).parts[:-1]).rstrip(".")
+             for p in ROOT.rglob("__init__.py")} | {"invariance_compiler.kernels"}
+    assert set(config["packages"]) == found
+    assert config["package-dir"] == {"invariance_compiler.kernels": "kernels"}
+
+
+def test_the_package_imports_and_compiles_without_triton():
+    """Triton is optional (macOS): the kernels are then plain functions nothing launches."""
+    import subprocess
+    import sys
+    code = ("import sys; sys.modules['triton'] = None\n"
+            "import torch, invariance_compiler as ic\n"
+            "from invariance_compiler import kernels\n"
+            "from invariance_compiler.zoo import ZOO\n"
+            "m, x = ZOO['mlp']()\n"
+            "cm = ic.compile_invariant(m, x, scale_activations=False)\n"
+            "assert not kernels.triton_available() and not kernels.use_triton(torch.zeros(1))\n"
+            "assert torch.allclose(cm(*x), m(*x), rtol=1e-5, atol=1e-6)\n"
+            "print('ok')\n")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr[-2000:]
+
+
+def test_the_checkout_does_not_shadow_the_pypi_kernels_package():
+    """Run from the checkout (its root first on sys.path), `import kernels` is the PyPI package
+    transformers requires, never this folder; transformers imports."""
+    import subprocess
+    import sys
+    pytest.importorskip("transformers")
+    code = ("import kernels, transformers.activations\n"
+            "from pathlib import Path\n"
+            "assert Path(kernels.__file__).resolve().parent != Path('kernels').resolve(), kernels.__file__\n"
+            "import invariance_compiler.kernels as ours\n"
+            "assert Path(ours.__file__).resolve().parent == Path('kernels').resolve()\n"
+            "print('ok')\n")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         cwd=ROOT.parent)
+    assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr[-2000:]

@@ -26,8 +26,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .. import kernels
-from ..kernels.layout import Layout, TensorSlots, Tiling, build_group
+from ..kernels import icr as icr_op, wa as wa_op
+from ..kernels.layout import Group, Layout, TensorSlots, Tiling, build_group
 
 __all__ = ["Allocation", "WeightAllocation", "allocation_dtype", "icr", "make_allocation", "reference"]
 
@@ -85,7 +85,8 @@ class Allocation(nn.Module):
     def tensor_slots(self, i: int) -> TensorSlots:
         """What the kernels read of plan tensor i."""
         return TensorSlots(self.shapes[i], *(self.buf(k, i) for k in (
-            "in", "out", "fixed_idx", "fixed_in", "fixed_val", "carrier_idx", "carrier_in", "carrier_out", "carrier_cls")))
+            "in", "out", "fixed_idx", "fixed_in", "fixed_val",
+            "carrier_idx", "carrier_in", "carrier_out", "carrier_cls")))
 
     def _group(self, index: Sequence[int]) -> Layout:
         return build_group([self.tensor_slots(i) for i in index], self.n, self.M.dtype, self.tiling)
@@ -109,12 +110,18 @@ class Allocation(nn.Module):
 
     def layout(self, index: Sequence[int]) -> Layout:
         """The kernel layout (kernels/layout.py) of plan tensors `index`, on the plan's device."""
-        if list(index) == self.wa:
-            return Layout(*(getattr(self, f"wa_{name}") for name in Layout._fields[:-1]), self.tiling)
-        key = tuple(index)
+        return self.group(index).layout
+
+    def group(self, index: Sequence[int]) -> Group:
+        """Plan tensors `index` as the kernels' ops read them (built once per device and dtype)."""
+        key = (tuple(index), self.M.device, self.M.dtype)
         cached = self._layouts.get(key)
-        if cached is None or cached.meta.device != self.M.device:
-            cached = self._layouts[key] = self._group(key).to(self.M.device)
+        if cached is None:
+            if list(index) == self.wa:
+                lay = Layout(*(getattr(self, f"wa_{name}") for name in Layout._fields[:-1]), self.tiling)
+            else:
+                lay = self._group(index).to(self.M.device)
+            cached = self._layouts[key] = Group([self.tensor_slots(i) for i in index], lay, self.n)
         return cached
 
     def buf(self, kind: str, i: int) -> torch.Tensor:
@@ -144,13 +151,6 @@ class Allocation(nn.Module):
             event = torch.cuda.Event()
             event.record()
             self._pending = (flag, event, p_in.detach())
-
-    def denominator(self, i: int, p_in: torch.Tensor) -> torch.Tensor:
-        return p_in[self.buf("in", i)] * self.M[self.buf("out", i)]
-
-    def carrier_denominator(self, i: int, p_in: torch.Tensor) -> torch.Tensor:
-        """P_in · M at the carrier entries of tensor i."""
-        return p_in[self.buf("carrier_in", i)] * self.M[self.buf("carrier_out", i)]
 
     def forward(self, p_in: Optional[torch.Tensor], carriers: Optional[torch.Tensor], *vs) -> tuple:
         """Weights of the `wa` tensors (fixed form: p_in and carriers are None)."""
@@ -262,17 +262,7 @@ class WeightAllocation(torch.autograd.Function):
     def forward(ctx, plan: Allocation, p_in, carriers, *vs):
         ctx.plan = plan
         ctx.save_for_backward(p_in, carriers, *vs)
-        if kernels.use_triton(vs[0]):
-            return tuple(kernels.ops().wa(list(vs), p_in, plan.M, carriers, plan.layout(plan.wa), plan.n))
-        ws = []
-        for i, v in zip(plan.wa, vs):
-            w = v / plan.denominator(i, p_in)                             # a fresh tensor
-            flat = w.view(-1)
-            flat[plan.buf("fixed_idx", i)] = plan.buf("fixed_val", i)
-            flat[plan.buf("carrier_idx", i)] = (carriers[plan.buf("carrier_cls", i)]
-                                                / plan.carrier_denominator(i, p_in))
-            ws.append(w)
-        return tuple(ws)
+        return tuple(wa_op.allocate(vs, p_in, plan.M, carriers, plan.group(plan.wa)))
 
     @staticmethod
     def backward(ctx, *gws):
@@ -285,37 +275,8 @@ def icr(plan: Allocation, p_in: torch.Tensor, carriers: torch.Tensor, vs: Sequen
         gws: Sequence, index: Sequence[int]):
     """From ∂L/∂W of tensors `index`: ∂L/∂V (0 on K and J slots), ∂L/∂P_in (the per-class
     reduction Σ ∂L/∂W ⊙ W over free entries) and the direct part of ∂L/∂carriers."""
-    if kernels.use_triton(vs[0]):
-        gws = [torch.zeros_like(v) if g is None else g.contiguous() for v, g in zip(vs, gws)]
-        *gvs, reduced, g_car = kernels.ops().icr(gws, list(vs), p_in, plan.M, carriers, plan.layout(index), plan.n)
-        return gvs, -reduced.to(p_in.dtype) / p_in, g_car.to(carriers.dtype)
-    reduced = torch.zeros_like(p_in)
-    g_car = torch.zeros_like(carriers)
-    gvs = []
-    for i, v, gw in zip(index, vs, gws):
-        if gw is None:
-            gw = torch.zeros_like(v)
-        gv = (gw / plan.denominator(i, p_in)).contiguous()           # gw may come permuted
-        flat = gv.view(-1)
-        flat[plan.buf("fixed_idx", i)] = 0                            # fixed: not functions of V
-        j_idx, j_cls = plan.buf("carrier_idx", i), plan.buf("carrier_cls", i)
-        g_j = flat[j_idx].clone()                                     # ∂L/∂c directly
-        g_car.index_add_(0, j_cls, g_j)
-        flat[j_idx] = 0                                               # J slots of V are unused
-        inp = plan.buf("in", i)
-        contrib = gv * v                                              # = ∂L/∂W ⊙ W on free, non-J entries
-        dims = [d for d in range(v.dim()) if inp.shape[d] == 1 and v.shape[d] > 1]
-        col = contrib.sum(dim=dims, keepdim=True) if dims else contrib
-        reduced.index_add_(0, inp.expand(col.shape).reshape(-1), col.reshape(-1))
-        reduced.index_add_(0, plan.buf("carrier_in", i), g_j * carriers[j_cls])   # the J entries
-        gvs.append(gv)
+    gvs, reduced, g_car = icr_op.backward(gws, vs, p_in, plan.M, carriers, plan.group(index))
     return gvs, -reduced / p_in, g_car
-
-
-def carrier_grads(plan: Allocation, g_p_in: torch.Tensor, carriers: torch.Tensor) -> torch.Tensor:
-    """∂L/∂carriers through P_in (the backward of path_in, O(H))."""
-    g = torch.zeros(plan.n + 1, dtype=carriers.dtype, device=carriers.device)
-    return g.index_add_(0, plan.path_root, g_p_in.to(carriers.dtype) * plan.path_scale)[:-1]
 
 
 def allocation_dtype(params) -> torch.dtype:
@@ -388,9 +349,5 @@ def reference(plan: Allocation, carriers: Optional[torch.Tensor], vs: Sequence[t
     if plan.form == "fixed":
         return tuple(_overwrite(v, plan.buf("fixed_idx", i), plan.buf("fixed_val", i))
                      for i, v in enumerate(vs))
-    p_in = plan.path_in(carriers)
-    out = []
-    for i, v in enumerate(vs):
-        v = _overwrite(v, plan.buf("carrier_idx", i), carriers[plan.buf("carrier_cls", i)])
-        out.append(_overwrite(v / plan.denominator(i, p_in), plan.buf("fixed_idx", i), plan.buf("fixed_val", i)))
-    return tuple(out)
+    slots = [plan.tensor_slots(i) for i in range(len(vs))]
+    return tuple(wa_op.reference(vs, plan.path_in(carriers), plan.M, carriers, slots))

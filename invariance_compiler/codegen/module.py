@@ -97,6 +97,20 @@ class InvariantModule(nn.Module):
                 self.model.get_submodule(path).__dict__.pop("_ic_call", None)
 
     # ---- the contract -------------------------------------------------------------------------
+    @property
+    def allocated(self) -> list[str]:
+        """The original parameters whose weights the allocation computes, in plan order."""
+        return list(self._allocated)
+
+    def parameter_of(self, name: str) -> nn.Parameter:
+        """The parameter holding the coordinates of the original parameter `name` (its path
+        values V in gspace form, its free entries in fixed form)."""
+        return getattr(self, self._v_attr[name])
+
+    def parameter_names(self) -> dict[str, str]:
+        """{original parameter name: name of the parameter holding its coordinates}."""
+        return dict(self._v_attr)
+
     def num_free_parameters(self) -> int:
         """m - H for the generators it removes: the entries that are not fixed."""
         return self.report.num_params - sum(p.fixed_idx.numel() for p in self.skeleton.params.values())

@@ -11,9 +11,9 @@ from typing import Any, Optional
 import torch
 import torch.nn as nn
 
-from .. import kernels
+from ..kernels.gsgd_step import GSGDStep, StepPlan, momentum_
 from ..analyze import analyze
-from ..codegen.allocate import allocation_dtype, carrier_grads, make_allocation
+from ..codegen.allocate import allocation_dtype, make_allocation
 from ..skeleton import Skeleton, build_skeleton, check_finite
 from .scaled import run_closure
 
@@ -40,7 +40,6 @@ class GSGD(torch.optim.Optimizer):
         check_finite(weights, "GSGD")
         dtype = allocation_dtype(named.values())
         self.skeleton = skeleton
-        self._cpu = None                    # the fused CPU step of this plan, once built
         self.plan, v0, self.allocated, carriers = make_allocation(
             self.report, skeleton, weights, "gspace", list(named), dtype)
         for n in self.allocated:            # parameters outside the allocation are their own V
@@ -49,6 +48,14 @@ class GSGD(torch.optim.Optimizer):
         if self._alloc_params:              # the carriers' path values ride with the first tensor
             self.state[self._alloc_params[0]]["carriers"] = carriers.to(self._alloc_params[0].device)
             self.plan.to(self._alloc_params[0].device)
+        plan = self.plan
+        self._step = GSGDStep(StepPlan(plan.group(range(plan.count)), plan.M, plan.path_scale, plan.path_root,
+                                       plan.scales_in, plan.path_in))
+
+    @property
+    def backend(self) -> str | None:
+        """Which backend ran the last step of the allocated weights: 'Triton', 'C++' or 'PyTorch'."""
+        return self._step.backend
 
     def state_dict(self):
         out = super().state_dict()
@@ -74,24 +81,20 @@ class GSGD(torch.optim.Optimizer):
             self._fused_step(lr, mom, wd)
         for state, v, g in updates:                   # the rest: SGD (torch.optim.SGD's rule)
             d = g.add(v, alpha=wd) if wd else g
-            if mom:
-                buf = state.get("momentum_buffer")
-                if buf is None:
-                    buf = state["momentum_buffer"] = d.clone()
-                else:
-                    buf.mul_(mom).add_(d)
-                d = buf
-            v.add_(d, alpha=-lr)
+            first = mom != 0 and "momentum_buffer" not in state
+            buf = _buffer(state, "momentum_buffer", d) if mom else None
+            v.add_(momentum_(d, buf, mom, first), alpha=-lr)
         return loss
 
     def _fused_step(self, lr: float, mom: float, wd: float) -> None:
         """ICR, SGD on V and WA in two passes over the weights with the carriers' O(H) update
-        between them. CUDA (kernels/gsgd_step.py): reduce over ∂L/∂W ⊙ W, then V, the momentum
-        buffers and W in one pass. CPU (kernels/cpu_step.cpp in one call, or _TorchStep where it
-        does not apply): V and the buffers with the reduction in one pass, then W, which saves
-        the second read of ∂L/∂W; the C++ step leaves the tensors whose P_in does not depend on
-        the carriers to the second pass and steps them there with their W, one pass fewer."""
-        plan, ps = self.plan, self._alloc_params
+        between them (kernels/gsgd_step.py dispatches). CUDA: reduce over ∂L/∂W ⊙ W, then V, the
+        momentum buffers and W in one pass. CPU (kernels/cpu_step.cpp in one call, or the
+        reference step where it does not apply): V and the buffers with the reduction in one
+        pass, then W, which saves the second read of ∂L/∂W; the C++ step leaves the tensors whose
+        P_in does not depend on the carriers to the second pass and steps them there with their
+        W, one pass fewer."""
+        ps = self._alloc_params
         state0 = self.state[ps[0]]
         c = state0["carriers"]
         # every pass indexes the tensors flat in row-major order: V and the buffers are kept
@@ -100,86 +103,17 @@ class GSGD(torch.optim.Optimizer):
         gws = [p.grad.contiguous() if p.grad is not None else torch.zeros_like(p, memory_format=dense) for p in ps]
         vs, ws = [self.state[p]["v"] for p in ps], [p.contiguous() for p in ps]     # p itself, mostly
         first = mom != 0 and "carriers_momentum" not in state0
-        bufs = [self.state[p].setdefault("momentum_buffer", torch.empty_like(p, memory_format=dense))
-                for p in ps] if mom else []
-        if kernels.use_triton(ps[0]):
-            ops, layout, p_old = kernels.ops(), plan.layout(range(len(ps))), plan.path_in(c)
-            reduced, g_car = ops.gsgd_reduce(gws, ws, p_old, plan.M, c.numel(), layout, plan.n)
-            self._carrier_step(c, reduced, g_car, p_old, lr, mom, wd, first)
-            ops.gsgd_update(gws, vs, bufs, ws, p_old, plan.path_in(c), plan.M, c, layout, plan.n,
-                            lr, mom, wd, first)
-        elif (fused := kernels.cpu_step(plan, gws + vs + ws + bufs + [c, plan.M], self._cpu)) is not None:
-            self._cpu = fused
-            c_buf = state0.setdefault("carriers_momentum", torch.zeros_like(c)) if mom else None
-            fused(gws, vs, bufs, ws, c, c_buf, lr, mom, wd, first)
-        else:
-            ops, p_old = _TorchStep(plan), plan.path_in(c)
-            reduced, g_car = ops.step(gws, vs, bufs, p_old, c, lr, mom, wd, first)
-            self._carrier_step(c, reduced, g_car, p_old, lr, mom, wd, first)
-            ops.allocate(vs, ws, plan.path_in(c), c)
+        bufs = [_buffer(self.state[p], "momentum_buffer", p, memory_format=dense) for p in ps] if mom else []
+        c_buf = state0.setdefault("carriers_momentum", torch.zeros_like(c)) if mom else None
+        self._step(gws, vs, bufs, ws, c, c_buf, lr, mom, wd, first)
         for p, w in zip(ps, ws):
             if w is not p:
                 p.copy_(w)
 
-    def _carrier_step(self, c, reduced, g_car, p_old, lr, mom, wd, first) -> None:
-        """SGD on the carriers' path values, from the per-class reduction Σ ∂L/∂V ⊙ V and their
-        direct gradients."""
-        g_c = g_car.to(c.dtype) + carrier_grads(self.plan, -reduced.to(c.dtype) / p_old, c)
-        d = g_c.add(c, alpha=wd) if wd else g_c
-        if mom:
-            buf = self.state[self._alloc_params[0]].setdefault("carriers_momentum", torch.zeros_like(c))
-            d = buf.copy_(d) if first else buf.mul_(mom).add_(d)
-        c.add_(d, alpha=-lr)
 
-
-class _TorchStep:
-    """The two CPU passes of kernels/cpu_step.cpp in PyTorch ops (its reference, and the path for
-    other dtypes or where no compiler works), with the same signatures."""
-
-    def __init__(self, plan):
-        self.plan = plan
-
-    def step(self, gws, vs, bufs, p_old, carriers, lr, mom, wd, first):
-        """V and the momentum buffers in place; returns (reduced (n + 1,): Σ ∂L/∂V ⊙ V per input
-        class with the carriers' ∂L/∂c · c, the carriers' direct gradients)."""
-        plan = self.plan
-        reduced = torch.zeros_like(p_old)
-        g_car = carriers.new_zeros(carriers.numel())
-        r_old, r_out = 1.0 / p_old, 1.0 / plan.M
-        for i, (gw, v) in enumerate(zip(gws, vs)):
-            inp = plan.buf("in", i)
-            gv = gw * (r_old[inp] * r_out[plan.buf("out", i)])    # ∂L/∂V (V is 0 on the K and J slots)
-            if plan.scales_in[i]:
-                dims = [d for d in range(v.dim()) if inp.shape[d] == 1 and v.shape[d] > 1]
-                col = gv * v
-                col = col.sum(dim=dims, keepdim=True) if dims else col
-                reduced.index_add_(0, inp.expand(col.shape).reshape(-1), col.reshape(-1))
-            j = plan.buf("carrier_idx", i)
-            if j.numel():                             # the carriers' direct gradient
-                g = gw.reshape(-1)[j] / plan.carrier_denominator(i, p_old)
-                cls = plan.buf("carrier_cls", i)
-                g_car.index_add_(0, cls, g)
-                reduced.index_add_(0, plan.buf("carrier_in", i), g * carriers[cls])
-            d = gv.add_(v, alpha=wd) if wd else gv
-            if mom:
-                d = bufs[i].copy_(d) if first else bufs[i].mul_(mom).add_(d)
-            v.add_(d, alpha=-lr)
-            for idx in (plan.buf("fixed_idx", i), j):  # fixed and carrier slots are no coordinates
-                if idx.numel():
-                    v.view(-1)[idx] = 0
-                    if mom:
-                        bufs[i].view(-1)[idx] = 0
-        return reduced, g_car
-
-    def allocate(self, vs, ws, p_new, carriers):
-        """W = WA(V) written in place: V / (P_in · M), then the fixed values and c / (P_in · M) in
-        their slots (codegen/allocate.py's `reference` computes the same into new tensors, which
-        would cost this fallback a temporary and a copy per weight)."""
-        plan = self.plan
-        for i, (v, w) in enumerate(zip(vs, ws)):
-            torch.div(v, plan.denominator(i, p_new), out=w)
-            j = plan.buf("carrier_idx", i)
-            for idx, val in ((plan.buf("fixed_idx", i), plan.buf("fixed_val", i)),
-                             (j, carriers[plan.buf("carrier_cls", i)] / plan.carrier_denominator(i, p_new))):
-                if idx.numel():
-                    w.view(-1)[idx] = val.to(w.dtype)
+def _buffer(state: dict, key: str, like: torch.Tensor, **kwargs) -> torch.Tensor:
+    """state[key], made (uninitialised: the first step writes it) only when missing."""
+    buf = state.get(key)
+    if buf is None:
+        buf = state[key] = torch.empty_like(like, **kwargs)
+    return buf

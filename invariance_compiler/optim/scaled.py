@@ -8,6 +8,8 @@ from typing import Any, Optional
 import torch
 import torch.nn as nn
 
+from ..kernels.gsgd_step import momentum_
+
 __all__ = ["GroupScaledSGD", "group_norms", "structure_of", "sgd_momentum_", "plain_model_only", "run_closure"]
 
 
@@ -30,15 +32,9 @@ def plain_model_only(model: nn.Module, who: str) -> None:
 
 def sgd_momentum_(p: torch.Tensor, state: dict, lr: float, momentum: float) -> None:
     """The fallback for parameters outside every manifold: SGD with (heavy-ball) momentum."""
-    if not momentum:
-        p.add_(p.grad, alpha=-lr)
-        return
-    buf = state.get("momentum_buffer")
-    if buf is None:
-        buf = state["momentum_buffer"] = p.grad.clone()
-    else:
-        buf.mul_(momentum).add_(p.grad)
-    p.add_(buf, alpha=-lr)
+    first = momentum != 0 and "momentum_buffer" not in state
+    buf = state.setdefault("momentum_buffer", torch.empty_like(p.grad)) if first else state.get("momentum_buffer")
+    p.add_(momentum_(p.grad, buf, momentum, first), alpha=-lr)
 
 
 def structure_of(model: nn.Module, report, example_inputs) -> tuple:
@@ -50,7 +46,7 @@ def structure_of(model: nn.Module, report, example_inputs) -> tuple:
         if model.form != "fixed":
             raise ValueError(f"{model.form} modules hold path values, not weights: use torch.optim on "
                              f"them (SGD there is G-SGD) or compile with form='fixed'")
-        return model.report, dict(model._v_attr)
+        return model.report, model.parameter_names()
     report = report if report is not None else analyze(model, example_inputs)
     return report, {n: n for n in report.param_names}
 

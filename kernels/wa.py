@@ -1,18 +1,17 @@
 """Weight allocation on a group of tensors: W = V / (P_in[in] · M[out]), then W_K = fixed values
-and W_J = c / (P_in · M) at the carrier slots. One dense launch over every tensor of the group,
-one sparse launch for the few K and J entries (ordered after it on the stream)."""
+and W_J = c / (P_in · M) at the carrier slots. The Triton kernel: one dense launch over every
+tensor of the group, one sparse launch for the few K and J entries (ordered after it on the
+stream); then its launcher, the PyTorch reference and the dispatch (`allocate`)."""
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
-
-from .common import (IN_C, IN_R, OUT_C, OUT_R, SPARSE_BLOCK, classes, denominator, dtypes, locate,
+from .common import (jit, tl, IN_C, IN_R, OUT_C, OUT_R, SPARSE_BLOCK, classes, denominator, dtypes, locate,
                      pointers, sparse_grid, tensor_ptr)
-from .layout import Layout
+from .dispatch import use_triton
+from .layout import Group, Layout, TensorSlots
 
 
-@triton.jit
+@jit
 def _wa_dense(tiles, meta, cls, p_in, M, v_ptrs, w_ptrs, n,
               DT: tl.constexpr, ACC: tl.constexpr, BS: tl.constexpr, BR: tl.constexpr, ROWS: tl.constexpr):
     t, m, g, R, S, rt, st = locate(tiles, meta)
@@ -34,7 +33,7 @@ def _wa_dense(tiles, meta, cls, p_in, M, v_ptrs, w_ptrs, n,
         tl.store(w + off, (x * ((1.0 / d_row)[:, None] * (1.0 / d_col)[None, :])).to(DT), mask=mask)
 
 
-@triton.jit
+@jit
 def _wa_sparse(k_tensor, k_idx, k_val, nk, j_tensor, j_idx, j_in, j_out, j_cls, nj,
                p_in, M, carriers, w_ptrs, DT: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
     off = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -54,17 +53,17 @@ def wa_op(vs: list[torch.Tensor], p_in: torch.Tensor, M: torch.Tensor, carriers:
     """The allocated weights of `vs` (a group of one dtype and device) with `layout` from
     layout.build_group."""
     layout = Layout.from_op_args(layout, tiling)
-    meta, cls, tiles, k_tensor, k_idx, k_in, k_val, j_tensor, j_idx, j_in, j_out, j_cls = layout.tensors()
+    L = layout
     vs = [v.contiguous() for v in vs]
     ws = [torch.empty_like(v) for v in vs]
     DT, ACC = dtypes(vs[0].dtype)
     w_ptrs = pointers(ws)
-    _wa_dense[(tiles.numel(),)](tiles, meta, cls, p_in, M, pointers(vs), w_ptrs, n,
+    _wa_dense[(L.tiles.numel(),)](L.tiles, L.meta, L.cls, p_in, M, pointers(vs), w_ptrs, n,
                                 DT=DT, ACC=ACC, **layout.tiling.launch_args())
     grid = sparse_grid(layout)
     if grid:
-        _wa_sparse[(grid,)](k_tensor, k_idx, k_val, k_idx.numel(), j_tensor, j_idx, j_in, j_out, j_cls,
-                            j_idx.numel(), p_in, M, carriers, w_ptrs, DT=DT, ACC=ACC, BLOCK=SPARSE_BLOCK)
+        _wa_sparse[(grid,)](L.k_tensor, L.k_idx, L.k_val, L.k_idx.numel(), L.j_tensor, L.j_idx, L.j_in, L.j_out,
+                            L.j_cls, L.j_idx.numel(), p_in, M, carriers, w_ptrs, DT=DT, ACC=ACC, BLOCK=SPARSE_BLOCK)
     return ws
 
 
@@ -73,6 +72,30 @@ def _(vs, p_in, M, carriers, layout, tiling, n):
     return [torch.empty_like(v, memory_format=torch.contiguous_format) for v in vs]
 
 
-def wa(vs, p_in, M, carriers, layout: Layout, n):
+def launch(vs, p_in, M, carriers, layout: Layout, n):
     """wa_op with the layout record."""
     return wa_op(vs, p_in, M, carriers, *layout.op_args(), n)
+
+
+def reference(vs, p_in, M, carriers, slots: list[TensorSlots], out=None) -> list[torch.Tensor]:
+    """WA in PyTorch ops: differentiable (autograd through it is the ICR), or written into `out`."""
+    ws = []
+    for k, (v, s) in enumerate(zip(vs, slots)):
+        den = p_in[s.inp] * M[s.out]
+        carried = carriers[s.carrier_cls] / (p_in[s.carrier_in] * M[s.carrier_out])
+        if out is None:
+            w = (v / den).reshape(-1).index_put((s.fixed_idx,), s.fixed_val.to(v.dtype))
+            ws.append(w.index_put((s.carrier_idx,), carried.to(v.dtype)).view(v.shape))
+        else:
+            w = torch.div(v, den, out=out[k])
+            w.view(-1)[s.fixed_idx] = s.fixed_val.to(w.dtype)
+            w.view(-1)[s.carrier_idx] = carried.to(w.dtype)
+            ws.append(w)
+    return ws
+
+
+def allocate(vs, p_in, M, carriers, group: Group) -> list[torch.Tensor]:
+    """The weights of `vs`: Triton where dispatch says so, else the reference."""
+    if use_triton(vs[0]):
+        return launch(list(vs), p_in, M, carriers, group.layout, group.n)
+    return reference(vs, p_in, M, carriers, group.slots)

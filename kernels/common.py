@@ -1,26 +1,50 @@
-"""Pieces shared by the kernels: locating a program's tile, the tile's denominators, pointer
-tables. Imported only once Triton is wanted (see kernels/__init__.py)."""
+"""Pieces shared by the kernels: Triton where it is installed, locating a program's tile, the
+tile's denominators, pointer tables.
+
+Triton is imported with the kernels (each op's file holds its kernel beside its PyTorch reference);
+where it is missing the kernels are plain functions that nothing launches. Triton reads
+TRITON_INTERPRET when it is imported: set it before importing invariance_compiler."""
+from __future__ import annotations
+
+import os
+
 import torch
-import triton
-import triton.language as tl
 
 from . import layout
 
-# the meta row's columns by name (layout.META); a global read inside a kernel must be a constexpr
-NF = tl.constexpr(len(layout.META))
-R_ = tl.constexpr(layout.META.index("R"))
-S_ = tl.constexpr(layout.META.index("S"))
-IN_R = tl.constexpr(layout.META.index("in_r"))
-IN_C = tl.constexpr(layout.META.index("in_c"))
-OUT_R = tl.constexpr(layout.META.index("out_r"))
-OUT_C = tl.constexpr(layout.META.index("out_c"))
-FIRST_TILE = tl.constexpr(layout.META.index("first_tile"))
-ROW_TILES = tl.constexpr(layout.META.index("row_tiles"))
-COL_TILES = tl.constexpr(layout.META.index("col_tiles"))
-ROW_MODE = tl.constexpr(layout.META.index("row_mode"))
+try:
+    import triton
+    import triton.language as tl
+except ImportError:                      # macOS, or no Triton: the PyTorch references only
+    triton = tl = None
+
+INTERPRETED = triton is not None and os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def jit(fn):
+    return triton.jit(fn) if triton is not None else fn
+
+
+def _constexpr(value):
+    """A global that a kernel reads must be a constexpr."""
+    return tl.constexpr(value) if tl is not None else value
+
+
+# the meta row's columns by name (layout.META)
+NF = _constexpr(len(layout.META))
+R_ = _constexpr(layout.META.index("R"))
+S_ = _constexpr(layout.META.index("S"))
+IN_R = _constexpr(layout.META.index("in_r"))
+IN_C = _constexpr(layout.META.index("in_c"))
+OUT_R = _constexpr(layout.META.index("out_r"))
+OUT_C = _constexpr(layout.META.index("out_c"))
+FIRST_TILE = _constexpr(layout.META.index("first_tile"))
+ROW_TILES = _constexpr(layout.META.index("row_tiles"))
+COL_TILES = _constexpr(layout.META.index("col_tiles"))
+ROW_MODE = _constexpr(layout.META.index("row_mode"))
 
 TL_DTYPE = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16,
-            torch.float64: tl.float64}
+            torch.float64: tl.float64} if tl is not None else {}
 
 
 def dtypes(dtype: torch.dtype):
@@ -52,7 +76,7 @@ def small_tensor(values: tuple, dtype: torch.dtype, device: torch.device) -> tor
 
 def sparse_grid(layout: layout.Layout) -> int:
     """Programs of the sparse launch over the K and J entries."""
-    return triton.cdiv(max(layout.k_idx.numel(), layout.j_idx.numel()), SPARSE_BLOCK)
+    return -(-max(layout.k_idx.numel(), layout.j_idx.numel()) // SPARSE_BLOCK)
 
 
 SPARSE_BLOCK = 128
@@ -63,7 +87,7 @@ def pointers(tensors) -> torch.Tensor:
     return small_tensor(tuple(t.data_ptr() for t in tensors), torch.int64, tensors[0].device)
 
 
-@triton.jit
+@jit
 def locate(tiles, meta):
     """Program -> (tensor t, its meta row, block g, R, S, row tile, column tile)."""
     t = tl.load(tiles + tl.program_id(0))
@@ -79,25 +103,25 @@ def locate(tiles, meta):
     return t, m, g, R, S, rt, rem - rt * col_tiles
 
 
-@triton.jit
+@jit
 def classes(cls, m, field, g, pos, length, mask, n):
     """Class ids at positions `pos` of block g from the class array at meta column `field`
     (IN_R, IN_C, OUT_R or OUT_C)."""
     return tl.load(cls + tl.load(m + field) + g * length + pos, mask=mask, other=n)
 
 
-@triton.jit
+@jit
 def denominator(p_in, M, cin, cout, ACC: tl.constexpr):
     """P_in[in] · M[out] (index n, 'no class', holds 1 in both)."""
     return tl.load(p_in + cin).to(ACC) * tl.load(M + cout).to(ACC)
 
 
-@triton.jit
+@jit
 def tensor_ptr(table, t, DT: tl.constexpr):
     return tl.load(table + t).to(tl.pointer_type(DT))
 
 
-@triton.jit
+@jit
 def add_by_class(reduced, acc, contrib, in_row, rmask, n, row_mode):
     """One row step of a tile's per-class reduction: flushed by row where the input class changes
     with the row, else summed in registers (acc) for `flush_columns` at the end."""
@@ -108,7 +132,7 @@ def add_by_class(reduced, acc, contrib, in_row, rmask, n, row_mode):
     return acc
 
 
-@triton.jit
+@jit
 def flush_columns(reduced, acc, in_col, cmask, n, row_mode):
     if not row_mode:
         tl.atomic_add(reduced + in_col, tl.sum(acc, 0), mask=cmask & (in_col != n))

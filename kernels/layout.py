@@ -25,7 +25,7 @@ from typing import NamedTuple
 
 import torch
 
-__all__ = ["META", "Layout", "TensorSlots", "Tiling", "block_view", "build_group"]
+__all__ = ["META", "Group", "Layout", "TensorSlots", "Tiling", "block_view", "build_group"]
 
 # the columns of a meta row, in order
 META = ("G", "R", "S", "in_r", "in_c", "out_r", "out_c", "first_tile", "row_tiles", "col_tiles", "row_mode")
@@ -90,6 +90,14 @@ class Layout(NamedTuple):
     @staticmethod
     def from_op_args(tensors: list[torch.Tensor], tiling: list[int]) -> "Layout":
         return Layout(*tensors, Tiling(*tiling))
+
+
+class Group(NamedTuple):
+    """A group of tensors as every backend of an op reads it: the PyTorch references its tensors'
+    slots, the Triton kernels and the C++ step its layout; `n` classes (index n: no class)."""
+    slots: list[TensorSlots]
+    layout: Layout
+    n: int
 
 
 def _divisors(d: int) -> list[int]:

@@ -8,19 +8,23 @@ P_in depends on the carriers' gradients, which depend on a reduction over every 
      ∂L/∂V = ∂L/∂W / den_old, d = ∂L/∂V + wd·V, buf = mom·buf + d (buf = d on the first step),
      V -= lr·buf, W = V / den_new; then the K and J slots: W = fixed or c / den_new, V = buf = 0.
 Memory traffic: 2 + 6 tensor passes (2 + 4 without momentum); torch's SGD(foreach) with momentum
-makes about 8."""
+makes about 8. Then the launchers, the PyTorch reference (`reference_step`, also the path for other
+dtypes or where no C++ compiler works), and the dispatch (`GSGDStep`: Triton on CUDA, the fused C++
+step of cpu.py on fp32 / fp64 CPU tensors, else the reference)."""
 from __future__ import annotations
 
+from typing import Callable, NamedTuple, Optional
+
 import torch
-import triton
-import triton.language as tl
 
-from .common import (IN_C, IN_R, OUT_C, OUT_R, ROW_MODE, SPARSE_BLOCK, acc_dtype, add_by_class, classes,
+from . import wa
+from .common import (jit, tl, IN_C, IN_R, OUT_C, OUT_R, ROW_MODE, SPARSE_BLOCK, acc_dtype, add_by_class, classes,
                      denominator, dtypes, flush_columns, locate, pointers, sparse_grid, small_tensor, tensor_ptr)
-from .layout import Layout
+from .dispatch import current_mode, use_triton
+from .layout import Group, Layout
 
 
-@triton.jit
+@jit
 def _reduce_dense(tiles, meta, cls, g_ptrs, w_ptrs, reduced, n,
                   DT: tl.constexpr, ACC: tl.constexpr, BS: tl.constexpr, BR: tl.constexpr, ROWS: tl.constexpr):
     t, m, g, R, S, rt, st = locate(tiles, meta)
@@ -43,7 +47,7 @@ def _reduce_dense(tiles, meta, cls, g_ptrs, w_ptrs, reduced, n,
     flush_columns(reduced, acc, in_col, cmask, n, row_mode)
 
 
-@triton.jit
+@jit
 def _reduce_sparse(k_tensor, k_idx, k_in, nk, j_tensor, j_idx, j_in, j_out, j_cls, nj, p_in, M,
                    g_ptrs, w_ptrs, reduced, g_car, DT: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
     off = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -62,7 +66,7 @@ def _reduce_sparse(k_tensor, k_idx, k_in, nk, j_tensor, j_idx, j_in, j_out, j_cl
     tl.atomic_add(g_car + tl.load(j_cls + off, mask=mask, other=0), g, mask=mask)
 
 
-@triton.jit
+@jit
 def _update_dense(tiles, meta, cls, p_old, p_new, M, g_ptrs, v_ptrs, b_ptrs, w_ptrs, n, hyper,
                   DT: tl.constexpr, ACC: tl.constexpr, MOMENTUM: tl.constexpr, FIRST: tl.constexpr,
                   BS: tl.constexpr, BR: tl.constexpr, ROWS: tl.constexpr):
@@ -101,7 +105,7 @@ def _update_dense(tiles, meta, cls, p_old, p_new, M, g_ptrs, v_ptrs, b_ptrs, w_p
         tl.store(w_p + off, (v * new).to(DT), mask=mask)
 
 
-@triton.jit
+@jit
 def _update_sparse(k_tensor, k_idx, k_val, nk, j_tensor, j_idx, j_in, j_out, j_cls, nj, p_new, M,
                    carriers, v_ptrs, b_ptrs, w_ptrs, DT: tl.constexpr, ACC: tl.constexpr,
                    MOMENTUM: tl.constexpr, BLOCK: tl.constexpr):
@@ -128,21 +132,22 @@ def _update_sparse(k_tensor, k_idx, k_val, nk, j_tensor, j_idx, j_in, j_out, j_c
 
 @torch.library.custom_op("invariance_compiler::gsgd_reduce", mutates_args=())
 def gsgd_reduce_op(gws: list[torch.Tensor], ws: list[torch.Tensor], p_in: torch.Tensor, M: torch.Tensor,
-                   num_carriers: int, layout: list[torch.Tensor], tiling: list[int], n: int) -> tuple[torch.Tensor, torch.Tensor]:
+                   num_carriers: int, layout: list[torch.Tensor], tiling: list[int],
+                   n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Pass 1: (reduced (n + 1,), the carriers' direct gradients), in the arithmetic dtype."""
     layout = Layout.from_op_args(layout, tiling)
-    meta, cls, tiles, k_tensor, k_idx, k_in, k_val, j_tensor, j_idx, j_in, j_out, j_cls = layout.tensors()
+    L = layout
     acc = acc_dtype(ws[0].dtype)
     reduced = torch.zeros(p_in.numel(), dtype=acc, device=p_in.device)
     g_car = torch.zeros(num_carriers, dtype=acc, device=p_in.device)
     DT, ACC = dtypes(ws[0].dtype)
     g_ptrs, w_ptrs = pointers(gws), pointers(ws)
-    _reduce_dense[(tiles.numel(),)](tiles, meta, cls, g_ptrs, w_ptrs, reduced, n,
+    _reduce_dense[(L.tiles.numel(),)](L.tiles, L.meta, L.cls, g_ptrs, w_ptrs, reduced, n,
                                     DT=DT, ACC=ACC, **layout.tiling.launch_args())
     grid = sparse_grid(layout)
     if grid:
-        _reduce_sparse[(grid,)](k_tensor, k_idx, k_in, k_idx.numel(), j_tensor, j_idx, j_in, j_out, j_cls,
-                                j_idx.numel(), p_in, M, g_ptrs, w_ptrs, reduced, g_car,
+        _reduce_sparse[(grid,)](L.k_tensor, L.k_idx, L.k_in, L.k_idx.numel(), L.j_tensor, L.j_idx, L.j_in,
+                                L.j_out, L.j_cls, L.j_idx.numel(), p_in, M, g_ptrs, w_ptrs, reduced, g_car,
                                 DT=DT, ACC=ACC, BLOCK=SPARSE_BLOCK)
     return reduced, g_car
 
@@ -156,23 +161,23 @@ def _(gws, ws, p_in, M, num_carriers, layout, tiling, n):
 @torch.library.custom_op("invariance_compiler::gsgd_update", mutates_args=("vs", "bufs", "ws"))
 def gsgd_update_op(gws: list[torch.Tensor], vs: list[torch.Tensor], bufs: list[torch.Tensor],
                    ws: list[torch.Tensor], p_old: torch.Tensor, p_new: torch.Tensor, M: torch.Tensor,
-                   carriers: torch.Tensor, layout: list[torch.Tensor], tiling: list[int], n: int, lr: float, momentum: float,
-                   weight_decay: float, first: bool) -> None:
+                   carriers: torch.Tensor, layout: list[torch.Tensor], tiling: list[int], n: int, lr: float,
+                   momentum: float, weight_decay: float, first: bool) -> None:
     """Pass 2, in place on vs, bufs (momentum buffers; ignored when momentum == 0) and ws. Every
     tensor must be contiguous."""
     layout = Layout.from_op_args(layout, tiling)
-    meta, cls, tiles, k_tensor, k_idx, k_in, k_val, j_tensor, j_idx, j_in, j_out, j_cls = layout.tensors()
+    L = layout
     DT, ACC = dtypes(ws[0].dtype)
     v_ptrs, w_ptrs = pointers(vs), pointers(ws)
     b_ptrs = pointers(bufs) if momentum else v_ptrs
-    _update_dense[(tiles.numel(),)](tiles, meta, cls, p_old, p_new, M, pointers(gws), v_ptrs, b_ptrs,
+    _update_dense[(L.tiles.numel(),)](L.tiles, L.meta, L.cls, p_old, p_new, M, pointers(gws), v_ptrs, b_ptrs,
                                     w_ptrs, n, small_tensor((lr, momentum, weight_decay), acc_dtype(ws[0].dtype),
                                                             ws[0].device), DT=DT, ACC=ACC,
                                     MOMENTUM=momentum != 0, FIRST=first, **layout.tiling.launch_args())
     grid = sparse_grid(layout)
     if grid:
-        _update_sparse[(grid,)](k_tensor, k_idx, k_val, k_idx.numel(), j_tensor, j_idx, j_in, j_out,
-                                j_cls, j_idx.numel(), p_new, M, carriers, v_ptrs, b_ptrs, w_ptrs,
+        _update_sparse[(grid,)](L.k_tensor, L.k_idx, L.k_val, L.k_idx.numel(), L.j_tensor, L.j_idx, L.j_in, L.j_out,
+                                L.j_cls, L.j_idx.numel(), p_new, M, carriers, v_ptrs, b_ptrs, w_ptrs,
                                 DT=DT, ACC=ACC, MOMENTUM=momentum != 0, BLOCK=SPARSE_BLOCK)
 
 
@@ -181,11 +186,103 @@ def _(gws, vs, bufs, ws, p_old, p_new, M, carriers, layout, tiling, n, lr, momen
     return None
 
 
-def gsgd_reduce(gws, ws, p_in, M, num_carriers, layout: Layout, n):
+def launch_reduce(gws, ws, p_in, M, num_carriers, layout: Layout, n):
     """gsgd_reduce_op with the layout record."""
     return gsgd_reduce_op(gws, ws, p_in, M, num_carriers, *layout.op_args(), n)
 
 
-def gsgd_update(gws, vs, bufs, ws, p_old, p_new, M, carriers, layout: Layout, n, lr, momentum, weight_decay, first):
+def launch_update(gws, vs, bufs, ws, p_old, p_new, M, carriers, layout: Layout, n, lr, momentum, weight_decay,
+                  first):
     """gsgd_update_op with the layout record."""
-    return gsgd_update_op(gws, vs, bufs, ws, p_old, p_new, M, carriers, *layout.op_args(), n, lr, momentum, weight_decay, first)
+    return gsgd_update_op(gws, vs, bufs, ws, p_old, p_new, M, carriers, *layout.op_args(), n, lr, momentum,
+                          weight_decay, first)
+
+
+# ---- the PyTorch reference --------------------------------------------------------------------
+class StepPlan(NamedTuple):
+    """What the G-SGD step reads of an allocation plan: every allocated tensor as one group, M,
+    the carriers' path constants (P_in = path_scale ⊙ [c, 1][path_root]), which tensors read a
+    class, and `path_in` (P_in from the carriers; it raises, naming the classes, where one is
+    zero or non-finite)."""
+    group: Group
+    M: torch.Tensor
+    path_scale: torch.Tensor
+    path_root: torch.Tensor
+    scales_in: list[bool]
+    path_in: Callable[[torch.Tensor], torch.Tensor]
+
+
+def momentum_(d: torch.Tensor, buf: Optional[torch.Tensor], momentum: float, first: bool) -> torch.Tensor:
+    """torch.optim.SGD's heavy-ball direction: buf = d on the first step, else mom·buf + d."""
+    if not momentum:
+        return d
+    return buf.copy_(d) if first else buf.mul_(momentum).add_(d)
+
+
+def carrier_step_(plan: StepPlan, c, reduced, g_car, p_old, lr, mom, wd, buf, first) -> None:
+    """SGD on the carriers' path values from the per-class reduction Σ ∂L/∂V ⊙ V and their direct
+    gradients (∂L/∂P_in = -reduced / P_in goes back to the carriers through path_in, O(H))."""
+    g_p = (-reduced.to(c.dtype) / p_old) * plan.path_scale
+    through = torch.zeros(c.numel() + 1, dtype=c.dtype, device=c.device).index_add_(0, plan.path_root, g_p)[:-1]
+    d = g_car.to(c.dtype) + through
+    d = d.add(c, alpha=wd) if wd else d
+    c.add_(momentum_(d, buf, mom, first), alpha=-lr)
+
+
+def reference_step(plan: StepPlan, gws, vs, bufs, ws, c, c_buf, lr, mom, wd, first) -> None:
+    """The step in PyTorch ops, in place: V and the buffers with the reduction in one pass, the
+    carriers, then W = WA(V)."""
+    p_old = plan.path_in(c)
+    reduced = torch.zeros_like(p_old)
+    g_car = c.new_zeros(c.numel())
+    r_old, r_out = 1.0 / p_old, 1.0 / plan.M
+    for i, (s, gw, v) in enumerate(zip(plan.group.slots, gws, vs)):
+        gv = gw * (r_old[s.inp] * r_out[s.out])                      # ∂L/∂V (V is 0 on the K and J slots)
+        if plan.scales_in[i]:
+            dims = [d for d in range(v.dim()) if s.inp.shape[d] == 1 and v.shape[d] > 1]
+            col = gv * v
+            col = col.sum(dim=dims, keepdim=True) if dims else col
+            reduced.index_add_(0, s.inp.expand(col.shape).reshape(-1), col.reshape(-1))
+        if s.carrier_idx.numel():                     # the carriers' direct gradient
+            g = gw.reshape(-1)[s.carrier_idx] / (p_old[s.carrier_in] * plan.M[s.carrier_out])
+            g_car.index_add_(0, s.carrier_cls, g)
+            reduced.index_add_(0, s.carrier_in, g * c[s.carrier_cls])
+        d = gv.add_(v, alpha=wd) if wd else gv
+        v.add_(momentum_(d, bufs[i] if mom else None, mom, first), alpha=-lr)
+        for idx in (s.fixed_idx, s.carrier_idx):      # fixed and carrier slots are no coordinates
+            if idx.numel():
+                v.view(-1)[idx] = 0
+                if mom:
+                    bufs[i].view(-1)[idx] = 0
+    carrier_step_(plan, c, reduced, g_car, p_old, lr, mom, wd, c_buf, first)
+    wa.reference(vs, plan.path_in(c), plan.M, c, plan.group.slots, out=ws)
+
+
+# ---- dispatch ---------------------------------------------------------------------------------
+class GSGDStep:
+    """G-SGD's whole step on a plan's tensors, on the backend dispatch picks; `backend` says which
+    ran last ('Triton', 'C++' or 'PyTorch')."""
+
+    def __init__(self, plan: StepPlan):
+        self.plan, self.backend = plan, None
+        self._cpu = None                              # the fused CPU step, once built
+
+    def __call__(self, gws, vs, bufs, ws, c, c_buf, lr, mom, wd, first) -> None:
+        """In place on vs, bufs (momentum buffers, [] without momentum), ws, c and c_buf."""
+        plan, lay, n = self.plan, self.plan.group.layout, self.plan.group.n
+        if use_triton(ws[0]):
+            self.backend, p_old = "Triton", plan.path_in(c)
+            reduced, g_car = launch_reduce(gws, ws, p_old, plan.M, c.numel(), lay, n)
+            carrier_step_(plan, c, reduced, g_car, p_old, lr, mom, wd, c_buf, first)
+            launch_update(gws, vs, bufs, ws, p_old, plan.path_in(c), plan.M, c, lay, n, lr, mom, wd, first)
+            return
+        fused = None
+        if current_mode() == "auto":
+            from .cpu import cpu_step
+            fused = cpu_step(plan, gws + vs + ws + bufs + [c, plan.M], self._cpu)
+        if fused is not None:
+            self.backend, self._cpu = "C++", fused
+            fused(gws, vs, bufs, ws, c, c_buf, lr, mom, wd, first)
+        else:
+            self.backend = "PyTorch"
+            reference_step(plan, gws, vs, bufs, ws, c, c_buf, lr, mom, wd, first)

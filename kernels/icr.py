@@ -4,19 +4,18 @@
     ∂L/∂c (direct) = ∂L/∂W_J / (P_in · M).
 The dense launch reads ∂L/∂W and V once, writes ∂L/∂V, and reduces each tile's rows or columns
 (whichever the input class varies along) in registers before one atomic add per row or column.
-The sparse launch then moves the K and J slots' share out of ∂L/∂V and into the carriers."""
+The sparse launch then moves the K and J slots' share out of ∂L/∂V and into the carriers.
+Then its launcher, the PyTorch reference and the dispatch (`backward`)."""
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
-
-from .common import (IN_C, IN_R, OUT_C, OUT_R, ROW_MODE, SPARSE_BLOCK, acc_dtype, add_by_class, classes,
+from .common import (jit, tl, IN_C, IN_R, OUT_C, OUT_R, ROW_MODE, SPARSE_BLOCK, acc_dtype, add_by_class, classes,
                      denominator, dtypes, flush_columns, locate, pointers, sparse_grid, tensor_ptr)
-from .layout import Layout
+from .dispatch import use_triton
+from .layout import Group, Layout, TensorSlots
 
 
-@triton.jit
+@jit
 def _icr_dense(tiles, meta, cls, p_in, M, g_ptrs, v_ptrs, gv_ptrs, reduced, n,
                DT: tl.constexpr, ACC: tl.constexpr, BS: tl.constexpr, BR: tl.constexpr, ROWS: tl.constexpr):
     t, m, g, R, S, rt, st = locate(tiles, meta)
@@ -44,7 +43,7 @@ def _icr_dense(tiles, meta, cls, p_in, M, g_ptrs, v_ptrs, gv_ptrs, reduced, n,
     flush_columns(reduced, acc, in_col, cmask, n, row_mode)
 
 
-@triton.jit
+@jit
 def _icr_sparse(k_tensor, k_idx, k_in, nk, j_tensor, j_idx, j_in, j_cls, nj, carriers,
                 v_ptrs, gv_ptrs, reduced, g_car, DT: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
     off = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -78,7 +77,7 @@ def icr_op(gws: list[torch.Tensor], vs: list[torch.Tensor], p_in: torch.Tensor, 
     """[∂L/∂V of each tensor..., reduced (n + 1,), ∂L/∂c direct (len(carriers),)], the last two in
     the arithmetic dtype."""
     layout = Layout.from_op_args(layout, tiling)
-    meta, cls, tiles, k_tensor, k_idx, k_in, k_val, j_tensor, j_idx, j_in, j_out, j_cls = layout.tensors()
+    L = layout
     gws = [g.contiguous() for g in gws]
     vs = [v.contiguous() for v in vs]
     gvs = [torch.empty_like(v) for v in vs]
@@ -87,12 +86,12 @@ def icr_op(gws: list[torch.Tensor], vs: list[torch.Tensor], p_in: torch.Tensor, 
     g_car = torch.zeros(carriers.numel(), dtype=acc, device=p_in.device)
     DT, ACC = dtypes(vs[0].dtype)
     v_ptrs, gv_ptrs = pointers(vs), pointers(gvs)
-    _icr_dense[(tiles.numel(),)](tiles, meta, cls, p_in, M, pointers(gws), v_ptrs, gv_ptrs, reduced, n,
+    _icr_dense[(L.tiles.numel(),)](L.tiles, L.meta, L.cls, p_in, M, pointers(gws), v_ptrs, gv_ptrs, reduced, n,
                                  DT=DT, ACC=ACC, **layout.tiling.launch_args())
     grid = sparse_grid(layout)
     if grid:
-        _icr_sparse[(grid,)](k_tensor, k_idx, k_in, k_idx.numel(), j_tensor, j_idx, j_in, j_cls,
-                             j_idx.numel(), carriers, v_ptrs, gv_ptrs, reduced, g_car,
+        _icr_sparse[(grid,)](L.k_tensor, L.k_idx, L.k_in, L.k_idx.numel(), L.j_tensor, L.j_idx, L.j_in, L.j_cls,
+                             L.j_idx.numel(), carriers, v_ptrs, gv_ptrs, reduced, g_car,
                              DT=DT, ACC=ACC, BLOCK=SPARSE_BLOCK)
     return gvs + [reduced, g_car]
 
@@ -104,6 +103,38 @@ def _(gws, vs, p_in, M, carriers, layout, tiling, n):
             + [p_in.new_empty(p_in.shape, dtype=acc), carriers.new_empty(carriers.shape, dtype=acc)])
 
 
-def icr(gws, vs, p_in, M, carriers, layout: Layout, n):
+def launch(gws, vs, p_in, M, carriers, layout: Layout, n):
     """icr_op with the layout record."""
     return icr_op(gws, vs, p_in, M, carriers, *layout.op_args(), n)
+
+
+def reference(gws, vs, p_in, M, carriers, slots: list[TensorSlots]):
+    """ICR in PyTorch ops: (∂L/∂V of each tensor, reduced (n + 1,), ∂L/∂c direct)."""
+    reduced = torch.zeros_like(p_in)
+    g_car = torch.zeros_like(carriers)
+    gvs = []
+    for s, v, gw in zip(slots, vs, gws):
+        gw = torch.zeros_like(v) if gw is None else gw
+        gv = (gw / (p_in[s.inp] * M[s.out])).contiguous()           # gw may come permuted
+        flat = gv.view(-1)
+        flat[s.fixed_idx] = 0                                         # fixed: not functions of V
+        g_j = flat[s.carrier_idx].clone()                             # ∂L/∂c directly
+        g_car.index_add_(0, s.carrier_cls, g_j)
+        flat[s.carrier_idx] = 0                                       # J slots of V are unused
+        contrib = gv * v                                              # = ∂L/∂W ⊙ W on free, non-J entries
+        dims = [d for d in range(v.dim()) if s.inp.shape[d] == 1 and v.shape[d] > 1]
+        col = contrib.sum(dim=dims, keepdim=True) if dims else contrib
+        reduced.index_add_(0, s.inp.expand(col.shape).reshape(-1), col.reshape(-1))
+        reduced.index_add_(0, s.carrier_in, g_j * carriers[s.carrier_cls])   # the J entries
+        gvs.append(gv)
+    return gvs, reduced, g_car
+
+
+def backward(gws, vs, p_in, M, carriers, group: Group):
+    """(∂L/∂V of each tensor, reduced (n + 1,) in p_in's dtype, ∂L/∂c direct): Triton where
+    dispatch says so, else the reference."""
+    if use_triton(vs[0]):
+        gws = [torch.zeros_like(v) if g is None else g.contiguous() for v, g in zip(vs, gws)]
+        *gvs, reduced, g_car = launch(gws, list(vs), p_in, M, carriers, group.layout, group.n)
+        return gvs, reduced.to(p_in.dtype), g_car.to(carriers.dtype)
+    return reference(gws, vs, p_in, M, carriers, group.slots)

@@ -110,10 +110,10 @@ class CpuStep:
     def __init__(self, lib: ctypes.CDLL, plan, dtype: torch.dtype):
         self._run = getattr(lib, f"gsgd_cpu_step_{_SUFFIX[dtype]}")
         self.plan, self.dtype = plan, dtype
-        lay = plan.layout(range(plan.count))
-        slots = _slots(plan.count, lay.k_tensor, lay.k_idx, lay.j_tensor, lay.j_idx)
+        lay, count = plan.group.layout, len(plan.group.slots)
+        slots = _slots(count, lay.k_tensor, lay.k_idx, lay.j_tensor, lay.j_idx)
         self._keep = (lay, *slots)                                                  # alive
-        self._args = _Step(count=plan.count, n=plan.n, M=plan.M.data_ptr(), path_scale=plan.path_scale.data_ptr(),
+        self._args = _Step(count=count, n=plan.group.n, M=plan.M.data_ptr(), path_scale=plan.path_scale.data_ptr(),
                            path_root=plan.path_root.data_ptr(), nk=lay.k_idx.numel(), nj=lay.j_idx.numel(),
                            **{k: getattr(lay, k).data_ptr() for k in ("meta", "cls", "k_val", "j_tensor", "j_idx",
                                                                      "j_in", "j_out", "j_cls")},
