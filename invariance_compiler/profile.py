@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import compile_invariant, kernels
-from .codegen.allocate import icr
+from .codegen.forms import icr
 from .optim import GSGD
 
 # peak HBM bandwidth (TB/s) by device name, most specific first (DESIGN §4)

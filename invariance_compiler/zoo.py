@@ -6,10 +6,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["ZOO", "resnet50_like", "Bottleneck", "digits_mobilenet"]
+__all__ = ["ZOO", "mlp", "resnet50_like", "Bottleneck", "digits_mobilenet"]
 
 
-def _mlp(widths, bias=True, act=nn.ReLU):
+def mlp(widths, bias=True, act=nn.ReLU):
+    """nn.Sequential of Linear layers of the given widths with `act` between them."""
     layers = []
     for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
         layers.append(nn.Linear(a, b, bias=bias))
@@ -188,7 +189,7 @@ class EmbeddingBag(nn.Module):
     def __init__(self):
         super().__init__()
         self.emb = nn.Embedding(10, 6)
-        self.mlp = _mlp([6, 5, 3])
+        self.mlp = mlp([6, 5, 3])
 
     def forward(self, idx):
         return self.mlp(self.emb(idx).mean(dim=1))
@@ -280,10 +281,10 @@ def _seq(*mods):
 
 
 ZOO = {
-    "mlp": lambda: (_mlp([6, 8, 7, 3]), (torch.randn(4, 6),)),
-    "mlp_nobias": lambda: (_mlp([6, 8, 7, 3], bias=False), (torch.randn(4, 6),)),
-    "mlp_nonstraight": lambda: (_mlp([5, 7, 4, 9, 3]), (torch.randn(4, 5),)),
-    "mlp_leaky": lambda: (_mlp([5, 6, 7, 3], bias=False, act=lambda: nn.LeakyReLU(0.1)), (torch.randn(4, 5),)),
+    "mlp": lambda: (mlp([6, 8, 7, 3]), (torch.randn(4, 6),)),
+    "mlp_nobias": lambda: (mlp([6, 8, 7, 3], bias=False), (torch.randn(4, 6),)),
+    "mlp_nonstraight": lambda: (mlp([5, 7, 4, 9, 3]), (torch.randn(4, 5),)),
+    "mlp_leaky": lambda: (mlp([5, 6, 7, 3], bias=False, act=lambda: nn.LeakyReLU(0.1)), (torch.randn(4, 5),)),
     "cnn_pool": lambda: (_seq(nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(4, 5, 3),
                               nn.ReLU(), nn.AvgPool2d(2, stride=1), nn.Flatten(), nn.Linear(20, 3)), _img(s=10)),
     "cnn_nobias": lambda: (_seq(nn.Conv2d(2, 3, 3, bias=False), nn.ReLU(), nn.Conv2d(3, 4, 3, bias=False),

@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import invariance_compiler as ic
-from invariance_compiler.zoo import ZOO, _mlp
+from invariance_compiler.zoo import ZOO, mlp
 
 
 FORMS = ["gspace", "fixed"]
@@ -38,12 +38,12 @@ def test_both_forms_preserve_the_function_on_the_zoo(name, form):
 
 
 def test_emitted_code_names_the_allocation_steps():
-    cm = ic.compile_invariant(_mlp([3, 4, 2]))
+    cm = ic.compile_invariant(mlp([3, 4, 2]))
     code = cm.code
     assert "p_in = plan.path_in(v_carriers)" in code
     assert "model.0: plan.linear(x, v_0_weight, v_0_bias, p_in, v_carriers, 0, 1)" in code
     assert "aten.linear.default" in code and "aten.relu.default" in code     # the model's own forward
-    slow = ic.compile_invariant(_mlp([3, 4, 2]), scale_activations=False).code
+    slow = ic.compile_invariant(mlp([3, 4, 2]), scale_activations=False).code
     assert "w_0_weight, w_0_bias, w_2_weight = plan(p_in, v_carriers, v_0_weight, v_0_bias" in slow
     assert "plan.linear" not in slow
 
@@ -138,24 +138,19 @@ def test_fixed_entries_stay_bit_for_bit_under_adamw_with_weight_decay():
     assert moved
 
 
-def test_fixed_scale_brings_fixed_entries_to_the_value_and_keeps_the_function():
+@pytest.mark.parametrize("fixed", ["scale", "overwrite"])
+def test_fixed_entries_are_brought_to_the_value(fixed):
+    """'scale' moves along the orbit (|w_K| = value, the function kept); 'overwrite' sets them."""
     model, x = ZOO["mlp_nobias"]()
     model = model.double()
     x = tuple(t.double() for t in x)
-    cm = ic.compile_invariant(model, x, form="fixed", fixed="scale", value=1.0)
+    cm = ic.compile_invariant(model, x, form="fixed", fixed=fixed, value=1.0)
     w = cm.weights()
     for name, ps in cm.skeleton.params.items():
-        assert torch.allclose(w[name].reshape(-1)[ps.fixed_idx].abs(),
-                              torch.ones(ps.fixed_idx.numel(), dtype=torch.float64), rtol=1e-12)
-    assert _compare(model, cm, x) <= 1e-12
-
-
-def test_fixed_overwrite_sets_the_skeleton_weights():
-    model, x = ZOO["mlp_nobias"]()
-    cm = ic.compile_invariant(model, x, form="fixed", fixed="overwrite", value=1.0)
-    w = cm.weights()
-    for name, ps in cm.skeleton.params.items():
-        assert bool((w[name].reshape(-1)[ps.fixed_idx] == 1.0).all())
+        got = w[name].reshape(-1)[ps.fixed_idx]
+        assert torch.allclose(got.abs() if fixed == "scale" else got, torch.ones_like(got), rtol=1e-12), name
+    if fixed == "scale":
+        assert _compare(model, cm, x) <= 1e-12
 
 
 def test_balance_equalises_squared_weight_in_and_out_of_every_rescale_class():
@@ -197,7 +192,7 @@ def test_torch_compile_matches_eager():
 
 
 def test_bad_arguments_are_refused():
-    model = _mlp([3, 4, 2])
+    model = mlp([3, 4, 2])
     with pytest.raises(ValueError, match="form must be"):
         ic.compile_invariant(model, form="G")
     with pytest.raises(ValueError, match="fixed must be"):
@@ -205,7 +200,7 @@ def test_bad_arguments_are_refused():
 
 
 def test_frozen_parameters_are_constants_and_never_move():
-    model = _mlp([4, 6, 5, 3]).double()
+    model = mlp([4, 6, 5, 3]).double()
     model[2].weight.requires_grad_(False)         # a frozen middle layer (its bias still trains)
     x = torch.randn(16, 4, dtype=torch.float64)
     report = ic.analyze(model, x)

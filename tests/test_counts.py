@@ -5,15 +5,15 @@ import pytest
 import torch
 
 import invariance_compiler as ic
-from invariance_compiler.zoo import ZOO, _mlp
+from invariance_compiler.zoo import ZOO, mlp
 
 
 @pytest.mark.parametrize("widths,bias", [([6, 8, 7, 3], True), ([5, 7, 4, 9, 3], False), ([3, 2, 3], True)])
 def test_mlp_has_one_generator_per_hidden_unit(widths, bias):
-    report = ic.analyze(_mlp(widths, bias=bias))
+    report = ic.analyze(mlp(widths, bias=bias))
     assert report.num_generators == sum(widths[1:-1])
     assert report.counts() == {"rescale": sum(widths[1:-1]), "normalize": 0, "inert": 0}
-    assert report.num_params == sum(p.numel() for p in _mlp(widths, bias=bias).parameters())
+    assert report.num_params == sum(p.numel() for p in mlp(widths, bias=bias).parameters())
 
 
 def test_plain_cnn_has_one_generator_per_feature_map():
@@ -71,13 +71,13 @@ def test_structure_matrix_rank_is_m_minus_h(name):
 
 
 def test_structure_matrix_counts_paths_of_a_straight_mlp():
-    report = ic.analyze(_mlp([3, 4, 2], bias=False))
+    report = ic.analyze(mlp([3, 4, 2], bias=False))
     assert report.structure_matrix().shape == (3 * 4 * 2, report.num_params)
 
 
 def test_structure_matrix_refuses_what_it_cannot_enumerate():
     with pytest.raises(ValueError, match="max_paths"):
-        ic.analyze(_mlp([20, 20, 20, 20, 3])).structure_matrix(max_paths=1000)
+        ic.analyze(mlp([20, 20, 20, 20, 3])).structure_matrix(max_paths=1000)
     model, x = ZOO["vgg_bn"]()
     with pytest.raises(ValueError, match="normalisers"):
         ic.analyze(model, x).structure_matrix()

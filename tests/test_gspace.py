@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import invariance_compiler as ic
 from invariance_compiler.codegen.allocate import reference
 from invariance_compiler.skeleton import basis_paths
-from invariance_compiler.zoo import ZOO, _mlp
+from invariance_compiler.zoo import ZOO, mlp
 
 
 def _vs(cm):
@@ -94,7 +94,7 @@ def test_coordinates_and_gradients_of_a_straight_mlp_are_the_thesis_table():
     entries into a class whose out-chain is 1), v_i = w_i·w_j (outgoing non-skeleton);
     ∂L/∂v_i = ∂L/∂w_i / w_j and ∂L/∂v_j = ∂L/∂w_j − Σ_i ∂L/∂v_i·w_i."""
     torch.manual_seed(0)
-    model = _mlp([3, 4, 2], bias=False).double()
+    model = mlp([3, 4, 2], bias=False).double()
     x = torch.randn(5, 3, dtype=torch.float64)
     cm = ic.compile_invariant(model, x, fixed="overwrite", value=1.0)
     w = cm.weights()
@@ -226,7 +226,7 @@ def test_gsgd_optimizer_matches_sgd_on_the_gspace_module():
 
 def test_zero_entries_are_never_fixed_or_carriers():
     torch.manual_seed(0)
-    model = _mlp([3, 4, 2], bias=False).double()
+    model = mlp([3, 4, 2], bias=False).double()
     with torch.no_grad():
         model[2].weight[0].zero_()                            # G-SGD would fix an outgoing weight here
         model[0].weight[:, 0].zero_()                         # ... and might carry on these
@@ -241,7 +241,7 @@ def test_zero_entries_are_never_fixed_or_carriers():
 
 
 def test_a_generator_with_only_zero_entries_is_a_clear_error():
-    model = _mlp([3, 4, 2], bias=False)
+    model = mlp([3, 4, 2], bias=False)
     with torch.no_grad():
         model[0].weight[1].zero_()
         model[2].weight[:, 1].zero_()
@@ -250,7 +250,7 @@ def test_a_generator_with_only_zero_entries_is_a_clear_error():
 
 
 def test_a_carrier_reaching_zero_stops_with_a_message_not_nans():
-    model = _mlp([3, 4, 2], bias=False).double()
+    model = mlp([3, 4, 2], bias=False).double()
     cm = ic.compile_invariant(model)
     assert not bool(cm.skeleton.carrier_fixed[0])            # a free carrier: its value is a coordinate
     with torch.no_grad():

@@ -7,7 +7,7 @@ import torch
 
 import invariance_compiler as ic
 from invariance_compiler import kernels
-from invariance_compiler.codegen.allocate import icr
+from invariance_compiler.codegen.forms import icr
 from invariance_compiler.kernels.layout import block_view
 from invariance_compiler.optim import GSGD
 from invariance_compiler.zoo import ZOO

@@ -9,11 +9,11 @@ import torch
 import torch.nn as nn
 
 import invariance_compiler as ic
-from invariance_compiler.zoo import ZOO, _mlp
+from invariance_compiler.zoo import ZOO, mlp
 
 
 def test_generator_matrix_rows_follow_model_parameters_order():
-    model = _mlp([3, 4, 2])                       # 0.weight (4,3), 0.bias (4), 2.weight (2,4), 2.bias (2)
+    model = mlp([3, 4, 2])                       # 0.weight (4,3), 0.bias (4), 2.weight (2,4), 2.bias (2)
     report = ic.analyze(model)
     E = report.generator_matrix()
     assert E.shape == (report.num_params, report.num_generators) == (26, 4)
@@ -76,9 +76,9 @@ def test_act_applies_exp_e_lambda_and_preserves_the_function():
 
 
 def test_act_checks_its_arguments():
-    report = ic.analyze(_mlp([3, 4, 2]))
+    report = ic.analyze(mlp([3, 4, 2]))
     with pytest.raises(ValueError, match="expected 4 log-scales"):
-        report.act(_mlp([3, 4, 2]), torch.zeros(3))
+        report.act(mlp([3, 4, 2]), torch.zeros(3))
     with pytest.raises(ValueError, match="lacks parameters"):
         report.act(nn.Linear(3, 4), torch.zeros(4))
 
@@ -96,7 +96,7 @@ def test_table_names_every_layer_and_the_totals():
 
 
 def test_layer_graph_edges_carry_rescale_generators():
-    report = ic.analyze(_mlp([3, 4, 5, 2]))
+    report = ic.analyze(mlp([3, 4, 5, 2]))
     g = report.to_networkx()
     assert isinstance(g, nx.DiGraph)
     assert sorted(g.edges(data="rescale")) == [("0", "2", 4), ("2", "4", 5)]
@@ -126,7 +126,7 @@ def test_model_is_left_untouched():
 
 
 def test_report_pickles():
-    report = ic.analyze(_mlp([3, 4, 2]))
+    report = ic.analyze(mlp([3, 4, 2]))
     clone = pickle.loads(pickle.dumps(report))
     assert torch.equal(clone.generator_matrix(), report.generator_matrix())
     assert clone.graph is None and report.graph is not None   # the exported graph stays behind

@@ -1,4 +1,6 @@
-"""Weight allocation (WA) and its backward, the inverse chain rule (ICR), for a group of tensors.
+"""The allocation plan: weight allocation (WA) and its backward, the inverse chain rule (ICR), for
+the parameters of one compiled model (the ops themselves are in kernels/wa.py and kernels/icr.py,
+what differs between the two forms in forms.py).
 
 G-space (DESIGN §3.6, with P_in written directly in path values): for an entry e reading class a
 and producing class b,
@@ -26,10 +28,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..kernels import icr as icr_op, wa as wa_op
 from ..kernels.layout import Group, Layout, TensorSlots, Tiling, build_group
+from .forms import FORMS
 
-__all__ = ["Allocation", "WeightAllocation", "allocation_dtype", "icr", "make_allocation", "reference"]
+__all__ = ["Allocation", "allocation_dtype", "make_allocation", "reference"]
 
 
 class Allocation(nn.Module):
@@ -154,10 +156,7 @@ class Allocation(nn.Module):
 
     def forward(self, p_in: Optional[torch.Tensor], carriers: Optional[torch.Tensor], *vs) -> tuple:
         """Weights of the `wa` tensors (fixed form: p_in and carriers are None)."""
-        if self.form == "fixed":
-            return tuple(_overwrite(v, self.buf("fixed_idx", i), self.buf("fixed_val", i))
-                         for i, v in zip(self.wa, vs))
-        return WeightAllocation.apply(self, p_in, carriers, *vs)
+        return FORMS[self.form].allocate(self, p_in, carriers, vs)
 
     def linear(self, x: torch.Tensor, v: torch.Tensor, bias, p_in: torch.Tensor, carriers: torch.Tensor,
                i: int, j: int) -> torch.Tensor:
@@ -182,12 +181,6 @@ def _raise_if_bad(p_in: torch.Tensor) -> None:
             f"weight allocation: the carrier path value of class(es) {bad} is zero or non-finite, "
             f"so the weights it divides are undefined. Lower the learning rate, or export the "
             f"weights (export_state_dict) and compile again to choose new carriers.")
-
-
-def _overwrite(v: torch.Tensor, idx: torch.Tensor, val: torch.Tensor) -> torch.Tensor:
-    if idx.numel() == 0:
-        return v
-    return v.reshape(-1).index_put((idx,), val).view(v.shape)
 
 
 class _ScaledLinear(torch.autograd.Function):
@@ -255,30 +248,6 @@ def _fill(t: torch.Tensor, idx: torch.Tensor, k: torch.Tensor) -> None:
             flat[idx] = k
 
 
-class WeightAllocation(torch.autograd.Function):
-    """G-space WA forward, ICR backward, over the plan's `wa` tensors at once."""
-
-    @staticmethod
-    def forward(ctx, plan: Allocation, p_in, carriers, *vs):
-        ctx.plan = plan
-        ctx.save_for_backward(p_in, carriers, *vs)
-        return tuple(wa_op.allocate(vs, p_in, plan.M, carriers, plan.group(plan.wa)))
-
-    @staticmethod
-    def backward(ctx, *gws):
-        p_in, carriers, *vs = ctx.saved_tensors
-        gvs, g_p_in, g_car = icr(ctx.plan, p_in, carriers, vs, gws, ctx.plan.wa)
-        return (None, g_p_in, g_car, *gvs)
-
-
-def icr(plan: Allocation, p_in: torch.Tensor, carriers: torch.Tensor, vs: Sequence[torch.Tensor],
-        gws: Sequence, index: Sequence[int]):
-    """From ∂L/∂W of tensors `index`: ∂L/∂V (0 on K and J slots), ∂L/∂P_in (the per-class
-    reduction Σ ∂L/∂W ⊙ W over free entries) and the direct part of ∂L/∂carriers."""
-    gvs, reduced, g_car = icr_op.backward(gws, vs, p_in, plan.M, carriers, plan.group(index))
-    return gvs, -reduced / p_in, g_car
-
-
 def allocation_dtype(params) -> torch.dtype:
     """The dtype of the allocation: that of the first floating-point parameter (integer ones are
     constants the analysis pins)."""
@@ -291,17 +260,17 @@ def make_allocation(report, sk, weights: dict, form: str, names: Sequence[str], 
     `linear` (gspace; weight name -> bias name or None) and their biases are used through
     Allocation.linear instead of WA.
     Returns (Allocation, {name: initial V or free tensor}, [names in plan order], carriers or None)."""
+    rules = FORMS[form]
     M = sk.out_factor(weights)
-    P = sk.in_factor(weights, M) if form == "gspace" else torch.ones_like(M)
+    P = rules.input_factor(sk, weights, M)
     n = sk.num_classes
     sides = {}
     for name in names:
         ps = sk.params[name]
         inp, out = torch.where(ps.inp < 0, n, ps.inp), torch.where(ps.out < 0, n, ps.out)
-        trivial = ps.fixed_idx.numel() == 0 and (form == "fixed" or bool((inp == n).all() and (out == n).all()))
-        sides[name] = (inp, out, trivial)
+        sides[name] = (inp, out, rules.trivial(ps, inp, out, n))
     # a Linear goes through `linear` only if its weight is allocated at all (a frozen one is not)
-    linear = {w: b for w, b in (linear or {}).items() if form == "gspace" and not sides[w][2]}
+    linear = {w: b for w, b in (linear or {}).items() if rules.scales_activations and not sides[w][2]}
     in_linear = set(linear) | {b for b in linear.values() if b}
     for w, b in linear.items():
         # `linear` adds the bias before the output scaling 1/M, so a bias enters in the units of
@@ -317,8 +286,8 @@ def make_allocation(report, sk, weights: dict, form: str, names: Sequence[str], 
         inp, out, trivial = sides[name]
         w64 = weights[name].detach().to(torch.float64)
         # contiguous: the slot indices are row-major, and reshape of a channels_last tensor copies
-        v = (w64 * P[inp] * M[out] if form == "gspace" else w64.clone()).contiguous()
-        jx, jc = (ps.carrier_idx, ps.carrier_cls) if form == "gspace" else (torch.zeros(0, dtype=torch.long),) * 2
+        v = rules.coordinates(w64, P, M, inp, out).contiguous()
+        jx, jc = rules.carrier_slots(ps)
         carriers[jc] = v.reshape(-1)[jx]                       # the carriers' path values
         v.reshape(-1)[ps.fixed_idx] = 0.0                      # K and J slots of V are unused
         v.reshape(-1)[jx] = 0.0
@@ -332,7 +301,7 @@ def make_allocation(report, sk, weights: dict, form: str, names: Sequence[str], 
                           "fixed_val": weights[name].detach().reshape(-1)[ps.fixed_idx].clone(),
                           "carrier_idx": jx, "carrier_cls": jc})
     chain, free = [], None
-    if form == "gspace":
+    if rules.carriers:
         fixed = sk.carrier_fixed & (sk.carrier_round >= 0)
         free = ((sk.carrier_param >= 0) & ~sk.carrier_fixed).nonzero().reshape(-1)
         vals = sk._values(weights, sk.carrier_param, sk.carrier_entry)
@@ -341,13 +310,9 @@ def make_allocation(report, sk, weights: dict, form: str, names: Sequence[str], 
             if cls.numel():
                 chain.append((cls, torch.where(sk.carrier_src[cls] < 0, n, sk.carrier_src[cls]), vals[cls]))
     plan = Allocation(form, n, M, plans, dtype, wa, chain, free)
-    return plan, init, planned, (carriers.to(dtype) if form == "gspace" else None)
+    return plan, init, planned, (carriers.to(dtype) if rules.carriers else None)
 
 
 def reference(plan: Allocation, carriers: Optional[torch.Tensor], vs: Sequence[torch.Tensor]) -> tuple:
     """Every plan tensor's weight with plain differentiable ops (autograd gives the ICR)."""
-    if plan.form == "fixed":
-        return tuple(_overwrite(v, plan.buf("fixed_idx", i), plan.buf("fixed_val", i))
-                     for i, v in enumerate(vs))
-    slots = [plan.tensor_slots(i) for i in range(len(vs))]
-    return tuple(wa_op.reference(vs, plan.path_in(carriers), plan.M, carriers, slots))
+    return FORMS[plan.form].reference(plan, carriers, vs)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import re
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
@@ -21,8 +22,9 @@ import torch.nn as nn
 from ..analyze import analyze
 from ..skeleton import build_skeleton, check_finite, fix_to
 from .allocate import allocation_dtype, make_allocation, reference
+from .forms import FORMS, form_of
 
-__all__ = ["compile_invariant", "InvariantModule", "ScaledLinear"]
+__all__ = ["compile_invariant", "CompiledState", "InvariantModule", "ScaledLinear"]
 
 
 class ScaledLinear(nn.Linear):
@@ -38,44 +40,59 @@ class ScaledLinear(nn.Linear):
         return plan.linear(x, self.weight, self.bias, p_in, carriers, i, j)
 
 
+@dataclass
+class CompiledState:
+    """What compile_invariant derives, as InvariantModule's constructor takes it."""
+    form: str                        # "gspace" | "fixed"
+    report: Any                      # the SymmetryReport
+    skeleton: Any                    # the Skeleton
+    plan: Any                        # the Allocation
+    init: dict                       # original parameter name -> its initial coordinates
+    allocated: list                  # the names the plan allocates, in plan order
+    carriers: Optional[torch.Tensor]  # the carriers' path values (gspace)
+    requires_grad: dict              # original parameter name -> requires_grad
+    unused: dict                     # parameters the forward never reads, kept as they are
+    aliases: dict                    # every parameter name of the model -> canonical name
+    fast: dict                       # Linear module path -> (weight, bias or None): scaled activations
+    guard: Optional[dict]            # example shapes, when a reshape depends on them
+    state_keys: list                 # the original model's state_dict keys
+    code: tuple                      # (the captured forward's code, its placeholders -> parameters)
+
+
 class InvariantModule(nn.Module):
     """The compiled model. Parameters: path values V (form="gspace", one `v_<name>` per weight and
     `v_carriers`) or the free entries of the weights (form="fixed", `free_<name>`); `allocate` is the
     allocation plan; `model` the original model without its parameters."""
 
-    def __init__(self, model: nn.Module, form: str, report, skeleton, plan, init: dict, allocated: list,
-                 carriers: Optional[torch.Tensor], requires_grad: dict, unused: dict, aliases: dict,
-                 fast: dict, guard: Optional[dict], state_keys: list, code: tuple):
+    def __init__(self, model: nn.Module, state: "CompiledState"):
         super().__init__()
-        self._state_keys = list(state_keys)        # the original model's state_dict keys
-        self._code, self._placeholders = code      # the captured forward, for `code`
+        self._state_keys = list(state.state_keys)         # the original model's state_dict keys
+        self._code, self._placeholders = state.code       # the captured forward, for `code`
         self.model = model
-        self.allocate = plan
-        self.form, self.report, self.skeleton = form, report, skeleton
-        self._allocated = list(allocated)
-        self._aliases = dict(aliases)              # every parameter name of the model -> canonical
-        self._fast = dict(fast)                    # module path -> (weight name, bias name or None)
+        self.allocate = state.plan
+        self.form, self.report, self.skeleton = state.form, state.report, state.skeleton
+        self._allocated = list(state.allocated)
+        self._aliases = dict(state.aliases)               # every parameter name of the model -> canonical
+        self._fast = dict(state.fast)                     # module path -> (weight name, bias name or None)
         self._fast_slots = {path: (self._allocated.index(w), self._allocated.index(b) if b in self._allocated
                                    else -1) for path, (w, b) in self._fast.items()}   # plan indices
-        self._guard = guard                        # example shapes, when a reshape depends on them
-        self._unused = {k: v.clone() for k, v in unused.items()}
-        if carriers is not None and allocated:
-            self.v_carriers = nn.Parameter(carriers)
+        self._guard = state.guard                         # example shapes, when a reshape depends on them
+        self._unused = {k: v.clone() for k, v in state.unused.items()}
+        if state.carriers is not None and self._allocated:
+            self.v_carriers = nn.Parameter(state.carriers)
         self._v_attr: dict[str, str] = {}
         taken = {"model", "allocate", "v_carriers"}
-        for name, v in init.items():
-            attr = attr_name("v_" if form == "gspace" else "free_", name, taken)
+        for name, v in state.init.items():
+            attr = attr_name(FORMS[self.form].prefix, name, taken)
             self._v_attr[name] = attr
-            self.register_parameter(attr, nn.Parameter(v, requires_grad=requires_grad[name]))
+            self.register_parameter(attr, nn.Parameter(v, requires_grad=state.requires_grad[name]))
 
     # ---- forward ------------------------------------------------------------------------------
     def _weights(self) -> dict[str, torch.Tensor]:
         """The tensors the model's forward reads for its parameters (the fast Linears get V)."""
         plan = self.allocate
-        p_in = carriers = None
-        if self.form == "gspace" and self._allocated:
-            carriers = self.v_carriers
-            p_in = plan.path_in(carriers)
+        carriers = getattr(self, "v_carriers", None)
+        p_in = FORMS[self.form].path_in(plan, carriers)
         vs = {n: getattr(self, a) for n, a in self._v_attr.items()}
         ws = dict(vs)
         if plan.wa:
@@ -133,11 +150,9 @@ class InvariantModule(nn.Module):
         out = {}
         for name, attr in self._v_attr.items():
             v = getattr(self, attr).detach().clone()
-            if name in self._allocated and self.form == "gspace":
-                i = self._allocated.index(name)
-                v.view(-1)[self.allocate.buf("fixed_idx", i)] = 0
-                v.view(-1)[self.allocate.buf("carrier_idx", i)] = \
-                    self.v_carriers[self.allocate.buf("carrier_cls", i)]
+            if name in self._allocated:
+                v = FORMS[self.form].path_values(v, self.allocate, self._allocated.index(name),
+                                                 getattr(self, "v_carriers", None))
             out[name] = v
         return out
 
@@ -227,8 +242,7 @@ def compile_invariant(model: nn.Module, example_inputs: Any = None, form: str = 
            (`other.skeleton`), so that both have the same coordinates.
     scale_activations: (gspace) Linear layers scale their input and output activations instead
            of forming W (cheaper at moderate batch); False allocates every weight."""
-    if form not in ("gspace", "fixed"):
-        raise ValueError(f"compile_invariant: form must be 'gspace' or 'fixed', got {form!r}")
+    rules = form_of(form)
     if fixed not in ("keep", "scale", "overwrite"):
         raise ValueError(f"compile_invariant: fixed must be 'keep', 'scale' or 'overwrite', got {fixed!r}")
     report = analyze(model, example_inputs, example_kwargs)
@@ -236,7 +250,7 @@ def compile_invariant(model: nn.Module, example_inputs: Any = None, form: str = 
     orig = dict(model.named_parameters())
     weights = {n: p.detach().cpu().clone() for n, p in orig.items()}   # plans are built on CPU
     check_finite(weights, "compile_invariant")
-    sk = skeleton if skeleton is not None else build_skeleton(report, weights, carriers=(form == "gspace"))
+    sk = skeleton if skeleton is not None else build_skeleton(report, weights, carriers=rules.carriers)
     if fixed == "scale":
         work = copy.deepcopy(model).cpu()
         fix_to(report, sk, work, value)
@@ -253,7 +267,7 @@ def compile_invariant(model: nn.Module, example_inputs: Any = None, form: str = 
     names = [n for n in report.param_names if n in read]
     unused = {n: weights[n].to(orig[n].device) for n in report.param_names if n not in read}
     inner = copy.deepcopy(model)
-    linear = _single_use_linears(inner, captured) if (scale_activations and form == "gspace") else {}
+    linear = _single_use_linears(inner, captured) if (scale_activations and rules.scales_activations) else {}
     plan, init, allocated, carriers = make_allocation(report, sk, weights, form, names, dtype,
                                                       {w: b for w, b in linear.values()})
     fast = {path: wb for path, wb in linear.items() if wb[0] in allocated and wb[0] not in
@@ -264,11 +278,11 @@ def compile_invariant(model: nn.Module, example_inputs: Any = None, form: str = 
         for k in [k for k, p in mod._parameters.items() if p is not None]:
             del mod._parameters[k]
     aliases = {a: _canonical(model, a) for a, _ in model.named_parameters(remove_duplicate=False)}
-    cm = InvariantModule(inner, form, report, sk, plan, init, allocated,
-                         carriers if form == "gspace" else None,
-                         {n: orig[n].requires_grad for n in init}, unused, aliases, fast,
-                         _guard(report, captured, example_inputs, example_kwargs),
-                         list(model.state_dict().keys()), (captured.gm.code, dict(captured.params)))
+    cm = InvariantModule(inner, CompiledState(
+        form=form, report=report, skeleton=sk, plan=plan, init=init, allocated=allocated, carriers=carriers,
+        requires_grad={n: orig[n].requires_grad for n in init}, unused=unused, aliases=aliases, fast=fast,
+        guard=_guard(report, captured, example_inputs, example_kwargs), state_keys=list(model.state_dict().keys()),
+        code=(captured.gm.code, dict(captured.params))))
     cm.train(model.training)
     return cm.to(next(iter(orig.values())).device) if orig else cm
 
@@ -388,12 +402,12 @@ def _program(cm) -> str:
     lines = [f"# {type(cm.model).__name__} compiled to form={cm.form!r}: "
              f"{cm.num_free_parameters()} free of {cm.report.num_params} parameters"]
     v = {n: a for n, a in cm._v_attr.items()}
-    if cm.form == "gspace" and cm._allocated:
+    if FORMS[cm.form].carriers and cm._allocated:
         lines.append("p_in = plan.path_in(v_carriers)                 # P_in: carrier path values / M")
     if plan.wa:
         outs = ", ".join("w_" + v[cm._allocated[i]].split("_", 1)[1] for i in plan.wa)
         ins = ", ".join(v[cm._allocated[i]] for i in plan.wa)
-        extra = "p_in, v_carriers, " if cm.form == "gspace" else "None, None, "
+        extra = "p_in, v_carriers, " if FORMS[cm.form].carriers else "None, None, "
         lines.append(f"{outs} = plan({extra}{ins})   # WA forward, ICR backward")
     for path, (w, b) in cm._fast.items():
         i, j = cm._fast_slots[path]

@@ -1,0 +1,127 @@
+"""The two forms of a compiled module, each in one place (DESIGN §3.6, §4b):
+
+  gspace  the parameters are path values: V for every weight and the carriers' path values
+          (v_carriers); W = WA(V) (kernels/wa.py) forward, the ICR (kernels/icr.py) backward.
+  fixed   the parameters are the weights themselves with their fixed (K) entries held at their
+          values: W = V with those entries overwritten.
+
+Everything the rest of codegen does differently for the two is a method or a constant here."""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from ..kernels import icr as icr_op, wa as wa_op
+
+__all__ = ["FORMS", "GSpace", "Fixed", "WeightAllocation", "form_of", "icr", "overwrite"]
+
+
+def overwrite(v: torch.Tensor, idx: torch.Tensor, val: torch.Tensor) -> torch.Tensor:
+    """v with its entries idx set to val, out of place (differentiable)."""
+    if idx.numel() == 0:
+        return v
+    return v.reshape(-1).index_put((idx,), val).view(v.shape)
+
+
+class GSpace:
+    name = "gspace"
+    prefix = "v_"                  # the compiled module's parameter names: v_<weight>, v_carriers
+    carriers = True                # the skeleton chooses carriers; the module holds their values
+    scales_activations = True      # a Linear may scale its activations instead of forming W
+
+    def coordinates(self, w64: torch.Tensor, P: torch.Tensor, M: torch.Tensor, inp, out) -> torch.Tensor:
+        """A weight's path values: w · P_in[in] · M[out]."""
+        return w64 * P[inp] * M[out]
+
+    def input_factor(self, sk, weights: dict, M: torch.Tensor) -> torch.Tensor:
+        return sk.in_factor(weights, M)
+
+    def trivial(self, ps, inp, out, n: int) -> bool:
+        """A tensor with no fixed entry and no class is its own path value: nothing to allocate."""
+        return ps.fixed_idx.numel() == 0 and bool((inp == n).all() and (out == n).all())
+
+    def carrier_slots(self, ps) -> tuple[torch.Tensor, torch.Tensor]:
+        return ps.carrier_idx, ps.carrier_cls
+
+    def path_in(self, plan, carriers: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        return plan.path_in(carriers) if carriers is not None else None
+
+    def allocate(self, plan, p_in, carriers, vs: Sequence[torch.Tensor]) -> tuple:
+        """The weights of the plan's `wa` tensors: WA forward, ICR backward."""
+        return WeightAllocation.apply(plan, p_in, carriers, *vs)
+
+    def reference(self, plan, carriers, vs: Sequence[torch.Tensor]) -> tuple:
+        """Every plan tensor's weight with plain differentiable ops (autograd gives the ICR)."""
+        slots = [plan.tensor_slots(i) for i in range(len(vs))]
+        return tuple(wa_op.reference(vs, plan.path_in(carriers), plan.M, carriers, slots))
+
+    def path_values(self, v: torch.Tensor, plan, i: int, carriers) -> torch.Tensor:
+        """V in weight shape with the carrier slots filled and the fixed slots zero (in place)."""
+        v.view(-1)[plan.buf("fixed_idx", i)] = 0
+        v.view(-1)[plan.buf("carrier_idx", i)] = carriers[plan.buf("carrier_cls", i)]
+        return v
+
+
+class Fixed:
+    name = "fixed"
+    prefix = "free_"
+    carriers = False
+    scales_activations = False
+
+    def coordinates(self, w64, P, M, inp, out) -> torch.Tensor:
+        return w64.clone()
+
+    def input_factor(self, sk, weights: dict, M: torch.Tensor) -> torch.Tensor:
+        return torch.ones_like(M)
+
+    def trivial(self, ps, inp, out, n: int) -> bool:
+        return ps.fixed_idx.numel() == 0
+
+    def carrier_slots(self, ps) -> tuple[torch.Tensor, torch.Tensor]:
+        return (torch.zeros(0, dtype=torch.long),) * 2
+
+    def path_in(self, plan, carriers) -> None:
+        return None
+
+    def allocate(self, plan, p_in, carriers, vs: Sequence[torch.Tensor]) -> tuple:
+        return tuple(overwrite(v, plan.buf("fixed_idx", i), plan.buf("fixed_val", i)) for i, v in zip(plan.wa, vs))
+
+    def reference(self, plan, carriers, vs: Sequence[torch.Tensor]) -> tuple:
+        return tuple(overwrite(v, plan.buf("fixed_idx", i), plan.buf("fixed_val", i)) for i, v in enumerate(vs))
+
+    def path_values(self, v: torch.Tensor, plan, i: int, carriers) -> torch.Tensor:
+        return v
+
+
+FORMS = {"gspace": GSpace(), "fixed": Fixed()}
+
+
+def form_of(name: str):
+    if name not in FORMS:
+        raise ValueError(f"compile_invariant: form must be 'gspace' or 'fixed', got {name!r}")
+    return FORMS[name]
+
+
+class WeightAllocation(torch.autograd.Function):
+    """G-space WA forward, ICR backward, over the plan's `wa` tensors at once."""
+
+    @staticmethod
+    def forward(ctx, plan, p_in, carriers, *vs):
+        ctx.plan = plan
+        ctx.save_for_backward(p_in, carriers, *vs)
+        return tuple(wa_op.allocate(vs, p_in, plan.M, carriers, plan.group(plan.wa)))
+
+    @staticmethod
+    def backward(ctx, *gws):
+        p_in, carriers, *vs = ctx.saved_tensors
+        gvs, g_p_in, g_car = icr(ctx.plan, p_in, carriers, vs, gws, ctx.plan.wa)
+        return (None, g_p_in, g_car, *gvs)
+
+
+def icr(plan, p_in: torch.Tensor, carriers: torch.Tensor, vs: Sequence[torch.Tensor], gws: Sequence,
+        index: Sequence[int]):
+    """From ∂L/∂W of tensors `index`: ∂L/∂V (0 on K and J slots), ∂L/∂P_in (the per-class
+    reduction Σ ∂L/∂W ⊙ W over free entries) and the direct part of ∂L/∂carriers."""
+    gvs, reduced, g_car = icr_op.backward(gws, vs, p_in, plan.M, carriers, plan.group(index))
+    return gvs, -reduced / p_in, g_car
