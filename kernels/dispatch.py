@@ -61,6 +61,6 @@ def use_triton(t: torch.Tensor) -> bool:
     if t.is_cuda:
         return not INTERPRETED
     if m == "interpret" and t.device.type == "cpu":
-        _check_interpreter()
-        return True
+        _check_interpreter()             # raises where there is no GPU and no interpreter
+        return INTERPRETED               # (with a GPU, CPU tensors keep the reference)
     return False

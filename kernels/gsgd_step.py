@@ -222,7 +222,7 @@ def momentum_(d: torch.Tensor, buf: Optional[torch.Tensor], momentum: float, fir
 def carrier_step_(plan: StepPlan, c, reduced, g_car, p_old, lr, mom, wd, buf, first) -> None:
     """SGD on the carriers' path values from the per-class reduction Σ ∂L/∂V ⊙ V and their direct
     gradients (∂L/∂P_in = -reduced / P_in goes back to the carriers through path_in, O(H))."""
-    g_p = (-reduced.to(c.dtype) / p_old) * plan.path_scale
+    g_p = ((-reduced.to(c.dtype) / p_old) * plan.path_scale).to(c.dtype)
     through = torch.zeros(c.numel() + 1, dtype=c.dtype, device=c.device).index_add_(0, plan.path_root, g_p)[:-1]
     d = g_car.to(c.dtype) + through
     d = d.add(c, alpha=wd) if wd else d

@@ -257,3 +257,21 @@ def test_a_carrier_reaching_zero_stops_with_a_message_not_nans():
         cm.v_carriers[0] = 0.0
     with pytest.raises(FloatingPointError, match="carrier path value"):
         cm(torch.randn(2, 3, dtype=torch.float64))
+
+
+def test_gsgd_with_nothing_to_allocate_is_sgd():
+    """A single Linear has no hidden class: every parameter is its own path value."""
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2).double()
+    twin = copy.deepcopy(model)
+    x = torch.randn(4, 3, dtype=torch.float64)
+    opt = ic.optim.GSGD(model, lr=0.1, momentum=0.9, weight_decay=1e-3, example_inputs=(x,))
+    ref = torch.optim.SGD(twin.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
+    assert opt.allocated == []
+    for _ in range(3):
+        for m, o in ((model, opt), (twin, ref)):
+            o.zero_grad()
+            m(x).square().sum().backward()
+            o.step()
+    for a, b in zip(model.parameters(), twin.parameters()):
+        assert torch.allclose(a, b, rtol=1e-14, atol=1e-15)

@@ -119,7 +119,7 @@ class Allocation(nn.Module):
         key = (tuple(index), self.M.device, self.M.dtype)
         cached = self._layouts.get(key)
         if cached is None:
-            if list(index) == self.wa:
+            if self.wa and list(index) == self.wa:
                 lay = Layout(*(getattr(self, f"wa_{name}") for name in Layout._fields[:-1]), self.tiling)
             else:
                 lay = self._group(index).to(self.M.device)
