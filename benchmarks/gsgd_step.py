@@ -8,7 +8,7 @@ GSGD on its PyTorch path, SGD, ...); each ratio is the median of the per-round r
 (DESIGN §6): <= 2.0 (the memory-traffic bound is at most 5 tensor passes against SGD's 3, 1.67;
 fewer where a tensor's scale does not move with the carriers, 4 passes: kernels/cpu_step.cpp).
 On CPU GSGD runs the fused C++ step; the last column is its PyTorch path (IC_KERNELS=off:
-optim/gsgd.py's _TorchStep), for comparison."""
+kernels/gsgd_step.py's reference_step), for comparison."""
 from __future__ import annotations
 
 import argparse

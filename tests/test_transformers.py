@@ -15,12 +15,13 @@ from hf_families import BUILDERS, build
 FP32_NORMS = {"llama", "qwen2", "t5"}
 # Where the joint null space is larger than what the analysis finds (sound, incomplete), and why.
 GAPS = {
-    "opt": "OPT's learned positions start at offset 2: rows 0-1 are never indexed, which only the "
-           "index values show",
+    "opt": "OPT's positions are cumsum(mask)·mask - 1 + 2: rows 0-1 are read only by padded or "
+           "out-of-range masks, which this example has none of (of the example, not the model)",
     "t5": "4 relative-attention-bias buckets that this sequence length never indexes (longer inputs "
           "use them: not inert) and 1 direction at float32 rounding",
     "clip_vision": "one joint direction of the class embedding and position row 0 (token 0's scale "
-                   "under the pre-LayerNorm), which holds at this token count only",
+                   "under the pre-LayerNorm): missed, it needs per-position classes from the "
+                   "constant position-id buffer's values",
     "llama": "one direction more in float32 rounding of the RMSNorm (rank at rtol 1e-5)",
 }
 # The oracle's Jacobian grows with m x outputs: families above this size are checked for
