@@ -148,7 +148,7 @@ def fused_passes(gsgd) -> float:
     total = sum(p.numel() for p in params)
     passes = 3 * (total - sum(p.numel() for p in allocated))
     for i, p in enumerate(allocated):
-        inp = plan.buf("in", i).reshape(-1).cpu()
+        inp = plan.tensors[i].inp.reshape(-1).cpu()
         moves = bool((plan.path_root.cpu()[inp] < n).any())      # path_root[n] = n
         passes += (5 if moves else 4) * p.numel()
     return round(passes / total, 1)

@@ -57,7 +57,7 @@ def test_parameters_are_v_or_free_entries_and_fixed_values_are_buffers(form):
     assert names and all(n.startswith(prefix) for n in names)
     extra = cm.v_carriers.numel() if form == "gspace" else 0      # the carriers' path values
     assert sum(p.numel() for p in cm.parameters()) == cm.report.num_params + extra
-    fixed = sum(b.numel() for n, b in cm.named_buffers() if n.startswith("allocate.fixed_val"))
+    fixed = sum(b.numel() for n, b in cm.named_buffers() if n.startswith("allocate.tensors.") and n.endswith(".fixed_val"))
     assert fixed == cm.report.num_generators
 
 

@@ -79,7 +79,7 @@ def test_scaled_activation_linears_pass_gradcheck(name):
     assert "plan.linear" in cm.code
     plan = cm.allocate
     if name == "bias_carried":
-        assert any(j >= 0 and plan.buf("carrier_idx", j).numel() for _, j in cm._fast_slots.values())
+        assert any(t.carrier_idx.numel() for t, n in zip(plan.tensors, cm.allocated) if n.endswith("bias"))
     names = [n for n, p in cm.named_parameters() if p.requires_grad]
     start = tuple(cm.get_parameter(n).detach().clone().requires_grad_(True) for n in names)
     # clones: the forward writes its slots into V's storage, which gradcheck's later calls would
@@ -220,7 +220,7 @@ def test_gsgd_optimizer_matches_sgd_on_the_gspace_module():
     for name, ps in cm.skeleton.params.items():               # skeleton weights never move
         k = ps.fixed_idx
         assert torch.equal(dict(plain.named_parameters())[name].detach().reshape(-1)[k],
-                           cm.allocate.buf("fixed_val", cm.allocated.index(name))
+                           cm.allocate.tensors[cm.allocated.index(name)].fixed_val
                            if name in cm.allocated else torch.zeros(0))
 
 

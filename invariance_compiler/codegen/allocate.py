@@ -22,6 +22,7 @@ the (smaller) activations. Fixed form: W = V with the K entries overwritten by t
 `reference` computes the allocation with plain differentiable ops (tests compare)."""
 from __future__ import annotations
 
+import re
 from typing import Optional, Sequence
 
 import torch
@@ -31,7 +32,41 @@ import torch.nn.functional as F
 from ..kernels.layout import Group, Layout, TensorSlots, Tiling, build_group
 from .forms import FORMS
 
-__all__ = ["Allocation", "allocation_dtype", "make_allocation", "reference"]
+__all__ = ["Allocation", "PlanTensor", "allocation_dtype", "make_allocation", "reference"]
+
+
+class PlanTensor(nn.Module):
+    """One tensor of the plan, as named buffers: its compact class maps (inp, out; `n`: no class),
+    its fixed (K) slots with their input class and value, its carrier (J) slots with their classes,
+    and the scaled Linear's constants (r_out: 1/M of each output row; slot_idx: the K then the J
+    slots; fixed_scaled: w_K·M)."""
+
+    def __init__(self, p: dict, M: torch.Tensor, dtype):
+        super().__init__()
+        inp, out = (p[k].expand(p["shape"]).reshape(-1) for k in ("inp", "out"))
+        k, j = p["fixed_idx"], p["carrier_idx"]
+        for name, t in dict(inp=p["inp"], out=p["out"], fixed_idx=k, fixed_in=inp[k], fixed_val=p["fixed_val"].to(dtype),
+                            carrier_idx=j, carrier_in=inp[j], carrier_out=out[j], carrier_cls=p["carrier_cls"],
+                            r_out=(1.0 / M[p["out"]]).reshape(-1).to(dtype), slot_idx=torch.cat([k, j]),
+                            fixed_scaled=(p["fixed_val"].to(torch.float64) * M[out[k]]).to(dtype)).items():
+            self.register_buffer(name, t)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # A checkpoint of a module with another skeleton has other numbers of fixed and carrier
+        # entries: adopt its shapes (the plan is data; Allocation then rebuilds what derives from it).
+        for name, buf in self._buffers.items():
+            new = state_dict.get(prefix + name)
+            if buf is not None and isinstance(new, torch.Tensor) and new.shape != buf.shape:
+                self._buffers[name] = torch.empty(new.shape, dtype=buf.dtype, device=buf.device)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+_OLD_KEY = re.compile(r"(in|out|fixed_idx|fixed_in|fixed_val|fixed_scaled|carrier_idx|carrier_in|carrier_out|"
+                      r"carrier_cls|r_out|slot_idx)(\d+)$")
+
+
+def _rebuild_layouts(plan, incompatible_keys) -> None:
+    plan._build_layouts()
 
 
 class Allocation(nn.Module):
@@ -60,23 +95,10 @@ class Allocation(nn.Module):
             root[cls] = root[src]
         self.register_buffer("path_scale", scale.to(dtype))
         self.register_buffer("path_root", root)
-        for i, p in enumerate(plans):
-            shape = p["shape"]
-            self.register_buffer(f"in{i}", p["inp"])
-            self.register_buffer(f"out{i}", p["out"])
-            for kind, idx in (("fixed", p["fixed_idx"]), ("carrier", p["carrier_idx"])):
-                self.register_buffer(f"{kind}_idx{i}", idx)
-                self.register_buffer(f"{kind}_in{i}", p["inp"].expand(shape).reshape(-1)[idx])
-            self.register_buffer(f"carrier_out{i}", p["out"].expand(shape).reshape(-1)[p["carrier_idx"]])
-            self.register_buffer(f"fixed_val{i}", p["fixed_val"].to(dtype))
-            self.register_buffer(f"carrier_cls{i}", p["carrier_cls"])
-            # constants of `linear`: 1/M of each output, the slots it fills, w_K·M of fixed slots
-            self.register_buffer(f"r_out{i}", (1.0 / M[p["out"]]).reshape(-1).to(dtype))
-            self.register_buffer(f"slot_idx{i}", torch.cat([p["fixed_idx"], p["carrier_idx"]]))
-            self.register_buffer(f"fixed_scaled{i}", (p["fixed_val"].to(torch.float64) * M[
-                p["out"].expand(shape).reshape(-1)[p["fixed_idx"]]]).to(dtype))
+        self.tensors = nn.ModuleList(PlanTensor(p, M, dtype) for p in plans)
         self.shapes = [p["shape"] for p in plans]
         self._build_layouts()
+        self.register_load_state_dict_post_hook(_rebuild_layouts)
 
     def _build_layouts(self) -> None:
         self._layouts: dict = {}
@@ -86,24 +108,21 @@ class Allocation(nn.Module):
 
     def tensor_slots(self, i: int) -> TensorSlots:
         """What the kernels read of plan tensor i."""
-        return TensorSlots(self.shapes[i], *(self.buf(k, i) for k in (
-            "in", "out", "fixed_idx", "fixed_in", "fixed_val",
-            "carrier_idx", "carrier_in", "carrier_out", "carrier_cls")))
+        t = self.tensors[i]
+        return TensorSlots(self.shapes[i], t.inp, t.out, t.fixed_idx, t.fixed_in, t.fixed_val, t.carrier_idx,
+                           t.carrier_in, t.carrier_out, t.carrier_cls)
 
     def _group(self, index: Sequence[int]) -> Layout:
         return build_group([self.tensor_slots(i) for i in index], self.n, self.M.dtype, self.tiling)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # A checkpoint of a module with another skeleton has other numbers of fixed and carrier
-        # entries: adopt its shapes (the plan is data), then rebuild what is derived from them.
-        for name, buf in self._buffers.items():
-            new = state_dict.get(prefix + name)
-            if buf is None or name in self._non_persistent_buffers_set or not isinstance(new, torch.Tensor):
-                continue
-            if new.shape != buf.shape:
-                self._buffers[name] = torch.empty(new.shape, dtype=buf.dtype, device=buf.device)
+        # checkpoints before the per-tensor modules kept each tensor's buffers here, numbered
+        for key in [k for k in state_dict if k.startswith(prefix)]:
+            old = _OLD_KEY.match(key[len(prefix):])
+            if old:
+                kind, i = old.groups()
+                state_dict[f"{prefix}tensors.{i}.{'inp' if kind == 'in' else kind}"] = state_dict.pop(key)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        self._build_layouts()
 
     def __getstate__(self):
         state = self.__dict__.copy()
@@ -125,9 +144,6 @@ class Allocation(nn.Module):
                 lay = self._group(index).to(self.M.device)
             cached = self._layouts[key] = Group([self.tensor_slots(i) for i in index], lay, self.n)
         return cached
-
-    def buf(self, kind: str, i: int) -> torch.Tensor:
-        return getattr(self, f"{kind}{i}")
 
     def path_in(self, carriers: torch.Tensor) -> torch.Tensor:
         """P_in (n + 1,): free carriers give c / M, fixed carriers extend their source's path by a
@@ -164,13 +180,13 @@ class Allocation(nn.Module):
         and the output by 1/M. V' is V with its fixed slots holding w_K·P_in·M and its carrier
         slots the carrier path values; in the same units the bias is its own path value V_j.
         One autograd node: what it derives from P_in and the carriers is differentiated by hand."""
-        b = j if bias is not None and j >= 0 else None
-        slots = [self.buf("slot_idx", i), self.buf("fixed_in", i), self.buf("fixed_scaled", i),
-                 self.buf("carrier_cls", i)]
-        if b is not None:
-            slots += [self.buf("slot_idx", b), self.buf("fixed_scaled", b), self.buf("carrier_cls", b)]
-        in_idx = self.buf("in", i).reshape(-1) if self.scales_in[i] else None
-        r_out = self.buf("r_out", i) if self.scales_out[i] else None
+        t = self.tensors[i]
+        slots = [t.slot_idx, t.fixed_in, t.fixed_scaled, t.carrier_cls]
+        if bias is not None and j >= 0:
+            b = self.tensors[j]
+            slots += [b.slot_idx, b.fixed_scaled, b.carrier_cls]
+        in_idx = t.inp.reshape(-1) if self.scales_in[i] else None
+        r_out = t.r_out if self.scales_out[i] else None
         return _ScaledLinear.apply(x, v, bias, p_in, carriers, in_idx, r_out, *slots)
 
 

@@ -58,8 +58,9 @@ class GSpace:
 
     def path_values(self, v: torch.Tensor, plan, i: int, carriers) -> torch.Tensor:
         """V in weight shape with the carrier slots filled and the fixed slots zero (in place)."""
-        v.view(-1)[plan.buf("fixed_idx", i)] = 0
-        v.view(-1)[plan.buf("carrier_idx", i)] = carriers[plan.buf("carrier_cls", i)]
+        t = plan.tensors[i]
+        v.view(-1)[t.fixed_idx] = 0
+        v.view(-1)[t.carrier_idx] = carriers[t.carrier_cls]
         return v
 
 
@@ -85,10 +86,10 @@ class Fixed:
         return None
 
     def allocate(self, plan, p_in, carriers, vs: Sequence[torch.Tensor]) -> tuple:
-        return tuple(overwrite(v, plan.buf("fixed_idx", i), plan.buf("fixed_val", i)) for i, v in zip(plan.wa, vs))
+        return tuple(overwrite(v, plan.tensors[i].fixed_idx, plan.tensors[i].fixed_val) for i, v in zip(plan.wa, vs))
 
     def reference(self, plan, carriers, vs: Sequence[torch.Tensor]) -> tuple:
-        return tuple(overwrite(v, plan.buf("fixed_idx", i), plan.buf("fixed_val", i)) for i, v in enumerate(vs))
+        return tuple(overwrite(v, t.fixed_idx, t.fixed_val) for t, v in zip(plan.tensors, vs))
 
     def path_values(self, v: torch.Tensor, plan, i: int, carriers) -> torch.Tensor:
         return v
