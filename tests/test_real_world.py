@@ -133,6 +133,24 @@ class LSTMHead(nn.Module):
         return self.out(y[:, -1])
 
 
+class ClassToken(nn.Module):
+    """CLIP's vision embeddings: a class token before the patches, learned positions read through
+    a buffer of position ids, a LayerNorm per token. Token 0 (class embedding plus position row 0)
+    has a scale of its own."""
+
+    def __init__(self, tokens=4, dim=3, length=None):
+        super().__init__()
+        self.patch, self.cls = nn.Linear(2, dim), nn.Parameter(torch.randn(dim))
+        self.pos = nn.Embedding(tokens + 1, dim)
+        self.norm, self.head = nn.LayerNorm(dim), nn.Linear(dim, 2)
+        self.register_buffer("position_ids", torch.arange(tokens + 1).view(1, -1), persistent=False)
+
+    def forward(self, x):                                          # x (B, T, 2) patches
+        h = torch.cat([self.cls.expand(x.shape[0], 1, -1), self.patch(x)], dim=1)
+        h = h + self.pos(self.position_ids[:, : h.shape[1]])
+        return self.head(self.norm(h)).mean(1)
+
+
 CASES = {
     "in_place": (InPlace, lambda: (torch.randn(8, 4),)),
     "batchnorm_act_subclass": (lambda: ConvNet(BatchNormAct2d), lambda: (torch.randn(4, 2, 5, 5),)),
@@ -143,6 +161,7 @@ CASES = {
     "sdpa_gqa_swiglu": (SDPA, lambda: (torch.randn(2, 5, 3),)),
     "lstm": (LSTMHead, lambda: (torch.randn(3, 4, 3),)),
     "pool_minus_identity": (PoolMixer, lambda: (torch.randn(4, 2, 5, 5),)),
+    "class_token_positions": (ClassToken, lambda: (torch.randn(3, 4, 2),)),
 }
 
 
@@ -228,3 +247,14 @@ def test_tied_weights_give_a_signed_relation_not_a_pin():
     report = ic.analyze(model, x)
     assert report.num_generators >= model.mid.out_features
     assert oracle.invariance_error(model, report, x) <= 1e-10
+
+
+def test_fixed_position_ids_give_token_zero_its_own_scale_only_when_they_read_every_row():
+    torch.manual_seed(0)
+    model = ClassToken(tokens=4).double()
+    full = ic.analyze(model, (torch.randn(3, 4, 2, dtype=torch.float64),))
+    short = ic.analyze(model, (torch.randn(3, 2, 2, dtype=torch.float64),))    # rows 3, 4 unread
+    assert full.num_generators == short.num_generators + 1                      # token 0's scale
+    # a row this input does not read may be read by a longer one: the short analysis holds there
+    longer = (torch.randn(3, 4, 2, dtype=torch.float64),)
+    assert oracle.invariance_error(model, short, longer) <= 1e-10

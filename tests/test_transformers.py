@@ -19,9 +19,6 @@ GAPS = {
            "out-of-range masks, which this example has none of (of the example, not the model)",
     "t5": "4 relative-attention-bias buckets that this sequence length never indexes (longer inputs "
           "use them: not inert) and 1 direction at float32 rounding",
-    "clip_vision": "one joint direction of the class embedding and position row 0 (token 0's scale "
-                   "under the pre-LayerNorm): missed, it needs per-position classes from the "
-                   "constant position-id buffer's values",
     "llama": "one direction more in float32 rounding of the RMSNorm (rank at rtol 1e-5)",
 }
 # The oracle's Jacobian grows with m x outputs: families above this size are checked for

@@ -7,6 +7,7 @@ are all constants (masks, positions, RoPE's cos/sin) has a constant output whate
 it needs no rule."""
 from __future__ import annotations
 
+import dataclasses
 import operator
 import warnings
 from typing import Any
@@ -27,6 +28,9 @@ _SHAPE_QUERIES = {"sym_size", "sym_numel", "sym_stride", "sym_storage_offset", "
                   "dim", "numel", "_assert_tensor_metadata", "_assert_scalar", "sym_constrain_range_for_size"}
 
 
+_KNOWN_LIMIT = 1 << 20              # integer constants whose values rules may read (position ids)
+
+
 class SymmetryWarning(UserWarning):
     """Something was pinned because the analysis does not understand it."""
 
@@ -40,6 +44,7 @@ class SymmetryPass(torch.fx.Interpreter):
         self.user_outputs = user_outputs             # names of output args the user sees
         self.unknown: list[tuple[str, str]] = []     # (op, node name)
         self.abstract: dict[torch.fx.Node, Any] = {}
+        self.fixed = captured.fixed_nodes()          # nodes whose value is the same at every call
 
     def run_node(self, n: torch.fx.Node) -> Any:
         real = super().run_node(n)
@@ -53,6 +58,9 @@ class SymmetryPass(torch.fx.Interpreter):
         except Exception as err:
             raise RuntimeError(f"invariance_compiler: the rule for node '{n.name}' "
                                f"({n.format_node()}) failed: {type(err).__name__}: {err}") from err
+        if n in self.fixed and isinstance(out, Value) and isinstance(real, torch.Tensor) \
+                and not real.is_floating_point() and real.numel() <= _KNOWN_LIMIT:
+            out = dataclasses.replace(out, known=real.clone())   # a new Value: rules may return their input's
         self.abstract[n] = out
         n.meta["ic_value"] = out
         return real

@@ -32,6 +32,7 @@ class Value:
     shape: torch.Size
     ids: Optional[torch.Tensor]          # compact class ids; None until a raw parameter is used generically
     param: Optional[ParamView] = None
+    known: Optional[torch.Tensor] = None  # the values, for an integer tensor that is the same at every call
 
     def full(self) -> torch.Tensor:
         """The ids as a stride-0 view of the real shape (no copy)."""

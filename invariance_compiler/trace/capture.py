@@ -38,6 +38,25 @@ class Captured:
     signature: Any = None                  # torch.export's ExportGraphSignature
     functionalized: bool = False
 
+    def fixed_nodes(self) -> set:
+        """Nodes whose value is the same at every call: computed by deterministic ops from lifted
+        constants and buffers that nothing mutates (position ids, masks of a fixed size), never
+        from a user input or a parameter."""
+        mutated = {mutated_arg(n) for n in self.gm.graph.nodes if n.op == "call_function"}
+        out_kind = torch.export.graph_signature.OutputKind.BUFFER_MUTATION
+        mutated_buffers = {s.target for s in self.signature.output_specs if s.kind == out_kind} if self.signature else set()
+        fixed = set()
+        for n in self.gm.graph.nodes:
+            if n.op == "placeholder":
+                if n.name in self.constants or (n.name in self.buffers and n not in mutated
+                                                 and self.buffers[n.name] not in mutated_buffers):
+                    fixed.add(n)
+            elif n.op == "call_function" and n not in mutated and all(a in fixed for a in n.all_input_nodes):
+                tags = getattr(n.target, "tags", ())
+                if torch.Tag.nondeterministic_seeded not in tags and mutated_arg(n) is None:
+                    fixed.add(n)
+        return fixed
+
     def flat_inputs(self, model: nn.Module, args: tuple, kwargs: dict) -> list:
         """The graph's placeholder values in order: parameters, buffers (copies, so that running
         the graph leaves the model's own untouched), constants, the flattened user inputs."""
@@ -88,7 +107,7 @@ def _is_view(node) -> bool:
     return packet is not None and packet.__name__ in _VIEW_OPS
 
 
-def _mutated_arg(node: torch.fx.Node) -> Optional[torch.fx.Node]:
+def mutated_arg(node: torch.fx.Node) -> Optional[torch.fx.Node]:
     schema = getattr(node.target, "_schema", None)
     if schema is None:
         return None
@@ -107,7 +126,7 @@ def _needs_functionalization(gm: torch.fx.GraphModule, buffers: set) -> bool:
     for n in gm.graph.nodes:
         if n.op != "call_function":
             continue
-        a = _mutated_arg(n)
+        a = mutated_arg(n)
         if a is None or a.name in buffers:
             continue
         if _is_view(a) or any(_is_view(u) for u in a.users if u is not n):

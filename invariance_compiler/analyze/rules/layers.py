@@ -119,10 +119,34 @@ def convolution(ctx, x, weight, bias, stride, padding, dilation, transposed, out
 def embedding(ctx, weight, idx, *args, **kwargs):
     if not _is_param(weight):
         return pin(ctx, idx, weight)
+    by_position = _rows_by_position(ctx, weight, idx)
+    if by_position is not None:
+        return by_position
     rows = ctx.fresh(weight.shape[1])                        # one class per embedding coordinate
     if not ctx.bind(weight, [(+1, rows.view(1, -1))]):
         return pin(ctx, weight)
     return _channel_out(ctx, rows, -1)
+
+
+def _rows_by_position(ctx, weight, idx):
+    """A fixed index that reads every row (a buffer of position ids, CLIP's arange): each row then
+    feeds exactly the positions that read it, so it gets classes of its own, one per entry, and
+    the positions' classes follow (CLIP's token 0, class embedding plus row 0, keeps its own scale
+    under the LayerNorm). An index that misses rows (ids sliced to this input's length) or that
+    the input decides keeps one class per coordinate: a row not read here may be read by
+    another input."""
+    known, (num, dim) = idx.known, weight.shape
+    if known is None or known.numel() == 0 or num * dim > _PER_ENTRY_LIMIT:
+        return None
+    if int(known.min()) < 0 or int(known.max()) >= num or known.unique().numel() != num:
+        return None
+    cls = ctx.fresh(num * dim).view(num, dim)
+    if not ctx.bind(weight, [(+1, cls)]):
+        return pin(ctx, weight)
+    return ctx.value(cls[known])
+
+
+_PER_ENTRY_LIMIT = 1 << 22
 
 
 def matmul(ctx, a, b):
