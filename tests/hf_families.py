@@ -97,3 +97,31 @@ def build(name: str, dropout: bool = True, dtype=torch.float64):
     model, args, kwargs = BUILDERS[name](dropout)
     cast = lambda t: t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t  # noqa: E731
     return model.to(dtype).train(), tuple(cast(a) for a in args), {k: cast(v) for k, v in kwargs.items()}
+
+
+def other_inputs(name: str, kwargs: dict) -> list:
+    """More inputs for the oracle's joint null space, where one example leaves parameters unread
+    that other inputs read (not symmetries of the model): OPT's position rows 0 and 1 (read by a
+    padded position, and by a mask entry -1: positions are cumsum(mask)·mask - 1 + 2), T5's
+    decoder relative-attention bucket 3 (distances of 16 and more)."""
+    if name == "opt":
+        mask = torch.tensor([[1, 1, 1, 1, 1, 1, 1, 0], [1, 1, -1, 1, 1, 1, 1, 1]])
+        return [((), {**kwargs, "attention_mask": mask})]
+    if name == "t5":
+        return [((), {**kwargs, "decoder_input_ids": _ids(17)})]
+    return []
+
+
+def float64_norms(model):
+    """The model with its Hugging Face norms computing in the model's dtype: LlamaRMSNorm and
+    T5LayerNorm cast to float32 and back, the only difference (for the oracle, whose rank would
+    otherwise see float32 rounding)."""
+    import types
+
+    def forward(self, h):
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return self.weight * h
+    for mod in model.modules():
+        if type(mod).__name__ in ("LlamaRMSNorm", "Qwen2RMSNorm", "T5LayerNorm"):
+            mod.forward = types.MethodType(forward, mod)
+    return model

@@ -11,6 +11,8 @@ from __future__ import annotations
 import copy
 import math
 
+from typing import Sequence
+
 import torch
 import torch.nn as nn
 
@@ -91,29 +93,31 @@ def _double(obj):
 
 def null_space(model: nn.Module, inputs, draws: int | None = None, seed: int = 0,
                rtol: float = 1e-9, rows_per_param: float = 3.0, max_rounds: int = 8, *,
-               kwargs: dict | None = None):
-    """Joint null space of J(θ_k)·diag(θ_k) over random θ_k. With draws=None, rounds of draws (each
-    giving rows_per_param x m rows, at least 6 draws) are added until a round leaves the dimension
-    unchanged: a narrow layer makes each J low-rank, and invariances that hold only at one θ (an
-    additive shift that a normaliser's zero mean hides, say) then need many draws to drop out.
-    Returns (basis (m, d), singular values)."""
+               kwargs: dict | None = None, more: Sequence[tuple] = ()):
+    """Joint null space of J(θ_k)·diag(θ_k) over random θ_k and over the inputs (`inputs` with
+    `kwargs`, then each (inputs, kwargs) of `more`: a direction must leave every one unchanged).
+    With draws=None, rounds of draws (each giving rows_per_param x m rows, at least 6 draws) are
+    added until a round leaves the dimension unchanged: a narrow layer makes each J low-rank, and
+    invariances that hold only at one θ (an additive shift that a normaliser's zero mean hides,
+    say) then need many draws to drop out. Returns (basis (m, d), singular values)."""
     m = prepare(model)
-    inputs, kwargs = _double(inputs), _double(kwargs or {})
+    cases = [(_double(a), _double(k or {})) for a, k in [(inputs, kwargs), *more]]
     names = [n for n, _ in m.named_parameters()]
     n_params = sum(p.numel() for p in m.parameters())
     with torch.no_grad():
-        rows = _outputs(m, inputs, kwargs).numel()
+        rows = sum(_outputs(m, a, k).numel() for a, k in cases)
     per_round = draws if draws is not None else max(6, math.ceil(rows_per_param * n_params / rows))
     gen = torch.Generator().manual_seed(seed)
-    f = lambda params: _outputs_functional(m, params, inputs, kwargs)     # noqa: E731
     blocks, dims = [], []
     for _ in range(1 if draws is not None else max_rounds):
         for _ in range(per_round):
             _redraw(m, gen)
             theta = {n: p.detach().clone() for n, p in m.named_parameters()}
-            jac = torch.func.jacrev(f)(theta)
-            J = torch.cat([jac[n].reshape(jac[n].shape[0], -1) for n in names], dim=1)   # (outputs, m)
-            blocks.append(J * torch.cat([theta[n].reshape(-1) for n in names]))
+            scale = torch.cat([theta[n].reshape(-1) for n in names])
+            for a, k in cases:
+                jac = torch.func.jacrev(lambda params: _outputs_functional(m, params, a, k))(theta)
+                J = torch.cat([jac[n].reshape(jac[n].shape[0], -1) for n in names], dim=1)   # (outputs, m)
+                blocks.append(J * scale)
         M = torch.cat(blocks)
         if M.shape[0] < M.shape[1]:
             raise ValueError(f"null_space: {M.shape[0]} output rows for {M.shape[1]} parameters; use "
@@ -131,11 +135,12 @@ def _outputs_functional(model, params, inputs, kwargs):
 
 
 def completeness(model: nn.Module, report, inputs, draws: int | None = None, *,
-                 kwargs: dict | None = None, rtol: float = 1e-9) -> dict:
-    """Compare span(E) with the numerical null space: dimensions, and the part of E outside it.
-    rtol: singular values below rtol x the largest count as zero (raise it for models that compute
-    in float32 inside a float64 model, as Hugging Face's RMSNorms do)."""
-    basis, s = null_space(model, inputs, draws, kwargs=kwargs, rtol=rtol)
+                 kwargs: dict | None = None, rtol: float = 1e-9, more: Sequence[tuple] = ()) -> dict:
+    """Compare span(E) with the numerical null space (joint over `inputs` and the (inputs, kwargs)
+    of `more`): dimensions, and the part of E outside it. rtol: singular values below rtol x the
+    largest count as zero (raise it for models that compute in float32 inside a float64 model, as
+    Hugging Face's RMSNorms do)."""
+    basis, s = null_space(model, inputs, draws, kwargs=kwargs, rtol=rtol, more=more)
     E = report.generator_matrix(dtype=torch.float64)
     if E.shape[1]:
         outside = E - basis @ (basis.T @ E)
