@@ -26,4 +26,4 @@ if __name__ == "kernels":
     _spec.loader.exec_module(_real)
 else:
     from ._package import *            # noqa: F401,F403
-    from ._package import __all__, ops, cpu_step   # noqa: F401
+    from ._package import __all__, ops   # noqa: F401

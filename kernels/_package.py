@@ -6,7 +6,7 @@ from types import ModuleType
 from . import gsgd_step, icr, wa
 from .dispatch import current_mode, mode, triton_available, use_triton
 
-__all__ = ["mode", "current_mode", "use_triton", "triton_available", "ops", "cpu_step"]
+__all__ = ["mode", "current_mode", "use_triton", "triton_available", "ops"]
 
 
 def ops() -> ModuleType:
@@ -18,12 +18,3 @@ def ops() -> ModuleType:
     out.wa_op, out.icr_op = wa.wa_op, icr.icr_op
     out.gsgd_reduce_op, out.gsgd_update_op = gsgd_step.gsgd_reduce_op, gsgd_step.gsgd_update_op
     return out
-
-
-def cpu_step(plan, tensors, cached=None):
-    """The fused C++ G-SGD step (kernels/cpu.py) of `plan` for CPU `tensors` (`cached`, a step
-    this returned before for the same plan, where it fits), or None: the PyTorch path."""
-    if current_mode() != "auto":
-        return None
-    from .cpu import cpu_step as build
-    return build(plan, tensors, cached)

@@ -18,6 +18,7 @@ from typing import Callable, NamedTuple, Optional
 import torch
 
 from . import wa
+from .cpu import cpu_step
 from .common import (jit, tl, IN_C, IN_R, OUT_C, OUT_R, ROW_MODE, SPARSE_BLOCK, acc_dtype, add_by_class, classes,
                      denominator, dtypes, flush_columns, locate, pointers, sparse_grid, small_tensor, tensor_ptr)
 from .dispatch import current_mode, use_triton
@@ -276,10 +277,7 @@ class GSGDStep:
             carrier_step_(plan, c, reduced, g_car, p_old, lr, mom, wd, c_buf, first)
             launch_update(gws, vs, bufs, ws, p_old, plan.path_in(c), plan.M, c, lay, n, lr, mom, wd, first)
             return
-        fused = None
-        if current_mode() == "auto":
-            from .cpu import cpu_step
-            fused = cpu_step(plan, gws + vs + ws + bufs + [c, plan.M], self._cpu)
+        fused = cpu_step(plan, gws + vs + ws + bufs + [c, plan.M], self._cpu) if current_mode() == "auto" else None
         if fused is not None:
             self.backend, self._cpu = "C++", fused
             fused(gws, vs, bufs, ws, c, c_buf, lr, mom, wd, first)
