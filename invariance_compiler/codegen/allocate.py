@@ -45,8 +45,9 @@ class PlanTensor(nn.Module):
         super().__init__()
         inp, out = (p[k].expand(p["shape"]).reshape(-1) for k in ("inp", "out"))
         k, j = p["fixed_idx"], p["carrier_idx"]
-        for name, t in dict(inp=p["inp"], out=p["out"], fixed_idx=k, fixed_in=inp[k], fixed_val=p["fixed_val"].to(dtype),
-                            carrier_idx=j, carrier_in=inp[j], carrier_out=out[j], carrier_cls=p["carrier_cls"],
+        for name, t in dict(inp=p["inp"], out=p["out"], fixed_idx=k, fixed_in=inp[k],
+                            fixed_val=p["fixed_val"].to(dtype), carrier_idx=j, carrier_in=inp[j],
+                            carrier_out=out[j], carrier_cls=p["carrier_cls"],
                             r_out=(1.0 / M[p["out"]]).reshape(-1).to(dtype), slot_idx=torch.cat([k, j]),
                             fixed_scaled=(p["fixed_val"].to(torch.float64) * M[out[k]]).to(dtype)).items():
             self.register_buffer(name, t)
@@ -103,7 +104,7 @@ class Allocation(nn.Module):
     def _build_layouts(self) -> None:
         self._layouts: dict = {}
         if self.wa:       # the kernels' view of the WA group; buffers, so they follow .to(device)
-            for name, t in zip(Layout._fields, self._group(self.wa).tensors()):
+            for name, t in zip(Layout._fields, self._layout_of(self.wa).tensors()):
                 self.register_buffer(f"wa_{name}", t.to(self.M.device), persistent=False)
 
     def tensor_slots(self, i: int) -> TensorSlots:
@@ -112,7 +113,7 @@ class Allocation(nn.Module):
         return TensorSlots(self.shapes[i], t.inp, t.out, t.fixed_idx, t.fixed_in, t.fixed_val, t.carrier_idx,
                            t.carrier_in, t.carrier_out, t.carrier_cls)
 
-    def _group(self, index: Sequence[int]) -> Layout:
+    def _layout_of(self, index: Sequence[int]) -> Layout:
         return build_group([self.tensor_slots(i) for i in index], self.n, self.M.dtype, self.tiling)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
@@ -141,7 +142,7 @@ class Allocation(nn.Module):
             if self.wa and list(index) == self.wa:
                 lay = Layout(*(getattr(self, f"wa_{name}") for name in Layout._fields[:-1]), self.tiling)
             else:
-                lay = self._group(index).to(self.M.device)
+                lay = self._layout_of(index).to(self.M.device)
             cached = self._layouts[key] = Group([self.tensor_slots(i) for i in index], lay, self.n)
         return cached
 
