@@ -25,7 +25,6 @@ def main():
         raise SystemExit("tune_kernels: needs a CUDA GPU")
     dev = torch.device("cuda")
     plan, c, p_in, vs, gws, ws, bufs = bench_group(dev, args.side)
-    ops = kernels.ops()
     nbytes = sum(v.numel() for v in vs) * 4
     peak = peak_bandwidth(dev) or float("nan")
     print(f"{torch.cuda.get_device_name()}, {sum(v.numel() for v in vs) / 1e6:.1f}M fp32 entries; % of peak")
@@ -35,11 +34,12 @@ def main():
             continue
         tiling = Tiling(BS=bs, BR=br, ROWS=rows, WARPS=warps)
         L = build_group([plan.tensor_slots(i) for i in plan.wa], plan.n, plan.M.dtype, tiling).to(dev)
-        runs = {"WA": (2, lambda: ops.wa(vs, p_in, plan.M, c, L, plan.n)),
-                "ICR": (3, lambda: ops.icr(gws, vs, p_in, plan.M, c, L, plan.n)),
-                "reduce": (2, lambda: ops.gsgd_reduce(gws, ws, p_in, plan.M, c.numel(), L, plan.n)),
-                "update": (6, lambda: ops.gsgd_update(gws, vs, bufs, ws, p_in, p_in, plan.M, c, L, plan.n,
-                                                      1e-9, 0.9, 0.0, False))}
+        wa, icr, step = kernels.wa, kernels.icr, kernels.gsgd_step
+        runs = {"WA": (2, lambda: wa.launch(vs, p_in, plan.M, c, L, plan.n)),
+                "ICR": (3, lambda: icr.launch(gws, vs, p_in, plan.M, c, L, plan.n)),
+                "reduce": (2, lambda: step.launch_reduce(gws, ws, p_in, plan.M, c.numel(), L, plan.n)),
+                "update": (6, lambda: step.launch_update(gws, vs, bufs, ws, p_in, p_in, plan.M, c, L, plan.n,
+                                                         1e-9, 0.9, 0.0, False))}
         cells = [f"{100 * k * nbytes / (kernel_ms(fn) * 1e-3) / peak:.0f}" for k, fn in runs.values()]
         print(f"| {bs} | {br} | {rows} | {warps} | " + " | ".join(cells) + " |", flush=True)
 

@@ -88,7 +88,7 @@ def bench_group(device: torch.device, side: int):
 def kernel_table(device: torch.device, side: int) -> str:
     """Markdown: the kernels on the bench_group tensors."""
     plan, c, p_in, vs, gws, ws, bufs = bench_group(device, side)
-    layout, entries = plan.layout(plan.wa), sum(v.numel() for v in vs)
+    layout, entries = plan.group(plan.wa).layout, sum(v.numel() for v in vs)
     nbytes = entries * vs[0].element_size()
     ms = timer(device)
     use = kernels.use_triton(vs[0])
@@ -97,14 +97,13 @@ def kernel_table(device: torch.device, side: int) -> str:
         rows.append(("WA", 2, ms(lambda: plan(p_in, c, *vs)), "PyTorch reference"))
         rows.append(("ICR", 3, ms(lambda: icr(plan, p_in, c, vs, gws, plan.wa)), "PyTorch reference"))
     if use:
-        ops = kernels.ops()
-        rows.append(("WA", 2, ms(lambda: ops.wa(vs, p_in, plan.M, c, layout, plan.n)), "Triton"))
-        rows.append(("ICR", 3, ms(lambda: ops.icr(gws, vs, p_in, plan.M, c, layout, plan.n)), "Triton"))
-        rows.append(("G-SGD step: reduce", 2,
-                     ms(lambda: ops.gsgd_reduce(gws, ws, p_in, plan.M, c.numel(), layout, plan.n)), "Triton"))
-        rows.append(("G-SGD step: update (momentum)", 6,
-                     ms(lambda: ops.gsgd_update(gws, vs, bufs, ws, p_in, p_in,
-                                                plan.M, c, layout, plan.n, 1e-9, 0.9, 0.0, False)), "Triton"))
+        wa, icr_, step = kernels.wa, kernels.icr, kernels.gsgd_step
+        rows += [("WA", 2, ms(lambda: wa.launch(vs, p_in, plan.M, c, layout, plan.n)), "Triton"),
+                 ("ICR", 3, ms(lambda: icr_.launch(gws, vs, p_in, plan.M, c, layout, plan.n)), "Triton"),
+                 ("G-SGD step: reduce", 2,
+                  ms(lambda: step.launch_reduce(gws, ws, p_in, plan.M, c.numel(), layout, plan.n)), "Triton"),
+                 ("G-SGD step: update (momentum)", 6, ms(lambda: step.launch_update(
+                     gws, vs, bufs, ws, p_in, p_in, plan.M, c, layout, plan.n, 1e-9, 0.9, 0.0, False)), "Triton")]
     rows = [(*r, nbytes) for r in rows]
     if device.type == "cpu":
         rows += cpu_step_rows(side, ms)

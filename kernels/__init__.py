@@ -3,7 +3,10 @@ One file per op holds its Triton kernel (launched once per group of tensors thro
 table, registered as a custom op with a fake implementation so torch.compile traces it), its
 PyTorch reference and the dispatch between them (dispatch.py: Triton for CUDA tensors, the
 reference on CPU, GSGD's fused C++ step of cpu.py where it applies; `mode` switches). The ops read
-one typed layout (layout.py). Nothing here imports the compiler: callers pass tensors and layouts."""
+one typed layout (layout.py). Nothing here imports the compiler: callers pass tensors and layouts.
+Each op's file has its launcher (`wa.launch`, `icr.launch`, `gsgd_step.launch_reduce` /
+`launch_update`: the layout record) and the registered custom op (`wa.wa_op`...: its tensors and
+tiling numbers)."""
 from __future__ import annotations
 
 import sys
@@ -25,5 +28,6 @@ if __name__ == "kernels":
     sys.modules["kernels"] = _real
     _spec.loader.exec_module(_real)
 else:
-    from ._package import *            # noqa: F401,F403
-    from ._package import __all__, ops   # noqa: F401
+    from . import gsgd_step, icr, wa                                              # noqa: F401
+    from .dispatch import current_mode, mode, triton_available, use_triton       # noqa: F401
+    __all__ = ["mode", "current_mode", "use_triton", "triton_available"]

@@ -1,12 +1,13 @@
 """The fused G-SGD step on stored weights (GSGD on CUDA tensors), in two passes, because the new
 P_in depends on the carriers' gradients, which depend on a reduction over every tensor:
-  1. reduce: reads ∂L/∂W and W once: reduced[a] = Σ_{entries reading a, not K} ∂L/∂W ⊙ W
+  1. reduce (ICR's dense kernel, unscaled): reads ∂L/∂W and W once: reduced[a] = Σ_{entries reading a, not K} ∂L/∂W ⊙ W
      (W = V / (P_in·M), so this is ICR's Σ ∂L/∂V ⊙ V, the J entries' ∂L/∂c · c included) and the
      carriers' direct gradients ∂L/∂W_J / (P_in·M);
   (the carriers' O(H) update runs in PyTorch between the passes)
   2. update: reads ∂L/∂W, V and the momentum buffer once, writes V, the buffer and W:
      ∂L/∂V = ∂L/∂W / den_old, d = ∂L/∂V + wd·V, buf = mom·buf + d (buf = d on the first step),
-     V -= lr·buf, W = V / den_new; then the K and J slots: W = fixed or c / den_new, V = buf = 0.
+     V -= lr·buf, W = V / den_new; then the K and J slots (WA's sparse kernel): W = fixed or
+     c / den_new, V = buf = 0.
 Memory traffic: 2 + 6 tensor passes (2 + 4 without momentum); torch's SGD(foreach) with momentum
 makes about 8. Then the launchers, the PyTorch reference (`reference_step`, also the path for other
 dtypes or where no C++ compiler works), and the dispatch (`GSGDStep`: Triton on CUDA, the fused C++
@@ -17,35 +18,12 @@ from typing import Callable, NamedTuple, Optional
 
 import torch
 
-from . import wa
+from . import icr, wa
 from .cpu import cpu_step
-from .common import (jit, tl, IN_C, IN_R, OUT_C, OUT_R, ROW_MODE, SPARSE_BLOCK, acc_dtype, add_by_class, classes,
-                     denominator, dtypes, flush_columns, locate, pointers, sparse_grid, small_tensor, tensor_ptr)
+from .common import (jit, tl, IN_C, IN_R, OUT_C, OUT_R, SPARSE_BLOCK, acc_dtype, classes, denominator, dtypes,
+                     locate, pointers, sparse_grid, small_tensor, tensor_ptr)
 from .dispatch import current_mode, use_triton
 from .layout import Group, Layout
-
-
-@jit
-def _reduce_dense(tiles, meta, cls, g_ptrs, w_ptrs, reduced, n,
-                  DT: tl.constexpr, ACC: tl.constexpr, BS: tl.constexpr, BR: tl.constexpr, ROWS: tl.constexpr):
-    t, m, g, R, S, rt, st = locate(tiles, meta)
-    gw_p = tensor_ptr(g_ptrs, t, DT)
-    w_p = tensor_ptr(w_ptrs, t, DT)
-    cols = st * BS + tl.arange(0, BS)
-    cmask = cols < S
-    in_col = classes(cls, m, IN_C, g, cols, S, cmask, n)
-    acc = tl.zeros([BR, BS], ACC)
-    row_mode = tl.load(m + ROW_MODE) != 0
-    base = g.to(tl.int64) * R * S
-    for r0 in range(rt * ROWS, tl.minimum(rt * ROWS + ROWS, R), BR):
-        rows = r0 + tl.arange(0, BR)
-        rmask = rows < R
-        in_row = classes(cls, m, IN_R, g, rows, R, rmask, n)
-        off = base + rows[:, None].to(tl.int64) * S + cols[None, :]
-        mask = rmask[:, None] & cmask[None, :]
-        contrib = tl.load(gw_p + off, mask=mask, other=0).to(ACC) * tl.load(w_p + off, mask=mask, other=0).to(ACC)
-        acc = add_by_class(reduced, acc, contrib, in_row, rmask, n, row_mode)
-    flush_columns(reduced, acc, in_col, cmask, n, row_mode)
 
 
 @jit
@@ -106,46 +84,20 @@ def _update_dense(tiles, meta, cls, p_old, p_new, M, g_ptrs, v_ptrs, b_ptrs, w_p
         tl.store(w_p + off, (v * new).to(DT), mask=mask)
 
 
-@jit
-def _update_sparse(k_tensor, k_idx, k_val, nk, j_tensor, j_idx, j_in, j_out, j_cls, nj, p_new, M,
-                   carriers, v_ptrs, b_ptrs, w_ptrs, DT: tl.constexpr, ACC: tl.constexpr,
-                   MOMENTUM: tl.constexpr, BLOCK: tl.constexpr):
-    off = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    for kind in tl.static_range(2):          # 0: fixed entries, 1: carriers
-        if kind == 0:
-            mask = off < nk
-            t = tl.load(k_tensor + off, mask=mask, other=0)
-            idx = tl.load(k_idx + off, mask=mask, other=0)
-            val = tl.load(k_val + off, mask=mask, other=0).to(ACC)
-        else:
-            mask = off < nj
-            t = tl.load(j_tensor + off, mask=mask, other=0)
-            idx = tl.load(j_idx + off, mask=mask, other=0)
-            c = tl.load(carriers + tl.load(j_cls + off, mask=mask, other=0), mask=mask, other=0).to(ACC)
-            val = c / denominator(p_new, M, tl.load(j_in + off, mask=mask, other=0),
-                                  tl.load(j_out + off, mask=mask, other=0), ACC)
-        zero = tl.zeros([BLOCK], DT)
-        tl.store(tl.load(w_ptrs + t, mask=mask, other=0).to(tl.pointer_type(DT)) + idx, val.to(DT), mask=mask)
-        tl.store(tl.load(v_ptrs + t, mask=mask, other=0).to(tl.pointer_type(DT)) + idx, zero, mask=mask)
-        if MOMENTUM:
-            tl.store(tl.load(b_ptrs + t, mask=mask, other=0).to(tl.pointer_type(DT)) + idx, zero, mask=mask)
-
-
 @torch.library.custom_op("invariance_compiler::gsgd_reduce", mutates_args=())
 def gsgd_reduce_op(gws: list[torch.Tensor], ws: list[torch.Tensor], p_in: torch.Tensor, M: torch.Tensor,
                    num_carriers: int, layout: list[torch.Tensor], tiling: list[int],
                    n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Pass 1: (reduced (n + 1,), the carriers' direct gradients), in the arithmetic dtype."""
-    layout = Layout.from_op_args(layout, tiling)
-    L = layout
+    L = Layout.from_op_args(layout, tiling)
     acc = acc_dtype(ws[0].dtype)
     reduced = torch.zeros(p_in.numel(), dtype=acc, device=p_in.device)
     g_car = torch.zeros(num_carriers, dtype=acc, device=p_in.device)
     DT, ACC = dtypes(ws[0].dtype)
     g_ptrs, w_ptrs = pointers(gws), pointers(ws)
-    _reduce_dense[(L.tiles.numel(),)](L.tiles, L.meta, L.cls, g_ptrs, w_ptrs, reduced, n,
-                                    DT=DT, ACC=ACC, **layout.tiling.launch_args())
-    grid = sparse_grid(layout)
+    icr._icr_dense[(L.tiles.numel(),)](L.tiles, L.meta, L.cls, p_in, M, g_ptrs, w_ptrs, w_ptrs, reduced, n,
+                                       DT=DT, ACC=ACC, SCALE=False, **L.tiling.launch_args())
+    grid = sparse_grid(L)
     if grid:
         _reduce_sparse[(grid,)](L.k_tensor, L.k_idx, L.k_in, L.k_idx.numel(), L.j_tensor, L.j_idx, L.j_in,
                                 L.j_out, L.j_cls, L.j_idx.numel(), p_in, M, g_ptrs, w_ptrs, reduced, g_car,
@@ -166,20 +118,19 @@ def gsgd_update_op(gws: list[torch.Tensor], vs: list[torch.Tensor], bufs: list[t
                    momentum: float, weight_decay: float, first: bool) -> None:
     """Pass 2, in place on vs, bufs (momentum buffers; ignored when momentum == 0) and ws. Every
     tensor must be contiguous."""
-    layout = Layout.from_op_args(layout, tiling)
-    L = layout
+    L = Layout.from_op_args(layout, tiling)
     DT, ACC = dtypes(ws[0].dtype)
     v_ptrs, w_ptrs = pointers(vs), pointers(ws)
     b_ptrs = pointers(bufs) if momentum else v_ptrs
     _update_dense[(L.tiles.numel(),)](L.tiles, L.meta, L.cls, p_old, p_new, M, pointers(gws), v_ptrs, b_ptrs,
                                     w_ptrs, n, small_tensor((lr, momentum, weight_decay), acc_dtype(ws[0].dtype),
                                                             ws[0].device), DT=DT, ACC=ACC,
-                                    MOMENTUM=momentum != 0, FIRST=first, **layout.tiling.launch_args())
-    grid = sparse_grid(layout)
-    if grid:
-        _update_sparse[(grid,)](L.k_tensor, L.k_idx, L.k_val, L.k_idx.numel(), L.j_tensor, L.j_idx, L.j_in, L.j_out,
-                                L.j_cls, L.j_idx.numel(), p_new, M, carriers, v_ptrs, b_ptrs, w_ptrs,
-                                DT=DT, ACC=ACC, MOMENTUM=momentum != 0, BLOCK=SPARSE_BLOCK)
+                                    MOMENTUM=momentum != 0, FIRST=first, **L.tiling.launch_args())
+    grid = sparse_grid(L)
+    if grid:                                 # W on the slots, V and the buffers 0 there
+        wa._wa_sparse[(grid,)](L.k_tensor, L.k_idx, L.k_val, L.k_idx.numel(), L.j_tensor, L.j_idx, L.j_in, L.j_out,
+                               L.j_cls, L.j_idx.numel(), p_new, M, carriers, w_ptrs, v_ptrs, b_ptrs,
+                               DT=DT, ACC=ACC, ZERO_V=True, MOMENTUM=momentum != 0, BLOCK=SPARSE_BLOCK)
 
 
 @gsgd_update_op.register_fake
@@ -202,14 +153,12 @@ def launch_update(gws, vs, bufs, ws, p_old, p_new, M, carriers, layout: Layout, 
 # ---- the PyTorch reference --------------------------------------------------------------------
 class StepPlan(NamedTuple):
     """What the G-SGD step reads of an allocation plan: every allocated tensor as one group, M,
-    the carriers' path constants (P_in = path_scale ⊙ [c, 1][path_root]), which tensors read a
-    class, and `path_in` (P_in from the carriers; it raises, naming the classes, where one is
-    zero or non-finite)."""
+    the carriers' path constants (P_in = path_scale ⊙ [c, 1][path_root]) and `path_in` (P_in from
+    the carriers; it raises, naming the classes, where one is zero or non-finite)."""
     group: Group
     M: torch.Tensor
     path_scale: torch.Tensor
     path_root: torch.Tensor
-    scales_in: list[bool]
     path_in: Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -231,32 +180,16 @@ def carrier_step_(plan: StepPlan, c, reduced, g_car, p_old, lr, mom, wd, buf, fi
 
 
 def reference_step(plan: StepPlan, gws, vs, bufs, ws, c, c_buf, lr, mom, wd, first) -> None:
-    """The step in PyTorch ops, in place: V and the buffers with the reduction in one pass, the
-    carriers, then W = WA(V)."""
+    """The step in PyTorch ops, in place: ICR (icr.reference; ∂L/∂V is 0 on the K and J slots, where
+    V is 0, so they stay 0), SGD on V and on the carriers, then W = WA(V)."""
     p_old = plan.path_in(c)
-    reduced = torch.zeros_like(p_old)
-    g_car = c.new_zeros(c.numel())
-    r_old, r_out = 1.0 / p_old, 1.0 / plan.M
-    for i, (s, gw, v) in enumerate(zip(plan.group.slots, gws, vs)):
-        gv = gw * (r_old[s.inp] * r_out[s.out])                      # ∂L/∂V (V is 0 on the K and J slots)
-        if plan.scales_in[i]:
-            dims = [d for d in range(v.dim()) if s.inp.shape[d] == 1 and v.shape[d] > 1]
-            col = gv * v
-            col = col.sum(dim=dims, keepdim=True) if dims else col
-            reduced.index_add_(0, s.inp.expand(col.shape).reshape(-1), col.reshape(-1))
-        if s.carrier_idx.numel():                     # the carriers' direct gradient
-            g = gw.reshape(-1)[s.carrier_idx] / (p_old[s.carrier_in] * plan.M[s.carrier_out])
-            g_car.index_add_(0, s.carrier_cls, g)
-            reduced.index_add_(0, s.carrier_in, g * c[s.carrier_cls])
+    gvs, reduced, g_car = icr.reference(gws, vs, p_old, plan.M, c, plan.group.slots)
+    for i, (v, gv) in enumerate(zip(vs, gvs)):
         d = gv.add_(v, alpha=wd) if wd else gv
         v.add_(momentum_(d, bufs[i] if mom else None, mom, first), alpha=-lr)
-        for idx in (s.fixed_idx, s.carrier_idx):      # fixed and carrier slots are no coordinates
-            if idx.numel():
-                v.view(-1)[idx] = 0
-                if mom:
-                    bufs[i].view(-1)[idx] = 0
     carrier_step_(plan, c, reduced, g_car, p_old, lr, mom, wd, c_buf, first)
-    wa.reference(vs, plan.path_in(c), plan.M, c, plan.group.slots, out=ws)
+    for w, new in zip(ws, wa.reference(vs, plan.path_in(c), plan.M, c, plan.group.slots)):
+        w.copy_(new)
 
 
 # ---- dispatch ---------------------------------------------------------------------------------

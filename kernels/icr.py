@@ -16,16 +16,19 @@ from .layout import Group, Layout, TensorSlots
 
 
 @jit
-def _icr_dense(tiles, meta, cls, p_in, M, g_ptrs, v_ptrs, gv_ptrs, reduced, n,
-               DT: tl.constexpr, ACC: tl.constexpr, BS: tl.constexpr, BR: tl.constexpr, ROWS: tl.constexpr):
+def _icr_dense(tiles, meta, cls, p_in, M, g_ptrs, v_ptrs, gv_ptrs, reduced, n, DT: tl.constexpr, ACC: tl.constexpr,
+               SCALE: tl.constexpr, BS: tl.constexpr, BR: tl.constexpr, ROWS: tl.constexpr):
+    """∂L/∂V = ∂L/∂W / den into gv_ptrs and reduced[in] += ∂L/∂V ⊙ V. Without SCALE (the G-SGD
+    step's reduce pass, v_ptrs pointing at W) only reduced[in] += ∂L/∂W ⊙ W, the same sum."""
     t, m, g, R, S, rt, st = locate(tiles, meta)
     gw_p = tensor_ptr(g_ptrs, t, DT)
     v_p = tensor_ptr(v_ptrs, t, DT)
-    gv_p = tensor_ptr(gv_ptrs, t, DT)
     cols = st * BS + tl.arange(0, BS)
     cmask = cols < S
     in_col = classes(cls, m, IN_C, g, cols, S, cmask, n)
-    d_col = denominator(p_in, M, in_col, classes(cls, m, OUT_C, g, cols, S, cmask, n), ACC)
+    if SCALE:
+        gv_p = tensor_ptr(gv_ptrs, t, DT)
+        d_col = denominator(p_in, M, in_col, classes(cls, m, OUT_C, g, cols, S, cmask, n), ACC)
     acc = tl.zeros([BR, BS], ACC)
     row_mode = tl.load(m + ROW_MODE) != 0
     base = g.to(tl.int64) * R * S
@@ -33,11 +36,13 @@ def _icr_dense(tiles, meta, cls, p_in, M, g_ptrs, v_ptrs, gv_ptrs, reduced, n,
         rows = r0 + tl.arange(0, BR)
         rmask = rows < R
         in_row = classes(cls, m, IN_R, g, rows, R, rmask, n)
-        d_row = denominator(p_in, M, in_row, classes(cls, m, OUT_R, g, rows, R, rmask, n), ACC)
         off = base + rows[:, None].to(tl.int64) * S + cols[None, :]
         mask = rmask[:, None] & cmask[None, :]
-        gv = tl.load(gw_p + off, mask=mask, other=0).to(ACC) * ((1.0 / d_row)[:, None] * (1.0 / d_col)[None, :])
-        tl.store(gv_p + off, gv.to(DT), mask=mask)
+        gv = tl.load(gw_p + off, mask=mask, other=0).to(ACC)
+        if SCALE:
+            d_row = denominator(p_in, M, in_row, classes(cls, m, OUT_R, g, rows, R, rmask, n), ACC)
+            gv = gv * ((1.0 / d_row)[:, None] * (1.0 / d_col)[None, :])
+            tl.store(gv_p + off, gv.to(DT), mask=mask)
         contrib = gv * tl.load(v_p + off, mask=mask, other=0).to(ACC)
         acc = add_by_class(reduced, acc, contrib, in_row, rmask, n, row_mode)
     flush_columns(reduced, acc, in_col, cmask, n, row_mode)
@@ -76,8 +81,7 @@ def icr_op(gws: list[torch.Tensor], vs: list[torch.Tensor], p_in: torch.Tensor, 
            carriers: torch.Tensor, layout: list[torch.Tensor], tiling: list[int], n: int) -> list[torch.Tensor]:
     """[∂L/∂V of each tensor..., reduced (n + 1,), ∂L/∂c direct (len(carriers),)], the last two in
     the arithmetic dtype."""
-    layout = Layout.from_op_args(layout, tiling)
-    L = layout
+    L = Layout.from_op_args(layout, tiling)
     gws = [g.contiguous() for g in gws]
     vs = [v.contiguous() for v in vs]
     gvs = [torch.empty_like(v) for v in vs]
@@ -87,8 +91,8 @@ def icr_op(gws: list[torch.Tensor], vs: list[torch.Tensor], p_in: torch.Tensor, 
     DT, ACC = dtypes(vs[0].dtype)
     v_ptrs, gv_ptrs = pointers(vs), pointers(gvs)
     _icr_dense[(L.tiles.numel(),)](L.tiles, L.meta, L.cls, p_in, M, pointers(gws), v_ptrs, gv_ptrs, reduced, n,
-                                 DT=DT, ACC=ACC, **layout.tiling.launch_args())
-    grid = sparse_grid(layout)
+                                 DT=DT, ACC=ACC, SCALE=True, **L.tiling.launch_args())
+    grid = sparse_grid(L)
     if grid:
         _icr_sparse[(grid,)](L.k_tensor, L.k_idx, L.k_in, L.k_idx.numel(), L.j_tensor, L.j_idx, L.j_in, L.j_cls,
                              L.j_idx.numel(), carriers, v_ptrs, gv_ptrs, reduced, g_car,

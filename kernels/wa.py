@@ -34,17 +34,31 @@ def _wa_dense(tiles, meta, cls, p_in, M, v_ptrs, w_ptrs, n,
 
 
 @jit
-def _wa_sparse(k_tensor, k_idx, k_val, nk, j_tensor, j_idx, j_in, j_out, j_cls, nj,
-               p_in, M, carriers, w_ptrs, DT: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
+def _wa_sparse(k_tensor, k_idx, k_val, nk, j_tensor, j_idx, j_in, j_out, j_cls, nj, p_in, M, carriers, w_ptrs,
+               v_ptrs, b_ptrs, DT: tl.constexpr, ACC: tl.constexpr, ZERO_V: tl.constexpr, MOMENTUM: tl.constexpr,
+               BLOCK: tl.constexpr):
+    """W on the K slots (their fixed values) and the J slots (c / (P_in·M)); with ZERO_V (the G-SGD
+    step's update) V there is set to 0 too, and with MOMENTUM the momentum buffer."""
     off = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mk = off < nk
-    w = tl.load(w_ptrs + tl.load(k_tensor + off, mask=mk, other=0)).to(tl.pointer_type(DT))
-    tl.store(w + tl.load(k_idx + off, mask=mk, other=0), tl.load(k_val + off, mask=mk).to(DT), mask=mk)
-    mj = off < nj
-    w = tl.load(w_ptrs + tl.load(j_tensor + off, mask=mj, other=0)).to(tl.pointer_type(DT))
-    c = tl.load(carriers + tl.load(j_cls + off, mask=mj, other=0), mask=mj).to(ACC)
-    den = denominator(p_in, M, tl.load(j_in + off, mask=mj, other=0), tl.load(j_out + off, mask=mj, other=0), ACC)
-    tl.store(w + tl.load(j_idx + off, mask=mj, other=0), (c / den).to(DT), mask=mj)
+    for kind in tl.static_range(2):          # 0: fixed entries, 1: carriers
+        if kind == 0:
+            mask = off < nk
+            t = tl.load(k_tensor + off, mask=mask, other=0)
+            idx = tl.load(k_idx + off, mask=mask, other=0)
+            val = tl.load(k_val + off, mask=mask, other=0).to(ACC)
+        else:
+            mask = off < nj
+            t = tl.load(j_tensor + off, mask=mask, other=0)
+            idx = tl.load(j_idx + off, mask=mask, other=0)
+            c = tl.load(carriers + tl.load(j_cls + off, mask=mask, other=0), mask=mask, other=0).to(ACC)
+            val = c / denominator(p_in, M, tl.load(j_in + off, mask=mask, other=0),
+                                  tl.load(j_out + off, mask=mask, other=0), ACC)
+        tl.store(tl.load(w_ptrs + t, mask=mask, other=0).to(tl.pointer_type(DT)) + idx, val.to(DT), mask=mask)
+        if ZERO_V:
+            zero = tl.zeros([BLOCK], DT)
+            tl.store(tl.load(v_ptrs + t, mask=mask, other=0).to(tl.pointer_type(DT)) + idx, zero, mask=mask)
+            if MOMENTUM:
+                tl.store(tl.load(b_ptrs + t, mask=mask, other=0).to(tl.pointer_type(DT)) + idx, zero, mask=mask)
 
 
 @torch.library.custom_op("invariance_compiler::wa", mutates_args=())
@@ -52,18 +66,18 @@ def wa_op(vs: list[torch.Tensor], p_in: torch.Tensor, M: torch.Tensor, carriers:
           layout: list[torch.Tensor], tiling: list[int], n: int) -> list[torch.Tensor]:
     """The allocated weights of `vs` (a group of one dtype and device) with `layout` from
     layout.build_group."""
-    layout = Layout.from_op_args(layout, tiling)
-    L = layout
+    L = Layout.from_op_args(layout, tiling)
     vs = [v.contiguous() for v in vs]
     ws = [torch.empty_like(v) for v in vs]
     DT, ACC = dtypes(vs[0].dtype)
     w_ptrs = pointers(ws)
     _wa_dense[(L.tiles.numel(),)](L.tiles, L.meta, L.cls, p_in, M, pointers(vs), w_ptrs, n,
-                                DT=DT, ACC=ACC, **layout.tiling.launch_args())
-    grid = sparse_grid(layout)
+                                DT=DT, ACC=ACC, **L.tiling.launch_args())
+    grid = sparse_grid(L)
     if grid:
         _wa_sparse[(grid,)](L.k_tensor, L.k_idx, L.k_val, L.k_idx.numel(), L.j_tensor, L.j_idx, L.j_in, L.j_out,
-                            L.j_cls, L.j_idx.numel(), p_in, M, carriers, w_ptrs, DT=DT, ACC=ACC, BLOCK=SPARSE_BLOCK)
+                            L.j_cls, L.j_idx.numel(), p_in, M, carriers, w_ptrs, w_ptrs, w_ptrs, DT=DT, ACC=ACC,
+                            ZERO_V=False, MOMENTUM=False, BLOCK=SPARSE_BLOCK)
     return ws
 
 
@@ -77,20 +91,13 @@ def launch(vs, p_in, M, carriers, layout: Layout, n):
     return wa_op(vs, p_in, M, carriers, *layout.op_args(), n)
 
 
-def reference(vs, p_in, M, carriers, slots: list[TensorSlots], out=None) -> list[torch.Tensor]:
-    """WA in PyTorch ops: differentiable (autograd through it is the ICR), or written into `out`."""
+def reference(vs, p_in, M, carriers, slots: list[TensorSlots]) -> list[torch.Tensor]:
+    """WA in PyTorch ops, differentiable (autograd through it is the ICR)."""
     ws = []
-    for k, (v, s) in enumerate(zip(vs, slots)):
-        den = p_in[s.inp] * M[s.out]
+    for v, s in zip(vs, slots):
+        w = (v / (p_in[s.inp] * M[s.out])).reshape(-1).index_put((s.fixed_idx,), s.fixed_val.to(v.dtype))
         carried = carriers[s.carrier_cls] / (p_in[s.carrier_in] * M[s.carrier_out])
-        if out is None:
-            w = (v / den).reshape(-1).index_put((s.fixed_idx,), s.fixed_val.to(v.dtype))
-            ws.append(w.index_put((s.carrier_idx,), carried.to(v.dtype)).view(v.shape))
-        else:
-            w = torch.div(v, den, out=out[k])
-            w.view(-1)[s.fixed_idx] = s.fixed_val.to(w.dtype)
-            w.view(-1)[s.carrier_idx] = carried.to(w.dtype)
-            ws.append(w)
+        ws.append(w.index_put((s.carrier_idx,), carried.to(v.dtype)).view(v.shape))
     return ws
 
 

@@ -101,7 +101,6 @@ def test_one_launch_per_group(monkeypatch):
     cm, plan, vs, c = plan_and_values(odd_model(), (torch.randn(2, 3, 6, 6),), torch.float32)
     assert len(vs) == 9 and len({v.dim() for v in vs}) == 3           # ≥ 5 tensors, 3 kinds
     with kernels.mode(MODE):
-        kernels.ops()
         counts = {k: _Count(getattr(m, k)) for m, k in
                   ((wa_mod, "_wa_dense"), (wa_mod, "_wa_sparse"), (icr_mod, "_icr_dense"), (icr_mod, "_icr_sparse"))}
         for k, cnt in counts.items():
@@ -168,19 +167,20 @@ def test_fused_gsgd_step_equals_the_reference_step(name, momentum, weight_decay)
 def test_custom_ops_pass_opcheck():
     cm, plan, vs, c = plan_and_values(odd_model(), (torch.randn(2, 3, 6, 6),), torch.float32)
     with kernels.mode(MODE):
-        ops = kernels.ops()
         p_in = plan.path_in(c)
-        lay, tiling = plan.layout(plan.wa).op_args()      # as the registered ops take the record
+        lay, tiling = plan.group(plan.wa).layout.op_args()      # as the registered ops take the record
         gws = [torch.randn_like(v) for v in vs]
         checks = ("test_schema", "test_faketensor")
-        torch.library.opcheck(ops.wa_op, (vs, p_in, plan.M, c, lay, tiling, plan.n), test_utils=checks)
-        torch.library.opcheck(ops.icr_op, (gws, vs, p_in, plan.M, c, lay, tiling, plan.n), test_utils=checks)
+        step = kernels.gsgd_step
+        torch.library.opcheck(kernels.wa.wa_op, (vs, p_in, plan.M, c, lay, tiling, plan.n), test_utils=checks)
+        torch.library.opcheck(kernels.icr.icr_op, (gws, vs, p_in, plan.M, c, lay, tiling, plan.n),
+                              test_utils=checks)
         ws = [v.clone() for v in vs]
-        torch.library.opcheck(ops.gsgd_reduce_op, (gws, ws, p_in, plan.M, c.numel(), lay, tiling, plan.n),
+        torch.library.opcheck(step.gsgd_reduce_op, (gws, ws, p_in, plan.M, c.numel(), lay, tiling, plan.n),
                               test_utils=checks)
         args = (gws, [v.clone() for v in vs], [torch.zeros_like(v) for v in vs], ws, p_in, p_in.clone(),
                 plan.M, c, lay, tiling, plan.n, 0.1, 0.9, 0.0, True)
-        torch.library.opcheck(ops.gsgd_update_op, args, test_utils=checks)
+        torch.library.opcheck(step.gsgd_update_op, args, test_utils=checks)
 
 
 def test_compile_invariant_and_gsgd_keep_the_models_device():
@@ -237,11 +237,10 @@ def test_a_layout_launches_with_the_tiling_it_was_built_with():
     with kernels.mode("off"):
         ref = plan(p_in, c, *vs)
     with kernels.mode(MODE):
-        ops = kernels.ops()
         for tiling in (Tiling(), Tiling(BS=32, BR=4, ROWS=8, WARPS=2)):
             lay = build_group([plan.tensor_slots(i) for i in plan.wa], plan.n, plan.M.dtype, tiling).to(DEVICE)
             S, cols = lay.meta[:, META.index("S")], lay.meta[:, META.index("col_tiles")]
             assert torch.equal(cols, -(-S // tiling.BS))            # tiles cut with its own BS
-            got = ops.wa(vs, p_in, plan.M, c, lay, plan.n)
+            got = kernels.wa.launch(vs, p_in, plan.M, c, lay, plan.n)
             for a, b in zip(got, ref):
                 assert torch.allclose(a, b, rtol=1e-12, atol=1e-14)

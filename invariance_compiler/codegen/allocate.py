@@ -130,10 +130,6 @@ class Allocation(nn.Module):
         state.pop("_pending", None)              # a CUDA event: neither copied nor pickled
         return state
 
-    def layout(self, index: Sequence[int]) -> Layout:
-        """The kernel layout (kernels/layout.py) of plan tensors `index`, on the plan's device."""
-        return self.group(index).layout
-
     def group(self, index: Sequence[int]) -> Group:
         """Plan tensors `index` as the kernels' ops read them (built once per device and dtype)."""
         key = (tuple(index), self.M.device, self.M.dtype)
