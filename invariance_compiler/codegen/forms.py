@@ -25,7 +25,6 @@ def overwrite(v: torch.Tensor, idx: torch.Tensor, val: torch.Tensor) -> torch.Te
 
 
 class GSpace:
-    name = "gspace"
     prefix = "v_"                  # the compiled module's parameter names: v_<weight>, v_carriers
     carriers = True                # the skeleton chooses carriers; the module holds their values
     scales_activations = True      # a Linear may scale its activations instead of forming W
@@ -65,7 +64,6 @@ class GSpace:
 
 
 class Fixed:
-    name = "fixed"
     prefix = "free_"
     carriers = False
     scales_activations = False

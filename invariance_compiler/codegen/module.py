@@ -277,7 +277,8 @@ def compile_invariant(model: nn.Module, example_inputs: Any = None, form: str = 
     for mod in inner.modules():                  # the copy keeps code and buffers, not parameters
         for k in [k for k, p in mod._parameters.items() if p is not None]:
             del mod._parameters[k]
-    aliases = {a: _canonical(model, a) for a, _ in model.named_parameters(remove_duplicate=False)}
+    canonical = {id(p): n for n, p in model.named_parameters()}        # a tied one: its first name
+    aliases = {a: canonical[id(p)] for a, p in model.named_parameters(remove_duplicate=False)}
     cm = InvariantModule(inner, CompiledState(
         form=form, report=report, skeleton=sk, plan=plan, init=init, allocated=allocated, carriers=carriers,
         requires_grad={n: orig[n].requires_grad for n in init}, unused=unused, aliases=aliases, fast=fast,
@@ -285,14 +286,6 @@ def compile_invariant(model: nn.Module, example_inputs: Any = None, form: str = 
         code=(captured.gm.code, dict(captured.params))))
     cm.train(model.training)
     return cm.to(next(iter(orig.values())).device) if orig else cm
-
-
-def _canonical(model, alias):
-    target = model.get_parameter(alias)
-    for n, p in model.named_parameters():
-        if p is target:
-            return n
-    return alias
 
 
 def _single_use_linears(model: nn.Module, captured) -> dict:

@@ -11,11 +11,11 @@ from typing import Any, Optional
 import torch
 import torch.nn as nn
 
-from ..kernels.gsgd_step import GSGDStep, StepPlan, momentum_
+from ..kernels.gsgd_step import GSGDStep, StepPlan
 from ..analyze import analyze
 from ..codegen.allocate import allocation_dtype, make_allocation
 from ..skeleton import Skeleton, build_skeleton, check_finite
-from .scaled import run_closure
+from .scaled import run_closure, sgd_momentum_
 
 __all__ = ["GSGD"]
 
@@ -74,26 +74,16 @@ class GSGD(torch.optim.Optimizer):
         loss = run_closure(closure)
         group = self.param_groups[0]
         lr, mom, wd = group["lr"], group["momentum"], group["weight_decay"]
-        ps = self._alloc_params
-        updates = [(self.state[p], p, p.grad) for p in group["params"]
-                   if "v" not in self.state[p] and p.grad is not None]
-        if ps:
+        if self._alloc_params:
             self._fused_step(lr, mom, wd)
-        for state, v, g in updates:                   # the rest: SGD (torch.optim.SGD's rule)
-            d = g.add(v, alpha=wd) if wd else g
-            first = mom != 0 and "momentum_buffer" not in state
-            buf = _buffer(state, "momentum_buffer", d) if mom else None
-            v.add_(momentum_(d, buf, mom, first), alpha=-lr)
+        for p in group["params"]:                     # the rest: SGD (torch.optim.SGD's rule)
+            if "v" not in self.state[p] and p.grad is not None:
+                sgd_momentum_(p, self.state[p], lr, mom, wd)
         return loss
 
     def _fused_step(self, lr: float, mom: float, wd: float) -> None:
-        """ICR, SGD on V and WA in two passes over the weights with the carriers' O(H) update
-        between them (kernels/gsgd_step.py dispatches). CUDA: reduce over ∂L/∂W ⊙ W, then V, the
-        momentum buffers and W in one pass. CPU (kernels/cpu_step.cpp in one call, or the
-        reference step where it does not apply): V and the buffers with the reduction in one
-        pass, then W, which saves the second read of ∂L/∂W; the C++ step leaves the tensors whose
-        P_in does not depend on the carriers to the second pass and steps them there with their
-        W, one pass fewer."""
+        """ICR, SGD on V and WA on the allocated weights, with the carriers' O(H) update between
+        (kernels/gsgd_step.py: the passes, and which backend runs them)."""
         ps = self._alloc_params
         state0 = self.state[ps[0]]
         c = state0["carriers"]

@@ -30,11 +30,13 @@ def plain_model_only(model: nn.Module, who: str) -> None:
                          f"compiled fixed-form modules)")
 
 
-def sgd_momentum_(p: torch.Tensor, state: dict, lr: float, momentum: float) -> None:
-    """The fallback for parameters outside every manifold: SGD with (heavy-ball) momentum."""
+def sgd_momentum_(p: torch.Tensor, state: dict, lr: float, momentum: float, weight_decay: float = 0.0) -> None:
+    """torch.optim.SGD's step on one parameter (heavy-ball momentum, weight decay): the fallback for
+    parameters outside every manifold, or outside G-SGD's allocation."""
+    d = p.grad.add(p, alpha=weight_decay) if weight_decay else p.grad
     first = momentum != 0 and "momentum_buffer" not in state
-    buf = state.setdefault("momentum_buffer", torch.empty_like(p.grad)) if first else state.get("momentum_buffer")
-    p.add_(momentum_(p.grad, buf, momentum, first), alpha=-lr)
+    buf = state.setdefault("momentum_buffer", torch.empty_like(d)) if first else state.get("momentum_buffer")
+    p.add_(momentum_(d, buf, momentum, first), alpha=-lr)
 
 
 def structure_of(model: nn.Module, report, example_inputs) -> tuple:
