@@ -455,6 +455,11 @@ class SymmetryReport:
         """Flat indices of the inert entries of `name` (empty when none)."""
         return self._inert.get(name, torch.zeros(0, dtype=torch.long))
 
+    def is_simple(self, col: int) -> bool:
+        """Whether class generator `col` is a plain class (+1 on what produces it, -1 on what
+        consumes it); the skeleton removes exactly these, columns [0, num_simple)."""
+        return col < self.num_simple
+
     @property
     def class_generators(self) -> list[Generator]:
         """The rescale and normalize generators (columns [0, H - inert))."""
