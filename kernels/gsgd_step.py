@@ -153,12 +153,14 @@ def launch_update(gws, vs, bufs, ws, p_old, p_new, M, carriers, layout: Layout, 
 # ---- the PyTorch reference --------------------------------------------------------------------
 class StepPlan(NamedTuple):
     """What the G-SGD step reads of an allocation plan: every allocated tensor as one group, M,
-    the carriers' path constants (P_in = path_scale ⊙ [c, 1][path_root]) and `path_in` (P_in from
-    the carriers; it raises, naming the classes, where one is zero or non-finite)."""
+    the carriers' path constants (P_in = path_scale ⊙ [c, 1][path_root]), which tensors read a
+    class, and `path_in` (P_in from the carriers; it raises, naming the classes, where one is
+    zero or non-finite)."""
     group: Group
     M: torch.Tensor
     path_scale: torch.Tensor
     path_root: torch.Tensor
+    scales_in: list[bool]
     path_in: Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -180,16 +182,32 @@ def carrier_step_(plan: StepPlan, c, reduced, g_car, p_old, lr, mom, wd, buf, fi
 
 
 def reference_step(plan: StepPlan, gws, vs, bufs, ws, c, c_buf, lr, mom, wd, first) -> None:
-    """The step in PyTorch ops, in place: ICR (icr.reference; ∂L/∂V is 0 on the K and J slots, where
-    V is 0, so they stay 0), SGD on V and on the carriers, then W = WA(V)."""
+    """The step in PyTorch ops, in place: V and the buffers with the reduction in one pass, the
+    carriers, then W = WA(V)."""
     p_old = plan.path_in(c)
-    gvs, reduced, g_car = icr.reference(gws, vs, p_old, plan.M, c, plan.group.slots)
-    for i, (v, gv) in enumerate(zip(vs, gvs)):
+    reduced = torch.zeros_like(p_old)
+    g_car = c.new_zeros(c.numel())
+    r_old, r_out = 1.0 / p_old, 1.0 / plan.M
+    for i, (s, gw, v) in enumerate(zip(plan.group.slots, gws, vs)):
+        gv = gw * (r_old[s.inp] * r_out[s.out])                      # ∂L/∂V (V is 0 on the K and J slots)
+        if plan.scales_in[i]:
+            dims = [d for d in range(v.dim()) if s.inp.shape[d] == 1 and v.shape[d] > 1]
+            col = gv * v
+            col = col.sum(dim=dims, keepdim=True) if dims else col
+            reduced.index_add_(0, s.inp.expand(col.shape).reshape(-1), col.reshape(-1))
+        if s.carrier_idx.numel():                     # the carriers' direct gradient
+            g = gw.reshape(-1)[s.carrier_idx] / (p_old[s.carrier_in] * plan.M[s.carrier_out])
+            g_car.index_add_(0, s.carrier_cls, g)
+            reduced.index_add_(0, s.carrier_in, g * c[s.carrier_cls])
         d = gv.add_(v, alpha=wd) if wd else gv
         v.add_(momentum_(d, bufs[i] if mom else None, mom, first), alpha=-lr)
+        for idx in (s.fixed_idx, s.carrier_idx):      # fixed and carrier slots are no coordinates
+            if idx.numel():
+                v.view(-1)[idx] = 0
+                if mom:
+                    bufs[i].view(-1)[idx] = 0
     carrier_step_(plan, c, reduced, g_car, p_old, lr, mom, wd, c_buf, first)
-    for w, new in zip(ws, wa.reference(vs, plan.path_in(c), plan.M, c, plan.group.slots)):
-        w.copy_(new)
+    wa.reference(vs, plan.path_in(c), plan.M, c, plan.group.slots, out=ws)
 
 
 # ---- dispatch ---------------------------------------------------------------------------------

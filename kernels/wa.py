@@ -91,13 +91,20 @@ def launch(vs, p_in, M, carriers, layout: Layout, n):
     return wa_op(vs, p_in, M, carriers, *layout.op_args(), n)
 
 
-def reference(vs, p_in, M, carriers, slots: list[TensorSlots]) -> list[torch.Tensor]:
-    """WA in PyTorch ops, differentiable (autograd through it is the ICR)."""
+def reference(vs, p_in, M, carriers, slots: list[TensorSlots], out=None) -> list[torch.Tensor]:
+    """WA in PyTorch ops: differentiable (autograd through it is the ICR), or written into `out`."""
     ws = []
-    for v, s in zip(vs, slots):
-        w = (v / (p_in[s.inp] * M[s.out])).reshape(-1).index_put((s.fixed_idx,), s.fixed_val.to(v.dtype))
+    for k, (v, s) in enumerate(zip(vs, slots)):
+        den = p_in[s.inp] * M[s.out]
         carried = carriers[s.carrier_cls] / (p_in[s.carrier_in] * M[s.carrier_out])
-        ws.append(w.index_put((s.carrier_idx,), carried.to(v.dtype)).view(v.shape))
+        if out is None:
+            w = (v / den).reshape(-1).index_put((s.fixed_idx,), s.fixed_val.to(v.dtype))
+            ws.append(w.index_put((s.carrier_idx,), carried.to(v.dtype)).view(v.shape))
+        else:
+            w = torch.div(v, den, out=out[k])
+            w.view(-1)[s.fixed_idx] = s.fixed_val.to(w.dtype)
+            w.view(-1)[s.carrier_idx] = carried.to(w.dtype)
+            ws.append(w)
     return ws
 
 

@@ -50,7 +50,7 @@ class GSGD(torch.optim.Optimizer):
             self.plan.to(self._alloc_params[0].device)
         plan = self.plan
         self._step = GSGDStep(StepPlan(plan.group(range(plan.count)), plan.M, plan.path_scale, plan.path_root,
-                                       plan.path_in))
+                                       plan.scales_in, plan.path_in))
 
     @property
     def backend(self) -> str | None:
