@@ -32,8 +32,9 @@ def _constexpr(value):
 
 # the meta row's columns by name (layout.META), as the constexpr globals the kernels read
 NF = _constexpr(len(layout.META))
-R_, S_, IN_R, IN_C, OUT_R, OUT_C, FIRST_TILE, ROW_TILES, COL_TILES, ROW_MODE = (_constexpr(layout.META.index(k)) for k in (
-    "R", "S", "in_r", "in_c", "out_r", "out_c", "first_tile", "row_tiles", "col_tiles", "row_mode"))
+R_, S_, IN_R, IN_C, OUT_R, OUT_C, FIRST_TILE, ROW_TILES, COL_TILES, ROW_MODE = (
+    _constexpr(layout.META.index(k))
+    for k in ("R", "S", "in_r", "in_c", "out_r", "out_c", "first_tile", "row_tiles", "col_tiles", "row_mode"))
 
 TL_DTYPE = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16,
             torch.float64: tl.float64} if tl is not None else {}

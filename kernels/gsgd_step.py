@@ -1,8 +1,8 @@
 """The fused G-SGD step on stored weights (GSGD on CUDA tensors), in two passes, because the new
 P_in depends on the carriers' gradients, which depend on a reduction over every tensor:
-  1. reduce (ICR's dense kernel, unscaled): reads ∂L/∂W and W once: reduced[a] = Σ_{entries reading a, not K} ∂L/∂W ⊙ W
-     (W = V / (P_in·M), so this is ICR's Σ ∂L/∂V ⊙ V, the J entries' ∂L/∂c · c included) and the
-     carriers' direct gradients ∂L/∂W_J / (P_in·M);
+  1. reduce: reads ∂L/∂W and W once: reduced[a] = Σ_{entries reading a, not K} ∂L/∂W ⊙ W
+     (W = V / (P_in·M), so this is ICR's Σ ∂L/∂V ⊙ V, the J entries' ∂L/∂c · c included: ICR's
+     dense kernel without its scaling) and the carriers' direct gradients ∂L/∂W_J / (P_in·M);
   (the carriers' O(H) update runs in PyTorch between the passes)
   2. update: reads ∂L/∂W, V and the momentum buffer once, writes V, the buffer and W:
      ∂L/∂V = ∂L/∂W / den_old, d = ∂L/∂V + wd·V, buf = mom·buf + d (buf = d on the first step),
