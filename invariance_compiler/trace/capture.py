@@ -44,7 +44,8 @@ class Captured:
         from a user input or a parameter."""
         mutated = {mutated_arg(n) for n in self.gm.graph.nodes if n.op == "call_function"}
         out_kind = torch.export.graph_signature.OutputKind.BUFFER_MUTATION
-        mutated_buffers = {s.target for s in self.signature.output_specs if s.kind == out_kind} if self.signature else set()
+        specs = self.signature.output_specs if self.signature else []
+        mutated_buffers = {s.target for s in specs if s.kind == out_kind}
         fixed = set()
         for n in self.gm.graph.nodes:
             if n.op == "placeholder":
