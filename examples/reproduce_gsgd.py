@@ -64,7 +64,7 @@ def make(name: str, start: nn.Module, example, lr: float):
         if name == "Adam":
             return model, torch.optim.Adam(model.parameters(), lr=lr)
         if name == "G-SGD (gspace)":  # the thesis's way: torch SGD on the G-space module
-            cm = ic.compile_invariant(model, example, form="gspace")
+            cm = ic.compile_invariant(model, example, form="gspace", coordinates="paths")
             return cm, torch.optim.SGD(cm.parameters(), lr=lr)
         if name == "Path-SGD":
             return model, PathSGD([m.weight for m in model if isinstance(m, nn.Linear)], lr)

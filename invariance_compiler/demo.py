@@ -2,9 +2,9 @@
 
   1. analyze a CNN and a ResNet-style model and print their reports;
   2. compile the CNN to both forms and print the emitted code of one layer;
-  3. train an MLP on scikit-learn's digits (offline) with SGD, G-SGD, Adam on the gspace module
-     (G-Adam) and SGD on the fixed-weight module, all from the same start; print a results table
-     and write the curves as a PNG;
+  3. train an MLP on scikit-learn's digits (offline) with SGD, G-SGD, SGD on the gspace module,
+     Adam on its raw path values (G-Adam) and SGD on the fixed-weight module, all from the same
+     start; print a results table and write the curves as a PNG;
   4. run the kernel profiler (the PyTorch path on CPU, the Triton kernels on a GPU).
 
 The data helpers (`digits`, `he_skeleton_init`, `train`) are shared with examples/."""
@@ -96,6 +96,24 @@ def digits_cnn() -> nn.Module:
                          nn.Flatten(), nn.Linear(32, 10))
 
 
+class PreNormMLP(nn.Module):
+    """A pre-norm residual MLP for digits: h = Linear(x); h += Linear(ReLU(Linear(LayerNorm(h))))
+    per block; logits = Linear(LayerNorm(h)) (a transformer's layout without attention)."""
+
+    def __init__(self, d: int = 64, hidden: int = 128, blocks: int = 2, inputs: int = 64, classes: int = 10):
+        super().__init__()
+        self.inp = nn.Linear(inputs, d)
+        self.blocks = nn.ModuleList(nn.Sequential(nn.LayerNorm(d), nn.Linear(d, hidden), nn.ReLU(),
+                                                  nn.Linear(hidden, d)) for _ in range(blocks))
+        self.norm, self.out = nn.LayerNorm(d), nn.Linear(d, classes)
+
+    def forward(self, x):
+        h = self.inp(x)
+        for block in self.blocks:
+            h = h + block(h)
+        return self.out(self.norm(h))
+
+
 def mlp(widths=(64, 128, 128, 10), bias: bool = True) -> nn.Module:
     layers = []
     for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
@@ -145,6 +163,7 @@ def run_compile() -> None:
 OPTIMIZERS = {   # name: (what it trains, how) - every run starts from the same weights
     "SGD": "torch.optim.SGD on the model",
     "G-SGD": "ic.optim.GSGD on the model (Meng et al., Algorithm 1)",
+    "gspace SGD": "torch.optim.SGD on the gspace module (scaled coordinates)",
     "G-Adam": "torch.optim.Adam on the gspace module",
     "fixed SGD": "torch.optim.SGD on the fixed-weight module",
 }
@@ -155,8 +174,11 @@ def build_run(name: str, model: nn.Module, example, lr: float, momentum: float =
         return model, torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
     if name == "G-SGD":
         return model, optim.GSGD(model, lr=lr, momentum=momentum, example_inputs=example)
-    if name == "G-Adam":
+    if name == "gspace SGD":
         cm = compile_invariant(model, example, form="gspace")
+        return cm, torch.optim.SGD(cm.parameters(), lr=lr, momentum=momentum)
+    if name == "G-Adam":
+        cm = compile_invariant(model, example, form="gspace", coordinates="paths")
         return cm, torch.optim.Adam(cm.parameters(), lr=lr)
     if name == "fixed SGD":
         cm = compile_invariant(model, example, form="fixed")
@@ -172,8 +194,8 @@ def run_training(out_dir: str, epochs: int) -> str:
         tqdm = None
     data = digits()
     start = he_skeleton_init(mlp(), data[0][:2])
-    lrs = {"SGD": 0.01, "G-SGD": 0.01, "G-Adam": 1e-3, "fixed SGD": 0.01}
-    print("Same start for all four: He init with the skeleton entries at 1 (G-SGD's initialisation);\n"
+    lrs = {"SGD": 0.01, "G-SGD": 0.01, "gspace SGD": 0.01, "G-Adam": 1e-3, "fixed SGD": 0.01}
+    print("Same start for all five: He init with the skeleton entries at 1 (G-SGD's initialisation);\n"
           f"batch 64, {epochs} epochs, no momentum; learning rates {lrs}.\n")
     results = {}
     steps = epochs * -(-len(data[0]) // 64)

@@ -22,7 +22,7 @@ def test_icr_equals_autograd_through_a_plain_allocation(name):
     model, x = ZOO[name]()
     cm = ic.compile_invariant(model.double(), tuple(t.double() for t in x), scale_activations=False)
     vs = [v.detach().clone().requires_grad_(True) for v in _vs(cm)]
-    c = cm.v_carriers.detach().clone().requires_grad_(True)
+    c = cm.allocate.carrier_values(cm.v_carriers).detach().clone().requires_grad_(True)
     gws = [torch.randn_like(v) for v in vs]
     ours = cm.allocate(cm.allocate.path_in(c), c, *vs)
     ref = reference(cm.allocate, c, vs)
@@ -38,7 +38,7 @@ def test_icr_passes_gradcheck():
     model, x = ZOO["residual_mlp"]()
     cm = ic.compile_invariant(model.double(), tuple(t.double() for t in x), scale_activations=False)
     vs = tuple(v.detach().clone().requires_grad_(True) for v in _vs(cm))
-    c = cm.v_carriers.detach().clone().requires_grad_(True)
+    c = cm.allocate.carrier_values(cm.v_carriers).detach().clone().requires_grad_(True)
     assert torch.autograd.gradcheck(lambda c, *v: cm.allocate(cm.allocate.path_in(c), c, *v), (c, *vs),
                                     eps=1e-6, atol=1e-7)
 
@@ -96,7 +96,7 @@ def test_coordinates_and_gradients_of_a_straight_mlp_are_the_thesis_table():
     torch.manual_seed(0)
     model = mlp([3, 4, 2], bias=False).double()
     x = torch.randn(5, 3, dtype=torch.float64)
-    cm = ic.compile_invariant(model, x, fixed="overwrite", value=1.0)
+    cm = ic.compile_invariant(model, x, fixed="overwrite", value=1.0, coordinates="paths")
     w = cm.weights()
     sk = cm.skeleton
     W1, W2 = w["0.weight"], w["2.weight"]                  # (4, 3), (2, 4)
@@ -134,7 +134,7 @@ def test_coordinates_and_gradients_of_a_straight_mlp_are_the_thesis_table():
 def test_basis_paths_are_independent_orthogonal_to_e_and_give_v(name):
     model, x = ZOO[name]()
     model = model.double()
-    cm = ic.compile_invariant(model, tuple(t.double() for t in x))
+    cm = ic.compile_invariant(model, tuple(t.double() for t in x), coordinates="paths")
     B = basis_paths(cm.report, cm.skeleton).double()
     E = cm.report.generator_matrix(dtype=torch.float64)
     m, h = E.shape
@@ -204,7 +204,7 @@ def test_gsgd_optimizer_matches_sgd_on_the_gspace_module():
     model = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 3)).double()
     x = torch.randn(32, 5, dtype=torch.float64)
     y = torch.randint(0, 3, (32,))
-    cm = ic.compile_invariant(model, x)
+    cm = ic.compile_invariant(model, x, coordinates="paths")
     plain = _load(model, cm.weights())
     # lr 0.02 diverged from this start (loss 1.1 -> 30), where rounding grows without bound
     o1 = torch.optim.SGD(cm.parameters(), lr=2e-3, momentum=0.9, weight_decay=1e-3)
@@ -251,7 +251,7 @@ def test_a_generator_with_only_zero_entries_is_a_clear_error():
 
 def test_a_carrier_reaching_zero_stops_with_a_message_not_nans():
     model = mlp([3, 4, 2], bias=False).double()
-    cm = ic.compile_invariant(model)
+    cm = ic.compile_invariant(model, coordinates="paths")     # balanced carriers are log-magnitudes
     assert not bool(cm.skeleton.carrier_fixed[0])            # a free carrier: its value is a coordinate
     with torch.no_grad():
         cm.v_carriers[0] = 0.0

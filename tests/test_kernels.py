@@ -28,7 +28,7 @@ def plan_and_values(model, x, dtype):
     cm = ic.compile_invariant(model.double(), x, scale_activations=False).to(dtype=dtype, device=DEVICE)
     plan = cm.allocate
     vs = [cm.parameter_of(cm.allocated[i]).detach() for i in plan.wa]
-    return cm, plan, vs, cm.v_carriers.detach()
+    return cm, plan, vs, plan.carrier_values(cm.v_carriers).detach()
 
 
 def close(a, b, atol, rtol):

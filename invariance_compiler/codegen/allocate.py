@@ -16,6 +16,12 @@ Backward (ICR):
     ∂L/∂P_in[a] = -(1 / P_in[a]) · Σ_{free e reading a} ∂L/∂W_e · W_e   (a per-column reduction)
     ∂L/∂c_a     = ∂L/∂W_J(a) / (P_in[src] · M[a]) + (path_in's backward of ∂L/∂P_in, O(H)).
 
+Scaled coordinates (the default, DESIGN §3.6b): M and P_in are then not products of skeleton
+entries but any constants with the same exponents, chosen so that every V_e starts as its weight at
+the orbit's typical-scale point (exp(±λ*)); path_scale follows. The carriers are trained as
+t = log|c| / unit (carrier_values), since the chart is singular at c = 0. Raw path values
+(coordinates="paths", and GSGD) keep M, P_in as above and c itself.
+
 A Linear layer need not materialise W at all: x @ Wᵀ = ((x / P_in) @ V'ᵀ) / M, so `linear` scales
 the (smaller) activations. Fixed form: W = V with the K entries overwritten by their fixed values.
 
@@ -78,7 +84,8 @@ class Allocation(nn.Module):
     tiling = Tiling()             # the kernels' tiles (an instance may set its own, then _build_layouts)
 
     def __init__(self, form: str, num_classes: int, M: torch.Tensor, plans: Sequence[dict], dtype,
-                 wa: Sequence[int], chain: Sequence[tuple] = (), free: Optional[torch.Tensor] = None):
+                 wa: Sequence[int], chain: Sequence[tuple] = (), free: Optional[torch.Tensor] = None,
+                 scaled: Optional[tuple] = None):
         super().__init__()
         self.form, self.n, self.count, self.wa = form, num_classes, len(plans), list(wa)
         # sides with no class at all (network input, output) need no scaling, and must not make
@@ -94,7 +101,16 @@ class Allocation(nn.Module):
         for cls, src, val in chain:                               # round by round from the input
             scale[cls] = val.to(torch.float64) * scale[src]
             root[cls] = root[src]
+        unit, sign = torch.ones(num_classes, dtype=torch.float64), torch.zeros(num_classes, dtype=torch.float64)
+        if scaled is not None:      # scaled coordinates: P_in at compile time over its root's carrier
+            p_in0, carriers0, unit = scaled
+            scale = p_in0 / torch.cat([carriers0, carriers0.new_ones(1)])[root]
+            sign = torch.where(carriers0 < 0, -1.0, 1.0)
         self.register_buffer("path_scale", scale.to(dtype))
+        # the carrier path values the plan reads, from the module's carrier parameter t:
+        # sign·exp(unit·t) where sign is ±1 (scaled coordinates), unit·t where it is 0 (raw path values)
+        self.register_buffer("carrier_unit", unit.to(dtype))
+        self.register_buffer("carrier_sign", sign.to(dtype))
         self.register_buffer("path_root", root)
         self.tensors = nn.ModuleList(PlanTensor(p, M, dtype) for p in plans)
         self.shapes = [p["shape"] for p in plans]
@@ -123,6 +139,10 @@ class Allocation(nn.Module):
             if old:
                 kind, i = old.groups()
                 state_dict[f"{prefix}tensors.{i}.{'inp' if kind == 'in' else kind}"] = state_dict.pop(key)
+        m = state_dict.get(prefix + "M")
+        if m is not None and prefix + "carrier_unit" not in state_dict:       # raw path values
+            state_dict[prefix + "carrier_unit"] = torch.ones(m.numel() - 1, dtype=m.dtype)
+            state_dict[prefix + "carrier_sign"] = torch.zeros(m.numel() - 1, dtype=m.dtype)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def __getstate__(self):
@@ -141,6 +161,14 @@ class Allocation(nn.Module):
                 lay = self._layout_of(index).to(self.M.device)
             cached = self._layouts[key] = Group([self.tensor_slots(i) for i in index], lay, self.n)
         return cached
+
+    def carrier_values(self, trained: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """The carriers' path values from the module's carrier parameter (DESIGN §3.6b): raw path
+        values as they are, scaled ones from their log-magnitudes (signs are constants)."""
+        if trained is None:
+            return None
+        t = trained * self.carrier_unit
+        return torch.where(self.carrier_sign == 0, t, self.carrier_sign * t.exp())
 
     def path_in(self, carriers: torch.Tensor) -> torch.Tensor:
         """P_in (n + 1,): free carriers give c / M, fixed carriers extend their source's path by a
@@ -268,14 +296,21 @@ def allocation_dtype(params) -> torch.dtype:
 
 
 def make_allocation(report, sk, weights: dict, form: str, names: Sequence[str], dtype,
-                    linear: dict | None = None):
+                    linear: dict | None = None, units: Optional[torch.Tensor] = None):
     """The allocation plan and initial parameters for the parameters `names`; the weights in
     `linear` (gspace; weight name -> bias name or None) and their biases are used through
-    Allocation.linear instead of WA.
+    Allocation.linear instead of WA. `units` (gspace): the classes' log-scales λ* to the orbit's
+    typical-scale point (skeleton.typical_scales); the coordinates are then in its units, each
+    equal to its weight at that point (DESIGN §3.6b), instead of raw path values.
     Returns (Allocation, {name: initial V or free tensor}, [names in plan order], carriers or None)."""
     rules = FORMS[form]
     M = sk.out_factor(weights)
     P = rules.input_factor(sk, weights, M)
+    if units is not None and rules.carriers:
+        # any constants M̃[b], P̃[a] with the exponents of M and P_in give invariant coordinates
+        # w·P̃[a]·M̃[b]; these make them the weights at that point, w·exp(λ*_b − λ*_a)
+        one = torch.ones(1, dtype=torch.float64)
+        M, P = torch.cat([units.exp(), one]), torch.cat([(-units).exp(), one])
     n = sk.num_classes
     sides = {}
     for name in names:
@@ -293,6 +328,7 @@ def make_allocation(report, sk, weights: dict, form: str, names: Sequence[str], 
             inp, _, trivial = sides[b]
             sides[b] = (inp, sides[w][1][:, 0], trivial)           # rows of (out, 1)
     carriers = torch.zeros(n, dtype=torch.float64)
+    produced = torch.zeros(n + 1, dtype=torch.float64)       # Σ v² of each class's producers
     init, planned, plans, wa = {}, [], [], []
     for name in names:
         ps = sk.params[name]
@@ -300,6 +336,8 @@ def make_allocation(report, sk, weights: dict, form: str, names: Sequence[str], 
         w64 = weights[name].detach().to(torch.float64)
         # contiguous: the slot indices are row-major, and reshape of a channels_last tensor copies
         v = rules.coordinates(w64, P, M, inp, out).contiguous()
+        if units is not None:
+            produced.index_add_(0, out.expand(v.shape).reshape(-1), v.reshape(-1).square())
         jx, jc = rules.carrier_slots(ps)
         carriers[jc] = v.reshape(-1)[jx]                       # the carriers' path values
         v.reshape(-1)[ps.fixed_idx] = 0.0                      # K and J slots of V are unused
@@ -322,7 +360,28 @@ def make_allocation(report, sk, weights: dict, form: str, names: Sequence[str], 
             cls = (fixed & (sk.carrier_round == r)).nonzero().reshape(-1)
             if cls.numel():
                 chain.append((cls, torch.where(sk.carrier_src[cls] < 0, n, sk.carrier_src[cls]), vals[cls]))
-    plan = Allocation(form, n, M, plans, dtype, wa, chain, free)
+    scaled = None
+    if units is not None and rules.carriers:
+        # A carrier c_a divides every weight downstream of its class, so the chart is singular at
+        # c_a = 0 and ∂L/∂c_a ~ 1/c_a: trained as they are, carriers that shrink run away. Train
+        # t = log|c_a| / unit instead (the sign is a constant: G-space cannot cross 0 anyway). Its
+        # gradient is the sum over the other producers of a (and of the classes chained to it
+        # through fixed carriers) of ∂L/∂w·w, which SGD on the weights moves the class's
+        # log-scale by over ‖those producers‖²: unit = 1 / max(‖those producers‖, |c_a|) matches it.
+        has = sk.carrier_param >= 0
+        src = torch.where(sk.carrier_src < 0, n, sk.carrier_src)
+        own = torch.where(has, vals * P[src] * M[:n], 0.0)          # each class's carrier, scaled
+        rest = (produced[:n] - own.square()).clamp_min(0)
+        root = torch.full((n + 1,), n, dtype=torch.long)
+        root[free] = free
+        for cls, s_cls, _ in chain:
+            root[cls] = root[s_cls]
+        rest = torch.zeros(n + 1, dtype=torch.float64).index_add_(0, root[:n], rest)[:n].sqrt()
+        unit = 1.0 / torch.maximum(rest, carriers.abs())
+        unit = torch.where(torch.isfinite(unit), unit, 1.0)      # classes without a free carrier
+        scaled = (P, carriers, unit)
+        carriers = torch.where(carriers != 0, carriers.abs().log() / unit, 0.0)
+    plan = Allocation(form, n, M, plans, dtype, wa, chain, free, scaled)
     return plan, init, planned, (carriers.to(dtype) if rules.carriers else None)
 
 

@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 
 from ..analyze import analyze
-from ..skeleton import build_skeleton, check_finite, fix_to
+from ..skeleton import build_skeleton, check_finite, fix_to, typical_scales
 from .allocate import allocation_dtype, make_allocation, reference
 from .forms import FORMS, form_of
 
@@ -91,7 +91,7 @@ class InvariantModule(nn.Module):
     def _weights(self) -> dict[str, torch.Tensor]:
         """The tensors the model's forward reads for its parameters (the fast Linears get V)."""
         plan = self.allocate
-        carriers = getattr(self, "v_carriers", None)
+        carriers = plan.carrier_values(getattr(self, "v_carriers", None))
         p_in = FORMS[self.form].path_in(plan, carriers)
         vs = {n: getattr(self, a) for n, a in self._v_attr.items()}
         ws = dict(vs)
@@ -136,7 +136,7 @@ class InvariantModule(nn.Module):
     def weights(self) -> dict[str, torch.Tensor]:
         """The original model's parameters, as this module computes them."""
         vs = [getattr(self, self._v_attr[n]) for n in self._allocated]
-        carriers = getattr(self, "v_carriers", None)
+        carriers = self.allocate.carrier_values(getattr(self, "v_carriers", None))
         ws = dict(zip(self._allocated, reference(self.allocate, carriers, vs))) if self._allocated else {}
         for name, attr in self._v_attr.items():
             ws.setdefault(name, getattr(self, attr))
@@ -152,7 +152,7 @@ class InvariantModule(nn.Module):
             v = getattr(self, attr).detach().clone()
             if name in self._allocated:
                 v = FORMS[self.form].path_values(v, self.allocate, self._allocated.index(name),
-                                                 getattr(self, "v_carriers", None))
+                                                 self.allocate.carrier_values(getattr(self, "v_carriers", None)))
             out[name] = v
         return out
 
@@ -229,7 +229,8 @@ def _check_shapes(guard, args, kwargs):
 
 def compile_invariant(model: nn.Module, example_inputs: Any = None, form: str = "gspace",
                       fixed: str = "keep", value: float = 1.0, *, example_kwargs: Optional[dict] = None,
-                      skeleton=None, scale_activations: bool = True) -> InvariantModule:
+                      skeleton=None, scale_activations: bool = True,
+                      coordinates: str = "scaled") -> InvariantModule:
     """Compile `model` into a module with the same function whose parameters have no rescaling
     redundancy left.
 
@@ -241,8 +242,15 @@ def compile_invariant(model: nn.Module, example_inputs: Any = None, form: str = 
     skeleton: reuse the skeleton of another compiled module of the same architecture
            (`other.skeleton`), so that both have the same coordinates.
     scale_activations: (gspace) Linear layers scale their input and output activations instead
-           of forming W (cheaper at moderate batch); False allocates every weight."""
+           of forming W (cheaper at moderate batch); False allocates every weight.
+    coordinates: (gspace) "scaled" (default): the invariant coordinates in the units of the
+           orbit's typical-scale point (skeleton.typical_scales), so each starts near its weight
+           and SGD on them behaves like SGD on the weights (DESIGN §3.6b; train with this);
+           "paths": G-SGD's raw basis-path values (products of weights along paths, ~1e-6 in a
+           default-initialised deep model; for G-SGD's own initialisation and the paper's figures)."""
     rules = form_of(form)
+    if coordinates not in ("scaled", "paths"):
+        raise ValueError(f"compile_invariant: coordinates must be 'scaled' or 'paths', got {coordinates!r}")
     if fixed not in ("keep", "scale", "overwrite"):
         raise ValueError(f"compile_invariant: fixed must be 'keep', 'scale' or 'overwrite', got {fixed!r}")
     report = analyze(model, example_inputs, example_kwargs)
@@ -268,8 +276,9 @@ def compile_invariant(model: nn.Module, example_inputs: Any = None, form: str = 
     unused = {n: weights[n].to(orig[n].device) for n in report.param_names if n not in read}
     inner = copy.deepcopy(model)
     linear = _single_use_linears(inner, captured) if (scale_activations and rules.scales_activations) else {}
+    units = typical_scales(report, weights, sk.num_classes) if coordinates == "scaled" and rules.carriers else None
     plan, init, allocated, carriers = make_allocation(report, sk, weights, form, names, dtype,
-                                                      {w: b for w, b in linear.values()})
+                                                      {w: b for w, b in linear.values()}, units)
     fast = {path: wb for path, wb in linear.items() if wb[0] in allocated and wb[0] not in
             [allocated[i] for i in plan.wa]}
     for path in fast:

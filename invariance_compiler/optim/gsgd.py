@@ -3,7 +3,8 @@
 Each step: the inverse chain rule turns ∂L/∂W into ∂L/∂V, SGD (momentum, weight decay) updates
 the basis-path values V, and weight allocation writes W = WA(V) back into the model, the skeleton
 entries staying fixed. The iterates are the same functions as torch.optim.SGD on the gspace module
-of compile_invariant (same skeleton). V lives in the optimizer state, so it survives state_dict()."""
+of compile_invariant(..., coordinates="paths") (same skeleton). V lives in the optimizer state, so it
+survives state_dict()."""
 from __future__ import annotations
 
 from typing import Any, Optional

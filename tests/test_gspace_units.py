@@ -1,0 +1,120 @@
+"""The gspace module's scaled coordinates (DESIGN §3.6b): each is its weight at the orbit's
+typical-scale point, a model and a rescaled copy compile to the same ones, and SGD on them trains a
+default-initialised model at the plain model's learning rate (benchmarks/gspace_sgd.py has the
+full grid of 12 runs; the test runs 4 of them)."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import invariance_compiler as ic
+from invariance_compiler.analyze import oracle
+from invariance_compiler.demo import PreNormMLP, digits, digits_cnn, mlp
+from invariance_compiler.skeleton import typical_scales
+from invariance_compiler.zoo import ZOO
+
+
+def _model(name):
+    torch.manual_seed(0)
+    model, x = ZOO[name]()
+    model = oracle.prepare(model)                    # float64, negligible eps, no all-zero weight
+    return model, tuple(t.double() if t.is_floating_point() else t for t in x)
+
+
+def _full(report, lam):
+    full = torch.zeros(report.num_generators, dtype=torch.float64)
+    full[: lam.numel()] = lam
+    return full
+
+
+@pytest.mark.parametrize("name", ["mlp", "residual_mlp", "vgg_bn", "mini_transformer", "layerscale"])
+def test_coordinates_are_the_weights_at_the_typical_scale_point(name):
+    model, x = _model(name)
+    cm = ic.compile_invariant(model, x)
+    weights = {n: p.detach() for n, p in model.named_parameters()}
+    lam = typical_scales(cm.report, weights, cm.skeleton.num_classes)
+    moved = copy.deepcopy(model)
+    cm.report.act(moved, _full(cm.report, lam))
+    mw = dict(moved.named_parameters())
+    coords = cm.path_values()
+    for n in cm.allocated:
+        free = ~cm.skeleton.fixed_mask(n)
+        assert torch.allclose(coords[n][free], mw[n].detach()[free], rtol=1e-10, atol=1e-14), n
+    assert torch.allclose(cm(*x), model(*x), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["vgg_bn", "mini_transformer"])
+def test_the_typical_scale_point_is_stationary(name):
+    """At the moved weights each class has Σ (w²/ρ² − 1) equal over its producers and its consumers
+    (ρ: the default initialisation's rms of the tensor), and a one-sided class (the rows feeding a
+    BatchNorm) has mean square ρ²."""
+    model, x = _model(name)
+    report = ic.analyze(model, x)
+    n = report.num_simple
+    lam = typical_scales(report, {k: p.detach() for k, p in model.named_parameters()}, n)
+    assert lam.abs().max() > 1e-3                               # the test moves something
+    report.act(model, _full(report, lam))
+    into, out_of = torch.zeros(n + 1, dtype=torch.float64), torch.zeros(n + 1, dtype=torch.float64)
+    for name, p in model.named_parameters():
+        if report.is_inert(name) or name in report.additive:
+            continue
+        inp, out = report.sides(name)
+        rho2 = 1.0 / (3.0 * p.shape[1:].numel()) if p.dim() >= 2 else 1.0
+        r = torch.where(p.detach() != 0, p.detach().square() / rho2 - 1, 0.0)
+        r.reshape(-1)[report.inert_entries(name)] = 0
+        for side, acc in ((out, into), (inp, out_of)):
+            acc.index_add_(0, torch.where(side < 0, n, side).expand(p.shape).reshape(-1), r.reshape(-1))
+    assert torch.allclose(into[:n], out_of[:n], atol=1e-8)
+
+
+def test_a_default_initialised_model_starts_near_its_typical_scale_point():
+    torch.manual_seed(0)
+    model = mlp((64, 128, 128, 128, 10))
+    report = ic.analyze(model, torch.randn(2, 64))
+    lam = typical_scales(report, {k: p.detach() for k, p in model.named_parameters()}, report.num_simple)
+    assert float(lam.abs().max()) < 0.4 and float(lam.abs().mean()) < 0.1   # noise of a few entries
+
+
+@pytest.mark.parametrize("name", ["mlp_nonstraight", "vgg_bn", "residual_mlp", "mini_transformer"])
+def test_a_model_and_a_rescaled_copy_compile_to_the_same_coordinates(name):
+    a, x = _model(name)
+    report = ic.analyze(a, x)
+    lam = torch.randn(report.num_generators, dtype=torch.float64)
+    lam[report.num_simple: report._inert_start] = 0           # relation generators: not quotiented yet
+    b = copy.deepcopy(a)
+    report.act(b, lam)
+    ca, cb = ic.compile_invariant(a, x), ic.compile_invariant(b, x)
+    for (na, pa), (nb, pb) in zip(ca.named_parameters(), cb.named_parameters()):
+        assert na == nb and torch.allclose(pa, pb, rtol=1e-9, atol=1e-12), na
+
+
+def _final_loss(net, lr, x, y, steps):
+    opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9)
+    g = torch.Generator().manual_seed(1)
+    batches = [b for _ in range(-(-steps * 64 // len(x))) for b in torch.randperm(len(x), generator=g).split(64)]
+    for idx in batches[:steps]:                                # epochs of minibatches, as the benchmark
+        opt.zero_grad()
+        F.cross_entropy(net(x[idx]), y[idx]).backward()
+        opt.step()
+    with torch.no_grad():
+        return F.cross_entropy(net(x), y).item()
+
+
+MODELS = {"mlp3": lambda: mlp((64, 128, 128, 10)), "mlp5": lambda: mlp((64, 128, 128, 128, 128, 10)),
+          "cnn_bn": digits_cnn, "prenorm": PreNormMLP}
+
+
+@pytest.mark.parametrize("name, lr", [("mlp3", 0.1), ("mlp5", 0.03), ("cnn_bn", 0.03), ("prenorm", 0.03)])
+def test_sgd_on_the_gspace_module_of_a_default_initialised_model_trains_at_the_plain_lr(name, lr):
+    xtr, ytr, _, _ = digits()
+    if name.startswith("cnn"):
+        xtr = xtr.view(-1, 1, 8, 8)
+    torch.manual_seed(0)
+    model = MODELS[name]()
+    start = F.cross_entropy(model(xtr), ytr).item()
+    plain = _final_loss(copy.deepcopy(model), lr, xtr, ytr, 400)
+    cm = ic.compile_invariant(copy.deepcopy(model), (xtr[:4],))
+    gspace = _final_loss(cm, lr, xtr, ytr, 400)
+    assert plain < start / 4                                   # the plain model trains at this lr
+    assert gspace < start / 4 and gspace <= 1.5 * plain + 1e-3, (gspace, plain)
