@@ -76,3 +76,32 @@ def test_both_forms_keep_the_function_in_train_and_eval_mode(name, form):
     back.load_state_dict(cm.export_state_dict())
     back.train(False)
     assert torch.allclose(_out(back, args, kwargs), _out(cm, args, kwargs), rtol=1e-9, atol=1e-12)
+
+
+CACHED = [n for n in sorted(BUILDERS) if "use_cache" in BUILDERS[n](False)[2]]
+
+
+@pytest.mark.parametrize("form", ["gspace", "fixed"])
+@pytest.mark.parametrize("name", CACHED)
+def test_default_configs_with_their_cache_compile(name, form):
+    """As shipped (use_cache left at its default, True): the capture runs without the cache, the
+    analysis is the same as with use_cache=False, and the compiled module returns what the model
+    returns, cache included."""
+    model, args, kwargs = build(name, dropout=False)
+    model.eval()
+    shipped = {k: v for k, v in kwargs.items() if k != "use_cache"}
+    cm = ic.compile_invariant(model, args, form=form, example_kwargs=shipped)
+    assert cm.report.num_generators == ic.analyze(model, args, kwargs).num_generators
+    ref, out = model(*args, **shipped), cm(*args, **shipped)
+    assert type(out) is type(ref) and out.past_key_values is not None
+    assert torch.allclose(out[0], ref[0], rtol=1e-9, atol=1e-12)
+    k_ref, k_out = (_cache_tensors(o.past_key_values) for o in (ref, out))
+    assert k_ref.numel() > 0 and torch.allclose(k_out, k_ref, rtol=1e-9, atol=1e-12)
+
+
+def _cache_tensors(cache):
+    """Keys and values of a transformers cache (an encoder-decoder's holds two), flattened."""
+    caches = [getattr(cache, k) for k in ("self_attention_cache", "cross_attention_cache") if hasattr(cache, k)]
+    layers = [layer for c in (caches or [cache]) for layer in c.layers]
+    return torch.cat([t.reshape(-1) for layer in layers for t in (layer.keys, layer.values)
+                      if isinstance(t, torch.Tensor)])

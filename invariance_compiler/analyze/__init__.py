@@ -6,7 +6,7 @@ from typing import Any, Optional
 import torch
 import torch.nn as nn
 
-from ..trace import capture, example_inputs_for
+from ..trace import capture, capture_kwargs, example_inputs_for
 from .inert import prove_inert
 from .interpreter import SymmetryPass, SymmetryWarning
 from .report import Generator, SymmetryReport
@@ -32,11 +32,12 @@ def analyze(model: nn.Module, example_inputs: Any = None, example_kwargs: Option
     elif isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
     example_inputs = tuple(example_inputs)
+    example_kwargs = capture_kwargs(model, example_kwargs)   # use_cache=False where the forward takes it
     buffers = {n: b.clone() for n, b in model.named_buffers()}
     rng = torch.random.get_rng_state()
     try:
         captured = capture(model, example_inputs, example_kwargs)
-        flat = captured.flat_inputs(model, example_inputs, example_kwargs or {})
+        flat = captured.flat_inputs(model, example_inputs, example_kwargs)
         spass = SymmetryPass(captured, params, _user_outputs(captured))
         torch.random.set_rng_state(rng)
         ctx = spass.analyse(*flat)

@@ -11,6 +11,7 @@ goes through an alias (an in-place op on a view, or on a tensor that a view shar
 functionalized (`run_decompositions({})`) so that every value the analysis sees is exact."""
 from __future__ import annotations
 
+import inspect
 import re
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -20,7 +21,7 @@ import torch.fx
 import torch.nn as nn
 from torch.export.graph_signature import InputKind
 
-__all__ = ["Captured", "capture", "TraceFailure", "example_inputs_for"]
+__all__ = ["Captured", "capture", "capture_kwargs", "TraceFailure", "example_inputs_for"]
 
 
 class TraceFailure(RuntimeError):
@@ -137,6 +138,23 @@ def _needs_functionalization(gm: torch.fx.GraphModule, buffers: set) -> bool:
     return False
 
 
+def capture_kwargs(model: nn.Module, kwargs: Optional[dict]) -> dict:
+    """The keyword arguments the capture runs with: the user's, plus use_cache=False when the
+    forward takes `use_cache` and the user did not set it. Causal LMs default to returning a cache
+    object that torch.export cannot output; the cache holds keys and values, not a function of the
+    model's that a loss reads, so the analysis is of the outputs without it. The compiled module
+    runs the model's own forward, so at run time the cache comes back exactly as the model's."""
+    kwargs = dict(kwargs or {})
+    if "use_cache" not in kwargs:
+        try:
+            params = inspect.signature(model.forward).parameters
+        except (TypeError, ValueError):
+            params = {}
+        if "use_cache" in params:
+            kwargs["use_cache"] = False
+    return kwargs
+
+
 def capture(model: nn.Module, args: tuple, kwargs: Optional[dict] = None) -> Captured:
     if not isinstance(model, nn.Module):
         raise TypeError(f"invariance_compiler works on torch.nn.Module instances, got {type(model).__name__}")
@@ -176,7 +194,7 @@ def _explain(model: nn.Module, err: Exception) -> str:
             f"arguments (pass them in example_kwargs), not on tensor values; (2) move the "
             f"data-dependent part out of forward, or wrap it in a custom op (torch.library.custom_op) "
             f"and give that op a rule: ic.register_rule(torch.ops.mylib.op.default, ic.rules.pin); "
-            f"(3) for Hugging Face causal LMs pass use_cache=False.")
+            f"(3) pass the Python arguments that choose the path you train (e.g. return_dict).")
 
 
 def example_inputs_for(model: nn.Module) -> tuple:
