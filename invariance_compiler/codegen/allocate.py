@@ -240,23 +240,31 @@ class _ScaledLinear(torch.autograd.Function):
             _fill(bias, b_slot, torch.cat([b_fixed_scaled, carriers[b_carrier_cls]]))
         r_in = 1.0 / p_in[in_idx] if in_idx is not None else None
         xs = x * r_in if r_in is not None else x
-        y = F.linear(xs, v, bias)
+        # under autocast the matmul runs in its dtype: cast here, once, and keep the cast operands
+        # for backward, so that forward and backward multiply the same numbers (DESIGN §4c)
+        kind = x.device.type
+        low = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None
+        xc, vc = (xs.to(low), v.to(low)) if low is not None else (xs, v)
+        with torch.autocast(kind, enabled=False):
+            y = F.linear(xc, vc, bias.to(vc.dtype) if bias is not None else None)
         if r_out is not None:
             y.mul_(r_out)                                                 # y is ours: in place
-        ctx.save_for_backward(x, xs, v, r_in, r_out, in_idx, slot, fixed_in, fixed_scaled, carrier_cls,
+        ctx.save_for_backward(x, xc, vc, r_in, r_out, in_idx, slot, fixed_in, fixed_scaled, carrier_cls,
                               b_slot, b_carrier_cls, p_in, carriers)
         ctx.has_bias = bias is not None
+        ctx.dtypes = (x.dtype, v.dtype, bias.dtype if bias is not None else None)
         return y
 
     @staticmethod
     def backward(ctx, gy):
         (x, xs, v, r_in, r_out, in_idx, slot, fixed_in, fixed_scaled, carrier_cls, b_slot, b_carrier_cls,
          p_in, carriers) = ctx.saved_tensors
-        g = gy * r_out if r_out is not None else gy                       # (…, out)
+        x_dtype, v_dtype, b_dtype = ctx.dtypes
+        g = (gy * r_out if r_out is not None else gy).to(v.dtype)        # (…, out), the matmul's dtype
         g2, xs2 = g.reshape(-1, g.shape[-1]), xs.reshape(-1, xs.shape[-1])
         grad_p = p_in.new_zeros(p_in.shape)
         grad_c = carriers.new_zeros(carriers.shape)
-        grad_v = g2.t() @ xs2                                             # (out, in), fresh
+        grad_v = (g2.t() @ xs2).to(v_dtype)                               # (out, in), fresh
         flat = grad_v.view(-1)
         if slot.numel():                          # the slots' gradient goes to P_in and carriers
             nf = fixed_in.numel()
@@ -264,7 +272,7 @@ class _ScaledLinear(torch.autograd.Function):
             flat[slot] = 0
             grad_p.index_add_(0, fixed_in, (grad_k[:nf] * fixed_scaled).to(p_in.dtype))
             grad_c.index_add_(0, carrier_cls, grad_k[nf:].to(carriers.dtype))
-        grad_b = g2.sum(0) if ctx.has_bias else None
+        grad_b = g2.sum(0).to(b_dtype) if ctx.has_bias else None
         if b_slot is not None and b_slot.numel():
             nf = b_slot.numel() - b_carrier_cls.numel()
             grad_c.index_add_(0, b_carrier_cls, grad_b[b_slot[nf:]].to(carriers.dtype))
@@ -276,7 +284,7 @@ class _ScaledLinear(torch.autograd.Function):
                 grad_r_in = (grad_xs * x).reshape(-1, x.shape[-1]).sum(0)
                 grad_p.index_add_(0, in_idx, (-grad_r_in * r_in * r_in).to(p_in.dtype))
             if ctx.needs_input_grad[0]:
-                grad_x = grad_xs.mul_(r_in) if r_in is not None else grad_xs
+                grad_x = (grad_xs.mul_(r_in) if r_in is not None else grad_xs).to(x_dtype)
         return (grad_x, grad_v, grad_b, grad_p, grad_c) + (None,) * 9
 
 
