@@ -235,9 +235,9 @@ class _ScaledLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, v, bias, p_in, carriers, in_idx, r_out, slot, fixed_in, fixed_scaled, carrier_cls,
                 b_slot=None, b_fixed_scaled=None, b_carrier_cls=None):
-        _fill(v, slot, torch.cat([fixed_scaled * p_in[fixed_in], carriers[carrier_cls]]))
+        v = _fill(v, slot, torch.cat([fixed_scaled * p_in[fixed_in], carriers[carrier_cls]]))
         if b_slot is not None:
-            _fill(bias, b_slot, torch.cat([b_fixed_scaled, carriers[b_carrier_cls]]))
+            bias = _fill(bias, b_slot, torch.cat([b_fixed_scaled, carriers[b_carrier_cls]]))
         r_in = 1.0 / p_in[in_idx] if in_idx is not None else None
         xs = x * r_in if r_in is not None else x
         # under autocast the matmul runs in its dtype: cast here, once, and keep the cast operands
@@ -288,13 +288,19 @@ class _ScaledLinear(torch.autograd.Function):
         return (grad_x, grad_v, grad_b, grad_p, grad_c) + (None,) * 9
 
 
-def _fill(t: torch.Tensor, idx: torch.Tensor, k: torch.Tensor) -> None:
-    """Write k into t's slots idx, in place and only when they differ."""
-    if idx.numel():
-        k = k.to(t.dtype)
-        flat = t.detach().view(-1)
-        if not torch.equal(flat[idx], k):
-            flat[idx] = k
+def _fill(t: torch.Tensor, idx: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """t with k in its slots idx. Eagerly, in t's own storage and only when they differ (which
+    saves a copy of t per forward); under torch.compile, out of place (the test reads data, and a
+    compiled graph must not write into its inputs)."""
+    if not idx.numel():
+        return t
+    k = k.to(t.dtype)
+    if torch.compiler.is_compiling():
+        return t.detach().reshape(-1).index_put((idx,), k).view(t.shape)
+    flat = t.detach().view(-1)
+    if not torch.equal(flat[idx], k):
+        flat[idx] = k
+    return t
 
 
 def allocation_dtype(params) -> torch.dtype:

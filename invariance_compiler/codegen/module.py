@@ -101,6 +101,10 @@ class InvariantModule(nn.Module):
         for path, (i, j) in self._fast_slots.items():
             self.model.get_submodule(path).__dict__["_ic_call"] = (plan, p_in, carriers, i, j)
         ws.update(self._unused)
+        if torch.compiler.is_compiling():
+            # functional_call puts an nn.Parameter into the copy's _parameters and takes it out
+            # again within the frame, which dynamo's guards on that dict reject: hand it views
+            ws = {n: t.view_as(t) if isinstance(t, nn.Parameter) else t for n, t in ws.items()}
         return {alias: ws[name] for alias, name in self._aliases.items()}
 
     def forward(self, *args, **kwargs):
