@@ -91,6 +91,16 @@ def test_torch_compiled_training_steps_match_eager(form):
             o.zero_grad()
             F.cross_entropy(m(x), y).backward()
             o.step()
+    # the weights, not the raw parameters: eager mode keeps derived values in the scaled Linears'
+    # unused slots (fixed entries, carriers) inside V's own storage, compiled code does not write
+    # into its inputs; no weight reads those slots (test_gspace checks the slots' gradient is 0)
+    wa, wb = eager.weights(), other.weights()
+    for n in wa:
+        assert torch.allclose(wa[n], wb[n], rtol=1e-12, atol=1e-14), n
+    original = {attr: name for name, attr in eager.parameter_names().items()}
     for (n, a), b in zip(eager.named_parameters(), other.parameters()):
-        assert torch.allclose(a, b, rtol=1e-12, atol=1e-14), n
+        keep = torch.ones(a.numel(), dtype=torch.bool)
+        if original.get(n) in eager.allocated:
+            keep[eager.allocate.tensors[eager.allocated.index(original[n])].slot_idx] = False
+        assert torch.allclose(a.reshape(-1)[keep], b.reshape(-1)[keep], rtol=1e-12, atol=1e-14), n
     assert torch.allclose(compiled(x), eager(x), rtol=1e-12, atol=1e-14)

@@ -23,6 +23,7 @@ from ..analyze import analyze
 from ..skeleton import build_skeleton, check_finite, fix_to, typical_scales
 from .allocate import allocation_dtype, make_allocation, reference
 from .forms import FORMS, form_of
+from .model_api import ModelAPI, SignedForward
 
 __all__ = ["compile_invariant", "CompiledState", "InvariantModule", "ScaledLinear"]
 
@@ -59,7 +60,7 @@ class CompiledState:
     code: tuple                      # (the captured forward's code, its placeholders -> parameters)
 
 
-class InvariantModule(nn.Module):
+class InvariantModule(ModelAPI, nn.Module):
     """The compiled model. Parameters: path values V (form="gspace", one `v_<name>` per weight and
     `v_carriers`) or the free entries of the weights (form="fixed", `free_<name>`); `allocate` is the
     allocation plan; `model` the original model without its parameters."""
@@ -86,6 +87,7 @@ class InvariantModule(nn.Module):
             attr = attr_name(FORMS[self.form].prefix, name, taken)
             self._v_attr[name] = attr
             self.register_parameter(attr, nn.Parameter(v, requires_grad=state.requires_grad[name]))
+        self.forward = SignedForward(self)                  # Trainer reads the model's signature
 
     # ---- forward ------------------------------------------------------------------------------
     def _weights(self) -> dict[str, torch.Tensor]:
@@ -114,8 +116,11 @@ class InvariantModule(nn.Module):
         try:
             return torch.func.functional_call(self.model, ws, args, kwargs, tie_weights=False, strict=False)
         finally:
-            for path in self._fast:
-                self.model.get_submodule(path).__dict__.pop("_ic_call", None)
+            self._release()
+
+    def _release(self) -> None:
+        for path in self._fast:
+            self.model.get_submodule(path).__dict__.pop("_ic_call", None)
 
     # ---- the contract -------------------------------------------------------------------------
     @property
