@@ -6,6 +6,7 @@ test accuracy. The data is generated offline by the `mnist1d` package's make_dat
 4000/1000 split of length 40; pip install mnist1d).
 
     python benchmarks/mnist1d_table.py [--models mlp,cnn] [--steps 6000] [--seeds 3] [--png out.png]
+                                       [--methods "SGD gspace,Adam"]
 
 Prints a markdown table of test accuracy (mean ± std over seeds) and writes the mean test-accuracy
 curves of each method at its best learning rate as a PNG. The MNIST-1D README's baselines (its
@@ -108,6 +109,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=6000)
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--png", default="")
+    ap.add_argument("--methods", default="", help="comma-separated subset of the methods (default: all)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     d = data()
@@ -116,6 +118,8 @@ def main() -> None:
         print(f"\n### {name}\n\n| method | best lr | test accuracy (mean ± std, {args.seeds} seeds) |\n|---|---|---|",
               flush=True)
         for method, (kind, opt, lrs) in METHODS.items():
+            if args.methods and method not in args.methods.split(","):
+                continue
             best = None
             for lr in lrs:
                 accs, cs = [], []
@@ -136,7 +140,7 @@ def main() -> None:
         names = args.models.split(",")
         fig, axes = plt.subplots(1, len(names), figsize=(6 * len(names), 4), squeeze=False)
         for ax, name in zip(axes[0], names):
-            for method in METHODS:
+            for method in [m for m in METHODS if (name, m) in curves]:
                 c = curves[(name, method)]
                 ax.plot([max(1, args.steps // 24) * (i + 1) for i in range(len(c))], [100 * v for v in c], label=method,
                         linestyle="-" if "gspace" in method else ("--" if "fixed" in method else ":"))

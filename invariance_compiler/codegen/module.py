@@ -285,7 +285,7 @@ def compile_invariant(model: nn.Module, example_inputs: Any = None, form: str = 
     unused = {n: weights[n].to(orig[n].device) for n in report.param_names if n not in read}
     inner = copy.deepcopy(model)
     linear = _single_use_linears(inner, captured) if (scale_activations and rules.scales_activations) else {}
-    units = typical_scales(report, weights, sk.num_classes) if coordinates == "scaled" and rules.carriers else None
+    units = typical_scales(report, sk, weights) if coordinates == "scaled" and rules.carriers else None
     plan, init, allocated, carriers = make_allocation(report, sk, weights, form, names, dtype,
                                                       {w: b for w, b in linear.values()}, units)
     fast = {path: wb for path, wb in linear.items() if wb[0] in allocated and wb[0] not in

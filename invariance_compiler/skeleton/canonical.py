@@ -63,23 +63,60 @@ def balance(report, model: nn.Module, max_iter: int = 200, tol: float = 1e-10) -
     return full
 
 
-def typical_scales(report, weights: dict, num_classes: int, max_iter: int = 100) -> torch.Tensor:
-    """The log-scales λ* (num_classes,) of the plain classes that move `weights` to their orbit's
-    typical-scale point, the units of the gspace module's coordinates (DESIGN §3.6b): every entry
-    as near as the orbit allows to the size PyTorch's default initialisation gives its tensor,
-    ρ = 1/√(3·fan_in) for a weight of two or more dims (kaiming-uniform's rms), 1 for a vector (a
-    norm's gain), in the sense of the convex objective
+def typical_scales(report, skeleton, weights: dict, sweeps: int = 30) -> torch.Tensor:
+    """The log-scales λ* (one per plain class) that move `weights` to their orbit's typical-scale
+    point, the units of the gspace module's coordinates (DESIGN §3.6b): the group element whose
+    weights are near the size PyTorch's default initialisation gives each tensor, ρ = 1/√(3·fan_in)
+    (kaiming-uniform's rms) for a weight of two or more dims and 1 for a vector (a norm's gain).
 
-        F(λ) = Σ_e [ w_e² exp(2 s_e) / ρ_e² − 2 s_e ],   s_e = λ_out(e) − λ_in(e),
+    Start: every fixed entry K at its tensor's √3·ρ (the bound, near the largest entry: K is its
+    class's largest candidate), one triangular solve in peel order, as `fix_to` with a value per
+    tensor. Then `sweeps` damped Jacobi steps on the convex F(λ) = Σ_e [w_e² e^{2s_e}/ρ_e² − 2 s_e]
+    (s_e = λ_out(e) − λ_in(e); zero entries and additive parameters take no part), whose minimiser
+    has, per class, Σ (w²/ρ² − 1) over its producers equal to that over its consumers: each class
+    moves to the minimum of F along its own λ. The start moves with the orbit and every step reads
+    only the moved weights, so λ*(g·w) = λ*(w) − log g after any number of steps: a model and its
+    rescaled copies reach one point, in O(sweeps · channel pairs). A default-initialised model is
+    near it (λ* ≈ 0), so SGD on its coordinates starts as SGD on its weights."""
+    n = skeleton.num_classes
+    lam = torch.zeros(n + 1, dtype=torch.float64)            # last slot: no class
+    if n == 0:
+        return lam[:0]
+    bound = torch.tensor([-0.5 * math.log(max(report.param_shapes[name][1:].numel(), 1))
+                          if len(report.param_shapes[name]) >= 2 else 0.0 for name in skeleton.names],
+                         dtype=torch.float64)[skeleton.fixed_param]
+    logw = skeleton._values(weights, skeleton.fixed_param, skeleton.fixed_entry).abs().log()
+    # consumer K: log|w| − λ_c + λ_other = bound ; producer K: log|w| + λ_c − λ_other = bound
+    own = torch.where(skeleton.consumer, logw - bound, bound - logw)
+    other = torch.where(skeleton.other < 0, n, skeleton.other)
+    for r in range(int(skeleton.fixed_round.max()) + 1):
+        sel = (skeleton.fixed_round == r).nonzero().reshape(-1)
+        lam[sel] = own[sel] + lam[other[sel]]
+    S, K, A, B = _cells(report, weights, n)
+    if S.numel() == 0:
+        return lam[:n]
+    # Σ over the producers of b of w²e^{2s}/ρ² = e^{2λ_b} (W e^{-2λ})_b with W[b, a] = Σ S over the
+    # pairs (a, b); the consumers' sums likewise with Wᵀ: two sparse products a sweep
+    W = torch.sparse_coo_tensor(torch.stack([B, A]), S, (n + 1, n + 1)).coalesce()   # few distinct pairs
+    W, Wt = W.to_sparse_csr(), W.t().coalesce().to_sparse_csr()
+    kp = torch.zeros(n + 1, dtype=torch.float64).index_add_(0, B, K)[:n]
+    kc = torch.zeros(n + 1, dtype=torch.float64).index_add_(0, A, K)[:n]
+    d = kp - kc
+    for _ in range(sweeps):
+        up, down = torch.exp(2 * lam), torch.exp(-2 * lam)
+        prod = (up * (W @ down.unsqueeze(1)).squeeze(1))[:n]
+        cons = (down * (Wt @ up.unsqueeze(1)).squeeze(1))[:n]
+        # the minimum along λ_c: prod·x − cons/x = kp − kc with x = e^{2δ}
+        x = torch.where(prod > 0, (d + (d * d + 4 * prod * cons).sqrt()) / (2 * prod),
+                        torch.where(cons > 0, cons / (-d).clamp_min(1e-300), 1.0))
+        step = torch.where((prod > 0) | (cons > 0), 0.25 * x.log(), 0.0)    # half of δ: damped
+        lam[:n] += torch.where(torch.isfinite(step), step, 0.0)
+    return lam[:n]
 
-    each of whose terms is least at w_e² exp(2 s_e) = ρ_e². Stationarity: for every class,
-    Σ (w²/ρ² − 1) over its producers equals that over its consumers (a class with one side only:
-    its entries' mean square is ρ²); with ρ constant this is the ℓ2-balanced point. Zero entries
-    and additive parameters (biases, β) take no part; a class with no other entry keeps λ = 0.
-    The minimiser moves with the orbit, λ*(g·w) = λ*(w) − log g, so a model and its rescaled
-    copies reach one point, and a default-initialised model is near it already (λ* ≈ 0): SGD on
-    its coordinates starts as SGD on its weights."""
-    n = num_classes
+
+def _cells(report, weights: dict, n: int):
+    """Per channel pair: Σ w²/ρ² (S) and the count of non-zero entries (K) of the multiplicative
+    parameters, with the class each consumes (A) and produces (B; n: none)."""
     sq, cnt, cls_a, cls_b = [], [], [], []
     for name in report.param_names:
         w = weights[name]
@@ -105,70 +142,7 @@ def typical_scales(report, weights: dict, num_classes: int, max_iter: int = 100)
         cls_a.append(torch.where(inp < 0, n, inp).expand(grid).reshape(-1))
         cls_b.append(torch.where(out < 0, n, out).expand(grid).reshape(-1))
     if not sq:
-        return torch.zeros(n, dtype=torch.float64)
+        return (torch.zeros(0, dtype=torch.float64),) * 2 + (torch.zeros(0, dtype=torch.long),) * 2
     S, K, A, B = torch.cat(sq), torch.cat(cnt), torch.cat(cls_a), torch.cat(cls_b)
     keep = (K > 0) & ((A < n) | (B < n))
-    S, K, A, B = S[keep], K[keep], A[keep], B[keep]
-    return _newton(S, K, A, B, n, max_iter)
-
-
-def _newton(S, K, A, B, n: int, max_iter: int) -> torch.Tensor:
-    """Minimise F(λ) = Σ S·exp(2d) − 2K·d, d = λ[B] − λ[A] (λ[n] = 0), by Newton's method: the
-    Hessian (a weighted graph Laplacian, never formed) solved by preconditioned conjugate gradients,
-    a backtracking line search. Runs to rounding, so that rescaled copies reach one point."""
-    def scatter(t):       # Dᵀ t
-        return torch.zeros(n + 1, dtype=torch.float64).index_add_(0, B, t).index_add_(0, A, -t)[:n]
-
-    def degree(t):
-        return torch.zeros(n + 1, dtype=torch.float64).index_add_(0, B, t).index_add_(0, A, t)[:n]
-
-    free = (degree(K) > 0).to(torch.float64)
-    lam = torch.zeros(n + 1, dtype=torch.float64)
-
-    def value(lam):
-        d = lam[B] - lam[A]
-        e = S * torch.exp(2 * d)
-        return e, float(e.sum() - 2 * (K * d).sum())
-
-    e, f = value(lam)
-    scale = float(K.sum())
-    for _ in range(max_iter):
-        g = scatter(2 * (e - K)) * free
-        if float(g.abs().max()) <= 1e-13 * scale / max(n, 1) or not bool(torch.isfinite(g).all()):
-            break
-        h = 4 * e
-        diag = torch.where(degree(h) > 0, degree(h), 1.0)
-
-        def hv(v):
-            vv = torch.cat([v * free, v.new_zeros(1)])
-            return scatter(h * (vv[B] - vv[A])) * free + (1 - free) * v
-
-        p, r = torch.zeros(n, dtype=torch.float64), -g
-        z = r / diag
-        d = z.clone()
-        rz, r0 = float((r * z).sum()), float(r.norm())
-        for _ in range(10 * n + 100):        # PCG on H p = -g
-            hd = hv(d)
-            alpha = rz / float((d * hd).sum())
-            p += alpha * d
-            r -= alpha * hd
-            if float(r.norm()) <= 1e-12 * r0:
-                break
-            z = r / diag
-            rz, rz_old = float((r * z).sum()), rz
-            d = z + (rz / rz_old) * d
-        t, slope = 1.0, float((g * p).sum())
-        while t > 1e-12:                     # backtracking (F is convex)
-            new = lam.clone()
-            new[:n] += t * p * free
-            e_new, f_new = value(new)
-            if f_new <= f + 1e-4 * t * slope:
-                break
-            t *= 0.5
-        else:
-            break
-        lam, e, f = new, e_new, f_new
-    if not bool(torch.isfinite(lam).all()):
-        raise FloatingPointError("typical_scales: the scale search diverged; compile with "
-                                 "coordinates='paths' and report the model")
-    return lam[:n] * free
+    return S[keep], K[keep], A[keep], B[keep]
