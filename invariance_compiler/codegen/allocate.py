@@ -74,6 +74,7 @@ _OLD_KEY = re.compile(r"(in|out|fixed_idx|fixed_in|fixed_val|fixed_scaled|carrie
 
 def _rebuild_layouts(plan, incompatible_keys) -> None:
     plan._build_layouts()
+    plan.log_carriers = bool((plan.carrier_sign != 0).any())     # a checkpoint's coordinates
 
 
 class Allocation(nn.Module):
@@ -111,6 +112,7 @@ class Allocation(nn.Module):
         # sign·exp(unit·t) where sign is ±1 (scaled coordinates), unit·t where it is 0 (raw path values)
         self.register_buffer("carrier_unit", unit.to(dtype))
         self.register_buffer("carrier_sign", sign.to(dtype))
+        self.log_carriers = scaled is not None
         self.register_buffer("path_root", root)
         self.tensors = nn.ModuleList(PlanTensor(p, M, dtype) for p in plans)
         self.shapes = [p["shape"] for p in plans]
@@ -167,8 +169,9 @@ class Allocation(nn.Module):
         values as they are, scaled ones from their log-magnitudes (signs are constants)."""
         if trained is None:
             return None
-        t = trained * self.carrier_unit
-        return torch.where(self.carrier_sign == 0, t, self.carrier_sign * t.exp())
+        if not self.log_carriers:
+            return trained * self.carrier_unit
+        return self.carrier_sign * (trained * self.carrier_unit).exp()
 
     def path_in(self, carriers: torch.Tensor) -> torch.Tensor:
         """P_in (n + 1,): free carriers give c / M, fixed carriers extend their source's path by a
@@ -243,10 +246,14 @@ class _ScaledLinear(torch.autograd.Function):
         # under autocast the matmul runs in its dtype: cast here, once, and keep the cast operands
         # for backward, so that forward and backward multiply the same numbers (DESIGN §4c)
         kind = x.device.type
-        low = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None
-        xc, vc = (xs.to(low), v.to(low)) if low is not None else (xs, v)
-        with torch.autocast(kind, enabled=False):
-            y = F.linear(xc, vc, bias.to(vc.dtype) if bias is not None else None)
+        if torch.is_autocast_enabled(kind):
+            low = torch.get_autocast_dtype(kind)
+            xc, vc = xs.to(low), v.to(low)
+            with torch.autocast(kind, enabled=False):
+                y = F.linear(xc, vc, bias.to(low) if bias is not None else None)
+        else:
+            xc, vc = xs, v
+            y = F.linear(xs, v, bias)
         if r_out is not None:
             y.mul_(r_out)                                                 # y is ours: in place
         ctx.save_for_backward(x, xc, vc, r_in, r_out, in_idx, slot, fixed_in, fixed_scaled, carrier_cls,

@@ -97,15 +97,16 @@ def typical_scales(report, skeleton, weights: dict, sweeps: int = 30) -> torch.T
         return lam[:n]
     # Σ over the producers of b of w²e^{2s}/ρ² = e^{2λ_b} (W e^{-2λ})_b with W[b, a] = Σ S over the
     # pairs (a, b); the consumers' sums likewise with Wᵀ: two sparse products a sweep
-    W = torch.sparse_coo_tensor(torch.stack([B, A]), S, (n + 1, n + 1)).coalesce()   # few distinct pairs
-    W, Wt = W.to_sparse_csr(), W.t().coalesce().to_sparse_csr()
+    W = torch.sparse_coo_tensor(torch.stack([B, A]), S, (n + 1, n + 1),
+                                check_invariants=False).coalesce()            # few distinct pairs
+    Wt = W.t().coalesce()
     kp = torch.zeros(n + 1, dtype=torch.float64).index_add_(0, B, K)[:n]
     kc = torch.zeros(n + 1, dtype=torch.float64).index_add_(0, A, K)[:n]
     d = kp - kc
     for _ in range(sweeps):
         up, down = torch.exp(2 * lam), torch.exp(-2 * lam)
-        prod = (up * (W @ down.unsqueeze(1)).squeeze(1))[:n]
-        cons = (down * (Wt @ up.unsqueeze(1)).squeeze(1))[:n]
+        prod = (up * torch.sparse.mm(W, down.unsqueeze(1)).squeeze(1))[:n]
+        cons = (down * torch.sparse.mm(Wt, up.unsqueeze(1)).squeeze(1))[:n]
         # the minimum along λ_c: prod·x − cons/x = kp − kc with x = e^{2δ}
         x = torch.where(prod > 0, (d + (d * d + 4 * prod * cons).sqrt()) / (2 * prod),
                         torch.where(cons > 0, cons / (-d).clamp_min(1e-300), 1.0))
