@@ -164,7 +164,7 @@ OPTIMIZERS = {   # name: (what it trains, how) - every run starts from the same 
     "SGD": "torch.optim.SGD on the model",
     "G-SGD": "ic.optim.GSGD on the model (Meng et al., Algorithm 1)",
     "gspace SGD": "torch.optim.SGD on the gspace module (scaled coordinates)",
-    "G-Adam": "torch.optim.Adam on the gspace module",
+    "G-Adam": "torch.optim.Adam on the gspace module's raw path values",
     "fixed SGD": "torch.optim.SGD on the fixed-weight module",
 }
 
