@@ -109,7 +109,7 @@ class Allocation(nn.Module):
             sign = torch.where(carriers0 < 0, -1.0, 1.0)
         self.register_buffer("path_scale", scale.to(dtype))
         # the carrier path values the plan reads, from the module's carrier parameter t:
-        # sign·exp(unit·t) where sign is ±1 (scaled coordinates), unit·t where it is 0 (raw path values)
+        # sign·exp(unit·t) with scaled coordinates (sign ±1), t itself with raw path values (sign 0)
         self.register_buffer("carrier_unit", unit.to(dtype))
         self.register_buffer("carrier_sign", sign.to(dtype))
         self.log_carriers = scaled is not None
@@ -167,10 +167,8 @@ class Allocation(nn.Module):
     def carrier_values(self, trained: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
         """The carriers' path values from the module's carrier parameter (DESIGN §3.6b): raw path
         values as they are, scaled ones from their log-magnitudes (signs are constants)."""
-        if trained is None:
-            return None
-        if not self.log_carriers:
-            return trained * self.carrier_unit
+        if trained is None or not self.log_carriers:
+            return trained
         return self.carrier_sign * (trained * self.carrier_unit).exp()
 
     def path_in(self, carriers: torch.Tensor) -> torch.Tensor:
