@@ -40,3 +40,16 @@ def odd_model():
     return nn.Sequential(nn.Conv2d(3, 7, 3), nn.ReLU(), nn.Conv2d(7, 33, 1), nn.ReLU(),
                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(33, 17), nn.ReLU(),
                          nn.Linear(17, 5), nn.ReLU(), nn.Linear(5, 3))
+
+
+def zoo_or_hf(name):
+    """(model, args, kwargs): a zoo model, or "hf:<family>" from transformers' own classes (float32,
+    no dropout; skips when transformers is missing)."""
+    torch.manual_seed(0)
+    if name.startswith("hf:"):
+        hf = pytest.importorskip("hf_families")
+        model, args, kwargs = hf.build(name[3:], dropout=False)
+        return model.float(), args, kwargs
+    from invariance_compiler.zoo import ZOO
+    model, x = ZOO[name]()
+    return model, x, {}

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import invariance_compiler as ic
-from invariance_compiler.zoo import ZOO
+from conftest import zoo_or_hf
 
 TOL = 5e-2
 
@@ -19,16 +19,6 @@ def _rel(a, b):
 def _cases():
     out = [pytest.param(n, id=n) for n in ["mlp", "cnn_pool", "vgg_bn", "mini_transformer", "residual_mlp"]]
     return out + [pytest.param("hf:llama", id="hf-llama"), pytest.param("hf:gpt2", id="hf-gpt2")]
-
-
-def _build(name):
-    torch.manual_seed(0)
-    if name.startswith("hf:"):
-        hf = pytest.importorskip("hf_families")
-        model, args, kwargs = hf.build(name[3:], dropout=False)
-        return model.float(), args, kwargs
-    model, x = ZOO[name]()
-    return model, x, {}
 
 
 def _logits(out):
@@ -50,7 +40,7 @@ def _grads(net, args, kwargs, low):
 def test_bf16_autocast_forward_and_backward(name, form):
     """bf16's own error is the yardstick: the plain model's bf16 gradients are 5-12 % (in norm) off
     its fp32 ones on these models; the compiled module's must be no further off than about that."""
-    model, args, kwargs = _build(name)
+    model, args, kwargs = zoo_or_hf(name)
     model.eval()
     cm = ic.compile_invariant(copy.deepcopy(model), args, form=form, example_kwargs=kwargs)
     cm.eval()
@@ -68,7 +58,7 @@ def test_bf16_autocast_forward_and_backward(name, form):
 @pytest.mark.parametrize("form", ["gspace", "fixed"])
 @pytest.mark.parametrize("name", ["mlp", "cnn_pool", "vgg_bn", "mini_transformer"])
 def test_a_bf16_model_compiles_and_trains(name, form):
-    model, x, _ = _build(name)
+    model, x, _ = zoo_or_hf(name)
     model = model.to(torch.bfloat16)
     x = tuple(t.to(torch.bfloat16) if t.is_floating_point() else t for t in x)
     cm = ic.compile_invariant(model, x, form=form)

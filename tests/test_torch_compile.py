@@ -5,17 +5,7 @@ import pytest
 import torch
 
 import invariance_compiler as ic
-from invariance_compiler.zoo import ZOO
-
-
-def _build(name):
-    torch.manual_seed(0)
-    if name.startswith("hf:"):
-        hf = pytest.importorskip("hf_families")
-        model, args, kwargs = hf.build(name[3:], dropout=False)
-        return model.float(), args, kwargs
-    model, x = ZOO[name]()
-    return model, x, {}
+from conftest import zoo_or_hf
 
 
 def _first(out):
@@ -32,7 +22,7 @@ def _run(net, args, kwargs):
 @pytest.mark.parametrize("form", ["gspace", "fixed"])
 @pytest.mark.parametrize("name", ["mlp", "cnn_pool", "mini_transformer", "hf:llama"])
 def test_fullgraph_compile_gives_the_eager_result(name, form):
-    model, args, kwargs = _build(name)
+    model, args, kwargs = zoo_or_hf(name)
     cm = ic.compile_invariant(model, args, form=form, example_kwargs=kwargs).eval()
     torch._dynamo.reset()
     out_e, grads_e = _run(cm, args, kwargs)

@@ -96,12 +96,9 @@ class Allocation(nn.Module):
         self.register_buffer("M", M.to(dtype))
         # P_in = path_scale ⊙ [carriers, 1][path_root]: following fixed carriers back to their free
         # root (or to the input) makes every P_in one carrier value times a constant
-        scale, root = 1.0 / M.to(torch.float64), torch.full((num_classes + 1,), num_classes)
-        if free is not None:
-            root[free] = free
+        scale, root = 1.0 / M.to(torch.float64), path_roots(num_classes, free, chain)
         for cls, src, val in chain:                               # round by round from the input
             scale[cls] = val.to(torch.float64) * scale[src]
-            root[cls] = root[src]
         unit, sign = torch.ones(num_classes, dtype=torch.float64), torch.zeros(num_classes, dtype=torch.float64)
         if scaled is not None:      # scaled coordinates: P_in at compile time over its root's carrier
             p_in0, carriers0, unit = scaled
@@ -214,6 +211,17 @@ class Allocation(nn.Module):
         in_idx = t.inp.reshape(-1) if self.scales_in[i] else None
         r_out = t.r_out if self.scales_out[i] else None
         return _ScaledLinear.apply(x, v, bias, p_in, carriers, in_idx, r_out, *slots)
+
+
+def path_roots(n: int, free: Optional[torch.Tensor], chain: Sequence[tuple]) -> torch.Tensor:
+    """(n + 1,) the free carrier each class's P_in follows back to through fixed carriers (n: the
+    input, or no carrier)."""
+    root = torch.full((n + 1,), n, dtype=torch.long)
+    if free is not None:
+        root[free] = free
+    for cls, src, _ in chain:                                     # round by round from the input
+        root[cls] = root[src]
+    return root
 
 
 def _raise_if_bad(p_in: torch.Tensor) -> None:
@@ -391,10 +399,7 @@ def make_allocation(report, sk, weights: dict, form: str, names: Sequence[str], 
         src = torch.where(sk.carrier_src < 0, n, sk.carrier_src)
         own = torch.where(has, vals * P[src] * M[:n], 0.0)          # each class's carrier, scaled
         rest = (produced[:n] - own.square()).clamp_min(0)
-        root = torch.full((n + 1,), n, dtype=torch.long)
-        root[free] = free
-        for cls, s_cls, _ in chain:
-            root[cls] = root[s_cls]
+        root = path_roots(n, free, chain)
         rest = torch.zeros(n + 1, dtype=torch.float64).index_add_(0, root[:n], rest)[:n].sqrt()
         unit = 1.0 / torch.maximum(rest, carriers.abs())
         unit = torch.where(torch.isfinite(unit), unit, 1.0)      # classes without a free carrier
