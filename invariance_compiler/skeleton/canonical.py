@@ -8,7 +8,6 @@ up to rounding).
 from __future__ import annotations
 
 import math
-import warnings
 
 import torch
 import torch.nn as nn
@@ -93,19 +92,20 @@ def typical_scales(report, skeleton, weights: dict, sweeps: int = 30) -> torch.T
     for r in range(int(skeleton.fixed_round.max()) + 1):
         sel = (skeleton.fixed_round == r).nonzero().reshape(-1)
         lam[sel] = own[sel] + lam[other[sel]]
-    S, K, A, B = _cells(report, weights, n)
-    if S.numel() == 0:
+    blocks = [b for b in map(lambda name: _Block.of(report, weights, name, n), report.param_names) if b]
+    if not blocks:
         return lam[:n]
-    # Σ over the producers of b of w²e^{2s}/ρ² = e^{2λ_b} (W e^{-2λ})_b with W[b, a] = Σ S over the
-    # pairs (a, b); the consumers' sums likewise with Wᵀ: two sparse products a sweep
-    W, Wt = _csr(B, A, S, n + 1), _csr(A, B, S, n + 1)
-    kp = torch.zeros(n + 1, dtype=torch.float64).index_add_(0, B, K)[:n]
-    kc = torch.zeros(n + 1, dtype=torch.float64).index_add_(0, A, K)[:n]
-    d = kp - kc
+    # Per class, Σ over its producers of w²e^{2s}/ρ² = e^{2λ_c} · Σ w² e^{-2λ_in}, and the consumers'
+    # sums likewise: one product per tensor and side a sweep (a matrix-vector product for a Linear)
+    kp, kc = torch.zeros(n + 1, dtype=torch.float64), torch.zeros(n + 1, dtype=torch.float64)
+    for b in blocks:
+        b.scatter(kp, kc, b.count, b.count)
+    d = (kp - kc)[:n]
     for _ in range(sweeps):
-        up, down = torch.exp(2 * lam), torch.exp(-2 * lam)
-        prod = (up * (W @ down.unsqueeze(1)).squeeze(1))[:n]
-        cons = (down * (Wt @ up.unsqueeze(1)).squeeze(1))[:n]
+        prod, cons = torch.zeros(n + 1, dtype=torch.float64), torch.zeros(n + 1, dtype=torch.float64)
+        for b in blocks:
+            b.scatter(prod, cons, *b.products(lam))
+        prod, cons = (torch.exp(2 * lam) * prod)[:n], (torch.exp(-2 * lam) * cons)[:n]
         # the minimum along λ_c: prod·x − cons/x = kp − kc with x = e^{2δ}
         x = torch.where(prod > 0, (d + (d * d + 4 * prod * cons).sqrt()) / (2 * prod),
                         torch.where(cons > 0, cons / (-d).clamp_min(1e-300), 1.0))
@@ -114,33 +114,23 @@ def typical_scales(report, skeleton, weights: dict, sweeps: int = 30) -> torch.T
     return lam[:n]
 
 
-def _csr(rows: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor, size: int) -> torch.Tensor:
-    """The (size, size) sparse matrix with vals at (rows, cols), repeated pairs summed by the
-    product, as CSR (one sort; a COO product over millions of pairs is ten times slower)."""
-    order = torch.argsort(rows)
-    crow = torch.zeros(size + 1, dtype=torch.long)
-    crow[1:] = torch.bincount(rows, minlength=size).cumsum(0)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*[Ss]parse.*")     # "beta" and invariant notes
-        return torch.sparse_csr_tensor(crow, cols[order], vals[order], (size, size), check_invariants=False)
+class _Block:
+    """One multiplicative parameter on its channel grid: Σ w²/ρ² per channel pair (`w2`, in the
+    weights' dtype: float64 for a whole model would double the work; the group scales a float32
+    model's weights to float32 rounding anyway), the count of its non-zero entries, and the class
+    each pair consumes (`inp`) and produces (`out`; n: none), compact. Dims of size 1 are dropped,
+    so a Linear's or a 1x1 conv's grid is a matrix (out, in) and its products are matrix-vector."""
 
-
-def _cells(report, weights: dict, n: int):
-    """Per channel pair: Σ w²/ρ² (S) and the count of non-zero entries (K) of the multiplicative
-    parameters, with the class each consumes (A) and produces (B; n: none)."""
-    sq, cnt, cls_a, cls_b = [], [], [], []
-    for name in report.param_names:
+    @staticmethod
+    def of(report, weights: dict, name: str, n: int):
         w = weights[name]
         if not w.is_floating_point() or report.is_inert(name) or name in report.additive:
-            continue
+            return None
         inp, out = report.sides(name)
         if not bool((inp >= 0).any() or (out >= 0).any()):
-            continue
+            return None
         shape = w.shape
         rho2 = 1.0 / (3.0 * shape[1:].numel()) if len(shape) >= 2 else 1.0
-        # in the weights' own dtype up to the reduction (float64 for the whole model would double
-        # a ResNet-50's time here), then float64: the group scales a float32 model's weights to
-        # float32 rounding anyway
         w2 = w.detach().square().reshape(-1)
         w2 = torch.where(torch.isfinite(w2), w2, 0.0)
         inert = report.inert_entries(name)
@@ -152,12 +142,31 @@ def _cells(report, weights: dict, n: int):
         dims = [d for d, (g, sz) in enumerate(zip(grid, shape)) if g == 1 and sz > 1]
         if dims:
             w2, k = w2.sum(dims, keepdim=True), k.sum(dims, keepdim=True)
-        w2, k = w2.to(torch.float64) / rho2, k.to(torch.float64)
-        sq.append(w2.expand(grid).reshape(-1)), cnt.append(k.expand(grid).reshape(-1))
-        cls_a.append(torch.where(inp < 0, n, inp).expand(grid).reshape(-1))
-        cls_b.append(torch.where(out < 0, n, out).expand(grid).reshape(-1))
-    if not sq:
-        return (torch.zeros(0, dtype=torch.float64),) * 2 + (torch.zeros(0, dtype=torch.long),) * 2
-    S, K, A, B = torch.cat(sq), torch.cat(cnt), torch.cat(cls_a), torch.cat(cls_b)
-    keep = (K > 0) & ((A < n) | (B < n))
-    return S[keep], K[keep], A[keep], B[keep]
+        keep = [d for d, g in enumerate(grid) if g > 1]
+        squeeze = lambda t: t.reshape([t.shape[d] for d in keep])
+        return _Block(squeeze(w2 / rho2), squeeze(k.to(w2.dtype)),
+                      squeeze(torch.where(inp < 0, n, inp)), squeeze(torch.where(out < 0, n, out)))
+
+    def __init__(self, w2, count, inp, out):
+        self.w2, self.count, self.inp, self.out = w2, count, inp, out
+        self.matrix = w2.dim() == 2 and inp.shape[0] == 1 and out.shape[1] == 1
+
+    def products(self, lam: torch.Tensor):
+        """(w² e^{-2λ_in}, w² e^{2λ_out}) summed over what `scatter` would sum (for a matrix: the
+        two matrix-vector products), float64. The factors are divided by their largest before the
+        product in the weights' dtype (no overflow), and it is multiplied back after."""
+        a, b = -2 * lam[self.inp], 2 * lam[self.out]
+        ma, mb = a.max(), b.max()
+        ea, eb = (a - ma).exp().to(self.w2.dtype), (b - mb).exp().to(self.w2.dtype)
+        if self.matrix:
+            p, c = (self.w2 @ ea.reshape(-1)).unsqueeze(1), (eb.reshape(-1) @ self.w2).unsqueeze(0)
+        else:
+            p, c = self.w2 * ea, self.w2 * eb
+        return p.to(torch.float64) * ma.exp(), c.to(torch.float64) * mb.exp()
+
+    def scatter(self, prod, cons, p, c):
+        """Adds per-pair sums p to the class each pair produces, c to the class it consumes."""
+        for acc, v, cls in ((prod, p, self.out), (cons, c, self.inp)):
+            dims = [d for d in range(v.dim()) if cls.shape[d] == 1 and v.shape[d] > 1]
+            v = v.sum(dims, keepdim=True) if dims else v
+            acc.index_add_(0, cls.expand(v.shape).reshape(-1), v.reshape(-1).to(acc.dtype))

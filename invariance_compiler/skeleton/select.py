@@ -148,6 +148,41 @@ def _centre(shape: torch.Size, grid: torch.Size) -> tuple:
     return tuple(slice(None) if g == s else slice(s // 2, s // 2 + 1) for g, s in zip(grid, shape))
 
 
+class _Grid:
+    """One parameter's channel grid: its weights at the centre tap of each channel pair, which of
+    them are usable (non-zero and finite: never fixed, never a carrier), and the class each pair
+    consumes (`inp`) and produces (`out`), compact (broadcastable to the grid; n: none). Masks are
+    made by broadcasting per-class masks, and classes and log-magnitudes are read at the chosen
+    cells only: a Llama's 100M weights are read a few times, not once per mask and round."""
+
+    def __init__(self, w: torch.Tensor, inp: torch.Tensor, out: torch.Tensor, n: int):
+        self.grid = torch.broadcast_shapes(inp.shape, out.shape)
+        self.w = w[_centre(w.shape, self.grid)].expand(self.grid).reshape(-1)
+        self.ok = (self.w != 0) & torch.isfinite(self.w)
+        self.inp, self.out = torch.where(inp < 0, n, inp), torch.where(out < 0, n, out)
+        self.inp_classes, self.out_classes = self.inp.unique(), self.out.unique()
+
+    def cells(self, *masks: torch.Tensor) -> torch.Tensor:
+        """Flat indices of the usable cells where every compact mask holds."""
+        m = masks[0]
+        for x in masks[1:]:
+            m = m & x
+        return (m.expand(self.grid).reshape(-1) & self.ok).nonzero().reshape(-1)
+
+    def at(self, cls: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:
+        """The compact tensor `cls` (inp or out) read at flat grid cells."""
+        idx, stride, rest = torch.zeros_like(cells), 1, cells
+        for g, c in zip(reversed(self.grid), reversed(cls.shape)):
+            if c > 1:
+                idx = idx + (rest % g) * stride
+                stride *= c
+            rest = rest // g
+        return cls.reshape(-1)[idx]
+
+    def logw(self, cells: torch.Tensor) -> torch.Tensor:
+        return self.w[cells].to(torch.float64).abs().log()
+
+
 def _cell_to_entry(cells: torch.Tensor, grid: torch.Size, shape: torch.Size) -> torch.Tensor:
     """Flat entry index of grid cells (the centre tap along the dims the grid broadcasts over)."""
     flat = torch.zeros_like(cells)
@@ -196,12 +231,7 @@ def build_skeleton(report, weights: dict[str, torch.Tensor], carriers: bool = Tr
         inp, out = report.sides(name)
         params[name] = ParamSkeleton(name, shape, inp, out, report.inert_entries(name))
         if bool((inp >= 0).any() or (out >= 0).any()):
-            grid = torch.broadcast_shapes(inp.shape, out.shape)
-            w = weights[name].detach()[_centre(shape, grid)].to(torch.float64).expand(grid)
-            logw = w.abs().log()
-            logw[~torch.isfinite(logw)] = NEG                  # zero / non-finite: never fixed
-            grids[pi] = (inp.expand(grid).reshape(-1), out.expand(grid).reshape(-1),
-                         logw.reshape(-1), grid, w.reshape(-1))
+            grids[pi] = _Grid(weights[name].detach(), inp, out, n)
 
     kinds = torch.tensor([g.kind == "rescale" for g in gens] + [False])
     done = torch.zeros(n + 1, dtype=torch.bool)
@@ -209,7 +239,7 @@ def build_skeleton(report, weights: dict[str, torch.Tensor], carriers: bool = Tr
     rnd = torch.full((n,), -1, dtype=torch.long)
     f_param, f_cell = torch.full((n,), -1, dtype=torch.long), torch.zeros(n, dtype=torch.long)
     consumer, other = torch.zeros(n, dtype=torch.bool), torch.full((n,), -1, dtype=torch.long)
-    live = {pi: tuple(torch.where(t < 0, n, t) for t in g[:2]) + g[2:] for pi, g in grids.items()}
+    live = dict(grids)
     # u[c] = log|M[c]| (M as in Skeleton.out_factor; u[n] = 0: no class), known once c is fixed:
     # fixing a consumer entry c -> o makes it log|w| + u[o] (t below), a producer entry a -> c
     # u[a] - log|w|. A group element g moves every candidate t of class c by the same g_c, so the
@@ -219,18 +249,21 @@ def build_skeleton(report, weights: dict[str, torch.Tensor], carriers: bool = Tr
     while not bool(done[:n].all()):
         for strict in (True, False):
             found = []           # (param, consumes, cells, their class, other class, t)
-            for pi, (inp, out, logw, grid, _) in list(live.items()):
-                if bool(done[inp].all() and done[out].all()):
+            for pi, g in list(live.items()):
+                if bool(done[g.inp_classes].all() and done[g.out_classes].all()):
                     del live[pi]
                     continue
-                for is_cons, cls, oth in ((True, inp, out), (False, out, inp)):
-                    elig = ~done[cls] & done[oth] & (logw > NEG)
+                for is_cons, cls, oth in ((True, g.inp, g.out), (False, g.out, g.inp)):
+                    want, have = ~done[cls], done[oth]
                     if strict:
-                        elig &= kinds[cls] == is_cons
-                    cells = elig.nonzero().reshape(-1)
+                        want &= kinds[cls] == is_cons
+                    if not bool(want.any() and have.any()):
+                        continue
+                    cells = g.cells(want, have)
                     if cells.numel():
-                        t = logw[cells] + u[oth[cells]] if is_cons else u[oth[cells]] - logw[cells]
-                        found.append((pi, is_cons, cells, cls[cells], oth[cells], t))
+                        lw, o = g.logw(cells), g.at(oth, cells)
+                        t = lw + u[o] if is_cons else u[o] - lw
+                        found.append((pi, is_cons, cells, g.at(cls, cells), o, t))
             # one side per class (consumers when it has any: which side is eligible is structure),
             # then the entry of largest magnitude at the canonical point: consumers the largest t
             # (the largest product of fixed entries to the output), producers the smallest (the
@@ -274,7 +307,7 @@ def build_skeleton(report, weights: dict[str, torch.Tensor], carriers: bool = Tr
     f_entry = torch.zeros(n, dtype=torch.long)
     for pi in f_param.unique().tolist():
         sel = f_param == pi
-        f_entry[sel] = _cell_to_entry(f_cell[sel], grids[pi][3], params[names[pi]].shape)
+        f_entry[sel] = _cell_to_entry(f_cell[sel], grids[pi].grid, params[names[pi]].shape)
         ps = params[names[pi]]
         ps.fixed_idx = torch.cat([f_entry[sel], ps.fixed_idx]).sort().values   # + its inert entries
     other = torch.where(other >= n, -1, other)
@@ -300,15 +333,12 @@ def _carriers(sk: Skeleton, grids, additive: set, weights: dict) -> None:
     resolved = torch.zeros(n + 1, dtype=torch.bool)
     resolved[n] = True
     enters = torch.where(sk.consumer & (sk.other >= 0), sk.other, n)   # class each K entry enters
-    prepared = {}
-    for pi, (inp, out, _, grid, w) in grids.items():
+    usable = {}                                              # per grid: cells that may carry
+    for pi, g in grids.items():
         p = sk.params[sk.names[pi]]
         mask = torch.zeros(p.shape.numel(), dtype=torch.bool)
         mask[p.fixed_idx] = True
-        fixed_cell = mask.view(p.shape)[_centre(p.shape, grid)].expand(grid).reshape(-1)
-        ok = (out >= 0) & (w != 0) & torch.isfinite(w) & ~fixed_cell
-        prepared[pi] = (torch.where(inp < 0, n, inp), torch.where(out < 0, n, out), w.abs().log(), ok,
-                        grid, sk.names[pi] in additive)
+        usable[pi] = ~mask.view(p.shape)[_centre(p.shape, g.grid)].expand(g.grid)
     log_p = torch.zeros(n + 1, dtype=torch.float64)          # log|P_in| of resolved classes (n: input)
     r = 0
     allow_bias = False
@@ -329,25 +359,28 @@ def _carriers(sk: Skeleton, grids, additive: set, weights: dict) -> None:
         best = torch.full((n + 1,), NEG, dtype=torch.float64)
         b_param = torch.full((n + 1,), -1, dtype=torch.long)
         b_cell = torch.zeros(n + 1, dtype=torch.long)
-        for pi, (inp, out, logw, ok, grid, is_bias) in prepared.items():
-            if is_bias and not allow_bias:
+        for pi, g in grids.items():
+            if sk.names[pi] in additive and not allow_bias:
                 continue
-            cells = (ok & ~resolved[out] & ~chosen_k[out] & resolved[inp]).nonzero().reshape(-1)
+            want, have = ~resolved[g.out] & ~chosen_k[g.out], resolved[g.inp]
+            if not bool(want.any() and have.any()):
+                continue
+            cells = g.cells(want, have, usable[pi])
             if cells.numel() == 0:
                 continue
-            score = torch.round((logw[cells] + log_p[inp[cells]]) * 1e9) / 1e9
-            top, pos = _best_per_class(out[cells], score, n)
+            score = torch.round((g.logw(cells) + log_p[g.at(g.inp, cells)]) * 1e9) / 1e9
+            top, pos = _best_per_class(g.at(g.out, cells), score, n)
             take = (top > best).nonzero().reshape(-1)
             best[take], b_param[take], b_cell[take] = top[take], pi, cells[pos[take]]
         chosen = (b_param[:n] >= 0).nonzero().reshape(-1)
         for pi in b_param[chosen].unique().tolist():
             sel = chosen[b_param[chosen] == pi]
-            inp, _, _, _, grid, _ = prepared[pi]
+            g = grids[pi]
             sk.carrier_param[sel] = pi
-            sk.carrier_entry[sel] = _cell_to_entry(b_cell[sel], grid, sk.params[sk.names[pi]].shape)
-            src_cls = inp[b_cell[sel]]
+            sk.carrier_entry[sel] = _cell_to_entry(b_cell[sel], g.grid, sk.params[sk.names[pi]].shape)
+            src_cls = g.at(g.inp, b_cell[sel])
             sk.carrier_src[sel] = torch.where(src_cls >= n, -1, src_cls)
-            log_p[sel] = prepared[pi][2][b_cell[sel]] + log_p[src_cls]
+            log_p[sel] = g.logw(b_cell[sel]) + log_p[src_cls]
         sk.carrier_round[chosen] = r
         if chosen.numel() == 0 and not bool(chosen_k.any()):
             if allow_bias:
