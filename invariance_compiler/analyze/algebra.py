@@ -31,14 +31,16 @@ def solve_relations(relations, labels: torch.Tensor, visible: set[int]):
         lab = torch.where(ids > PIN, labels[ids.clamp(min=0)], PIN)
         lab = lab.unique(dim=0) if lab.shape[0] > 1 else lab          # rows that the unions made equal
         for row in lab.tolist():
-            e: dict[int, Fraction] = defaultdict(Fraction)
-            for l, c in zip(row, coeffs):
-                if l > PIN:
-                    e[l] += c
-            e = {l: c for l, c in e.items() if c != 0}
+            e = {l: c for l, c in zip(row, coeffs) if l > PIN and c}
+            if len(e) < sum(l > PIN for l in row):         # a label twice (or a 0): add them up
+                e = defaultdict(Fraction)
+                for l, c in zip(row, coeffs):
+                    if l > PIN:
+                        e[l] += c
+                e = {l: c for l, c in e.items() if c != 0}
             if e:
                 eqs.append(e)
-    eqs = list({tuple(sorted(e.items())): e for e in eqs}.values())
+    eqs = list({frozenset(e.items()): e for e in eqs}.values())
     # components over labels joined by a shared equation
     parent: dict[int, int] = {}
 

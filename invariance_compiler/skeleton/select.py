@@ -171,6 +171,12 @@ class _Grid:
 
     def at(self, cls: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:
         """The compact tensor `cls` (inp or out) read at flat grid cells."""
+        dims = [d for d, c in enumerate(cls.shape) if c > 1]
+        if len(dims) == 1:                  # a Linear's or a conv's side: one division at most
+            d = dims[0]
+            inner = math.prod(self.grid[d + 1:])
+            idx = cells // inner if inner > 1 else cells
+            return cls.reshape(-1)[idx % self.grid[d] if d > 0 else idx]
         idx, stride, rest = torch.zeros_like(cells), 1, cells
         for g, c in zip(reversed(self.grid), reversed(cls.shape)):
             if c > 1:
