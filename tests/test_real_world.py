@@ -49,6 +49,41 @@ class ConvNet(nn.Module):
         return self.fc(F.relu(self.c2(F.relu(self.n(self.c1(x))))).mean(dim=(2, 3)))
 
 
+class GroupedAfterSiLU(nn.Module):
+    """timm's ResNeXt pattern: a grouped 3x3 conv reading a SiLU (which pins its input), so every
+    input channel of every group has one class (compact labels of size 1 meet the per-group view)."""
+    def __init__(self):
+        super().__init__()
+        self.c1, self.bn = nn.Conv2d(2, 4, 1), nn.BatchNorm2d(4)
+        self.c2, self.c3 = nn.Conv2d(4, 4, 3, padding=1, groups=2), nn.Conv2d(4, 3, 1)
+
+    def forward(self, x):
+        return self.c3(F.relu(self.c2(F.silu(self.bn(self.c1(x))))))
+
+
+class SplitBiasAttention(nn.Module):
+    """EVA-02's attention (timm): the qkv bias is cat(q_bias, a zero buffer for k, v_bias), handed
+    to F.linear with the fused weight; the biases start at zero. The bias is added to the output
+    rows, so each entry must take its row's scale, whatever its value (at zero, any scale keeps it
+    zero: a report that depended on that would change when the biases train)."""
+    def __init__(self, d=4, heads=2, zero=True):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(d, 3 * d, bias=False)
+        self.q_bias, self.v_bias = nn.Parameter(torch.zeros(d)), nn.Parameter(torch.zeros(d))
+        if not zero:
+            nn.init.normal_(self.q_bias), nn.init.normal_(self.v_bias)
+        self.register_buffer("k_bias", torch.zeros(d), persistent=False)
+        self.norm, self.proj = nn.LayerNorm(d), nn.Linear(d, 3)
+
+    def forward(self, x):
+        b, t, d = x.shape
+        qkv = F.linear(x, self.qkv.weight, torch.cat((self.q_bias, self.k_bias, self.v_bias)))
+        q, k, v = qkv.view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+        h = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, t, d)
+        return self.proj(self.norm(h))
+
+
 class Gated(nn.Module):
     """A module's own parameter used through a gate, and a raw weight used via F.linear."""
     def __init__(self):
@@ -156,6 +191,9 @@ CASES = {
     "batchnorm_act_subclass": (lambda: ConvNet(BatchNormAct2d), lambda: (torch.randn(4, 2, 5, 5),)),
     "layernorm_over_channels": (lambda: ConvNet(LayerNorm2d), lambda: (torch.randn(4, 2, 5, 5),)),
     "gate_and_f_linear": (Gated, lambda: (torch.randn(8, 4),)),
+    "grouped_conv_after_silu": (GroupedAfterSiLU, lambda: (torch.randn(4, 2, 5, 5),)),
+    "split_qkv_bias_at_zero": (SplitBiasAttention, lambda: (torch.randn(2, 5, 4),)),
+    "split_qkv_bias_drawn": (lambda: SplitBiasAttention(zero=False), lambda: (torch.randn(2, 5, 4),)),
     "weight_tying": (Tied, lambda: (torch.arange(8).view(2, 4),)),
     "multihead_attention": (MHA, lambda: (torch.randn(2, 5, 3),)),
     "sdpa_gqa_swiglu": (SDPA, lambda: (torch.randn(2, 5, 3),)),
@@ -182,6 +220,10 @@ def test_sound_and_complete(name):
     assert got["residual"] <= 1e-9 and got["rank_E"] == report.num_generators
     # aten.lstm has no rule: it pins, so the ReLU units feeding its input weights are not found
     missing = model.inp.out_features if name == "lstm" else 0
+    # the zero k-bias is a buffer, a constant (scale 1): it pins k's rows, so the query/key pairs
+    # that would scale with them (one per channel of k) are not found; sound, one buffer short
+    if name.startswith("split_qkv_bias"):
+        missing = model.k_bias.numel()
     assert got["null_dim"] == report.num_generators + missing, got
 
 

@@ -164,12 +164,20 @@ class Context:
         return self.bind(v, [(+1, cls)])
 
     def bind(self, v: Optional[Value], factors: Factors) -> bool:
-        """Record the exponent of the parameter behind `v` (factors in v's shape). False, with the
-        classes pinned, when v is not a parameter."""
+        """Record the exponent of the parameter behind `v` (factors in v's shape). When v is not a
+        parameter but computed from some (a bias assembled by cat from parameters and a zero
+        buffer, as EVA-02's qkv bias): a tensor added to the output (one +1 factor) takes the
+        classes it is added to, True; otherwise False, with its classes and the factors' pinned.
+        Its own classes must be tied either way: left free, they would be generators that move the
+        bias alone."""
         if v is None:
             return True
         if v.param is None:
             if v.ids is not None:
+                if len(factors) == 1 and factors[0][0] == +1:
+                    self.classes.union(self.ids(v), factors[0][1])
+                    return True
+                self.classes.pin(self.ids(v))
                 for _, cls in factors:
                     self.classes.pin(cls)
             return False

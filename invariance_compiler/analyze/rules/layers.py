@@ -86,7 +86,8 @@ def conv(ctx, x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
     else:
         cols = compact(ins[group.view(-1, 1) * c_in_g + torch.arange(c_in_g).view(1, -1)])   # (C_out, C_in/g)
     rows = ctx.fresh(c_out)
-    if not ctx.bind(weight, [(+1, rows.view(-1, 1, *taps)), (-1, cols.view(cols.shape[0], c_in_g, *taps))]):
+    # cols is compact: (1, 1) when every input channel has one class (say, the pinned input)
+    if not ctx.bind(weight, [(+1, rows.view(-1, 1, *taps)), (-1, cols.view(*cols.shape, *taps))]):
         return pin(ctx, x, weight, bias)
     ctx.bind_bias(bias, rows)
     return _channel_out(ctx, rows, cdim)
