@@ -26,12 +26,11 @@ import torch
 import torch.fx
 
 import invariance_compiler as ic
-from invariance_compiler import demo
+from invariance_compiler.tools import demo
 from invariance_compiler.analyze import oracle
 from invariance_compiler.equalize import quantize_weights_, sqnr_db
-from invariance_compiler.zoo import ZOO, digits_mobilenet
+from invariance_compiler.tools.zoo import ZOO, digits_mobilenet
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
 
 
 def brevitas(model: torch.nn.Module, args=(), kwargs=None):
@@ -91,7 +90,7 @@ def digits_section() -> str:
 
 
 def coverage_section() -> str:
-    from hf_families import build
+    from invariance_compiler.tools.hf_families import build
     rows = ["| model | ic.equalize: classes | Brevitas EqualizeGraph: channels |", "|---|---|---|"]
     torch.manual_seed(0)
     net = digits_mobilenet().eval()
@@ -112,7 +111,7 @@ def coverage_section() -> str:
 
 
 def worst_case_section() -> str:
-    from hf_families import build
+    from invariance_compiler.tools.hf_families import build
     rows = ["| model | int8 SQNR: as initialised | moved by g | then ic.equalize (range) | "
             "then ic.equalize (l2) | then Brevitas |", "|---|---|---|---|---|---|"]
     for name in ("resnet", "regnet", "vit", "llama"):

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from invariance_compiler import kernels
 from invariance_compiler.optim import GSGD
-from invariance_compiler.zoo import resnet18_like
+from invariance_compiler.tools.zoo import resnet18_like
 
 
 def mlp():

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 import invariance_compiler as ic
-from invariance_compiler.demo import PreNormMLP, digits, digits_cnn, mlp
+from invariance_compiler.tools.demo import PreNormMLP, digits, digits_cnn, mlp
 
 MODELS = {"mlp3": lambda: mlp((64, 128, 128, 10)), "mlp5": lambda: mlp((64, 128, 128, 128, 128, 10)),
           "cnn_bn": digits_cnn, "prenorm": PreNormMLP}

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 import invariance_compiler as ic
 from invariance_compiler.analyze import oracle
-from invariance_compiler.zoo import ZOO
+from invariance_compiler.tools.zoo import ZOO
 
 STEPS = 30
 

@@ -11,7 +11,8 @@ import sys
 import tokenize
 
 PARTS = {"codegen": ("invariance_compiler/codegen",), "optim": ("invariance_compiler/optim",),
-         "kernels + profile": ("kernels", "invariance_compiler/kernels", "invariance_compiler/profile.py"),
+         "kernels + profile": ("kernels", "invariance_compiler/kernels", "invariance_compiler/profile.py",
+                               "invariance_compiler/tools/profile.py"),
          "whole package": ("invariance_compiler", "kernels")}
 
 

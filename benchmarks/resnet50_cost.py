@@ -20,7 +20,7 @@ CONFIGS = {"resnet50": (3, 4, 6, 3), "resnet50 x2 depth": (6, 8, 12, 6)}
 CHILD = r"""
 import json, statistics, sys, time, warnings, torch
 import invariance_compiler as ic
-from invariance_compiler.zoo import resnet50_like
+from invariance_compiler.tools.zoo import resnet50_like
 warnings.simplefilter("ignore")
 torch.manual_seed(0)
 blocks, repeats, what = tuple(json.loads(sys.argv[1])), int(sys.argv[2]), sys.argv[3]

@@ -1,4 +1,4 @@
-"""The transformers families of tests/hf_families.py in one table: m, generators by kind, analysis
+"""The transformers families of invariance_compiler/tools/hf_families.py in one table: m, generators by kind, analysis
 time, soundness, the oracle's null-space dimension against H (models up to 2000 parameters), and
 both compiled forms' output errors in train and eval mode (float64).
 
@@ -10,8 +10,7 @@ import time
 import warnings
 
 import torch
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
-from hf_families import build, BUILDERS, float64_norms, other_inputs
+from invariance_compiler.tools.hf_families import build, BUILDERS, float64_norms, other_inputs
 import invariance_compiler as ic
 from invariance_compiler.analyze import oracle
 warnings.simplefilter("ignore")

@@ -14,7 +14,7 @@ import torch
 
 from invariance_compiler import kernels
 from invariance_compiler.kernels.layout import Tiling, build_group
-from invariance_compiler.profile import bench_group, kernel_ms, peak_bandwidth
+from invariance_compiler.tools.profile import bench_group, kernel_ms, peak_bandwidth
 
 
 def main():

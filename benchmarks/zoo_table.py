@@ -10,7 +10,7 @@ import torch
 
 import invariance_compiler as ic
 from invariance_compiler.analyze import oracle
-from invariance_compiler.zoo import ZOO
+from invariance_compiler.tools.zoo import ZOO
 
 
 def main():

@@ -17,7 +17,7 @@ import torch
 
 import invariance_compiler as ic
 from invariance_compiler.analyze.graphs import to_dot, to_networkx
-from invariance_compiler.zoo import ZOO
+from invariance_compiler.tools.zoo import ZOO
 
 
 def draw(g, png: str, title: str) -> None:

@@ -7,7 +7,7 @@ training step with GSGD against torch.optim.SGD(foreach=True), and torch.profile
 Without a GPU: the same for the PyTorch reference path on CPU, saying so."""
 import sys
 
-from invariance_compiler.profile import main
+from invariance_compiler.tools.profile import main
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

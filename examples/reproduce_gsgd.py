@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 
 import invariance_compiler as ic
-from invariance_compiler.demo import build_run, digits, he_skeleton_init, mlp, train
+from invariance_compiler.tools.demo import build_run, digits, he_skeleton_init, mlp, train
 
 
 class PathSGD(torch.optim.Optimizer):

@@ -4,7 +4,7 @@
     report = ic.analyze(model, example_inputs)
     print(report)
 
-Pipeline: trace (torch.fx) -> analyze (channel classes, generators) -> skeleton -> codegen -> kernels/optim.
+Pipeline: trace (torch.export) -> analyze (channel classes, generators) -> skeleton -> codegen -> kernels/optim.
 """
 from .analyze import Generator, SymmetryReport, SymmetryWarning, analyze
 from .analyze import rules

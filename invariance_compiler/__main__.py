@@ -9,7 +9,7 @@ import warnings
 import torch
 
 from . import analyze
-from .zoo import ZOO
+from .tools.zoo import ZOO
 
 def _show(name: str) -> None:
     model, x = ZOO[name]()
@@ -57,7 +57,7 @@ def main(argv=None) -> int:
                    add_help=False)
     args, rest = parser.parse_known_args(argv)
     if args.cmd == "profile":
-        from .profile import main as profile
+        from .tools.profile import main as profile
         return profile(rest)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
@@ -71,7 +71,7 @@ def main(argv=None) -> int:
         for name in args.names:
             _equalize(name, args.objective, args.fold_bn)
     else:
-        from .demo import main as demo
+        from .tools.demo import main as demo
         return demo(getattr(args, "out", "out/demo"), getattr(args, "epochs", 20))
     return 0
 

@@ -47,9 +47,9 @@ def zoo_or_hf(name):
     no dropout; skips when transformers is missing)."""
     torch.manual_seed(0)
     if name.startswith("hf:"):
-        hf = pytest.importorskip("hf_families")
+        hf = pytest.importorskip("invariance_compiler.tools.hf_families")
         model, args, kwargs = hf.build(name[3:], dropout=False)
         return model.float(), args, kwargs
-    from invariance_compiler.zoo import ZOO
+    from invariance_compiler.tools.zoo import ZOO
     model, x = ZOO[name]()
     return model, x, {}

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import invariance_compiler as ic
-from invariance_compiler.zoo import ZOO
+from invariance_compiler.tools.zoo import ZOO
 
 
 def _roundtrip(obj):

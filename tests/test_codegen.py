@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import invariance_compiler as ic
-from invariance_compiler.zoo import ZOO, mlp
+from invariance_compiler.tools.zoo import ZOO, mlp
 
 
 FORMS = ["gspace", "fixed"]
@@ -41,7 +41,7 @@ def test_emitted_code_names_the_allocation_steps():
     cm = ic.compile_invariant(mlp([3, 4, 2]))
     code = cm.code
     assert "p_in = plan.path_in(v_carriers)" in code
-    assert "model.0: plan.linear(x, v_0_weight, v_0_bias, p_in, v_carriers, 0, 1)" in code
+    assert "model.0: plan.linear(x, v_0_weight, v_0_bias, scales[0], 0)" in code
     assert "aten.linear.default" in code and "aten.relu.default" in code     # the model's own forward
     slow = ic.compile_invariant(mlp([3, 4, 2]), scale_activations=False).code
     assert "w_0_weight, w_0_bias, w_2_weight = plan(p_in, v_carriers, v_0_weight, v_0_bias" in slow

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import invariance_compiler as ic
-from invariance_compiler.zoo import ZOO, mlp
+from invariance_compiler.tools.zoo import ZOO, mlp
 
 
 @pytest.mark.parametrize("widths,bias", [([6, 8, 7, 3], True), ([5, 7, 4, 9, 3], False), ([3, 2, 3], True)])

@@ -16,7 +16,7 @@ import torch.nn as nn
 from invariance_compiler import kernels
 from invariance_compiler.kernels import cpu
 from invariance_compiler.optim import GSGD
-from invariance_compiler.zoo import ZOO
+from invariance_compiler.tools.zoo import ZOO
 
 from conftest import odd_model
 
@@ -180,7 +180,7 @@ def test_the_profilers_pass_count_has_the_first_layer_in_one_pass():
     """An MLP's first layer reads the inputs, whose P_in is 1: the fused step steps it (weight and
     bias) in its last pass alone, 4 tensor passes; every other layer's input scale moves with the
     carriers, 5 passes (profile.fused_passes, the figure behind the profiler's GB/s)."""
-    from invariance_compiler.profile import fused_passes
+    from invariance_compiler.tools.profile import fused_passes
     model = nn.Sequential(nn.Linear(7, 9), nn.ReLU(), nn.Linear(9, 6), nn.ReLU(), nn.Linear(6, 3))
     opt = GSGD(model, example_inputs=(torch.randn(2, 7),))
     first, total = 7 * 9 + 9, sum(p.numel() for p in model.parameters())

@@ -10,7 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import invariance_compiler as ic
-from invariance_compiler import demo
+from invariance_compiler.tools import demo
 
 
 def test_demo_runs_end_to_end_and_writes_its_files(tmp_path, capsys):

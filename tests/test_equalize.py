@@ -11,12 +11,13 @@ import torch
 import torch.nn as nn
 
 import invariance_compiler as ic
-from invariance_compiler import demo
+from invariance_compiler.tools import demo
 from invariance_compiler.analyze import oracle
 from invariance_compiler.equalize import quantize_weights_, sqnr_db
-from invariance_compiler.zoo import ZOO, digits_mobilenet
+from invariance_compiler.tools.zoo import ZOO, digits_mobilenet
 
-from hf_families import BUILDERS, build
+pytest.importorskip("transformers")
+from invariance_compiler.tools.hf_families import BUILDERS, build
 
 
 def _outputs(model, args, kwargs, train):

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import invariance_compiler as ic
 from invariance_compiler.codegen.allocate import reference
 from invariance_compiler.skeleton import basis_paths
-from invariance_compiler.zoo import ZOO, mlp
+from invariance_compiler.tools.zoo import ZOO, mlp
 
 
 def _vs(cm):

@@ -10,9 +10,9 @@ import torch.nn.functional as F
 
 import invariance_compiler as ic
 from invariance_compiler.analyze import oracle
-from invariance_compiler.demo import PreNormMLP, digits, digits_cnn, mlp
+from invariance_compiler.tools.demo import PreNormMLP, digits, digits_cnn, mlp
 from invariance_compiler.skeleton import typical_scales
-from invariance_compiler.zoo import ZOO
+from invariance_compiler.tools.zoo import ZOO
 
 
 def _model(name):

@@ -10,7 +10,7 @@ from invariance_compiler import kernels
 from invariance_compiler.codegen.forms import icr
 from invariance_compiler.kernels.layout import block_view
 from invariance_compiler.optim import GSGD
-from invariance_compiler.zoo import ZOO
+from invariance_compiler.tools.zoo import ZOO
 
 from conftest import DEVICE, odd_model
 

@@ -14,7 +14,7 @@ KERNELS = Path(kernels.__file__).parent          # beside the package, installed
 # a module may import its own layer and those below it
 # (the package's __init__, the public names, sits above the pipeline and below the command line)
 LAYER = {"kernels": 0, "trace": 1, "analyze": 2, "skeleton": 3, "codegen": 4, "optim": 5, "equalize": 5,
-         "__init__": 6, "zoo": 7, "demo": 8, "profile": 8, "__main__": 9}
+         "__init__": 6, "tools": 7, "__main__": 8}
 
 
 def _unit(parts: tuple) -> str:
@@ -100,7 +100,7 @@ def test_the_package_imports_and_compiles_without_triton():
     code = ("import sys; sys.modules['triton'] = None\n"
             "import torch, invariance_compiler as ic\n"
             "from invariance_compiler import kernels\n"
-            "from invariance_compiler.zoo import ZOO\n"
+            "from invariance_compiler.tools.zoo import ZOO\n"
             "m, x = ZOO['mlp']()\n"
             "cm = ic.compile_invariant(m, x, scale_activations=False)\n"
             "assert not kernels.triton_available() and not kernels.use_triton(torch.zeros(1))\n"

@@ -8,7 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import invariance_compiler as ic
-from invariance_compiler.zoo import ZOO
+from invariance_compiler.tools.zoo import ZOO
 
 from conftest import train_steps
 

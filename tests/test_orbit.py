@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 import invariance_compiler as ic
 from invariance_compiler.analyze import oracle
-from invariance_compiler.zoo import ZOO
+from invariance_compiler.tools.zoo import ZOO
 
 STEPS = 30
 
@@ -98,7 +98,7 @@ _CHILD = r"""
 import json, sys, torch
 torch.set_num_threads(int(sys.argv[2]))
 import invariance_compiler as ic
-from invariance_compiler.zoo import ZOO
+from invariance_compiler.tools.zoo import ZOO
 torch.manual_seed(0)
 model, x = ZOO[sys.argv[1]]()
 sk = ic.compile_invariant(model, x).skeleton

@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 import invariance_compiler as ic
-from invariance_compiler.zoo import ZOO, mlp
+from invariance_compiler.tools.zoo import ZOO, mlp
 
 
 def test_generator_matrix_rows_follow_model_parameters_order():

@@ -6,6 +6,7 @@ import torch
 
 import invariance_compiler as ic
 from conftest import zoo_or_hf
+from invariance_compiler.codegen.module import ScaledLinear
 
 
 def _first(out):
@@ -31,3 +32,23 @@ def test_fullgraph_compile_gives_the_eager_result(name, form):
     assert len(grads_c) == len(grads_e) > 0
     for a, b in zip(grads_c, grads_e):
         assert torch.allclose(a, b, rtol=1e-3, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["mlp", "hf:llama"])
+def test_a_call_writes_nothing_into_modules(name):
+    """The fast Linears get what they read through functional_call, not through attributes set per
+    call (which hid the data flow and made dynamo guard on module state): after a forward and a
+    backward every module of the copy has the attributes it had before, and its fast Linears refuse
+    a call from outside the compiled module."""
+    model, args, kwargs = zoo_or_hf(name)
+    cm = ic.compile_invariant(model, args, example_kwargs=kwargs)
+    fast = [m for m in cm.model.modules() if isinstance(m, ScaledLinear)]
+    assert fast, "no Linear took the scaled-activation path"
+    before = {id(m): (set(vars(m)), set(m._buffers), {k: id(b) for k, b in m._buffers.items()})
+              for m in cm.model.modules()}
+    _first(cm(*args, **kwargs)).square().mean().backward()
+    after = {id(m): (set(vars(m)), set(m._buffers), {k: id(b) for k, b in m._buffers.items()})
+             for m in cm.model.modules()}
+    assert before == after
+    with pytest.raises(RuntimeError, match="part of a compiled module"):
+        fast[0](torch.zeros(1, fast[0].in_features))

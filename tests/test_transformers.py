@@ -8,7 +8,8 @@ import torch
 import invariance_compiler as ic
 from invariance_compiler.analyze import oracle
 
-from hf_families import BUILDERS, build, float64_norms, other_inputs
+pytest.importorskip("transformers")
+from invariance_compiler.tools.hf_families import BUILDERS, build, float64_norms, other_inputs
 
 # Hugging Face computes these norms in float32 even in a float64 model: their normalize symmetry
 # holds to float32 rounding there (the oracle runs them in float64: hf_families.float64_norms).

@@ -6,7 +6,7 @@ import torch
 
 import invariance_compiler as ic
 from invariance_compiler.analyze import oracle
-from invariance_compiler.zoo import ZOO
+from invariance_compiler.tools.zoo import ZOO
 
 from conftest import batch_like
 

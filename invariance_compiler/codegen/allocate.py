@@ -86,9 +86,10 @@ class Allocation(nn.Module):
 
     def __init__(self, form: str, num_classes: int, M: torch.Tensor, plans: Sequence[dict], dtype,
                  wa: Sequence[int], chain: Sequence[tuple] = (), free: Optional[torch.Tensor] = None,
-                 scaled: Optional[tuple] = None):
+                 scaled: Optional[tuple] = None, fast: Sequence[tuple[int, int]] = ()):
         super().__init__()
         self.form, self.n, self.count, self.wa = form, num_classes, len(plans), list(wa)
+        self.fast = [tuple(f) for f in fast]       # (weight, bias or -1) of the Linears used through `linear`
         # sides with no class at all (network input, output) need no scaling, and must not make
         # autograd differentiate through them (a first layer would pay for an input-gradient mm)
         self.scales_in = [bool((p["inp"] < num_classes).any()) for p in plans]
@@ -117,6 +118,7 @@ class Allocation(nn.Module):
         self.register_load_state_dict_post_hook(_rebuild_layouts)
 
     def _build_layouts(self) -> None:
+        self._build_linear_batch()
         self._layouts: dict = {}
         if self.wa:       # the kernels' view of the WA group; buffers, so they follow .to(device)
             for name, t in zip(Layout._fields, self._layout_of(self.wa).tensors()):
@@ -197,20 +199,59 @@ class Allocation(nn.Module):
         """Weights of the `wa` tensors (fixed form: p_in and carriers are None)."""
         return FORMS[self.form].allocate(self, p_in, carriers, vs)
 
-    def linear(self, x: torch.Tensor, v: torch.Tensor, bias, p_in: torch.Tensor, carriers: torch.Tensor,
-               i: int, j: int) -> torch.Tensor:
-        """F.linear(x, W_i, b_j) without forming W_i: W = D_out⁻¹ V' D_in⁻¹, so scale x by 1/P_in
-        and the output by 1/M. V' is V with its fixed slots holding w_K·P_in·M and its carrier
-        slots the carrier path values; in the same units the bias is its own path value V_j.
-        One autograd node: what it derives from P_in and the carriers is differentiated by hand."""
+    def _build_linear_batch(self) -> None:
+        """Index maps that compute, for every fast Linear at once, the numbers it reads besides V
+        (see `linear_scales`): one source vector [1/P_in of the input columns | w_K·M·P_in of the
+        weights' fixed slots | the biases' fixed slot values | the carriers], gathered by `lin_perm`
+        into one segment per Linear, [r_in | the weight's slot values | the bias's slot values]."""
+        in_idx, fixed_in, fixed_scaled, bias_fixed, parts, self.linear_sizes = [], [], [], [], [], []
+        r = f = b = 0
+        for i, j in self.fast:
+            t = self.tensors[i]
+            r_in = t.inp.reshape(-1) if self.scales_in[i] else t.inp.new_zeros(0)
+            seg = [("r", r + torch.arange(r_in.numel())), ("f", f + torch.arange(t.fixed_in.numel())),
+                   ("c", t.carrier_cls)]
+            in_idx.append(r_in), fixed_in.append(t.fixed_in), fixed_scaled.append(t.fixed_scaled)
+            r, f = r + r_in.numel(), f + t.fixed_in.numel()
+            nb = 0
+            if j >= 0:
+                bt = self.tensors[j]
+                seg += [("b", b + torch.arange(bt.fixed_scaled.numel())), ("c", bt.carrier_cls)]
+                bias_fixed.append(bt.fixed_scaled)
+                b, nb = b + bt.fixed_scaled.numel(), bt.fixed_scaled.numel() + bt.carrier_cls.numel()
+            parts.append(seg)
+            self.linear_sizes.append((r_in.numel(), t.fixed_in.numel() + t.carrier_cls.numel(), nb))
+        cat = lambda ts, like: torch.cat(ts) if ts else like
+        offset = {"r": 0, "f": r, "b": r + f, "c": r + f + b}
+        perm = [idx + offset[kind] for seg in parts for kind, idx in seg]
+        empty = self.M.new_zeros(0, dtype=torch.long)
+        for name, t in dict(lin_in_idx=cat(in_idx, empty), lin_fixed_in=cat(fixed_in, empty),
+                            lin_fixed_scaled=cat(fixed_scaled, self.M.new_zeros(0)),
+                            lin_bias_fixed=cat(bias_fixed, self.M.new_zeros(0)),
+                            lin_perm=cat([p.to(self.M.device) for p in perm], empty)).items():
+            self.register_buffer(name, t.to(self.M.device), persistent=False)
+
+    def linear_scales(self, p_in: torch.Tensor, carriers: Optional[torch.Tensor]) -> list[torch.Tensor]:
+        """For each fast Linear (in `fast` order) one vector [1/P_in of its input columns (empty
+        when its input has no class) | its weight's slot values: w_K·M·P_in[fixed_in], then its
+        carriers' path values | its bias's slot values], all computed together: a few ops per
+        forward instead of a few per layer, and one backward through P_in and the carriers."""
+        carriers = carriers if carriers is not None else p_in.new_zeros(0)
+        src = torch.cat([1.0 / p_in[self.lin_in_idx], self.lin_fixed_scaled * p_in[self.lin_fixed_in],
+                         self.lin_bias_fixed, carriers])
+        return list(src[self.lin_perm].split([sum(z) for z in self.linear_sizes]))
+
+    def linear(self, x: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor], scales: torch.Tensor,
+               k: int) -> torch.Tensor:
+        """F.linear(x, W, b) of fast Linear k without forming W: W = D_out⁻¹ V' D_in⁻¹, so x is scaled
+        by 1/P_in and the output by 1/M. V' is V with its fixed slots holding w_K·M·P_in and its
+        carrier slots the carriers' path values; in the same units the bias is its own path value.
+        `scales` is this Linear's vector from `linear_scales`. One autograd node."""
+        i, j = self.fast[k]
         t = self.tensors[i]
-        slots = [t.slot_idx, t.fixed_in, t.fixed_scaled, t.carrier_cls]
-        if bias is not None and j >= 0:
-            b = self.tensors[j]
-            slots += [b.slot_idx, b.fixed_scaled, b.carrier_cls]
-        in_idx = t.inp.reshape(-1) if self.scales_in[i] else None
+        b_slot = self.tensors[j].slot_idx if j >= 0 else None
         r_out = t.r_out if self.scales_out[i] else None
-        return _ScaledLinear.apply(x, v, bias, p_in, carriers, in_idx, r_out, *slots)
+        return _ScaledLinear.apply(x, v, bias, scales, self.linear_sizes[k], r_out, t.slot_idx, b_slot)
 
 
 def path_roots(n: int, free: Optional[torch.Tensor], chain: Sequence[tuple]) -> torch.Tensor:
@@ -234,20 +275,20 @@ def _raise_if_bad(p_in: torch.Tensor) -> None:
 
 
 class _ScaledLinear(torch.autograd.Function):
-    """y = ((x ⊙ r_in) @ V'ᵀ + b') ⊙ r_out with r_in = 1/P_in[in], V' = V with its slots (fixed
-    entries, carriers: not coordinates of V) set to k = [w_K·M·P_in[fixed_in], c[carrier_cls]], and
-    b' likewise from the bias's slots. The slots are kept in V's (and b's) own storage, rewritten
-    only when k changed (after an optimizer step, which invalidates older graphs anyway), which
-    saves a copy of V per forward. The gradient landing on the slots goes to P_in and the carriers;
-    V's own gradient there is zero, so no optimizer moves them on purpose."""
+    """y = ((x ⊙ r_in) @ V'ᵀ + b') ⊙ r_out, `scales` = [r_in | k | kb] (Allocation.linear_scales):
+    V' is V with its slots (fixed entries, carriers: not coordinates of V) holding k, b' likewise
+    with kb. The slots are kept in V's (and b's) own storage, rewritten only when k changed (after
+    an optimizer step, which invalidates older graphs anyway), which saves a copy of V per forward.
+    The gradient landing on the slots goes to k (and on through autograd to P_in and the
+    carriers); V's own gradient there is zero, so no optimizer moves them on purpose."""
 
     @staticmethod
-    def forward(ctx, x, v, bias, p_in, carriers, in_idx, r_out, slot, fixed_in, fixed_scaled, carrier_cls,
-                b_slot=None, b_fixed_scaled=None, b_carrier_cls=None):
-        v = _fill(v, slot, torch.cat([fixed_scaled * p_in[fixed_in], carriers[carrier_cls]]))
+    def forward(ctx, x, v, bias, scales, sizes, r_out, slot, b_slot=None):
+        r_in, k, kb = scales.split(sizes)
+        v = _fill(v, slot, k)
         if b_slot is not None:
-            bias = _fill(bias, b_slot, torch.cat([b_fixed_scaled, carriers[b_carrier_cls]]))
-        r_in = 1.0 / p_in[in_idx] if in_idx is not None else None
+            bias = _fill(bias, b_slot, kb)
+        r_in = r_in if sizes[0] else None
         xs = x * r_in if r_in is not None else x
         # under autocast the matmul runs in its dtype: cast here, once, and keep the cast operands
         # for backward, so that forward and backward multiply the same numbers (DESIGN §4c)
@@ -262,43 +303,35 @@ class _ScaledLinear(torch.autograd.Function):
             y = F.linear(xs, v, bias)
         if r_out is not None:
             y.mul_(r_out)                                                 # y is ours: in place
-        ctx.save_for_backward(x, xc, vc, r_in, r_out, in_idx, slot, fixed_in, fixed_scaled, carrier_cls,
-                              b_slot, b_carrier_cls, p_in, carriers)
-        ctx.has_bias = bias is not None
-        ctx.dtypes = (x.dtype, v.dtype, bias.dtype if bias is not None else None)
+        ctx.save_for_backward(x, xc, vc, r_in, r_out, slot, b_slot)
+        ctx.has_bias, ctx.sizes = bias is not None, sizes
+        ctx.dtypes = (x.dtype, v.dtype, bias.dtype if bias is not None else None, scales.dtype)
         return y
 
     @staticmethod
     def backward(ctx, gy):
-        (x, xs, v, r_in, r_out, in_idx, slot, fixed_in, fixed_scaled, carrier_cls, b_slot, b_carrier_cls,
-         p_in, carriers) = ctx.saved_tensors
-        x_dtype, v_dtype, b_dtype = ctx.dtypes
+        x, xs, v, r_in, r_out, slot, b_slot = ctx.saved_tensors
+        x_dtype, v_dtype, b_dtype, s_dtype = ctx.dtypes
         g = (gy * r_out if r_out is not None else gy).to(v.dtype)        # (…, out), the matmul's dtype
         g2, xs2 = g.reshape(-1, g.shape[-1]), xs.reshape(-1, xs.shape[-1])
-        grad_p = p_in.new_zeros(p_in.shape)
-        grad_c = carriers.new_zeros(carriers.shape)
         grad_v = (g2.t() @ xs2).to(v_dtype)                               # (out, in), fresh
         flat = grad_v.view(-1)
-        if slot.numel():                          # the slots' gradient goes to P_in and carriers
-            nf = fixed_in.numel()
-            grad_k = flat[slot]
-            flat[slot] = 0
-            grad_p.index_add_(0, fixed_in, (grad_k[:nf] * fixed_scaled).to(p_in.dtype))
-            grad_c.index_add_(0, carrier_cls, grad_k[nf:].to(carriers.dtype))
+        grad_k = flat[slot].to(s_dtype)                   # the slots' gradient goes to k
+        flat[slot] = 0
         grad_b = g2.sum(0).to(b_dtype) if ctx.has_bias else None
-        if b_slot is not None and b_slot.numel():
-            nf = b_slot.numel() - b_carrier_cls.numel()
-            grad_c.index_add_(0, b_carrier_cls, grad_b[b_slot[nf:]].to(carriers.dtype))
+        grad_kb = x.new_zeros(0, dtype=s_dtype)
+        if b_slot is not None:
+            grad_kb = grad_b[b_slot].to(s_dtype)
             grad_b[b_slot] = 0
-        grad_x = None
-        if ctx.needs_input_grad[0] or r_in is not None:               # a first layer needs neither
+        grad_x, grad_r = None, x.new_zeros(0, dtype=s_dtype)
+        if ctx.needs_input_grad[0] or r_in is not None:                # a first layer needs neither
             grad_xs = g @ v
-            if r_in is not None:                  # d(1/P)/dP = -1/P²
-                grad_r_in = (grad_xs * x).reshape(-1, x.shape[-1]).sum(0)
-                grad_p.index_add_(0, in_idx, (-grad_r_in * r_in * r_in).to(p_in.dtype))
+            if r_in is not None:
+                grad_r = (grad_xs * x).reshape(-1, x.shape[-1]).sum(0).to(s_dtype)
             if ctx.needs_input_grad[0]:
                 grad_x = (grad_xs.mul_(r_in) if r_in is not None else grad_xs).to(x_dtype)
-        return (grad_x, grad_v, grad_b, grad_p, grad_c) + (None,) * 9
+        grad_scales = torch.cat([grad_r, grad_k, grad_kb]) if ctx.needs_input_grad[3] else None
+        return grad_x, grad_v, grad_b, grad_scales, None, None, None, None
 
 
 def _fill(t: torch.Tensor, idx: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
@@ -405,7 +438,9 @@ def make_allocation(report, sk, weights: dict, form: str, names: Sequence[str], 
         unit = torch.where(torch.isfinite(unit), unit, 1.0)      # classes without a free carrier
         scaled = (P, carriers, unit)
         carriers = torch.where(carriers != 0, carriers.abs().log() / unit, 0.0)
-    plan = Allocation(form, n, M, plans, dtype, wa, chain, free, scaled)
+    fast = [(planned.index(w), planned.index(b) if b in planned else -1) for w, b in linear.items()
+            if w in planned and planned.index(w) not in wa]
+    plan = Allocation(form, n, M, plans, dtype, wa, chain, free, scaled, fast)
     return plan, init, planned, (carriers.to(dtype) if rules.carriers else None)
 
 

@@ -41,11 +41,8 @@ class ModelAPI:
         calling the model's own methods: `with cm.bound() as m: m.generate(...)`. Gradients flow
         to this module's parameters as in its forward."""
         ws = self._weights() if weights is None else weights
-        try:
-            with _reparametrize_module(self.model, ws, tie_weights=False, strict=False):
-                yield self.model
-        finally:
-            self._release()
+        with _reparametrize_module(self.model, ws, tie_weights=False, strict=False):
+            yield self.model
 
     def generate(self, *args, **kwargs):
         """The model's own `generate` (transformers), with this module's weights."""

@@ -29,16 +29,24 @@ __all__ = ["compile_invariant", "CompiledState", "InvariantModule", "ScaledLinea
 
 
 class ScaledLinear(nn.Linear):
-    """An nn.Linear of the compiled module's copy whose weight and bias are path values V: the
-    compiled module's forward hands it the allocation plan, P_in and the carriers for one call."""
+    """An nn.Linear of the compiled module's copy whose weight and bias are coordinates V. The
+    plan and this layer's place in it are fixed when it is compiled (`_ic_plan`, `_ic_index`); the
+    numbers it reads from the current carriers arrive like its weight does, through the compiled
+    module's functional_call: the buffer `ic_scales` (Allocation.linear_scales), a placeholder
+    outside a call."""
 
     def forward(self, x):
-        call = self.__dict__.get("_ic_call")
-        if call is None:
+        if self.ic_scales.dim() == 0:
             raise RuntimeError("ScaledLinear is part of a compiled module: call the InvariantModule, "
                                "not its inner model")
-        plan, p_in, carriers, i, j = call
-        return plan.linear(x, self.weight, self.bias, p_in, carriers, i, j)
+        return self._ic_plan.linear(x, self.weight, self.bias, self.ic_scales, self._ic_index)
+
+    @staticmethod
+    def adopt(module: nn.Linear, plan, index: int) -> None:
+        """Turn the copy's nn.Linear `module` into fast Linear `index` of `plan`."""
+        module.__class__ = ScaledLinear
+        module.__dict__["_ic_plan"], module.__dict__["_ic_index"] = plan, index   # not a submodule
+        module.register_buffer("ic_scales", torch.full((), float("nan")), persistent=False)
 
 
 @dataclass
@@ -77,6 +85,7 @@ class InvariantModule(ModelAPI, nn.Module):
         self._fast = dict(state.fast)                     # module path -> (weight name, bias name or None)
         self._fast_slots = {path: (self._allocated.index(w), self._allocated.index(b) if b in self._allocated
                                    else -1) for path, (w, b) in self._fast.items()}   # plan indices
+        self._fast_index = {path: self.allocate.fast.index(ij) for path, ij in self._fast_slots.items()}
         self._guard = state.guard                         # example shapes, when a reshape depends on them
         self._unused = {k: v.clone() for k, v in state.unused.items()}
         if state.carriers is not None and self._allocated:
@@ -100,27 +109,22 @@ class InvariantModule(ModelAPI, nn.Module):
         if plan.wa:
             allocated = plan(p_in, carriers, *[vs[self._allocated[i]] for i in plan.wa])
             ws.update({self._allocated[i]: w for i, w in zip(plan.wa, allocated)})
-        for path, (i, j) in self._fast_slots.items():
-            self.model.get_submodule(path).__dict__["_ic_call"] = (plan, p_in, carriers, i, j)
         ws.update(self._unused)
         if torch.compiler.is_compiling():
             # functional_call puts an nn.Parameter into the copy's _parameters and takes it out
             # again within the frame, which dynamo's guards on that dict reject: hand it views
             ws = {n: t.view_as(t) if isinstance(t, nn.Parameter) else t for n, t in ws.items()}
-        return {alias: ws[name] for alias, name in self._aliases.items()}
+        out = {alias: ws[name] for alias, name in self._aliases.items()}
+        if self._fast:                   # what the fast Linears read besides V, as functional_call's inputs
+            scales = plan.linear_scales(p_in, carriers)
+            out.update({f"{path}.ic_scales": scales[k] for path, k in self._fast_index.items()})
+        return out
 
     def forward(self, *args, **kwargs):
         if self._guard is not None:
             _check_shapes(self._guard, args, kwargs)
-        ws = self._weights()
-        try:
-            return torch.func.functional_call(self.model, ws, args, kwargs, tie_weights=False, strict=False)
-        finally:
-            self._release()
-
-    def _release(self) -> None:
-        for path in self._fast:
-            self.model.get_submodule(path).__dict__.pop("_ic_call", None)
+        return torch.func.functional_call(self.model, self._weights(), args, kwargs, tie_weights=False,
+                                          strict=False)
 
     # ---- the contract -------------------------------------------------------------------------
     @property
@@ -290,8 +294,9 @@ def compile_invariant(model: nn.Module, example_inputs: Any = None, form: str = 
                                                       {w: b for w, b in linear.values()}, units)
     fast = {path: wb for path, wb in linear.items() if wb[0] in allocated and wb[0] not in
             [allocated[i] for i in plan.wa]}
-    for path in fast:
-        inner.get_submodule(path).__class__ = ScaledLinear
+    for path, (w, b) in fast.items():
+        ij = (allocated.index(w), allocated.index(b) if b in allocated else -1)
+        ScaledLinear.adopt(inner.get_submodule(path), plan, plan.fast.index(ij))
     for mod in inner.modules():                  # the copy keeps code and buffers, not parameters
         for k in [k for k, p in mod._parameters.items() if p is not None]:
             del mod._parameters[k]
@@ -415,14 +420,16 @@ def _program(cm) -> str:
     v = {n: a for n, a in cm._v_attr.items()}
     if FORMS[cm.form].carriers and cm._allocated:
         lines.append("p_in = plan.path_in(v_carriers)                 # P_in: carrier path values / M")
+    if cm._fast:
+        lines.append("scales = plan.linear_scales(p_in, v_carriers)   # per fast Linear: 1/P_in, slot values")
     if plan.wa:
         outs = ", ".join("w_" + v[cm._allocated[i]].split("_", 1)[1] for i in plan.wa)
         ins = ", ".join(v[cm._allocated[i]] for i in plan.wa)
         extra = "p_in, v_carriers, " if FORMS[cm.form].carriers else "None, None, "
         lines.append(f"{outs} = plan({extra}{ins})   # WA forward, ICR backward")
     for path, (w, b) in cm._fast.items():
-        i, j = cm._fast_slots[path]
-        lines.append(f"model.{path}: plan.linear(x, {v[w]}, {v.get(b, 'None')}, p_in, v_carriers, {i}, {j})"
+        k = cm._fast_index[path]
+        lines.append(f"model.{path}: plan.linear(x, {v[w]}, {v.get(b, 'None')}, scales[{k}], {k})"
                      f"   # scaled activations, no W formed")
     lines.append("return functional_call(model, weights, inputs)   # the model's own forward:")
     code = cm._code

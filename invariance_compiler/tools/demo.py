@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import analyze, compile_invariant, optim
+from .. import analyze, compile_invariant, optim
 from .zoo import resnet_basic
 
 

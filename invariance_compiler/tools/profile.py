@@ -20,9 +20,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import compile_invariant, kernels
-from .codegen.forms import icr
-from .optim import GSGD
+from .. import compile_invariant, kernels
+from ..codegen.forms import icr
+from ..optim import GSGD
 
 # peak HBM bandwidth (TB/s) by device name, most specific first (DESIGN §4)
 PEAK_TBS = [("H200", 4.8), ("H100 PCIe", 2.0), ("H100", 3.35), ("A100", 2.0)]
