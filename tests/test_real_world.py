@@ -84,6 +84,23 @@ class SplitBiasAttention(nn.Module):
         return self.proj(self.norm(h))
 
 
+class EmbeddingNorm(nn.Module):
+    """A token embedding read only by a per-token LayerNorm or RMSNorm: each row of the table has a
+    scale of its own (the norm divides it out, token by token). With `residual`, the embedding also
+    enters a residual stream, which keeps the rows' scales tied: no row generators then."""
+    def __init__(self, norm=nn.LayerNorm, residual=False):
+        super().__init__()
+        self.residual = residual
+        self.emb, self.norm = nn.Embedding(8, 6), norm(6)
+        self.fc, self.out = nn.Linear(6, 6), nn.Linear(6, 3)
+
+    def forward(self, ids):
+        x = self.emb(ids)
+        h = self.fc(self.norm(x))
+        h = F.relu(h + x if self.residual else h)
+        return self.out(h)
+
+
 class Gated(nn.Module):
     """A module's own parameter used through a gate, and a raw weight used via F.linear."""
     def __init__(self):
@@ -195,6 +212,9 @@ CASES = {
     "split_qkv_bias_at_zero": (SplitBiasAttention, lambda: (torch.randn(2, 5, 4),)),
     "split_qkv_bias_drawn": (lambda: SplitBiasAttention(zero=False), lambda: (torch.randn(2, 5, 4),)),
     "weight_tying": (Tied, lambda: (torch.arange(8).view(2, 4),)),
+    "embedding_layernorm": (EmbeddingNorm, lambda: (torch.arange(8).view(2, 4),)),
+    "embedding_rmsnorm": (lambda: EmbeddingNorm(nn.RMSNorm), lambda: (torch.arange(8).view(2, 4),)),
+    "embedding_prenorm_residual": (lambda: EmbeddingNorm(residual=True), lambda: (torch.arange(8).view(2, 4),)),
     "multihead_attention": (MHA, lambda: (torch.randn(2, 5, 3),)),
     "sdpa_gqa_swiglu": (SDPA, lambda: (torch.randn(2, 5, 3),)),
     "lstm": (LSTMHead, lambda: (torch.randn(3, 4, 3),)),
@@ -225,6 +245,20 @@ def test_sound_and_complete(name):
     if name.startswith("split_qkv_bias"):
         missing = model.k_bias.numel()
     assert got["null_dim"] == report.num_generators + missing, got
+
+
+def test_an_embedding_read_only_by_a_norm_has_a_class_per_row():
+    """Counts against theory: the 8 rows each get a normalize generator (they replace the one joint
+    scale of the table's columns), so the LayerNorm model has 7 more generators than the same model
+    with a residual read of the embedding; the oracle tests above say both are exact."""
+    counts = {}
+    for name in ("embedding_layernorm", "embedding_rmsnorm", "embedding_prenorm_residual"):
+        model, x = _case(name)
+        report = ic.analyze(model, x)
+        rows = [g for g in report.generators if g.params == ("emb.weight",)]
+        counts[name] = (len(rows), report.num_generators)
+    assert counts["embedding_layernorm"][0] == counts["embedding_rmsnorm"][0] == 8
+    assert counts["embedding_prenorm_residual"][0] == 0
 
 
 @pytest.mark.parametrize("form", ["gspace", "fixed"])

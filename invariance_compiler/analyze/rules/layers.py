@@ -123,6 +123,14 @@ def embedding(ctx, weight, idx, *args, **kwargs):
     by_position = _rows_by_position(ctx, weight, idx)
     if by_position is not None:
         return by_position
+    if _only_normalised_per_token(ctx.node, weight.shape[1]):
+        # every reader divides each token's vector by its own norm, so each row of the table can
+        # be scaled on its own (whichever rows an input reads): a class per row, and what the
+        # readers see has scale 1
+        rows = ctx.fresh(weight.shape[0])
+        if not ctx.bind(weight, [(+1, rows.view(-1, 1))]):
+            return pin(ctx, weight)
+        return ctx.constant(tuple(ctx.real.shape))
     rows = ctx.fresh(weight.shape[1])                        # one class per embedding coordinate
     if not ctx.bind(weight, [(+1, rows.view(1, -1))]):
         return pin(ctx, weight)
@@ -148,6 +156,18 @@ def _rows_by_position(ctx, weight, idx):
 
 
 _PER_ENTRY_LIMIT = 1 << 22
+
+_PER_TOKEN_NORMS = (aten.layer_norm.default, aten.rms_norm.default)
+
+
+def _only_normalised_per_token(node, dim: int) -> bool:
+    """Whether every user of `node` (an embedding's output) is a LayerNorm or RMSNorm over its last
+    dim `dim` that reads it only as its input (not the graph output, no in-place op, nothing else:
+    a residual stream that also reads the embedding keeps its scale)."""
+    users = list(node.users) if node is not None else []
+    return bool(users) and all(
+        u.op == "call_function" and u.target in _PER_TOKEN_NORMS and u.args[0] is node
+        and node not in u.args[2:] and list(u.args[1]) == [dim] for u in users)
 
 
 def matmul(ctx, a, b):
