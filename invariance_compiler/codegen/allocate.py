@@ -92,8 +92,9 @@ class Allocation(nn.Module):
         self.fast = [tuple(f) for f in fast]       # (weight, bias or -1) of the Linears used through `linear`
         # sides with no class at all (network input, output) need no scaling, and must not make
         # autograd differentiate through them (a first layer would pay for an input-gradient mm)
-        self.scales_in = [bool((p["inp"] < num_classes).any()) for p in plans]
-        self.scales_out = [bool((p["out"] < num_classes).any()) for p in plans]
+        scaled_form = FORMS[form].carriers               # the fixed form scales nothing
+        self.scales_in = [scaled_form and bool((p["inp"] < num_classes).any()) for p in plans]
+        self.scales_out = [scaled_form and bool((p["out"] < num_classes).any()) for p in plans]
         self.register_buffer("M", M.to(dtype))
         # P_in = path_scale ⊙ [carriers, 1][path_root]: following fixed carriers back to their free
         # root (or to the input) makes every P_in one carrier value times a constant
@@ -205,19 +206,22 @@ class Allocation(nn.Module):
         weights' fixed slots | the biases' fixed slot values | the carriers], gathered by `lin_perm`
         into one segment per Linear, [r_in | the weight's slot values | the bias's slot values]."""
         in_idx, fixed_in, fixed_scaled, bias_fixed, parts, self.linear_sizes = [], [], [], [], [], []
+        scaled = FORMS[self.form].carriers
         r = f = b = 0
         for i, j in self.fast:
             t = self.tensors[i]
             r_in = t.inp.reshape(-1) if self.scales_in[i] else t.inp.new_zeros(0)
             seg = [("r", r + torch.arange(r_in.numel())), ("f", f + torch.arange(t.fixed_in.numel())),
                    ("c", t.carrier_cls)]
-            in_idx.append(r_in), fixed_in.append(t.fixed_in), fixed_scaled.append(t.fixed_scaled)
+            # the fixed form's Linears are not scaled: their slots hold the fixed values themselves
+            k = t.fixed_scaled if scaled else t.fixed_val
+            in_idx.append(r_in), fixed_in.append(t.fixed_in), fixed_scaled.append(k)
             r, f = r + r_in.numel(), f + t.fixed_in.numel()
             nb = 0
             if j >= 0:
                 bt = self.tensors[j]
                 seg += [("b", b + torch.arange(bt.fixed_scaled.numel())), ("c", bt.carrier_cls)]
-                bias_fixed.append(bt.fixed_scaled)
+                bias_fixed.append(bt.fixed_scaled if scaled else bt.fixed_val)
                 b, nb = b + bt.fixed_scaled.numel(), bt.fixed_scaled.numel() + bt.carrier_cls.numel()
             parts.append(seg)
             self.linear_sizes.append((r_in.numel(), t.fixed_in.numel() + t.carrier_cls.numel(), nb))
@@ -231,14 +235,17 @@ class Allocation(nn.Module):
                             lin_perm=cat([p.to(self.M.device) for p in perm], empty)).items():
             self.register_buffer(name, t.to(self.M.device), persistent=False)
 
-    def linear_scales(self, p_in: torch.Tensor, carriers: Optional[torch.Tensor]) -> list[torch.Tensor]:
+    def linear_scales(self, p_in: Optional[torch.Tensor], carriers: Optional[torch.Tensor]) -> list[torch.Tensor]:
         """For each fast Linear (in `fast` order) one vector [1/P_in of its input columns (empty
         when its input has no class) | its weight's slot values: w_K·M·P_in[fixed_in], then its
         carriers' path values | its bias's slot values], all computed together: a few ops per
         forward instead of a few per layer, and one backward through P_in and the carriers."""
-        carriers = carriers if carriers is not None else p_in.new_zeros(0)
-        src = torch.cat([1.0 / p_in[self.lin_in_idx], self.lin_fixed_scaled * p_in[self.lin_fixed_in],
-                         self.lin_bias_fixed, carriers])
+        if p_in is None:                               # fixed form: the fixed values, constants
+            src = torch.cat([self.lin_fixed_scaled, self.lin_bias_fixed])
+        else:
+            carriers = carriers if carriers is not None else p_in.new_zeros(0)
+            src = torch.cat([1.0 / p_in[self.lin_in_idx], self.lin_fixed_scaled * p_in[self.lin_fixed_in],
+                             self.lin_bias_fixed, carriers])
         return list(src[self.lin_perm].split([sum(z) for z in self.linear_sizes]))
 
     def linear(self, x: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor], scales: torch.Tensor,

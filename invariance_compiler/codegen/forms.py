@@ -66,7 +66,7 @@ class GSpace:
 class Fixed:
     prefix = "free_"
     carriers = False
-    scales_activations = False
+    scales_activations = True      # no scale to apply: a Linear holds its fixed entries in place
 
     def coordinates(self, w64, P, M, inp, out) -> torch.Tensor:
         return w64.clone()
