@@ -334,3 +334,39 @@ def test_fixed_position_ids_give_token_zero_its_own_scale_only_when_they_read_ev
     # a row this input does not read may be read by a longer one: the short analysis holds there
     longer = (torch.randn(3, 4, 2, dtype=torch.float64),)
     assert oracle.invariance_error(model, short, longer) <= 1e-10
+
+
+def _zero_head(m):
+    nn.init.zeros_(m[-1].weight), nn.init.zeros_(m[-1].bias)
+
+
+def _zero_layerscale(m):
+    nn.init.zeros_(m.gamma)
+
+
+def _zero_init_residual(m):                       # torchvision's zero_init_residual=True
+    for name, mod in m.named_modules():
+        if isinstance(mod, nn.BatchNorm2d) and name.endswith("bn2"):
+            nn.init.zeros_(mod.weight)
+
+
+@pytest.mark.parametrize("name, zero", [("mlp", _zero_head), ("layerscale", _zero_layerscale),
+                                        ("resnet_basic", _zero_init_residual)])
+def test_models_at_their_own_initialisation(name, zero):
+    """Zero-initialised heads, LayerScale and residual BatchNorm gains: the report is the one of
+    generic weights (E is structure, not values), and both forms compile and keep the function."""
+    from invariance_compiler.tools.zoo import ZOO
+    torch.manual_seed(0)
+    model, x = ZOO[name]()
+    model = model.double()
+    x = tuple(t.double() if t.is_floating_point() else t for t in x)
+    generic = ic.analyze(model, x).generator_matrix()
+    zero(model)
+    report = ic.analyze(model, x)
+    assert torch.equal(report.generator_matrix(), generic)
+    for form in ("gspace", "fixed"):
+        cm = ic.compile_invariant(model, x, form=form)
+        for train in (True, False):
+            model.train(train), cm.train(train)
+            with torch.no_grad():
+                assert torch.allclose(cm(*x), model(*x), rtol=1e-10, atol=1e-12), (form, train)
