@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 import invariance_compiler as ic
+from train_step import interleaved
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -84,16 +85,8 @@ def bench(key: str, mode: str, repeats: int) -> list[str]:
         print(f"  {title}: compile_invariant {form} {time.perf_counter() - t:.1f} s", flush=True)
     if mode == "compiled":
         variants = {k: torch.compile(m) for k, m in variants.items()}
-    steps = {k: step_fn(m, x, target) for k, m in variants.items()}
-    for s in steps.values():                                 # warm-up (and torch.compile's compile)
-        for _ in range(3):
-            s()
-    times = {k: [] for k in steps}
-    for _ in range(repeats):
-        for k, s in steps.items():
-            t = time.perf_counter()
-            s()
-            times[k].append(time.perf_counter() - t)
+    # the warm-up calls also run torch.compile's compilation
+    times = interleaved({k: step_fn(m, x, target) for k, m in variants.items()}, repeats)
     base = times["plain"]
     rows = []
     for form in ("gspace", "fixed"):

@@ -40,16 +40,11 @@ def step_fn(model, x, y):
     return step
 
 
-def bench(name, build, repeats):
-    torch.manual_seed(0)
-    model, x = build()
-    y = torch.randint(0, 10, (x.shape[0],))
-    variants = {"original": model,
-                "gspace": ic.compile_invariant(model, x[:2], form="gspace"),
-                "fixed": ic.compile_invariant(model, x[:2], form="fixed")}
-    steps = {k: step_fn(m, x, y) for k, m in variants.items()}
-    for s in steps.values():                      # warm-up
-        for _ in range(3):
+def interleaved(steps: dict, repeats: int, warmup: int = 3) -> dict:
+    """Seconds of each call of each step, the steps run in turn (a, b, c, a, b, c, ...) so that
+    drifting machine load falls on all of them alike; after `warmup` calls of each."""
+    for s in steps.values():
+        for _ in range(warmup):
             s()
     times = {k: [] for k in steps}
     for _ in range(repeats):
@@ -57,6 +52,17 @@ def bench(name, build, repeats):
             t = time.perf_counter()
             s()
             times[k].append(time.perf_counter() - t)
+    return times
+
+
+def bench(name, build, repeats):
+    torch.manual_seed(0)
+    model, x = build()
+    y = torch.randint(0, 10, (x.shape[0],))
+    variants = {"original": model,
+                "gspace": ic.compile_invariant(model, x[:2], form="gspace"),
+                "fixed": ic.compile_invariant(model, x[:2], form="fixed")}
+    times = interleaved({k: step_fn(m, x, y) for k, m in variants.items()}, repeats)
     base = times["original"]
     rows = []
     for k in ("gspace", "fixed"):
