@@ -83,9 +83,8 @@ class InvariantModule(ModelAPI, nn.Module):
         self._allocated = list(state.allocated)
         self._aliases = dict(state.aliases)               # every parameter name of the model -> canonical
         self._fast = dict(state.fast)                     # module path -> (weight name, bias name or None)
-        self._fast_slots = {path: (self._allocated.index(w), self._allocated.index(b) if b in self._allocated
-                                   else -1) for path, (w, b) in self._fast.items()}   # plan indices
-        self._fast_index = {path: self.allocate.fast.index(ij) for path, ij in self._fast_slots.items()}
+        # functional_call's input name of each fast Linear's scales -> its index in plan.fast
+        self._fast_keys = {f"{path}.ic_scales": model.get_submodule(path)._ic_index for path in self._fast}
         self._guard = state.guard                         # example shapes, when a reshape depends on them
         self._unused = {k: v.clone() for k, v in state.unused.items()}
         if state.carriers is not None and self._allocated:
@@ -117,7 +116,7 @@ class InvariantModule(ModelAPI, nn.Module):
         out = {alias: ws[name] for alias, name in self._aliases.items()}
         if self._fast:                   # what the fast Linears read besides V, as functional_call's inputs
             scales = plan.linear_scales(p_in, carriers)
-            out.update({f"{path}.ic_scales": scales[k] for path, k in self._fast_index.items()})
+            out.update({key: scales[k] for key, k in self._fast_keys.items()})
         return out
 
     def forward(self, *args, **kwargs):
@@ -428,7 +427,7 @@ def _program(cm) -> str:
         extra = "p_in, v_carriers, " if FORMS[cm.form].carriers else "None, None, "
         lines.append(f"{outs} = plan({extra}{ins})   # WA forward, ICR backward")
     for path, (w, b) in cm._fast.items():
-        k = cm._fast_index[path]
+        k = cm.model.get_submodule(path)._ic_index
         lines.append(f"model.{path}: plan.linear(x, {v[w]}, {v.get(b, 'None')}, scales[{k}], {k})"
                      f"   # scaled activations, no W formed")
     lines.append("return functional_call(model, weights, inputs)   # the model's own forward:")

@@ -18,18 +18,25 @@ __all__ = ["fix_to", "balance", "typical_scales"]
 @torch.no_grad()
 def fix_to(report, skeleton, model: nn.Module, value: float = 1.0) -> torch.Tensor:
     """Act on `model` so that every K entry has magnitude `value`. Returns the log-scales used."""
-    weights = dict(model.named_parameters())
+    lam = torch.zeros(report.num_generators, dtype=torch.float64)
+    lam[: skeleton.num_classes] = _fixed_at(skeleton, dict(model.named_parameters()), math.log(value))[:-1]
+    report.act(model, lam)
+    return lam
+
+
+def _fixed_at(skeleton, weights: dict, log_value) -> torch.Tensor:
+    """λ (num_classes + 1; the last slot, no class, 0) that brings every fixed entry K to
+    |w_K| = exp(log_value) (a number, or one per class): E_K λ = log_value − log|w_K|, solved
+    round by round in peel order (E_K is triangular with ±1 on its diagonal)."""
     n = skeleton.num_classes
-    lam = torch.zeros(report.num_generators + 1, dtype=torch.float64)   # last slot: no class
+    lam = torch.zeros(n + 1, dtype=torch.float64)
     logw = skeleton._values(weights, skeleton.fixed_param, skeleton.fixed_entry).abs().log()
-    # consumer K: |w|·exp(-λ_c + λ_o) = value ; producer K: |w|·exp(λ_c - λ_o) = value
-    own = torch.where(skeleton.consumer, logw - math.log(value), math.log(value) - logw)
-    other = torch.where(skeleton.other < 0, report.num_generators, skeleton.other)
+    # consumer K: log|w| − λ_c + λ_other = log_value ; producer K: log|w| + λ_c − λ_other = log_value
+    own = torch.where(skeleton.consumer, logw - log_value, log_value - logw)
+    other = torch.where(skeleton.other < 0, n, skeleton.other)
     for r in range(int(skeleton.fixed_round.max()) + 1 if n else 0):
         sel = (skeleton.fixed_round == r).nonzero().reshape(-1)
         lam[sel] = own[sel] + lam[other[sel]]
-    lam = lam[:-1]
-    report.act(model, lam)
     return lam
 
 
@@ -79,19 +86,12 @@ def typical_scales(report, skeleton, weights: dict, sweeps: int = 30) -> torch.T
     rescaled copies reach one point, in O(sweeps · channel pairs). A default-initialised model is
     near it (λ* ≈ 0), so SGD on its coordinates starts as SGD on its weights."""
     n = skeleton.num_classes
-    lam = torch.zeros(n + 1, dtype=torch.float64)            # last slot: no class
     if n == 0:
-        return lam[:0]
+        return torch.zeros(0, dtype=torch.float64)
     bound = torch.tensor([-0.5 * math.log(max(report.param_shapes[name][1:].numel(), 1))
                           if len(report.param_shapes[name]) >= 2 else 0.0 for name in skeleton.names],
                          dtype=torch.float64)[skeleton.fixed_param]
-    logw = skeleton._values(weights, skeleton.fixed_param, skeleton.fixed_entry).abs().log()
-    # consumer K: log|w| − λ_c + λ_other = bound ; producer K: log|w| + λ_c − λ_other = bound
-    own = torch.where(skeleton.consumer, logw - bound, bound - logw)
-    other = torch.where(skeleton.other < 0, n, skeleton.other)
-    for r in range(int(skeleton.fixed_round.max()) + 1):
-        sel = (skeleton.fixed_round == r).nonzero().reshape(-1)
-        lam[sel] = own[sel] + lam[other[sel]]
+    lam = _fixed_at(skeleton, weights, bound)                # last slot: no class
     blocks = [b for b in map(lambda name: _Block.of(report, weights, name, n), report.param_names) if b]
     if not blocks:
         return lam[:n]
