@@ -275,3 +275,35 @@ def test_gsgd_with_nothing_to_allocate_is_sgd():
             o.step()
     for a, b in zip(model.parameters(), twin.parameters()):
         assert torch.allclose(a, b, rtol=1e-14, atol=1e-15)
+
+
+@pytest.mark.parametrize("scale_activations", [True, False])
+def test_relation_slots_stay_constant_coordinates(scale_activations):
+    """A relation generator's fixed entry is a constant coordinate (DESIGN §3.6c): its gradient is
+    zero and AdamW's weight decay cannot move it; the module keeps the function after the steps
+    (the exported weights give the module's output) and the weights it starts from are the
+    model's own."""
+    torch.manual_seed(0)
+    model, x = ZOO["mini_transformer"]()
+    model = model.double()
+    x = tuple(t.double() if t.is_floating_point() else t for t in x)
+    cm = ic.compile_invariant(model, x, scale_activations=scale_activations)
+    sk = cm.skeleton
+    assert sk.num_relations > 0 and bool((sk.relation_param >= 0).all())
+    for n, w in cm.weights().items():
+        assert torch.allclose(w, dict(model.named_parameters())[n].detach(), rtol=1e-12, atol=1e-15), n
+    held = {n: ps.relation_idx for n, ps in sk.params.items() if ps.relation_idx.numel()}
+    before = {n: cm.parameter_of(n).detach().reshape(-1)[i].clone() for n, i in held.items()}
+    opt = torch.optim.AdamW(cm.parameters(), lr=1e-2, weight_decay=0.1)
+    for _ in range(3):
+        opt.zero_grad()
+        cm(*x).square().mean().backward()
+        for n, i in held.items():
+            assert bool((cm.parameter_of(n).grad.reshape(-1)[i] == 0).all()), n
+        opt.step()
+    out = cm(*x)                      # a forward puts the held values back into V's storage
+    for n, i in held.items():
+        assert torch.equal(cm.parameter_of(n).detach().reshape(-1)[i], before[n]), n
+    back = copy.deepcopy(model)
+    back.load_state_dict(cm.export_state_dict())
+    assert torch.allclose(back(*x), out, rtol=1e-10, atol=1e-12)

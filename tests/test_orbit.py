@@ -2,10 +2,9 @@
 the same skeleton (K and J entries) without being handed one, and training either gives the same
 function, while plain SGD on the two sets of weights drifts apart.
 
-g is a random element of A's own report, λ ~ N(0, 0.5²), on the generators compile_invariant
-removes (plain classes and inert entries): the relation generators (attention's query/key pairs)
-stay in the coordinates (README, Limitations), so along them the coordinates move with g. Models
-run in float64 with negligible normaliser eps (their symmetry is exact only as eps -> 0)."""
+g is a random element of A's own report, λ ~ N(0, 0.5²) on every generator (plain classes,
+relation generators such as attention's query/key pairs, inert entries). Models run in float64
+with negligible normaliser eps (their symmetry is exact only as eps -> 0)."""
 import copy
 import json
 import os
@@ -30,7 +29,6 @@ def _pair(name, seed=0):
     x = tuple(t.double() if t.is_floating_point() else t for t in x)
     report = ic.analyze(a, x)
     lam = torch.randn(report.num_generators, dtype=torch.float64) * 0.5
-    lam[report.num_simple: report._inert_start] = 0             # relation generators: not removed
     b = copy.deepcopy(a)
     report.act(b, lam)
     torch.manual_seed(seed + 1)

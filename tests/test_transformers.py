@@ -106,3 +106,42 @@ def _cache_tensors(cache):
     layers = [layer for c in (caches or [cache]) for layer in c.layers]
     return torch.cat([t.reshape(-1) for layer in layers for t in (layer.keys, layer.values)
                       if isinstance(t, torch.Tensor)])
+
+
+# families whose attention gives relation generators (query/key pairs; GPT-2's and OPT's
+# LayerNorm-read residual stream)
+RELATED = ["bert", "clip_vision", "gpt2", "llama", "opt", "qwen2", "swin", "t5", "vit"]
+
+
+@pytest.mark.parametrize("name", RELATED)
+def test_the_whole_group_is_quotiented(name):
+    """A model and a copy moved by a random element of the whole group (relation generators
+    included) compile to one skeleton and the same coordinates, and stay equal over SGD steps
+    (float64, negligible eps, norms in float64); every generator removes one coordinate."""
+    model, args, kwargs = build(name, dropout=False)
+    a = oracle.prepare(float64_norms(model)).eval()
+    report = ic.analyze(a, args, kwargs)
+    assert report.num_relations > 0
+    lam = torch.randn(report.num_generators, generator=torch.Generator().manual_seed(1),
+                      dtype=torch.float64) * 0.5
+    b = oracle.prepare(a).eval()
+    report.act(b, lam)
+    assert float((_out(a, args, kwargs) - _out(b, args, kwargs)).abs().max()) <= 1e-9
+    for form, fixed in (("gspace", "keep"), ("fixed", "scale")):
+        ca, cb = (ic.compile_invariant(m, args, form=form, fixed=fixed, example_kwargs=kwargs) for m in (a, b))
+        assert int((ca.skeleton.relation_param >= 0).sum()) == report.num_relations
+        assert all(torch.equal(getattr(ca.skeleton, k), getattr(cb.skeleton, k)) for k in ca.skeleton._STATE)
+        pa, pb = dict(ca.named_parameters()), dict(cb.named_parameters())
+        for k in pa:
+            assert torch.allclose(pa[k], pb[k], rtol=1e-12, atol=1e-15), (form, k)
+        for m in (ca, cb):
+            opt = torch.optim.SGD(m.parameters(), lr=1e-2, momentum=0.9)
+            for _ in range(5):
+                opt.zero_grad()
+                _out(m, args, kwargs).square().mean().backward()
+                opt.step()
+        fa, fb = _out(ca, args, kwargs), _out(cb, args, kwargs)
+        assert float((fa - fb).abs().max() / fa.abs().max()) <= 1e-12, form
+        if report.num_params <= ORACLE_LIMIT:
+            rank = torch.linalg.matrix_rank(report.generator_matrix(torch.float64))
+            assert ca.num_free_parameters() == report.num_params - int(rank)

@@ -19,9 +19,20 @@ from .algebra import solve_relations
 from .context import UNSET, Context
 from .value import PIN, Value
 
-__all__ = ["SymmetryReport", "Generator"]
+__all__ = ["SymmetryReport", "Generator", "RelationSide"]
 
 KINDS = ("rescale", "normalize", "inert")
+
+
+@dataclass
+class RelationSide:
+    """What the relation generators do to one parameter (`SymmetryReport.relation_side`), compact
+    (broadcastable to the parameter): `col`, the relation generator of each entry counted from
+    num_simple (-1: none); `coef`, that entry's exponent on it (±1); `mixed`, the relation
+    generators that cannot be quotiented through this parameter's entries."""
+    col: torch.Tensor
+    coef: torch.Tensor
+    mixed: set
 
 
 @dataclass
@@ -446,6 +457,39 @@ class SymmetryReport:
             same = out == inp
             inp, out = torch.where(same, -1, inp), torch.where(same, -1, out)
         return inp, out
+
+    @property
+    def num_relations(self) -> int:
+        """Class generators from the exponent algebra's relations (attention's query/key pairs, a
+        LayerNorm-read residual stream): columns [num_simple, num_simple + num_relations)."""
+        return self._inert_start - self.num_simple
+
+    def relation_side(self, name: str) -> "RelationSide":
+        """The relation generator each entry of `name` has a non-zero exponent on, counted from
+        num_simple (-1: none), and that exponent, compact. `mixed` lists the relation generators
+        that some entry shares with another one or has with an exponent other than ±1: the
+        skeleton leaves those in the coordinates."""
+        shape = self.param_shapes[name]
+        col = torch.full((1,) * len(shape), -1, dtype=torch.long)
+        coef = torch.zeros_like(col)
+        mixed: set[int] = set()
+        if not self._touches_multi(name):
+            return RelationSide(col, coef, mixed)
+        for s, lab in self._factors[name]:
+            for k in range(self._mcol.shape[0]):
+                c, v = self._mcol[k][lab], s * self._mval[k][lab]
+                if not bool((c >= 0).any()):
+                    continue
+                col, coef, c, v = (t.clone() for t in torch.broadcast_tensors(col, coef, c, v))
+                term = (c >= 0) & (v != 0)
+                clash = term & (col >= 0) & (col != c)
+                mixed.update(col[clash].tolist() + c[clash].tolist())
+                coef = torch.where(term & (col == c), coef + v, torch.where(term & (col < 0), v, coef))
+                col = torch.where(term & (col < 0), c, col)
+        col = torch.where(coef != 0, col, -1)
+        mixed.update(col[coef.abs() > 1].tolist())
+        return RelationSide(col - torch.where(col >= 0, self.num_simple, 0), coef.clamp(-1, 1),
+                            {c - self.num_simple for c in mixed if c >= 0})
 
     def is_inert(self, name: str) -> bool:
         """Every entry of `name` is inert."""

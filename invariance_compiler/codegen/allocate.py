@@ -28,6 +28,7 @@ the (smaller) activations. Fixed form: W = V with the K entries overwritten by t
 `reference` computes the allocation with plain differentiable ops (tests compare)."""
 from __future__ import annotations
 
+import math
 import re
 from typing import Optional, Sequence
 
@@ -36,7 +37,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..kernels.layout import Group, Layout, TensorSlots, Tiling, build_group
-from .forms import FORMS
+from .forms import FORMS, overwrite
 
 __all__ = ["Allocation", "PlanTensor", "allocation_dtype", "make_allocation", "reference"]
 
@@ -50,22 +51,47 @@ class PlanTensor(nn.Module):
     def __init__(self, p: dict, M: torch.Tensor, dtype):
         super().__init__()
         inp, out = (p[k].expand(p["shape"]).reshape(-1) for k in ("inp", "out"))
-        k, j = p["fixed_idx"], p["carrier_idx"]
+        k, j, rel = p["fixed_idx"], p["carrier_idx"], p["rel_idx"]
         for name, t in dict(inp=p["inp"], out=p["out"], fixed_idx=k, fixed_in=inp[k],
                             fixed_val=p["fixed_val"].to(dtype), carrier_idx=j, carrier_in=inp[j],
                             carrier_out=out[j], carrier_cls=p["carrier_cls"],
-                            r_out=(1.0 / M[p["out"]]).reshape(-1).to(dtype), slot_idx=torch.cat([k, j]),
-                            fixed_scaled=(p["fixed_val"].to(torch.float64) * M[out[k]]).to(dtype)).items():
+                            r_out=(1.0 / (M[p["out"]] * p["rel_scale"])).reshape(-1).to(dtype),
+                            slot_idx=torch.cat([k, j, rel]),
+                            fixed_scaled=(p["fixed_val"].to(torch.float64) * M[out[k]]).to(dtype),
+                            rel_idx=rel, rel_val=p["rel_val"].to(dtype),
+                            rel_scale=p["rel_scale"].to(dtype)).items():
             self.register_buffer(name, t)
+        self._units()
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # A checkpoint of a module with another skeleton has other numbers of fixed and carrier
         # entries: adopt its shapes (the plan is data; Allocation then rebuilds what derives from it).
+        if prefix + "fixed_idx" in state_dict and prefix + "rel_idx" not in state_dict:
+            # saved before the relation generators were quotiented: none held
+            state_dict[prefix + "rel_idx"] = self.rel_idx.new_zeros(0)
+            state_dict[prefix + "rel_val"] = self.rel_val.new_zeros(0)
+            state_dict[prefix + "rel_scale"] = self.rel_scale.new_ones((1,) * self.rel_scale.dim())
         for name, buf in self._buffers.items():
             new = state_dict.get(prefix + name)
             if buf is not None and isinstance(new, torch.Tensor) and new.shape != buf.shape:
                 self._buffers[name] = torch.empty(new.shape, dtype=buf.dtype, device=buf.device)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._units()
+
+    def _units(self) -> None:
+        # read once here, not per call: a data-dependent test would break torch.compile's graph
+        self.has_units = bool((self.rel_scale != 1).any())
+
+    def hold(self, v: torch.Tensor) -> torch.Tensor:
+        """v with its relation slots holding their constants, in the units of P_in and M: its
+        relation generators' own units divided out (DESIGN §3.6c)."""
+        if self.rel_idx.numel():
+            # eagerly in V's own storage (its gradient there is zeroed by the ICR); a compiled
+            # graph must not write into its inputs: out of place, differentiable
+            v = overwrite(v, self.rel_idx, self.rel_val.to(v.dtype)) if torch.compiler.is_compiling() \
+                else _fill(v, self.rel_idx, self.rel_val)
+        return v / self.rel_scale if self.has_units else v
+
 
 
 _OLD_KEY = re.compile(r"(in|out|fixed_idx|fixed_in|fixed_val|fixed_scaled|carrier_idx|carrier_in|carrier_out|"
@@ -94,7 +120,8 @@ class Allocation(nn.Module):
         # autograd differentiate through them (a first layer would pay for an input-gradient mm)
         scaled_form = FORMS[form].carriers               # the fixed form scales nothing
         self.scales_in = [scaled_form and bool((p["inp"] < num_classes).any()) for p in plans]
-        self.scales_out = [scaled_form and bool((p["out"] < num_classes).any()) for p in plans]
+        self.scales_out = [scaled_form and bool((p["out"] < num_classes).any() or (p["rel_scale"] != 1).any())
+                           for p in plans]
         self.register_buffer("M", M.to(dtype))
         # P_in = path_scale ⊙ [carriers, 1][path_root]: following fixed carriers back to their free
         # root (or to the input) makes every P_in one carrier value times a constant
@@ -205,33 +232,37 @@ class Allocation(nn.Module):
         (see `linear_scales`): one source vector [1/P_in of the input columns | w_K·M·P_in of the
         weights' fixed slots | the biases' fixed slot values | the carriers], gathered by `lin_perm`
         into one segment per Linear, [r_in | the weight's slot values | the bias's slot values]."""
-        in_idx, fixed_in, fixed_scaled, bias_fixed, parts, self.linear_sizes = [], [], [], [], [], []
+        in_idx, fixed_in, fixed_scaled, bias_fixed, held, parts, self.linear_sizes = [], [], [], [], [], [], []
         scaled = FORMS[self.form].carriers
-        r = f = b = 0
+        r = f = b = h = 0
         for i, j in self.fast:
             t = self.tensors[i]
             r_in = t.inp.reshape(-1) if self.scales_in[i] else t.inp.new_zeros(0)
             seg = [("r", r + torch.arange(r_in.numel())), ("f", f + torch.arange(t.fixed_in.numel())),
-                   ("c", t.carrier_cls)]
+                   ("c", t.carrier_cls), ("h", h + torch.arange(t.rel_val.numel()))]
             # the fixed form's Linears are not scaled: their slots hold the fixed values themselves
             k = t.fixed_scaled if scaled else t.fixed_val
-            in_idx.append(r_in), fixed_in.append(t.fixed_in), fixed_scaled.append(k)
-            r, f = r + r_in.numel(), f + t.fixed_in.numel()
+            in_idx.append(r_in), fixed_in.append(t.fixed_in), fixed_scaled.append(k), held.append(t.rel_val)
+            r, f, h = r + r_in.numel(), f + t.fixed_in.numel(), h + t.rel_val.numel()
             nb = 0
             if j >= 0:
                 bt = self.tensors[j]
-                seg += [("b", b + torch.arange(bt.fixed_scaled.numel())), ("c", bt.carrier_cls)]
-                bias_fixed.append(bt.fixed_scaled if scaled else bt.fixed_val)
-                b, nb = b + bt.fixed_scaled.numel(), bt.fixed_scaled.numel() + bt.carrier_cls.numel()
+                seg += [("b", b + torch.arange(bt.fixed_scaled.numel())), ("c", bt.carrier_cls),
+                        ("h", h + torch.arange(bt.rel_val.numel()))]
+                bias_fixed.append(bt.fixed_scaled if scaled else bt.fixed_val), held.append(bt.rel_val)
+                b, h = b + bt.fixed_scaled.numel(), h + bt.rel_val.numel()
+                nb = bt.slot_idx.numel()
             parts.append(seg)
-            self.linear_sizes.append((r_in.numel(), t.fixed_in.numel() + t.carrier_cls.numel(), nb))
+            self.linear_sizes.append((r_in.numel(), t.slot_idx.numel(), nb))
         cat = lambda ts, like: torch.cat(ts) if ts else like
-        offset = {"r": 0, "f": r, "b": r + f, "c": r + f + b}
+        # carriers last: their number is only known from the call's carrier vector
+        offset = {"r": 0, "f": r, "b": r + f, "h": r + f + b, "c": r + f + b + h}
         perm = [idx + offset[kind] for seg in parts for kind, idx in seg]
         empty = self.M.new_zeros(0, dtype=torch.long)
         for name, t in dict(lin_in_idx=cat(in_idx, empty), lin_fixed_in=cat(fixed_in, empty),
                             lin_fixed_scaled=cat(fixed_scaled, self.M.new_zeros(0)),
                             lin_bias_fixed=cat(bias_fixed, self.M.new_zeros(0)),
+                            lin_held=cat(held, self.M.new_zeros(0)),
                             lin_perm=cat([p.to(self.M.device) for p in perm], empty)).items():
             self.register_buffer(name, t.to(self.M.device), persistent=False)
 
@@ -241,11 +272,11 @@ class Allocation(nn.Module):
         carriers' path values | its bias's slot values], all computed together: a few ops per
         forward instead of a few per layer, and one backward through P_in and the carriers."""
         if p_in is None:                               # fixed form: the fixed values, constants
-            src = torch.cat([self.lin_fixed_scaled, self.lin_bias_fixed])
+            src = torch.cat([self.lin_fixed_scaled, self.lin_bias_fixed, self.lin_held])
         else:
             carriers = carriers if carriers is not None else p_in.new_zeros(0)
             src = torch.cat([1.0 / p_in[self.lin_in_idx], self.lin_fixed_scaled * p_in[self.lin_fixed_in],
-                             self.lin_bias_fixed, carriers])
+                             self.lin_bias_fixed, self.lin_held, carriers])
         return list(src[self.lin_perm].split([sum(z) for z in self.linear_sizes]))
 
     def linear(self, x: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor], scales: torch.Tensor,
@@ -363,30 +394,41 @@ def allocation_dtype(params) -> torch.dtype:
 
 
 def make_allocation(report, sk, weights: dict, form: str, names: Sequence[str], dtype,
-                    linear: dict | None = None, units: Optional[torch.Tensor] = None):
+                    linear: dict | None = None, units: Optional[torch.Tensor] = None,
+                    relations: bool = True):
     """The allocation plan and initial parameters for the parameters `names`; the weights in
     `linear` (gspace; weight name -> bias name or None) and their biases are used through
     Allocation.linear instead of WA. `units` (gspace): the classes' log-scales λ* to the orbit's
     typical-scale point (skeleton.typical_scales); the coordinates are then in its units, each
-    equal to its weight at that point (DESIGN §3.6b), instead of raw path values.
+    equal to its weight at that point (DESIGN §3.6b), instead of raw path values. `relations`
+    False leaves the relation generators in the coordinates (GSGD: the fused steps hold no
+    relation slots).
     Returns (Allocation, {name: initial V or free tensor}, [names in plan order], carriers or None)."""
     rules = FORMS[form]
+    n = sk.num_classes
     M = sk.out_factor(weights)
     P = rules.input_factor(sk, weights, M)
     if units is not None and rules.carriers:
         # any constants M̃[b], P̃[a] with the exponents of M and P_in give invariant coordinates
         # w·P̃[a]·M̃[b]; these make them the weights at that point, w·exp(λ*_b − λ*_a)
         one = torch.ones(1, dtype=torch.float64)
-        M, P = torch.cat([units.exp(), one]), torch.cat([(-units).exp(), one])
-    n = sk.num_classes
+        M, P = torch.cat([units[:n].exp(), one]), torch.cat([(-units[:n]).exp(), one])
+    moves = _relation_moves(sk, weights, P, M, units[n:] if units is not None else None) \
+        if rules.carriers and relations else None
     sides = {}
     for name in names:
         ps = sk.params[name]
         inp, out = torch.where(ps.inp < 0, n, ps.inp), torch.where(ps.out < 0, n, ps.out)
         sides[name] = (inp, out, rules.trivial(ps, inp, out, n))
-    # a Linear goes through `linear` only if its weight is allocated at all (a frozen one is not)
-    linear = {w: b for w, b in (linear or {}).items() if rules.scales_activations and not sides[w][2]}
-    in_linear = set(linear) | {b for b in linear.values() if b}
+    # each tensor's relation units (DESIGN §3.6c), compact: a tensor with units is allocated
+    rel_scale = {name: _relation_units(sk.params[name], moves) for name in names}
+    for name in names:
+        if sides[name][2] and not bool((rel_scale[name] == 1).all()):
+            sides[name] = sides[name][:2] + (False,)
+    # a Linear goes through `linear` only if its weight is allocated at all (a frozen one is not),
+    # and its relation units, if any, are per row (they join the output scaling)
+    linear = {w: b for w, b in (linear or {}).items() if rules.scales_activations and not sides[w][2]
+              and rel_scale[w].shape[-1] == 1}
     for w, b in linear.items():
         # `linear` adds the bias before the output scaling 1/M, so a bias enters in the units of
         # its weight's rows; an inert bias has no class of its own, so give it the rows' (its value
@@ -394,6 +436,10 @@ def make_allocation(report, sk, weights: dict, form: str, names: Sequence[str], 
         if b and report.is_inert(b):
             inp, _, trivial = sides[b]
             sides[b] = (inp, sides[w][1][:, 0], trivial)           # rows of (out, 1)
+            rel_scale[b] = rel_scale[w][:, 0]
+    linear = {w: b for w, b in linear.items()
+              if not b or torch.equal(rel_scale[b].expand(sk.params[b].shape), rel_scale[w][:, 0].expand(sk.params[b].shape))}
+    in_linear = set(linear) | {b for b in linear.values() if b}
     carriers = torch.zeros(n, dtype=torch.float64)
     produced = torch.zeros(n + 1, dtype=torch.float64)       # Σ v² of each class's producers
     init, planned, plans, wa = {}, [], [], []
@@ -401,13 +447,16 @@ def make_allocation(report, sk, weights: dict, form: str, names: Sequence[str], 
         ps = sk.params[name]
         inp, out, trivial = sides[name]
         w64 = weights[name].detach().to(torch.float64)
-        # contiguous: the slot indices are row-major, and reshape of a channels_last tensor copies
-        v = rules.coordinates(w64, P, M, inp, out).contiguous()
+        # in the relation generators' units too; contiguous: the slot indices are row-major, and
+        # reshape of a channels_last tensor copies
+        v = (rules.coordinates(w64, P, M, inp, out) * rel_scale[name]).contiguous()
+        fixed_idx, rel_idx = rules.held(ps) if relations else (ps.fixed_idx, ps.fixed_idx[:0])
         if units is not None:
             produced.index_add_(0, out.expand(v.shape).reshape(-1), v.reshape(-1).square())
         jx, jc = rules.carrier_slots(ps)
         carriers[jc] = v.reshape(-1)[jx]                       # the carriers' path values
-        v.reshape(-1)[ps.fixed_idx] = 0.0                      # K and J slots of V are unused
+        rel_val = v.reshape(-1)[rel_idx].clone()                # constants: the relation slots
+        v.reshape(-1)[fixed_idx] = 0.0                         # K and J slots of V are unused
         v.reshape(-1)[jx] = 0.0
         # integer parameters (indices, counts) cannot scale: the analysis pins them; keep them exact
         init[name] = v.to(dtype) if weights[name].is_floating_point() else weights[name].clone()
@@ -415,9 +464,10 @@ def make_allocation(report, sk, weights: dict, form: str, names: Sequence[str], 
             if name not in in_linear:
                 wa.append(len(planned))
             planned.append(name)
-            plans.append({"inp": inp, "out": out, "shape": ps.shape, "fixed_idx": ps.fixed_idx,
-                          "fixed_val": weights[name].detach().reshape(-1)[ps.fixed_idx].clone(),
-                          "carrier_idx": jx, "carrier_cls": jc})
+            plans.append({"inp": inp, "out": out, "shape": ps.shape, "fixed_idx": fixed_idx,
+                          "fixed_val": weights[name].detach().reshape(-1)[fixed_idx].clone(),
+                          "carrier_idx": jx, "carrier_cls": jc, "rel_idx": rel_idx, "rel_val": rel_val,
+                          "rel_scale": rel_scale[name]})
     chain, free = [], None
     if rules.carriers:
         fixed = sk.carrier_fixed & (sk.carrier_round >= 0)
@@ -449,6 +499,36 @@ def make_allocation(report, sk, weights: dict, form: str, names: Sequence[str], 
             if w in planned and planned.index(w) not in wa]
     plan = Allocation(form, n, M, plans, dtype, wa, chain, free, scaled, fast)
     return plan, init, planned, (carriers.to(dtype) if rules.carriers else None)
+
+
+def _relation_units(ps, moves: Optional[torch.Tensor]) -> torch.Tensor:
+    """exp(coef · move) of the relation generator each entry lies on, compact: each quotiented one
+    moves V to its canonical point, and like M and P_in these units are constants that WA divides
+    out again, so that W is the weight (DESIGN §3.6c)."""
+    if moves is None or not bool((ps.rel_col >= 0).any()):
+        return torch.ones((1,) * len(ps.shape), dtype=torch.float64)
+    return (ps.rel_coef * moves[ps.rel_col]).exp()
+
+
+def _relation_moves(sk, weights: dict, P: torch.Tensor, M: torch.Tensor, units: Optional[torch.Tensor]):
+    """(R + 1,) the log-scale by which each quotiented relation generator moves V to its canonical
+    point (the last slot, no relation: 0): with scaled coordinates its part of the typical-scale
+    point λ*; with raw path values the one that makes |V| = 1 at its fixed entry."""
+    R = sk.num_relations
+    moves = torch.zeros(R + 1, dtype=torch.float64)
+    held = (sk.relation_param >= 0).nonzero().reshape(-1)
+    if units is not None:
+        moves[held] = units[held]
+        return moves
+    n = sk.num_classes
+    for r in held.tolist():
+        ps = sk.params[sk.names[int(sk.relation_param[r])]]
+        e = int(sk.relation_entry[r])
+        at = lambda t: t.expand(ps.shape).reshape(-1)[e]
+        inp, out = int(at(ps.inp)), int(at(ps.out))
+        v = float(weights[ps.name].reshape(-1)[e]) * float(P[inp if inp >= 0 else n]) * float(M[out if out >= 0 else n])
+        moves[r] = -int(at(ps.rel_coef)) * math.log(abs(v))
+    return moves
 
 
 def reference(plan: Allocation, carriers: Optional[torch.Tensor], vs: Sequence[torch.Tensor]) -> tuple:

@@ -37,8 +37,15 @@ class GSpace:
         return sk.in_factor(weights, M)
 
     def trivial(self, ps, inp, out, n: int) -> bool:
-        """A tensor with no fixed entry and no class is its own path value: nothing to allocate."""
-        return ps.fixed_idx.numel() == 0 and bool((inp == n).all() and (out == n).all())
+        """A tensor with no fixed entry, no relation slot and no class is its own path value:
+        nothing to allocate."""
+        return ps.fixed_idx.numel() == 0 and ps.relation_idx.numel() == 0 and \
+            bool((inp == n).all() and (out == n).all())
+
+    def held(self, ps) -> tuple[torch.Tensor, torch.Tensor]:
+        """(fixed entries of W, relation slots of V): a relation generator's fixed entry is a
+        constant coordinate V (DESIGN §3.6c)."""
+        return ps.fixed_idx, ps.relation_idx
 
     def carrier_slots(self, ps) -> tuple[torch.Tensor, torch.Tensor]:
         return ps.carrier_idx, ps.carrier_cls
@@ -48,18 +55,22 @@ class GSpace:
 
     def allocate(self, plan, p_in, carriers, vs: Sequence[torch.Tensor]) -> tuple:
         """The weights of the plan's `wa` tensors: WA forward, ICR backward."""
+        vs = [plan.tensors[i].hold(v) for i, v in zip(plan.wa, vs)]
         return WeightAllocation.apply(plan, p_in, carriers, *vs)
 
     def reference(self, plan, carriers, vs: Sequence[torch.Tensor]) -> tuple:
         """Every plan tensor's weight with plain differentiable ops (autograd gives the ICR)."""
         slots = [plan.tensor_slots(i) for i in range(len(vs))]
+        vs = [overwrite(v, t.rel_idx, t.rel_val) / t.rel_scale for t, v in zip(plan.tensors, vs)]
         return tuple(wa_op.reference(vs, plan.path_in(carriers), plan.M, carriers, slots))
 
     def path_values(self, v: torch.Tensor, plan, i: int, carriers) -> torch.Tensor:
-        """V in weight shape with the carrier slots filled and the fixed slots zero (in place)."""
+        """V in weight shape with the carrier slots filled, the relation slots at their constants
+        and the fixed slots zero (in place)."""
         t = plan.tensors[i]
         v.view(-1)[t.fixed_idx] = 0
         v.view(-1)[t.carrier_idx] = carriers[t.carrier_cls]
+        v.view(-1)[t.rel_idx] = t.rel_val.to(v.dtype)
         return v
 
 
@@ -75,7 +86,11 @@ class Fixed:
         return torch.ones_like(M)
 
     def trivial(self, ps, inp, out, n: int) -> bool:
-        return ps.fixed_idx.numel() == 0
+        return ps.fixed_idx.numel() == 0 and ps.relation_idx.numel() == 0
+
+    def held(self, ps) -> tuple[torch.Tensor, torch.Tensor]:
+        """A relation generator's fixed entry is one more fixed weight entry."""
+        return torch.cat([ps.fixed_idx, ps.relation_idx]).sort().values, ps.relation_idx.new_zeros(0)
 
     def carrier_slots(self, ps) -> tuple[torch.Tensor, torch.Tensor]:
         return (torch.zeros(0, dtype=torch.long),) * 2
@@ -114,7 +129,11 @@ class WeightAllocation(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *gws):
         p_in, carriers, *vs = ctx.saved_tensors
-        gvs, g_p_in, g_car = icr(ctx.plan, p_in, carriers, vs, gws, ctx.plan.wa)
+        plan = ctx.plan
+        gvs, g_p_in, g_car = icr(plan, p_in, carriers, vs, gws, plan.wa)
+        for i, g in zip(plan.wa, gvs):
+            if g is not None and plan.tensors[i].rel_idx.numel():     # constants, no coordinates
+                g.view(-1)[plan.tensors[i].rel_idx] = 0
         return (None, g_p_in, g_car, *gvs)
 
 

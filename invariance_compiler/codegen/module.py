@@ -142,7 +142,7 @@ class InvariantModule(ModelAPI, nn.Module):
 
     def num_free_parameters(self) -> int:
         """m - H for the generators it removes: the entries that are not fixed."""
-        return self.report.num_params - sum(p.fixed_idx.numel() for p in self.skeleton.params.values())
+        return self.report.num_params - self.skeleton.num_fixed
 
     @torch.no_grad()
     def weights(self) -> dict[str, torch.Tensor]:

@@ -42,7 +42,7 @@ class GSGD(torch.optim.Optimizer):
         dtype = allocation_dtype(named.values())
         self.skeleton = skeleton
         self.plan, v0, self.allocated, carriers = make_allocation(
-            self.report, skeleton, weights, "gspace", list(named), dtype)
+            self.report, skeleton, weights, "gspace", list(named), dtype, relations=False)
         for n in self.allocated:            # parameters outside the allocation are their own V
             self.state[named[n]]["v"] = v0[n].to(named[n].device).contiguous()
         self._alloc_params = [named[n] for n in self.allocated]

@@ -17,9 +17,13 @@ __all__ = ["fix_to", "balance", "typical_scales"]
 
 @torch.no_grad()
 def fix_to(report, skeleton, model: nn.Module, value: float = 1.0) -> torch.Tensor:
-    """Act on `model` so that every K entry has magnitude `value`. Returns the log-scales used."""
+    """Act on `model` so that every K entry (and every relation generator's fixed entry) has
+    magnitude `value`. Returns the log-scales used."""
+    n, weights = skeleton.num_classes, dict(model.named_parameters())
     lam = torch.zeros(report.num_generators, dtype=torch.float64)
-    lam[: skeleton.num_classes] = _fixed_at(skeleton, dict(model.named_parameters()), math.log(value))[:-1]
+    lam[:n] = _fixed_at(skeleton, weights, math.log(value))[:-1]
+    lam[n: n + skeleton.num_relations] = _relations_at(
+        skeleton, {k: w.detach() for k, w in weights.items()}, lam[:n], dict.fromkeys(skeleton.names, math.log(value)))
     report.act(model, lam)
     return lam
 
@@ -71,64 +75,94 @@ def balance(report, model: nn.Module, max_iter: int = 200, tol: float = 1e-10) -
 
 
 def typical_scales(report, skeleton, weights: dict, sweeps: int = 30) -> torch.Tensor:
-    """The log-scales λ* (one per plain class) that move `weights` to their orbit's typical-scale
-    point, the units of the gspace module's coordinates (DESIGN §3.6b): the group element whose
-    weights are near the size PyTorch's default initialisation gives each tensor, ρ = 1/√(3·fan_in)
-    (kaiming-uniform's rms) for a weight of two or more dims and 1 for a vector (a norm's gain).
+    """The log-scales λ* (one per plain class, then one per relation generator the skeleton
+    quotients; report columns [0, num_simple + num_relations)) that move `weights` to their
+    orbit's typical-scale point, the units of the gspace module's coordinates (DESIGN §3.6b): the
+    group element whose weights are near the size PyTorch's default initialisation gives each
+    tensor, ρ = 1/√(3·fan_in) (kaiming-uniform's rms) for a weight of two or more dims and 1 for a
+    vector (a norm's gain).
 
-    Start: every fixed entry K at its tensor's √3·ρ (the bound, near the largest entry: K is its
-    class's largest candidate), one triangular solve in peel order, as `fix_to` with a value per
-    tensor. Then `sweeps` damped Jacobi steps on the convex F(λ) = Σ_e [w_e² e^{2s_e}/ρ_e² − 2 s_e]
-    (s_e = λ_out(e) − λ_in(e); zero entries and additive parameters take no part), whose minimiser
-    has, per class, Σ (w²/ρ² − 1) over its producers equal to that over its consumers: each class
-    moves to the minimum of F along its own λ. The start moves with the orbit and every step reads
-    only the moved weights, so λ*(g·w) = λ*(w) − log g after any number of steps: a model and its
-    rescaled copies reach one point, in O(sweeps · channel pairs). A default-initialised model is
-    near it (λ* ≈ 0), so SGD on its coordinates starts as SGD on its weights."""
-    n = skeleton.num_classes
-    if n == 0:
+    Start: every fixed entry K (and every relation generator's fixed entry) at its tensor's √3·ρ
+    (the bound, near the largest entry: K is its class's largest candidate), one triangular solve
+    in peel order, as `fix_to` with a value per tensor. Then `sweeps` damped Jacobi steps on the
+    convex F(λ) = Σ_e [w_e² e^{2s_e}/ρ_e² − 2 s_e] (s_e = (Eλ)_e; zero entries and additive
+    parameters take no part), whose minimiser has, per generator, Σ (w²/ρ² − 1) over the entries of
+    exponent +1 equal to that over those of -1: each generator moves to the minimum of F along its
+    own λ. The start moves with the orbit and every step reads only the moved weights, so
+    λ*(g·w) = λ*(w) − log g after any number of steps: a model and its rescaled copies reach one
+    point, in O(sweeps · channel pairs). A default-initialised model is near it (λ* ≈ 0), so SGD on
+    its coordinates starts as SGD on its weights."""
+    n, R = skeleton.num_classes, skeleton.num_relations
+    N = n + R
+    if N == 0:
         return torch.zeros(0, dtype=torch.float64)
-    bound = torch.tensor([-0.5 * math.log(max(report.param_shapes[name][1:].numel(), 1))
-                          if len(report.param_shapes[name]) >= 2 else 0.0 for name in skeleton.names],
-                         dtype=torch.float64)[skeleton.fixed_param]
-    lam = _fixed_at(skeleton, weights, bound)                # last slot: no class
-    blocks = [b for b in map(lambda name: _Block.of(report, weights, name, n), report.param_names) if b]
+    log_bound = {name: -0.5 * math.log(max(report.param_shapes[name][1:].numel(), 1))
+                 if len(report.param_shapes[name]) >= 2 else 0.0 for name in skeleton.names}
+    bound = torch.tensor([log_bound[name] for name in skeleton.names], dtype=torch.float64)
+    lam = torch.zeros(N + 1, dtype=torch.float64)                       # last slot: none
+    lam[:n] = _fixed_at(skeleton, weights, bound[skeleton.fixed_param])[:n]
+    lam[n:N] = _relations_at(skeleton, weights, lam[:n], log_bound)
+    held = torch.cat([torch.where(skeleton.relation_param >= 0, n + torch.arange(R), N),
+                      torch.tensor([N])])                              # relation -> slot (-1: none)
+    blocks = [b for b in (_Block.of(report, weights, name, n, N, held) for name in report.param_names) if b]
     if not blocks:
-        return lam[:n]
-    # Per class, Σ over its producers of w²e^{2s}/ρ² = e^{2λ_c} · Σ w² e^{-2λ_in}, and the consumers'
-    # sums likewise: one product per tensor and side a sweep (a matrix-vector product for a Linear)
-    kp, kc = torch.zeros(n + 1, dtype=torch.float64), torch.zeros(n + 1, dtype=torch.float64)
+        return lam[:N]
+    # Per generator, Σ over its +1 entries of w²e^{2s}/ρ² = e^{2λ_c} · Σ w² e^{2(s − λ_c)}, and
+    # the -1 entries' sums likewise: one product per tensor and side a sweep (matrix-vector
+    # products for a Linear)
+    kp, kc = torch.zeros(N + 1, dtype=torch.float64), torch.zeros(N + 1, dtype=torch.float64)
     for b in blocks:
-        b.scatter(kp, kc, b.count, b.count)
-    d = (kp - kc)[:n]
+        b.scatter(kp, kc, b.count, b.count, b.count)
+    d = (kp - kc)[:N]
     for _ in range(sweeps):
-        prod, cons = torch.zeros(n + 1, dtype=torch.float64), torch.zeros(n + 1, dtype=torch.float64)
+        prod, cons = torch.zeros(N + 1, dtype=torch.float64), torch.zeros(N + 1, dtype=torch.float64)
         for b in blocks:
             b.scatter(prod, cons, *b.products(lam))
-        prod, cons = (torch.exp(2 * lam) * prod)[:n], (torch.exp(-2 * lam) * cons)[:n]
+        prod, cons = (torch.exp(2 * lam) * prod)[:N], (torch.exp(-2 * lam) * cons)[:N]
         # the minimum along λ_c: prod·x − cons/x = kp − kc with x = e^{2δ}
         x = torch.where(prod > 0, (d + (d * d + 4 * prod * cons).sqrt()) / (2 * prod),
                         torch.where(cons > 0, cons / (-d).clamp_min(1e-300), 1.0))
         step = torch.where((prod > 0) | (cons > 0), 0.25 * x.log(), 0.0)    # half of δ: damped
-        lam[:n] += torch.where(torch.isfinite(step), step, 0.0)
-    return lam[:n]
+        lam[:N] += torch.where(torch.isfinite(step), step, 0.0)
+    return lam[:N]
+
+
+def _relations_at(skeleton, weights: dict, lam: torch.Tensor, log_value: dict) -> torch.Tensor:
+    """(R,) the log-scale of each relation generator that brings its fixed entry, after the plain
+    classes' λ, to |w| = exp(log_value[its parameter]) (0 for one not quotiented). Its fixed entry
+    lies on it alone, with exponent ±1."""
+    n = skeleton.num_classes
+    lam_ext = torch.cat([lam[:n], lam.new_zeros(1)])
+    out = torch.zeros(skeleton.num_relations, dtype=torch.float64)
+    for r in (skeleton.relation_param >= 0).nonzero().reshape(-1).tolist():
+        name = skeleton.names[int(skeleton.relation_param[r])]
+        ps, e = skeleton.params[name], int(skeleton.relation_entry[r])
+        at = lambda t: int(t.expand(ps.shape).reshape(-1)[e])
+        s = float(lam_ext[at(ps.out)] - lam_ext[at(ps.inp)])     # -1 (no class) reads the 0 slot
+        logw = math.log(abs(float(weights[name].reshape(-1)[e])))
+        out[r] = at(ps.rel_coef) * (log_value[name] - logw - s)
+    return out
 
 
 class _Block:
     """One multiplicative parameter on its channel grid: Σ w²/ρ² per channel pair (`w2`, in the
     weights' dtype: float64 for a whole model would double the work; the group scales a float32
-    model's weights to float32 rounding anyway), the count of its non-zero entries, and the class
-    each pair consumes (`inp`) and produces (`out`; n: none), compact. Dims of size 1 are dropped,
-    so a Linear's or a 1x1 conv's grid is a matrix (out, in) and its products are matrix-vector."""
+    model's weights to float32 rounding anyway), the count of its non-zero entries, the class
+    each pair consumes (`inp`) and produces (`out`), and the relation generator it lies on (`rel`,
+    with exponent `coef`), compact (N: none). Dims of size 1 are dropped, so a Linear's or a 1x1
+    conv's grid is a matrix (out, in) and its products are matrix-vector."""
 
     @staticmethod
-    def of(report, weights: dict, name: str, n: int):
+    def of(report, weights: dict, name: str, n: int, N: int, held: torch.Tensor):
         w = weights[name]
         if not w.is_floating_point() or report.is_inert(name) or name in report.additive:
             return None
         inp, out = report.sides(name)
-        if not bool((inp >= 0).any() or (out >= 0).any()):
+        side = report.relation_side(name)
+        rel = held[side.col]                                  # col -1 reads the last slot: none
+        if not bool((inp >= 0).any() or (out >= 0).any() or (rel < N).any()):
             return None
+        coef = torch.where(rel < N, side.coef, 0)
         shape = w.shape
         rho2 = 1.0 / (3.0 * shape[1:].numel()) if len(shape) >= 2 else 1.0
         w2 = w.detach().square().reshape(-1)
@@ -138,35 +172,53 @@ class _Block:
             w2[inert] = 0.0
         k = (w2 > 0).view(shape)
         w2 = w2.view(shape)
-        grid = torch.broadcast_shapes(inp.shape, out.shape)
+        grid = torch.broadcast_shapes(inp.shape, out.shape, rel.shape)
         dims = [d for d, (g, sz) in enumerate(zip(grid, shape)) if g == 1 and sz > 1]
         if dims:
             w2, k = w2.sum(dims, keepdim=True), k.sum(dims, keepdim=True)
         keep = [d for d, g in enumerate(grid) if g > 1]
         squeeze = lambda t: t.reshape([t.shape[d] for d in keep])
-        return _Block(squeeze(w2 / rho2), squeeze(k.to(w2.dtype)),
-                      squeeze(torch.where(inp < 0, n, inp)), squeeze(torch.where(out < 0, n, out)))
+        return _Block(squeeze(w2 / rho2), squeeze(k.to(w2.dtype)), squeeze(torch.where(inp < 0, N, inp)),
+                      squeeze(torch.where(out < 0, N, out)), squeeze(rel), squeeze(coef))
 
-    def __init__(self, w2, count, inp, out):
-        self.w2, self.count, self.inp, self.out = w2, count, inp, out
-        self.matrix = w2.dim() == 2 and inp.shape[0] == 1 and out.shape[1] == 1
+    def __init__(self, w2, count, inp, out, rel, coef):
+        self.w2, self.count, self.inp, self.out, self.rel, self.coef = w2, count, inp, out, rel, coef
+        self.matrix = w2.dim() == 2 and inp.shape[0] == 1 and out.shape[1] == 1 and rel.shape[1] == 1
+        self.has_rel = bool((coef != 0).any())
 
     def products(self, lam: torch.Tensor):
-        """(w² e^{-2λ_in}, w² e^{2λ_out}) summed over what `scatter` would sum (for a matrix: the
-        two matrix-vector products), float64. The factors are divided by their largest before the
-        product in the weights' dtype (no overflow), and it is multiplied back after."""
+        """Σ w² e^{2s} divided by the entry's own factor for each side: (to the produced class,
+        to the consumed class, to the relation generator), summed over what `scatter` would sum
+        (for a matrix: matrix-vector products), float64. The factors are divided by their largest
+        before the product in the weights' dtype (no overflow), and it is multiplied back after."""
         a, b = -2 * lam[self.inp], 2 * lam[self.out]
         ma, mb = a.max(), b.max()
         ea, eb = (a - ma).exp().to(self.w2.dtype), (b - mb).exp().to(self.w2.dtype)
+        f64 = torch.float64
+        if not self.has_rel:
+            if self.matrix:
+                p, c = (self.w2 @ ea.reshape(-1)).unsqueeze(1), (eb.reshape(-1) @ self.w2).unsqueeze(0)
+            else:
+                p, c = self.w2 * ea, self.w2 * eb
+            return p.to(f64) * ma.exp(), c.to(f64) * mb.exp(), None
+        e = 2 * self.coef * lam[self.rel]
+        me = e.max()
+        ee = (e - me).exp().to(self.w2.dtype)
         if self.matrix:
-            p, c = (self.w2 @ ea.reshape(-1)).unsqueeze(1), (eb.reshape(-1) @ self.w2).unsqueeze(0)
+            rows = (self.w2 @ ea.reshape(-1)).unsqueeze(1)
+            p, c, r = rows * ee, ((eb * ee).reshape(-1) @ self.w2).unsqueeze(0), rows * eb
         else:
-            p, c = self.w2 * ea, self.w2 * eb
-        return p.to(torch.float64) * ma.exp(), c.to(torch.float64) * mb.exp()
+            p, c, r = self.w2 * ea * ee, self.w2 * eb * ee, self.w2 * ea * eb
+        return p.to(f64) * (ma + me).exp(), c.to(f64) * (mb + me).exp(), r.to(f64) * (ma + mb).exp()
 
-    def scatter(self, prod, cons, p, c):
-        """Adds per-pair sums p to the class each pair produces, c to the class it consumes."""
-        for acc, v, cls in ((prod, p, self.out), (cons, c, self.inp)):
+    def scatter(self, prod, cons, p, c, r):
+        """Adds per-pair sums p to the class each pair produces, c to the class it consumes, r to
+        its relation generator (as a producer where its exponent is +1, a consumer where -1)."""
+        sides = [(prod, p, self.out), (cons, c, self.inp)]
+        if self.has_rel:
+            sides += [(prod, r * (self.coef > 0), self.rel), (cons, r * (self.coef < 0), self.rel)]
+        for acc, v, cls in sides:
+            v = v.expand(torch.broadcast_shapes(v.shape, cls.shape))
             dims = [d for d in range(v.dim()) if cls.shape[d] == 1 and v.shape[d] > 1]
             v = v.sum(dims, keepdim=True) if dims else v
             acc.index_add_(0, cls.expand(v.shape).reshape(-1), v.reshape(-1).to(acc.dtype))

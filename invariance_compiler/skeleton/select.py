@@ -42,6 +42,10 @@ class ParamSkeleton:
     fixed_idx: torch.Tensor       # flat indices of K entries in this parameter
     carrier_idx: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
     carrier_cls: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
+    rel_col: torch.Tensor = None  # compact: relation generator of each entry (-1: none)
+    rel_coef: torch.Tensor = None  # compact: its exponent there (±1)
+    relation_idx: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
+    relation_cls: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
 
 
 @dataclass
@@ -59,6 +63,10 @@ class Skeleton:
     carrier_src: torch.Tensor              # (n,) the carrier's source column (-1: the input)
     carrier_round: torch.Tensor            # (n,) round in which the carrier was chosen (-1: none)
     carrier_fixed: torch.Tensor = None     # (n,) bool: the carrier is a K entry (a constant)
+    # relation generators (report columns num_simple + r): the parameter index and flat entry of
+    # each one's fixed entry, -1 for one left in the coordinates (DESIGN §3.6c)
+    relation_param: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
+    relation_entry: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
 
     @property
     def order(self) -> list[int]:
@@ -74,7 +82,17 @@ class Skeleton:
                 for p, e in zip(self.carrier_param.tolist(), self.carrier_entry.tolist())]
 
     _STATE = ("fixed_param", "fixed_entry", "consumer", "other", "fixed_round", "carrier_param",
-              "carrier_entry", "carrier_src", "carrier_round", "carrier_fixed")
+              "carrier_entry", "carrier_src", "carrier_round", "carrier_fixed", "relation_param",
+              "relation_entry")
+
+    @property
+    def num_relations(self) -> int:
+        return int(self.relation_param.numel())
+
+    @property
+    def num_fixed(self) -> int:
+        """Entries held constant: K (and inert entries), plus one per quotiented relation."""
+        return sum(p.fixed_idx.numel() for p in self.params.values()) + int((self.relation_param >= 0).sum())
 
     def state(self) -> dict[str, torch.Tensor]:
         """The choices, as tensors (checkpoints); `from_state` rebuilds the skeleton."""
@@ -88,11 +106,17 @@ class Skeleton:
             shape = report.param_shapes[name]
             if report.is_inert(name):
                 none = torch.full((1,) * len(shape), -1, dtype=torch.long)
-                params[name] = ParamSkeleton(name, shape, none, none, torch.arange(shape.numel()))
+                params[name] = ParamSkeleton(name, shape, none, none, torch.arange(shape.numel()),
+                                             rel_col=none, rel_coef=torch.zeros_like(none))
             else:
                 inp, out = report.sides(name)
-                params[name] = ParamSkeleton(name, shape, inp, out, report.inert_entries(name))
+                rel = report.relation_side(name)
+                params[name] = ParamSkeleton(name, shape, inp, out, report.inert_entries(name),
+                                             rel_col=rel.col, rel_coef=rel.coef)
+        none = torch.full((report.num_relations,), -1, dtype=torch.long)   # checkpoints before them
+        state = {"relation_param": none, "relation_entry": none, **state}
         sk = cls(int(state["fixed_param"].numel()), names, params, *[state[k] for k in cls._STATE])
+        sk._place_relations()
         for pi in sk.fixed_param.unique().tolist():
             ps = params[names[pi]]
             ps.fixed_idx = torch.cat([sk.fixed_entry[sk.fixed_param == pi], ps.fixed_idx]).sort().values
@@ -101,6 +125,13 @@ class Skeleton:
             sel = (free & (sk.carrier_param == pi)).nonzero().reshape(-1)
             params[names[pi]].carrier_idx, params[names[pi]].carrier_cls = sk.carrier_entry[sel], sel
         return sk
+
+    def _place_relations(self) -> None:
+        """Each parameter's relation_idx / relation_cls from relation_param / relation_entry."""
+        for pi in self.relation_param[self.relation_param >= 0].unique().tolist():
+            sel = (self.relation_param == pi).nonzero().reshape(-1)
+            p = self.params[self.names[pi]]
+            p.relation_idx, p.relation_cls = self.relation_entry[sel], sel
 
     def fixed_mask(self, name: str) -> torch.Tensor:
         p = self.params[name]
@@ -155,12 +186,16 @@ class _Grid:
     made by broadcasting per-class masks, and classes and log-magnitudes are read at the chosen
     cells only: a Llama's 100M weights are read a few times, not once per mask and round."""
 
-    def __init__(self, w: torch.Tensor, inp: torch.Tensor, out: torch.Tensor, n: int):
-        self.grid = torch.broadcast_shapes(inp.shape, out.shape)
+    def __init__(self, w: torch.Tensor, inp: torch.Tensor, out: torch.Tensor, n: int, rel: torch.Tensor):
+        self.grid = torch.broadcast_shapes(inp.shape, out.shape, rel.shape)
         self.w = w[_centre(w.shape, self.grid)].expand(self.grid).reshape(-1)
         self.ok = (self.w != 0) & torch.isfinite(self.w)
         self.inp, self.out = torch.where(inp < 0, n, inp), torch.where(out < 0, n, out)
         self.inp_classes, self.out_classes = self.inp.unique(), self.out.unique()
+        # cells off every relation generator: K and J entries there keep V invariant under them,
+        # so each relation generator can then be quotiented by one more entry (DESIGN §3.6c)
+        self.rel = rel
+        self.clean = rel < 0
 
     def cells(self, *masks: torch.Tensor) -> torch.Tensor:
         """Flat indices of the usable cells where every compact mask holds."""
@@ -228,16 +263,21 @@ def build_skeleton(report, weights: dict[str, torch.Tensor], carriers: bool = Tr
     names = list(report.param_names)
     params: dict[str, ParamSkeleton] = {}
     grids = {}
+    mixed: set[int] = set()                 # relation generators no single entry can fix
     for pi, name in enumerate(names):
         shape = report.param_shapes[name]
         if report.is_inert(name):        # every entry is its own generator: all fixed
             none = torch.full((1,) * len(shape), -1, dtype=torch.long)
-            params[name] = ParamSkeleton(name, shape, none, none, torch.arange(shape.numel()))
+            params[name] = ParamSkeleton(name, shape, none, none, torch.arange(shape.numel()),
+                                         rel_col=none, rel_coef=torch.zeros_like(none))
             continue
         inp, out = report.sides(name)
-        params[name] = ParamSkeleton(name, shape, inp, out, report.inert_entries(name))
+        rel = report.relation_side(name)
+        params[name] = ParamSkeleton(name, shape, inp, out, report.inert_entries(name),
+                                     rel_col=rel.col, rel_coef=rel.coef)
+        mixed.update(rel.mixed)
         if bool((inp >= 0).any() or (out >= 0).any()):
-            grids[pi] = _Grid(weights[name].detach(), inp, out, n)
+            grids[pi] = _Grid(weights[name].detach(), inp, out, n, rel.col)
 
     kinds = torch.tensor([g.kind == "rescale" for g in gens] + [False])
     done = torch.zeros(n + 1, dtype=torch.bool)
@@ -253,7 +293,8 @@ def build_skeleton(report, weights: dict[str, torch.Tensor], carriers: bool = Tr
     u = torch.zeros(n + 1, dtype=torch.float64)
     r = 0
     while not bool(done[:n].all()):
-        for strict in (True, False):
+        # preferences, in order: off the relation generators, then the class's preferred side
+        for clean, strict in ((True, True), (True, False), (False, True), (False, False)):
             found = []           # (param, consumes, cells, their class, other class, t)
             for pi, g in list(live.items()):
                 if bool(done[g.inp_classes].all() and done[g.out_classes].all()):
@@ -265,7 +306,7 @@ def build_skeleton(report, weights: dict[str, torch.Tensor], carriers: bool = Tr
                         want &= kinds[cls] == is_cons
                     if not bool(want.any() and have.any()):
                         continue
-                    cells = g.cells(want, have)
+                    cells = g.cells(want, have, g.clean) if clean else g.cells(want, have)
                     if cells.numel():
                         lw, o = g.logw(cells), g.at(oth, cells)
                         t = lw + u[o] if is_cons else u[o] - lw
@@ -323,6 +364,7 @@ def build_skeleton(report, weights: dict[str, torch.Tensor], carriers: bool = Tr
                   torch.zeros(n, dtype=torch.bool))
     if carriers:
         _carriers(sk, grids, report.additive, weights)
+    _relations(sk, report, weights, mixed)
     return sk
 
 
@@ -345,9 +387,10 @@ def _carriers(sk: Skeleton, grids, additive: set, weights: dict) -> None:
         mask = torch.zeros(p.shape.numel(), dtype=torch.bool)
         mask[p.fixed_idx] = True
         usable[pi] = ~mask.view(p.shape)[_centre(p.shape, g.grid)].expand(g.grid)
+    # stages: off the relation generators without biases, with biases, then anywhere
+    stage = 0
     log_p = torch.zeros(n + 1, dtype=torch.float64)          # log|P_in| of resolved classes (n: input)
     r = 0
-    allow_bias = False
     while True:
         # fixed entries entering an unresolved class from a resolved one
         src = torch.arange(n)
@@ -366,12 +409,12 @@ def _carriers(sk: Skeleton, grids, additive: set, weights: dict) -> None:
         b_param = torch.full((n + 1,), -1, dtype=torch.long)
         b_cell = torch.zeros(n + 1, dtype=torch.long)
         for pi, g in grids.items():
-            if sk.names[pi] in additive and not allow_bias:
+            if sk.names[pi] in additive and stage == 0:
                 continue
             want, have = ~resolved[g.out] & ~chosen_k[g.out], resolved[g.inp]
             if not bool(want.any() and have.any()):
                 continue
-            cells = g.cells(want, have, usable[pi])
+            cells = g.cells(want, have, usable[pi], g.clean) if stage < 2 else g.cells(want, have, usable[pi])
             if cells.numel() == 0:
                 continue
             score = torch.round((g.logw(cells) + log_p[g.at(g.inp, cells)]) * 1e9) / 1e9
@@ -389,11 +432,11 @@ def _carriers(sk: Skeleton, grids, additive: set, weights: dict) -> None:
             log_p[sel] = g.logw(b_cell[sel]) + log_p[src_cls]
         sk.carrier_round[chosen] = r
         if chosen.numel() == 0 and not bool(chosen_k.any()):
-            if allow_bias:
+            if stage == 2:
                 break
-            allow_bias = True                       # no progress without biases: let them carry
+            stage += 1                              # no progress: let biases, then any entry carry
             continue
-        allow_bias = False
+        stage = 0
         resolved[chosen] = True
         resolved[:n] |= chosen_k[:n]
         r += 1
@@ -402,3 +445,56 @@ def _carriers(sk: Skeleton, grids, additive: set, weights: dict) -> None:
         sel = (free & (sk.carrier_param == pi)).nonzero().reshape(-1)
         p = sk.params[sk.names[pi]]
         p.carrier_idx, p.carrier_cls = sk.carrier_entry[sel], sel
+
+
+def _relations(sk: Skeleton, report, weights: dict, mixed: set) -> None:
+    """One fixed entry per relation generator (DESIGN §3.6c): an entry on it alone, whose
+    invariant coordinate V_e = w_e·P_in[in]·M[out] is held constant (the gspace form) or whose
+    weight is (the fixed form). Only where no K or J entry lies on the generator: then P_in and M do
+    not move with it, V moves as w does, and E_K stays block-triangular with ±1 on its diagonal.
+    Candidates: a weight entry of exponent +1 if there is one, else of -1, else a bias; the largest
+    |V_e| (a group element moves every candidate of one tier by the same factor: the orbit's
+    choice, rounded as in the peeling, ties to the first parameter and entry)."""
+    R = report.num_relations
+    sk.relation_param = torch.full((R,), -1, dtype=torch.long)
+    sk.relation_entry = torch.full((R,), -1, dtype=torch.long)
+    if R == 0:
+        return
+    blocked = torch.zeros(R + 1, dtype=torch.bool)
+    blocked[sorted(mixed)] = True
+    on = {}
+    for pi, name in enumerate(sk.names):
+        ps = sk.params[name]
+        if ps.rel_col is None or not bool((ps.rel_col >= 0).any()):
+            continue
+        col = ps.rel_col.expand(ps.shape).reshape(-1)
+        taken = torch.cat([ps.fixed_idx, ps.carrier_idx])
+        hit = col[taken]
+        blocked[hit[hit >= 0]] = True
+        on[pi] = (col, taken)
+    log_m = sk.out_factor(weights).abs().log()
+    log_p = sk.in_factor(weights, sk.out_factor(weights)).abs().log()
+    n = sk.num_classes
+    best = torch.full((R + 1,), NEG, dtype=torch.float64)
+    for pi, (col, taken) in on.items():
+        name = sk.names[pi]
+        ps = sk.params[name]
+        w = weights[name].detach().reshape(-1).to(torch.float64)
+        coef = ps.rel_coef.expand(ps.shape).reshape(-1)
+        inp = torch.where(ps.inp < 0, n, ps.inp).expand(ps.shape).reshape(-1)
+        out = torch.where(ps.out < 0, n, ps.out).expand(ps.shape).reshape(-1)
+        ok = (col >= 0) & (w != 0) & torch.isfinite(w)
+        ok[taken] = False
+        ok[report.inert_entries(name)] = False
+        ok &= ~blocked[torch.where(col >= 0, col, R)]
+        cells = ok.nonzero().reshape(-1)
+        if not cells.numel():
+            continue
+        log_v = w[cells].abs().log() + log_p[inp[cells]] + log_m[out[cells]]
+        tier = 2.0 * (coef[cells] > 0) + (len(ps.shape) >= 2 and name not in report.additive)
+        score = tier * 1e4 + torch.round(log_v * 1e9) / 1e9
+        top, pos = _best_per_class(col[cells], score, R)
+        take = (top > best).nonzero().reshape(-1)
+        best[take] = top[take]
+        sk.relation_param[take], sk.relation_entry[take] = pi, cells[pos[take]]
+    sk._place_relations()
