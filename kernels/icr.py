@@ -121,15 +121,17 @@ def reference(gws, vs, p_in, M, carriers, slots: list[TensorSlots]):
         gw = torch.zeros_like(v) if gw is None else gw
         gv = (gw / (p_in[s.inp] * M[s.out])).contiguous()           # gw may come permuted
         flat = gv.view(-1)
-        flat[s.fixed_idx] = 0                                         # fixed: not functions of V
-        g_j = flat[s.carrier_idx].clone()                             # ∂L/∂c directly
-        g_car.index_add_(0, s.carrier_cls, g_j)
-        flat[s.carrier_idx] = 0                                       # J slots of V are unused
+        if s.fixed_idx.numel():
+            flat[s.fixed_idx] = 0                                     # fixed: not functions of V
+        if s.carrier_idx.numel():
+            g_j = flat[s.carrier_idx].clone()                         # ∂L/∂c directly
+            g_car.index_add_(0, s.carrier_cls, g_j)
+            flat[s.carrier_idx] = 0                                   # J slots of V are unused
+            reduced.index_add_(0, s.carrier_in, g_j * carriers[s.carrier_cls])   # the J entries
         contrib = gv * v                                              # = ∂L/∂W ⊙ W on free, non-J entries
         dims = [d for d in range(v.dim()) if s.inp.shape[d] == 1 and v.shape[d] > 1]
         col = contrib.sum(dim=dims, keepdim=True) if dims else contrib
         reduced.index_add_(0, s.inp.expand(col.shape).reshape(-1), col.reshape(-1))
-        reduced.index_add_(0, s.carrier_in, g_j * carriers[s.carrier_cls])   # the J entries
         gvs.append(gv)
     return gvs, reduced, g_car
 

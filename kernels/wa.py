@@ -98,8 +98,14 @@ def reference(vs, p_in, M, carriers, slots: list[TensorSlots], out=None) -> list
         den = p_in[s.inp] * M[s.out]
         carried = carriers[s.carrier_cls] / (p_in[s.carrier_in] * M[s.carrier_out])
         if out is None:
-            w = (v / den).reshape(-1).index_put((s.fixed_idx,), s.fixed_val.to(v.dtype))
-            ws.append(w.index_put((s.carrier_idx,), carried.to(v.dtype)).view(v.shape))
+            # v / den is fresh: its slots are written in place (an index_put per slot kind would
+            # copy the tensor each, and a tensor with no slots needs none)
+            w = (v / den).contiguous()
+            if s.fixed_idx.numel():
+                w.view(-1).index_put_((s.fixed_idx,), s.fixed_val.to(v.dtype))
+            if s.carrier_idx.numel():
+                w.view(-1).index_put_((s.carrier_idx,), carried.to(v.dtype))
+            ws.append(w)
         else:
             w = torch.div(v, den, out=out[k])
             w.view(-1)[s.fixed_idx] = s.fixed_val.to(w.dtype)

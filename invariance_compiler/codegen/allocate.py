@@ -55,13 +55,11 @@ class PlanTensor(nn.Module):
         for name, t in dict(inp=p["inp"], out=p["out"], fixed_idx=k, fixed_in=inp[k],
                             fixed_val=p["fixed_val"].to(dtype), carrier_idx=j, carrier_in=inp[j],
                             carrier_out=out[j], carrier_cls=p["carrier_cls"],
-                            r_out=(1.0 / (M[p["out"]] * p["rel_scale"])).reshape(-1).to(dtype),
+                            r_out=(1.0 / M[p["out"]]).reshape(-1).to(dtype),
                             slot_idx=torch.cat([k, j, rel]),
                             fixed_scaled=(p["fixed_val"].to(torch.float64) * M[out[k]]).to(dtype),
-                            rel_idx=rel, rel_val=p["rel_val"].to(dtype),
-                            rel_scale=p["rel_scale"].to(dtype)).items():
+                            rel_idx=rel, rel_val=p["rel_val"].to(dtype)).items():
             self.register_buffer(name, t)
-        self._units()
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # A checkpoint of a module with another skeleton has other numbers of fixed and carrier
@@ -70,27 +68,20 @@ class PlanTensor(nn.Module):
             # saved before the relation generators were quotiented: none held
             state_dict[prefix + "rel_idx"] = self.rel_idx.new_zeros(0)
             state_dict[prefix + "rel_val"] = self.rel_val.new_zeros(0)
-            state_dict[prefix + "rel_scale"] = self.rel_scale.new_ones((1,) * self.rel_scale.dim())
         for name, buf in self._buffers.items():
             new = state_dict.get(prefix + name)
             if buf is not None and isinstance(new, torch.Tensor) and new.shape != buf.shape:
                 self._buffers[name] = torch.empty(new.shape, dtype=buf.dtype, device=buf.device)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        self._units()
-
-    def _units(self) -> None:
-        # read once here, not per call: a data-dependent test would break torch.compile's graph
-        self.has_units = bool((self.rel_scale != 1).any())
 
     def hold(self, v: torch.Tensor) -> torch.Tensor:
-        """v with its relation slots holding their constants, in the units of P_in and M: its
-        relation generators' own units divided out (DESIGN §3.6c)."""
+        """v with its relation slots holding their constants (DESIGN §3.6c)."""
         if self.rel_idx.numel():
             # eagerly in V's own storage (its gradient there is zeroed by the ICR); a compiled
             # graph must not write into its inputs: out of place, differentiable
             v = overwrite(v, self.rel_idx, self.rel_val.to(v.dtype)) if torch.compiler.is_compiling() \
                 else _fill(v, self.rel_idx, self.rel_val)
-        return v / self.rel_scale if self.has_units else v
+        return v
 
 
 
@@ -120,12 +111,11 @@ class Allocation(nn.Module):
         # autograd differentiate through them (a first layer would pay for an input-gradient mm)
         scaled_form = FORMS[form].carriers               # the fixed form scales nothing
         self.scales_in = [scaled_form and bool((p["inp"] < num_classes).any()) for p in plans]
-        self.scales_out = [scaled_form and bool((p["out"] < num_classes).any() or (p["rel_scale"] != 1).any())
-                           for p in plans]
+        self.scales_out = [scaled_form and bool((p["out"] != num_classes).any()) for p in plans]
         self.register_buffer("M", M.to(dtype))
         # P_in = path_scale ⊙ [carriers, 1][path_root]: following fixed carriers back to their free
         # root (or to the input) makes every P_in one carrier value times a constant
-        scale, root = 1.0 / M.to(torch.float64), path_roots(num_classes, free, chain)
+        scale, root = 1.0 / M[: num_classes + 1].to(torch.float64), path_roots(num_classes, free, chain)
         for cls, src, val in chain:                               # round by round from the input
             scale[cls] = val.to(torch.float64) * scale[src]
         unit, sign = torch.ones(num_classes, dtype=torch.float64), torch.zeros(num_classes, dtype=torch.float64)
@@ -440,6 +430,20 @@ def make_allocation(report, sk, weights: dict, form: str, names: Sequence[str], 
     linear = {w: b for w, b in linear.items()
               if not b or torch.equal(rel_scale[b].expand(sk.params[b].shape), rel_scale[w][:, 0].expand(sk.params[b].shape))}
     in_linear = set(linear) | {b for b in linear.values() if b}
+    # WA divides by M[out]: a tensor with relation units reads them from slots of M after the
+    # classes' (M[n + 1:]), one per cell of its compact out map, holding M[out]·units
+    units_out, extra = {}, []
+    for name in names:
+        if not bool((rel_scale[name] == 1).all()):
+            out = sides[name][1]
+            shape = torch.broadcast_shapes(out.shape, rel_scale[name].shape)
+            vals = (M[out] * rel_scale[name]).expand(shape).reshape(-1)
+            start = n + 1 + sum(e.numel() for e in extra)
+            units_out[name] = start + torch.arange(vals.numel()).view(shape)
+            extra.append(vals)
+    for w, b in linear.items():          # a bias read through `linear` is in its weight rows' units
+        if b and w in units_out:
+            units_out[b] = units_out[w][:, 0]
     carriers = torch.zeros(n, dtype=torch.float64)
     produced = torch.zeros(n + 1, dtype=torch.float64)       # Σ v² of each class's producers
     init, planned, plans, wa = {}, [], [], []
@@ -464,10 +468,9 @@ def make_allocation(report, sk, weights: dict, form: str, names: Sequence[str], 
             if name not in in_linear:
                 wa.append(len(planned))
             planned.append(name)
-            plans.append({"inp": inp, "out": out, "shape": ps.shape, "fixed_idx": fixed_idx,
+            plans.append({"inp": inp, "out": units_out.get(name, out), "shape": ps.shape, "fixed_idx": fixed_idx,
                           "fixed_val": weights[name].detach().reshape(-1)[fixed_idx].clone(),
-                          "carrier_idx": jx, "carrier_cls": jc, "rel_idx": rel_idx, "rel_val": rel_val,
-                          "rel_scale": rel_scale[name]})
+                          "carrier_idx": jx, "carrier_cls": jc, "rel_idx": rel_idx, "rel_val": rel_val})
     chain, free = [], None
     if rules.carriers:
         fixed = sk.carrier_fixed & (sk.carrier_round >= 0)
@@ -497,7 +500,7 @@ def make_allocation(report, sk, weights: dict, form: str, names: Sequence[str], 
         carriers = torch.where(carriers != 0, carriers.abs().log() / unit, 0.0)
     fast = [(planned.index(w), planned.index(b) if b in planned else -1) for w, b in linear.items()
             if w in planned and planned.index(w) not in wa]
-    plan = Allocation(form, n, M, plans, dtype, wa, chain, free, scaled, fast)
+    plan = Allocation(form, n, torch.cat([M] + extra), plans, dtype, wa, chain, free, scaled, fast)
     return plan, init, planned, (carriers.to(dtype) if rules.carriers else None)
 
 

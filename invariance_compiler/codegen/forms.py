@@ -61,7 +61,7 @@ class GSpace:
     def reference(self, plan, carriers, vs: Sequence[torch.Tensor]) -> tuple:
         """Every plan tensor's weight with plain differentiable ops (autograd gives the ICR)."""
         slots = [plan.tensor_slots(i) for i in range(len(vs))]
-        vs = [overwrite(v, t.rel_idx, t.rel_val) / t.rel_scale for t, v in zip(plan.tensors, vs)]
+        vs = [overwrite(v, t.rel_idx, t.rel_val) for t, v in zip(plan.tensors, vs)]
         return tuple(wa_op.reference(vs, plan.path_in(carriers), plan.M, carriers, slots))
 
     def path_values(self, v: torch.Tensor, plan, i: int, carriers) -> torch.Tensor:
