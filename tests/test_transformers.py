@@ -143,5 +143,19 @@ def test_the_whole_group_is_quotiented(name):
         fa, fb = _out(ca, args, kwargs), _out(cb, args, kwargs)
         assert float((fa - fb).abs().max() / fa.abs().max()) <= 1e-12, form
         if report.num_params <= ORACLE_LIMIT:
-            rank = torch.linalg.matrix_rank(report.generator_matrix(torch.float64))
-            assert ca.num_free_parameters() == report.num_params - int(rank)
+            E = report.generator_matrix(torch.float64)
+            assert ca.num_free_parameters() == report.num_params - int(torch.linalg.matrix_rank(E))
+    # relation_side (what the skeleton and the allocation read) is E's relation columns, entry by entry
+    E = report.generator_matrix(torch.float64)
+    rel = E[:, report.num_simple: report.num_simple + report.num_relations]
+    row = 0
+    for name in report.param_names:
+        size = report.param_shapes[name].numel()
+        side = report.relation_side(name)
+        col = side.col.expand(report.param_shapes[name]).reshape(-1)
+        coef = side.coef.expand(report.param_shapes[name]).reshape(-1)
+        want = torch.zeros(size, rel.shape[1], dtype=torch.float64)
+        on = col >= 0
+        want[on.nonzero().reshape(-1), col[on]] = coef[on].double()
+        assert torch.equal(rel[row: row + size], want), name
+        row += size

@@ -141,7 +141,8 @@ class InvariantModule(ModelAPI, nn.Module):
         return dict(self._v_attr)
 
     def num_free_parameters(self) -> int:
-        """m - H for the generators it removes: the entries that are not fixed."""
+        """The entries that are not held constant: m - H when every generator is quotiented
+        (plain classes, relation generators, inert entries; DESIGN §3.6c)."""
         return self.report.num_params - self.skeleton.num_fixed
 
     @torch.no_grad()
