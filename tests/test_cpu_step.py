@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+import invariance_compiler as ic
 from invariance_compiler import kernels
 from invariance_compiler.kernels import cpu
 from invariance_compiler.optim import GSGD
@@ -185,3 +186,25 @@ def test_the_profilers_pass_count_has_the_first_layer_in_one_pass():
     opt = GSGD(model, example_inputs=(torch.randn(2, 7),))
     first, total = 7 * 9 + 9, sum(p.numel() for p in model.parameters())
     assert fused_passes(opt) == round((4 * first + 5 * (total - first)) / total, 1)
+
+
+def test_the_fused_step_holds_the_relation_generators_fixed_entries():
+    """mini_transformer's query/key generators are quotiented (DESIGN §3.6c): the C++ step on its
+    float32 weights gives SGD on the gspace module's iterates (paths coordinates)."""
+    torch.manual_seed(0)
+    model, x = ZOO["mini_transformer"]()
+    cm = ic.compile_invariant(model, x, coordinates="paths")
+    assert int((cm.skeleton.relation_param >= 0).sum()) > 0
+    plain = copy.deepcopy(model)
+    with torch.no_grad():
+        for n, p in plain.named_parameters():
+            p.copy_(cm.weights()[n])
+    o1 = torch.optim.SGD(cm.parameters(), lr=1e-3, momentum=0.9)
+    o2 = ic.optim.GSGD(plain, lr=1e-3, momentum=0.9, example_inputs=x, skeleton=cm.skeleton)
+    for _ in range(10):
+        for m, o in ((cm, o1), (plain, o2)):
+            o.zero_grad()
+            m(*x).square().mean().backward()
+            o.step()
+    assert o2.backend == "C++"
+    assert torch.allclose(cm(*x), plain(*x), rtol=1e-5, atol=1e-6)

@@ -113,7 +113,7 @@ def test_one_launch_per_group(monkeypatch):
 
 @needs_triton
 @pytest.mark.parametrize("name", ["cnn_pool", "resnet_basic", "grouped_depthwise", "conv_transpose1d",
-                                  "vgg_bn", "embedding", "densenet"])
+                                  "vgg_bn", "embedding", "densenet", "mini_transformer"])
 def test_gspace_module_with_kernels_equals_without(name):
     model, x = ZOO[name]()
     model = model.double()
@@ -138,7 +138,7 @@ def test_gspace_module_with_kernels_equals_without(name):
 
 @needs_triton
 @pytest.mark.parametrize("momentum,weight_decay", [(0.0, 0.0), (0.9, 1e-3)])
-@pytest.mark.parametrize("name", ["cnn_pool", "resnet_basic", "conv_transpose", "mlp"])
+@pytest.mark.parametrize("name", ["cnn_pool", "resnet_basic", "conv_transpose", "mlp", "mini_transformer"])
 def test_fused_gsgd_step_equals_the_reference_step(name, momentum, weight_decay):
     model, x = ZOO[name]()
     model = model.double().to(DEVICE)

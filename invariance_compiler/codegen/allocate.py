@@ -384,15 +384,12 @@ def allocation_dtype(params) -> torch.dtype:
 
 
 def make_allocation(report, sk, weights: dict, form: str, names: Sequence[str], dtype,
-                    linear: dict | None = None, units: Optional[torch.Tensor] = None,
-                    relations: bool = True):
+                    linear: dict | None = None, units: Optional[torch.Tensor] = None):
     """The allocation plan and initial parameters for the parameters `names`; the weights in
     `linear` (gspace; weight name -> bias name or None) and their biases are used through
     Allocation.linear instead of WA. `units` (gspace): the classes' log-scales λ* to the orbit's
     typical-scale point (skeleton.typical_scales); the coordinates are then in its units, each
-    equal to its weight at that point (DESIGN §3.6b), instead of raw path values. `relations`
-    False leaves the relation generators in the coordinates (GSGD: the fused steps hold no
-    relation slots).
+    equal to its weight at that point (DESIGN §3.6b), instead of raw path values.
     Returns (Allocation, {name: initial V or free tensor}, [names in plan order], carriers or None)."""
     rules = FORMS[form]
     n = sk.num_classes
@@ -404,7 +401,7 @@ def make_allocation(report, sk, weights: dict, form: str, names: Sequence[str], 
         one = torch.ones(1, dtype=torch.float64)
         M, P = torch.cat([units[:n].exp(), one]), torch.cat([(-units[:n]).exp(), one])
     moves = _relation_moves(sk, weights, P, M, units[n:] if units is not None else None) \
-        if rules.carriers and relations else None
+        if rules.carriers else None
     sides = {}
     for name in names:
         ps = sk.params[name]
@@ -454,7 +451,7 @@ def make_allocation(report, sk, weights: dict, form: str, names: Sequence[str], 
         # in the relation generators' units too; contiguous: the slot indices are row-major, and
         # reshape of a channels_last tensor copies
         v = (rules.coordinates(w64, P, M, inp, out) * rel_scale[name]).contiguous()
-        fixed_idx, rel_idx = rules.held(ps) if relations else (ps.fixed_idx, ps.fixed_idx[:0])
+        fixed_idx, rel_idx = rules.held(ps)
         if units is not None:
             produced.index_add_(0, out.expand(v.shape).reshape(-1), v.reshape(-1).square())
         jx, jc = rules.carrier_slots(ps)

@@ -42,7 +42,7 @@ class GSGD(torch.optim.Optimizer):
         dtype = allocation_dtype(named.values())
         self.skeleton = skeleton
         self.plan, v0, self.allocated, carriers = make_allocation(
-            self.report, skeleton, weights, "gspace", list(named), dtype, relations=False)
+            self.report, skeleton, weights, "gspace", list(named), dtype)
         for n in self.allocated:            # parameters outside the allocation are their own V
             self.state[named[n]]["v"] = v0[n].to(named[n].device).contiguous()
         self._alloc_params = [named[n] for n in self.allocated]
@@ -97,9 +97,29 @@ class GSGD(torch.optim.Optimizer):
         bufs = [_buffer(self.state[p], "momentum_buffer", p, memory_format=dense) for p in ps] if mom else []
         c_buf = state0.setdefault("carriers_momentum", torch.zeros_like(c)) if mom else None
         self._step(gws, vs, bufs, ws, c, c_buf, lr, mom, wd, first)
+        self._hold_relations(vs, bufs, ws, c)
         for p, w in zip(ps, ws):
             if w is not p:
                 p.copy_(w)
+
+    def _hold_relations(self, vs, bufs, ws, c) -> None:
+        """A relation generator's fixed entry is a constant coordinate (DESIGN §3.6c), which the
+        fused passes update like any other: put V back, clear its momentum, and write its weight
+        from the new P_in (a few entries; the gspace module's ICR zeroes their gradient instead)."""
+        plan = self.plan
+        p_in = None
+        for i, t in enumerate(plan.tensors):
+            idx = t.rel_idx
+            if not idx.numel():
+                continue
+            if p_in is None:
+                p_in = plan.path_in(c)
+            vs[i].view(-1)[idx] = t.rel_val.to(vs[i].dtype)
+            if bufs:
+                bufs[i].view(-1)[idx] = 0
+            inp = t.inp.expand(plan.shapes[i]).reshape(-1)[idx]
+            out = t.out.expand(plan.shapes[i]).reshape(-1)[idx]
+            ws[i].view(-1)[idx] = (t.rel_val / (p_in[inp] * plan.M[out])).to(ws[i].dtype)
 
 
 def _buffer(state: dict, key: str, like: torch.Tensor, **kwargs) -> torch.Tensor:
