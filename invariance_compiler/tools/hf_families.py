@@ -28,7 +28,7 @@ def _img(s=16):
 def _quiet(cfg, dropout):
     if not dropout:
         for k, v in list(vars(cfg).items()):
-            if ("dropout" in k or "drop_path" in k or k.endswith("_drop")) and isinstance(v, float):
+            if ("dropout" in k or "drop_path" in k or k.endswith(("_drop", "_pdrop"))) and isinstance(v, float):
                 setattr(cfg, k, 0.0)
     return cfg
 
