@@ -159,6 +159,9 @@ class Allocation(nn.Module):
                 kind, i = old.groups()
                 state_dict[f"{prefix}tensors.{i}.{'inp' if kind == 'in' else kind}"] = state_dict.pop(key)
         m = state_dict.get(prefix + "M")
+        if isinstance(m, torch.Tensor) and m.shape != self.M.shape:
+            # another skeleton's relation units (slots of M after the classes'): adopt its length
+            self._buffers["M"] = torch.empty(m.shape, dtype=self.M.dtype, device=self.M.device)
         if m is not None and prefix + "carrier_unit" not in state_dict:       # raw path values
             state_dict[prefix + "carrier_unit"] = torch.ones(m.numel() - 1, dtype=m.dtype)
             state_dict[prefix + "carrier_sign"] = torch.zeros(m.numel() - 1, dtype=m.dtype)

@@ -194,7 +194,6 @@ class _Grid:
         self.inp_classes, self.out_classes = self.inp.unique(), self.out.unique()
         # cells off every relation generator: K and J entries there keep V invariant under them,
         # so each relation generator can then be quotiented by one more entry (DESIGN §3.6c)
-        self.rel = rel
         self.clean = rel < 0
 
     def cells(self, *masks: torch.Tensor) -> torch.Tensor:
