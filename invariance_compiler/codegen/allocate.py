@@ -84,7 +84,6 @@ class PlanTensor(nn.Module):
         return v
 
 
-
 _OLD_KEY = re.compile(r"(in|out|fixed_idx|fixed_in|fixed_val|fixed_scaled|carrier_idx|carrier_in|carrier_out|"
                       r"carrier_cls|r_out|slot_idx)(\d+)$")
 
@@ -427,20 +426,10 @@ def make_allocation(report, sk, weights: dict, form: str, names: Sequence[str], 
             inp, _, trivial = sides[b]
             sides[b] = (inp, sides[w][1][:, 0], trivial)           # rows of (out, 1)
             rel_scale[b] = rel_scale[w][:, 0]
-    linear = {w: b for w, b in linear.items()
-              if not b or torch.equal(rel_scale[b].expand(sk.params[b].shape), rel_scale[w][:, 0].expand(sk.params[b].shape))}
+    same_units = lambda w, b: torch.equal(*(t.expand(sk.params[b].shape) for t in (rel_scale[b], rel_scale[w][:, 0])))
+    linear = {w: b for w, b in linear.items() if not b or same_units(w, b)}
     in_linear = set(linear) | {b for b in linear.values() if b}
-    # WA divides by M[out]: a tensor with relation units reads them from slots of M after the
-    # classes' (M[n + 1:]), one per cell of its compact out map, holding M[out]·units
-    units_out, extra = {}, []
-    for name in names:
-        if not bool((rel_scale[name] == 1).all()):
-            out = sides[name][1]
-            shape = torch.broadcast_shapes(out.shape, rel_scale[name].shape)
-            vals = (M[out] * rel_scale[name]).expand(shape).reshape(-1)
-            start = n + 1 + sum(e.numel() for e in extra)
-            units_out[name] = start + torch.arange(vals.numel()).view(shape)
-            extra.append(vals)
+    units_out, extra = _unit_slots(names, {k: sides[k][1] for k in names}, rel_scale, M, n)
     for w, b in linear.items():          # a bias read through `linear` is in its weight rows' units
         if b and w in units_out:
             units_out[b] = units_out[w][:, 0]
@@ -502,6 +491,23 @@ def make_allocation(report, sk, weights: dict, form: str, names: Sequence[str], 
             if w in planned and planned.index(w) not in wa]
     plan = Allocation(form, n, torch.cat([M] + extra), plans, dtype, wa, chain, free, scaled, fast)
     return plan, init, planned, (carriers.to(dtype) if rules.carriers else None)
+
+
+def _unit_slots(names, outs: dict, units: dict, M: torch.Tensor, n: int):
+    """WA divides by M[out]: a tensor with relation units reads them from slots of M after the
+    classes' (M[n + 1:]), one per cell of its compact out map, each holding M[out]·units. Returns
+    ({name: its out map into those slots}, [the slots' values per tensor])."""
+    out_maps, extra = {}, []
+    start = n + 1
+    for name in names:
+        if bool((units[name] == 1).all()):
+            continue
+        shape = torch.broadcast_shapes(outs[name].shape, units[name].shape)
+        vals = (M[outs[name]] * units[name]).expand(shape).reshape(-1)
+        out_maps[name] = start + torch.arange(vals.numel()).view(shape)
+        extra.append(vals)
+        start += vals.numel()
+    return out_maps, extra
 
 
 def _relation_units(ps, moves: Optional[torch.Tensor]) -> torch.Tensor:
