@@ -28,7 +28,6 @@ the (smaller) activations. Fixed form: W = V with the K entries overwritten by t
 `reference` computes the allocation with plain differentiable ops (tests compare)."""
 from __future__ import annotations
 
-import math
 import re
 from typing import Optional, Sequence
 
@@ -136,6 +135,8 @@ class Allocation(nn.Module):
 
     def _build_layouts(self) -> None:
         self._build_linear_batch()
+        # positions in `wa` of the tensors with relation slots (held before WA, gradient zeroed)
+        self.wa_held = [k for k, i in enumerate(self.wa) if self.tensors[i].rel_idx.numel()]
         self._layouts: dict = {}
         if self.wa:       # the kernels' view of the WA group; buffers, so they follow .to(device)
             for name, t in zip(Layout._fields, self._layout_of(self.wa).tensors()):
@@ -523,20 +524,13 @@ def _relation_moves(sk, weights: dict, P: torch.Tensor, M: torch.Tensor, units: 
     """(R + 1,) the log-scale by which each quotiented relation generator moves V to its canonical
     point (the last slot, no relation: 0): with scaled coordinates its part of the typical-scale
     point λ*; with raw path values the one that makes |V| = 1 at its fixed entry."""
-    R = sk.num_relations
-    moves = torch.zeros(R + 1, dtype=torch.float64)
-    held = (sk.relation_param >= 0).nonzero().reshape(-1)
+    moves = torch.zeros(sk.num_relations + 1, dtype=torch.float64)
     if units is not None:
-        moves[held] = units[held]
+        moves[:-1] = torch.where(sk.relation_param >= 0, units, 0.0)
         return moves
-    n = sk.num_classes
-    for r in held.tolist():
-        ps = sk.params[sk.names[int(sk.relation_param[r])]]
-        e = int(sk.relation_entry[r])
-        at = lambda t: t.expand(ps.shape).reshape(-1)[e]
-        inp, out = int(at(ps.inp)), int(at(ps.out))
-        v = float(weights[ps.name].reshape(-1)[e]) * float(P[inp if inp >= 0 else n]) * float(M[out if out >= 0 else n])
-        moves[r] = -int(at(ps.rel_coef)) * math.log(abs(v))
+    inp, out, coef = sk.relation_sides()
+    log_v = (sk._values(weights, sk.relation_param, sk.relation_entry) * P[inp] * M[out]).abs().log()
+    moves[:-1] = -coef * log_v
     return moves
 
 

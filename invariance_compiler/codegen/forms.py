@@ -55,7 +55,9 @@ class GSpace:
 
     def allocate(self, plan, p_in, carriers, vs: Sequence[torch.Tensor]) -> tuple:
         """The weights of the plan's `wa` tensors: WA forward, ICR backward."""
-        vs = [plan.tensors[i].hold(v) for i, v in zip(plan.wa, vs)]
+        vs = list(vs)
+        for k in plan.wa_held:
+            vs[k] = plan.tensors[plan.wa[k]].hold(vs[k])
         return WeightAllocation.apply(plan, p_in, carriers, *vs)
 
     def reference(self, plan, carriers, vs: Sequence[torch.Tensor]) -> tuple:
@@ -131,9 +133,9 @@ class WeightAllocation(torch.autograd.Function):
         p_in, carriers, *vs = ctx.saved_tensors
         plan = ctx.plan
         gvs, g_p_in, g_car = icr(plan, p_in, carriers, vs, gws, plan.wa)
-        for i, g in zip(plan.wa, gvs):
-            if g is not None and plan.tensors[i].rel_idx.numel():     # constants, no coordinates
-                g.view(-1)[plan.tensors[i].rel_idx] = 0
+        for k in plan.wa_held:                          # relation slots: constants, no coordinates
+            if gvs[k] is not None:
+                gvs[k].view(-1)[plan.tensors[plan.wa[k]].rel_idx] = 0
         return (None, g_p_in, g_car, *gvs)
 
 

@@ -22,8 +22,7 @@ def fix_to(report, skeleton, model: nn.Module, value: float = 1.0) -> torch.Tens
     n, weights = skeleton.num_classes, dict(model.named_parameters())
     lam = torch.zeros(report.num_generators, dtype=torch.float64)
     lam[:n] = _fixed_at(skeleton, weights, math.log(value))[:-1]
-    lam[n: n + skeleton.num_relations] = _relations_at(
-        skeleton, {k: w.detach() for k, w in weights.items()}, lam[:n], dict.fromkeys(skeleton.names, math.log(value)))
+    lam[n: n + skeleton.num_relations] = _relations_at(skeleton, weights, lam[:n], math.log(value))
     report.act(model, lam)
     return lam
 
@@ -96,15 +95,16 @@ def typical_scales(report, skeleton, weights: dict, sweeps: int = 30) -> torch.T
     N = n + R
     if N == 0:
         return torch.zeros(0, dtype=torch.float64)
-    log_bound = {name: -0.5 * math.log(max(report.param_shapes[name][1:].numel(), 1))
-                 if len(report.param_shapes[name]) >= 2 else 0.0 for name in skeleton.names}
-    bound = torch.tensor([log_bound[name] for name in skeleton.names], dtype=torch.float64)
+    bound = torch.tensor([-0.5 * math.log(max(report.param_shapes[name][1:].numel(), 1))
+                          if len(report.param_shapes[name]) >= 2 else 0.0 for name in skeleton.names] + [0.0],
+                         dtype=torch.float64)                           # last: no parameter (-1)
     lam = torch.zeros(N + 1, dtype=torch.float64)                       # last slot: none
     lam[:n] = _fixed_at(skeleton, weights, bound[skeleton.fixed_param])[:n]
-    lam[n:N] = _relations_at(skeleton, weights, lam[:n], log_bound)
+    lam[n:N] = _relations_at(skeleton, weights, lam[:n], bound[skeleton.relation_param])
     held = torch.cat([torch.where(skeleton.relation_param >= 0, n + torch.arange(R), N),
                       torch.tensor([N])])                              # relation -> slot (-1: none)
-    blocks = [b for b in (_Block.of(report, weights, name, n, N, held) for name in report.param_names) if b]
+    blocks = [b for b in (_Block.of(report, skeleton.params[name], weights, n, N, held)
+                          for name in report.param_names) if b]
     if not blocks:
         return lam[:N]
     # Per generator, Σ over its +1 entries of w²e^{2s}/ρ² = e^{2λ_c} · Σ w² e^{2(s − λ_c)}, and
@@ -127,21 +127,15 @@ def typical_scales(report, skeleton, weights: dict, sweeps: int = 30) -> torch.T
     return lam[:N]
 
 
-def _relations_at(skeleton, weights: dict, lam: torch.Tensor, log_value: dict) -> torch.Tensor:
+def _relations_at(skeleton, weights: dict, lam: torch.Tensor, log_value) -> torch.Tensor:
     """(R,) the log-scale of each relation generator that brings its fixed entry, after the plain
-    classes' λ, to |w| = exp(log_value[its parameter]) (0 for one not quotiented). Its fixed entry
-    lies on it alone, with exponent ±1."""
+    classes' λ, to |w| = exp(log_value) (a number, or one per relation generator; 0 for one not
+    quotiented). Its fixed entry lies on it alone, with exponent ±1."""
     n = skeleton.num_classes
+    inp, out, coef = skeleton.relation_sides()
     lam_ext = torch.cat([lam[:n], lam.new_zeros(1)])
-    out = torch.zeros(skeleton.num_relations, dtype=torch.float64)
-    for r in (skeleton.relation_param >= 0).nonzero().reshape(-1).tolist():
-        name = skeleton.names[int(skeleton.relation_param[r])]
-        ps, e = skeleton.params[name], int(skeleton.relation_entry[r])
-        at = lambda t: int(t.expand(ps.shape).reshape(-1)[e])
-        s = float(lam_ext[at(ps.out)] - lam_ext[at(ps.inp)])     # -1 (no class) reads the 0 slot
-        logw = math.log(abs(float(weights[name].reshape(-1)[e])))
-        out[r] = at(ps.rel_coef) * (log_value[name] - logw - s)
-    return out
+    logw = skeleton._values(weights, skeleton.relation_param, skeleton.relation_entry).abs().log()
+    return coef * (log_value - logw - (lam_ext[out] - lam_ext[inp]))
 
 
 class _Block:
@@ -153,16 +147,15 @@ class _Block:
     conv's grid is a matrix (out, in) and its products are matrix-vector."""
 
     @staticmethod
-    def of(report, weights: dict, name: str, n: int, N: int, held: torch.Tensor):
-        w = weights[name]
+    def of(report, ps, weights: dict, n: int, N: int, held: torch.Tensor):
+        name, w = ps.name, weights[ps.name]
         if not w.is_floating_point() or report.is_inert(name) or name in report.additive:
             return None
-        inp, out = report.sides(name)
-        side = report.relation_side(name)
-        rel = held[side.col]                                  # col -1 reads the last slot: none
+        inp, out = ps.inp, ps.out                             # the report's sides, as the skeleton keeps them
+        rel = held[ps.rel_col]                                # col -1 reads the last slot: none
         if not bool((inp >= 0).any() or (out >= 0).any() or (rel < N).any()):
             return None
-        coef = torch.where(rel < N, side.coef, 0)
+        coef = torch.where(rel < N, ps.rel_coef, 0)
         shape = w.shape
         rho2 = 1.0 / (3.0 * shape[1:].numel()) if len(shape) >= 2 else 1.0
         w2 = w.detach().square().reshape(-1)

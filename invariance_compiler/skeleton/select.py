@@ -45,7 +45,6 @@ class ParamSkeleton:
     rel_col: torch.Tensor = None  # compact: relation generator of each entry (-1: none)
     rel_coef: torch.Tensor = None  # compact: its exponent there (±1)
     relation_idx: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
-    relation_cls: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
 
 
 @dataclass
@@ -127,11 +126,22 @@ class Skeleton:
         return sk
 
     def _place_relations(self) -> None:
-        """Each parameter's relation_idx / relation_cls from relation_param / relation_entry."""
+        """Each parameter's relation_idx from relation_param / relation_entry."""
         for pi in self.relation_param[self.relation_param >= 0].unique().tolist():
-            sel = (self.relation_param == pi).nonzero().reshape(-1)
-            p = self.params[self.names[pi]]
-            p.relation_idx, p.relation_cls = self.relation_entry[sel], sel
+            self.params[self.names[pi]].relation_idx = self.relation_entry[self.relation_param == pi]
+
+    def relation_sides(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(class consumed, class produced (n: none), exponent on its generator) of each relation
+        generator's fixed entry; n, n and 0 for one left in the coordinates."""
+        n, R = self.num_classes, self.num_relations
+        inp, out = torch.full((R,), n, dtype=torch.long), torch.full((R,), n, dtype=torch.long)
+        coef = torch.zeros(R, dtype=torch.long)
+        for pi in self.relation_param[self.relation_param >= 0].unique().tolist():
+            sel = self.relation_param == pi
+            ps, e = self.params[self.names[pi]], self.relation_entry[sel]
+            at = lambda t: t.expand(ps.shape).reshape(-1)[e]
+            inp[sel], out[sel], coef[sel] = at(ps.inp) % (n + 1), at(ps.out) % (n + 1), at(ps.rel_coef)
+        return inp, out, coef
 
     def fixed_mask(self, name: str) -> torch.Tensor:
         p = self.params[name]
@@ -464,7 +474,7 @@ def _relations(sk: Skeleton, report, weights: dict, mixed: set) -> None:
     on = {}
     for pi, name in enumerate(sk.names):
         ps = sk.params[name]
-        if ps.rel_col is None or not bool((ps.rel_col >= 0).any()):
+        if not bool((ps.rel_col >= 0).any()):
             continue
         col = ps.rel_col.expand(ps.shape).reshape(-1)
         taken = torch.cat([ps.fixed_idx, ps.carrier_idx])
