@@ -211,7 +211,7 @@ class Allocation(nn.Module):
                 _raise_if_bad(pending[2])
         if self.__dict__.get("_pending") is None:
             flag = torch.empty((), dtype=torch.bool, pin_memory=True)
-            flag.copy_((~torch.isfinite(p_in) | (p_in == 0)).any(), non_blocking=True)
+            flag.copy_((~torch.isfinite(p_in + p_in.reciprocal())).any(), non_blocking=True)
             event = torch.cuda.Event()
             event.record()
             self._pending = (flag, event, p_in.detach())
@@ -297,12 +297,15 @@ def path_roots(n: int, free: Optional[torch.Tensor], chain: Sequence[tuple]) -> 
 
 
 def _raise_if_bad(p_in: torch.Tensor) -> None:
-    if not bool(torch.isfinite(p_in).all()) or bool((p_in == 0).any()):
-        bad = (~torch.isfinite(p_in) | (p_in == 0)).nonzero().reshape(-1)[:5].tolist()
+    # one reduction: p + 1/p is finite exactly when p is finite and neither zero nor so small that
+    # the weights it divides overflow
+    if not bool(torch.isfinite(p_in + p_in.reciprocal()).all()):
+        bad = (~torch.isfinite(p_in + p_in.reciprocal())).nonzero().reshape(-1)[:5].tolist()
         raise FloatingPointError(
-            f"weight allocation: the carrier path value of class(es) {bad} is zero or non-finite, "
-            f"so the weights it divides are undefined. Lower the learning rate, or export the "
-            f"weights (export_state_dict) and compile again to choose new carriers.")
+            f"weight allocation: the carrier path value of class(es) {bad} is zero or non-finite "
+            f"(or too small to divide by), so the weights it divides are undefined. Lower the "
+            f"learning rate, or export the weights (export_state_dict) and compile again to choose "
+            f"new carriers.")
 
 
 class _ScaledLinear(torch.autograd.Function):
@@ -311,7 +314,9 @@ class _ScaledLinear(torch.autograd.Function):
     with kb. The slots are kept in V's (and b's) own storage, rewritten only when k changed (after
     an optimizer step, which invalidates older graphs anyway), which saves a copy of V per forward.
     The gradient landing on the slots goes to k (and on through autograd to P_in and the
-    carriers); V's own gradient there is zero, so no optimizer moves them on purpose."""
+    carriers); V's own gradient there is zero, so no optimizer moves them on purpose.
+    Eager mode pays for every op and every new tensor of this node once per Linear and step, so
+    backward writes into one gradient vector and reuses its buffers (DESIGN §4c)."""
 
     @staticmethod
     def forward(ctx, x, v, bias, scales, sizes, r_out, slot, b_slot=None):
@@ -343,40 +348,61 @@ class _ScaledLinear(torch.autograd.Function):
     def backward(ctx, gy):
         x, xs, v, r_in, r_out, slot, b_slot = ctx.saved_tensors
         x_dtype, v_dtype, b_dtype, s_dtype = ctx.dtypes
-        g = (gy * r_out if r_out is not None else gy).to(v.dtype)        # (…, out), the matmul's dtype
+        n_r, n_k, n_kb = ctx.sizes
+        g = gy * r_out if r_out is not None else gy                       # (…, out)
+        g = _as(g, v.dtype)                                               # the matmul's dtype
         g2, xs2 = g.reshape(-1, g.shape[-1]), xs.reshape(-1, xs.shape[-1])
-        grad_v = (g2.t() @ xs2).to(v_dtype)                               # (out, in), fresh
+        grad_v = _as(g2.t() @ xs2, v_dtype)                               # (out, in), fresh
+        # one vector [∂r_in | ∂k | ∂kb], written in place by each part (no cat)
+        grad_scales = g2.new_empty(n_r + n_k + n_kb, dtype=s_dtype) if ctx.needs_input_grad[3] else None
         flat = grad_v.view(-1)
-        grad_k = flat[slot].to(s_dtype)                   # the slots' gradient goes to k
-        flat[slot] = 0
-        grad_b = g2.sum(0).to(b_dtype) if ctx.has_bias else None
-        grad_kb = x.new_zeros(0, dtype=s_dtype)
-        if b_slot is not None:
-            grad_kb = grad_b[b_slot].to(s_dtype)
-            grad_b[b_slot] = 0
-        grad_x, grad_r = None, x.new_zeros(0, dtype=s_dtype)
+        if n_k:                                        # the slots' gradient goes to k, not to V
+            if grad_scales is not None:
+                _take(flat, slot, grad_scales[n_r:n_r + n_k])
+            flat.index_fill_(0, slot, 0)
+        grad_b = _as(g2.sum(0), b_dtype) if ctx.has_bias else None
+        if b_slot is not None and n_kb:
+            if grad_scales is not None:
+                _take(grad_b, b_slot, grad_scales[n_r + n_k:])
+            grad_b.index_fill_(0, b_slot, 0)
+        grad_x = None
         if ctx.needs_input_grad[0] or r_in is not None:                # a first layer needs neither
             grad_xs = g @ v
-            if r_in is not None:
-                grad_r = (grad_xs * x).reshape(-1, x.shape[-1]).sum(0).to(s_dtype)
             if ctx.needs_input_grad[0]:
-                grad_x = (grad_xs.mul_(r_in) if r_in is not None else grad_xs).to(x_dtype)
-        grad_scales = torch.cat([grad_r, grad_k, grad_kb]) if ctx.needs_input_grad[3] else None
+                grad_x = _as(grad_xs * r_in if r_in is not None else grad_xs, x_dtype)
+            if r_in is not None and grad_scales is not None:
+                # ∂r_in = Σ_batch ∂xs ⊙ x, in grad_xs's own storage (no new activation-sized tensor)
+                prod = grad_xs.mul_(x) if grad_xs.dtype == x.dtype else grad_xs * x
+                grad_scales[:n_r] = prod.reshape(-1, x.shape[-1]).sum(0)
         return grad_x, grad_v, grad_b, grad_scales, None, None, None, None
+
+
+def _as(t: Optional[torch.Tensor], dtype) -> Optional[torch.Tensor]:
+    return t if t is None or t.dtype == dtype else t.to(dtype)
+
+
+def _take(src: torch.Tensor, idx: torch.Tensor, out: torch.Tensor) -> None:
+    """out[:] = src[idx], in out's storage when the dtypes agree."""
+    if out.dtype == src.dtype:
+        torch.index_select(src, 0, idx, out=out)
+    else:
+        out.copy_(src.index_select(0, idx))
 
 
 def _fill(t: torch.Tensor, idx: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     """t with k in its slots idx. Eagerly, in t's own storage and only when they differ (which
-    saves a copy of t per forward); under torch.compile, out of place (the test reads data, and a
-    compiled graph must not write into its inputs)."""
+    saves a copy of t per forward, and keeps older graphs valid while nothing changed); under
+    torch.compile, out of place (the test reads data, and a compiled graph must not write into its
+    inputs). The test compares the data itself, since a write through `.data` or a fused step
+    leaves no trace in t's version counter."""
     if not idx.numel():
         return t
     k = k.to(t.dtype)
     if torch.compiler.is_compiling():
         return t.detach().reshape(-1).index_put((idx,), k).view(t.shape)
     flat = t.detach().view(-1)
-    if not torch.equal(flat[idx], k):
-        flat[idx] = k
+    if not torch.equal(flat.index_select(0, idx), k):
+        flat.index_copy_(0, idx, k)
     return t
 
 
