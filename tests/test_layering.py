@@ -13,7 +13,7 @@ ROOT = Path(invariance_compiler.__file__).parent
 KERNELS = Path(kernels.__file__).parent          # beside the package, installed inside it
 # a module may import its own layer and those below it
 # (the package's __init__, the public names, sits above the pipeline and below the command line)
-LAYER = {"kernels": 0, "trace": 1, "analyze": 2, "skeleton": 3, "codegen": 4, "optim": 5, "equalize": 5,
+LAYER = {"kernels": 0, "trace": 1, "analyze": 2, "skeleton": 3, "codegen": 4, "optim": 5, "equalize": 5, "rotate": 5,
          "__init__": 6, "tools": 7, "__main__": 8}
 
 

@@ -1,0 +1,763 @@
+"""The orthogonal symmetries of a captured graph (DESIGN §3.8): hidden spaces whose every writer and
+reader is accounted for, so that any orthogonal map of the space, folded into the weights, keeps
+the function.
+
+A space is found by a walk from a seed, the output channels of one writer (a Linear, an addmm, an
+embedding) or the value heads of one attention: every tensor the walk reaches gets a label per
+element, the channel of the space it holds (-1: none), and each op that touches a labelled tensor
+must say, through its rule in `ROTATION_RULES`, how the map passes it:
+
+- movement ops move the labels exactly (the op runs on them), forwards and backwards;
+- a Linear/addmm/embedding that produces labelled channels is a writer, one that reads them a
+  reader: the map is folded into its weight (and a writer's bias);
+- an add joins two labelled tensors (the residual stream), or makes the other operand labelled;
+- x * s with s constant over the channels keeps x's labels; x * γ with γ a per-channel parameter
+  (a norm's gain, Gemma's 1 + γ) is folded into every reader and set to neutral;
+- x², then its sum or mean over whole blocks of the space, is invariant (the map is then
+  orthogonal): RMSNorm; LayerNorm also needs the map to fix the all-ones vector (its mean);
+- attention is linear in its values per head: the space splits into one block per head (one per
+  key/value head under GQA, its query heads read the same block);
+- anything else, the model's output included, means there is no group: the walk fails.
+
+A space's group is the product of one group per block: O(n) (O(n) fixing 𝟙 under LayerNorm), GL(n)
+where only linear maps touch it. Unlabelled tensors are invariant by construction: a rule either
+carries the labels, proves invariance (the full reductions of squares) or fails."""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+import torch.fx
+
+from .rules import aten
+
+__all__ = ["RotationSpace", "FoldAction", "find_spaces", "ROTATION_RULES", "register_rotation_rule"]
+
+NONE = -1
+
+
+@dataclass
+class FoldAction:
+    """What the map of a space does to one parameter at one of its uses.
+    role: "vectors": the tensor's slices along `axis` are vectors of the space, v -> v·T (writers'
+                     weights and biases, embeddings, readers' weights with `gain` folded first);
+          "neutral": a gain, set to `value` (a norm's γ to 1, Gemma's γ to 0);
+          "norm_bias": a LayerNorm's β becomes (β / gain)·T, the gain going to the readers."""
+    param: str
+    node: str                                 # the node that reads the parameter (its module: `module`)
+    module: str
+    role: str
+    axis: int = 0
+    labels: Optional[torch.Tensor] = None     # channel of the space per index along `axis`, -1: none
+    gain: Optional[torch.Tensor] = None       # per channel of the space (float64), folded first
+    value: float = 1.0
+
+
+@dataclass
+class RotationSpace:
+    """One hidden space and its group: `blocks` lists the channels of each block (the group is the
+    product of one group per block), `orthogonal` whether a norm needs the map orthogonal
+    (else GL), `centred` whether it must fix the all-ones vector of each block (LayerNorm)."""
+    kind: str                                 # "residual" | "head" | "linear"
+    size: int                                 # channels of the space
+    blocks: list                              # list[list[int]]
+    orthogonal: bool
+    centred: bool
+    actions: list                             # list[FoldAction]
+    seed: str                                 # the node the walk started from
+
+    @property
+    def params(self) -> list[str]:
+        return sorted({a.param for a in self.actions})
+
+    @property
+    def group(self) -> str:
+        sizes = sorted({len(b) for b in self.blocks})
+        base = "O" if self.orthogonal else "GL"
+        one = f"{base}({sizes[0]})" if len(sizes) == 1 else "/".join(f"{base}({s})" for s in sizes)
+        tail = " fixing 1" if self.centred else ""
+        return f"{one}{tail}" if len(self.blocks) == 1 else f"{len(self.blocks)} x {one}{tail}"
+
+
+class NoGroup(Exception):
+    """The walk met an op that does not pass the map: no group for this seed."""
+
+
+def _packet(node):
+    return getattr(node.target, "overloadpacket", node.target)
+
+
+# ---- the walk -------------------------------------------------------------------------------------
+class Walk:
+    """Labels of the tensors reached from one seed, and what the rules recorded."""
+
+    def __init__(self, captured, params: dict, size: int, blocks: torch.Tensor):
+        self.captured, self.params = captured, params
+        self.labels: dict = {}                 # node -> int64 labels (node's shape), or a tuple of them
+        self.gain: dict = {}                   # node -> float64 gain per channel (pending for readers)
+        self.squares: set = set()              # nodes holding squares of labelled values
+        self.block = blocks.clone()            # channel -> block id
+        self.size = size
+        self.orthogonal = self.centred = False
+        self.heads = False
+        self.actions: dict = {}                # (node name, param) -> FoldAction
+        self.queue: list = []
+
+    # what rules call
+    def shape(self, node) -> torch.Size:
+        v = node.meta.get("val") if isinstance(node, torch.fx.Node) else None
+        if not isinstance(v, torch.Tensor):
+            raise NoGroup(f"{node} has no tensor value")
+        return v.shape
+
+    def shape_or_none(self, node):
+        v = node.meta.get("val") if isinstance(node, torch.fx.Node) else None
+        return v.shape if isinstance(v, torch.Tensor) else None
+
+    def get(self, node):
+        return self.labels.get(node) if isinstance(node, torch.fx.Node) else None
+
+    def set(self, node, labels, gain=None) -> None:
+        """Give `node` labels (and a pending gain); equal to what it has, or the walk fails."""
+        if not isinstance(node, torch.fx.Node):
+            raise NoGroup("a constant would have to hold channels of the space")
+        old = self.labels.get(node)
+        if old is not None:
+            same = (type(old) is type(labels) and
+                    all(torch.equal(a, b) for a, b in zip(_tup(old), _tup(labels))))
+            if not same or not _same_gain(self.gain.get(node), gain):
+                raise NoGroup(f"{node.name} would hold two different maps")
+            return
+        if not isinstance(labels, tuple) and bool((labels == NONE).all()):
+            return
+        self.labels[node] = labels
+        if gain is not None:
+            self.gain[node] = gain
+        self.queue.append(node)
+        self.queue.extend(node.users)
+
+    def square(self, node) -> None:
+        if node not in self.squares:
+            self.squares.add(node)
+            self.queue.extend(node.users)
+
+    def record(self, node, param_node, role: str, **kw) -> None:
+        name = self.captured.params.get(param_node.name) if isinstance(param_node, torch.fx.Node) else None
+        if name is None:
+            raise NoGroup(f"{node.name} reads a tensor that is not a parameter where the map must be folded")
+        stack = node.meta.get("nn_module_stack") or {}
+        module = list(stack.values())[-1][0] if stack else ""
+        self.actions[(node.name, name, role)] = FoldAction(name, node.name, module, role, **kw)
+
+    def refine(self, together: torch.Tensor) -> None:
+        """Channels `together` (ids, -1 ignored) stay apart from all others: the blocks split."""
+        ids = together[together >= 0].unique()
+        if not ids.numel():
+            return
+        inside = torch.zeros(self.size, dtype=torch.bool)
+        inside[ids] = True
+        key = self.block * 2 + inside.long()
+        self.block = torch.unique(key, return_inverse=True)[1]
+
+    def blocks(self) -> list:
+        return [(self.block == b).nonzero().reshape(-1).tolist() for b in self.block.unique()]
+
+
+def _tup(x):
+    return tuple(x) if isinstance(x, (tuple, list)) else (x,)
+
+
+def _same_gain(a, b) -> bool:
+    if a is None or b is None:
+        return a is None and b is None
+    return torch.equal(a, b)
+
+
+# ---- the rules ------------------------------------------------------------------------------------
+ROTATION_RULES: dict = {}
+
+
+def register_rotation_rule(target, rule: Callable) -> None:
+    """`rule(walk, node)`: called whenever an input or the output of `node` (an op `target`) holds
+    channels of the space; it sets labels (walk.set), records folds (walk.record), or raises
+    NoGroup. Keys as in analyze.rules: OpOverloadPackets or OpOverloads."""
+    ROTATION_RULES[target] = rule
+
+
+def _reg(targets, rule):
+    for t in targets:
+        if t is not None:
+            ROTATION_RULES[t] = rule
+
+
+def _full(walk, node, labels):
+    return labels.expand(walk.shape(node)) if labels is not None else None
+
+
+def _rerun(node, sub: dict, walk):
+    """Run node's op with argument nodes in `sub` replaced by integer tensors, the others by
+    tensors of -1 of their shape."""
+    def arg(a):
+        if isinstance(a, torch.fx.Node):
+            if a in sub:
+                return sub[a]
+            v = a.meta.get("val")
+            return torch.full(v.shape, NONE, dtype=torch.long) if isinstance(v, torch.Tensor) else v
+        if isinstance(a, (list, tuple)):
+            return type(a)(arg(x) for x in a)
+        return a
+    target = node.target
+    if _packet(node) in (aten.view, aten._unsafe_view):
+        target = aten.reshape.default
+    kwargs = {k: arg(v) for k, v in node.kwargs.items()
+              if k not in ("dtype", "memory_format", "layout", "device", "pin_memory")}
+    return target(*[arg(a) for a in node.args], **kwargs)
+
+
+def _identity(walk, node):
+    """to / clone / alias / contiguous / detach / dropout that drops nothing: labels pass both ways."""
+    if _packet(node) in (aten.dropout, aten.native_dropout, aten.feature_dropout):
+        p, train = node.args[1], node.args[2] if len(node.args) > 2 else True
+        if p and train:
+            raise NoGroup(f"{node.name}: dropout in training mode scales channels at random")
+    x = node.args[0]
+    if x in walk.squares:
+        walk.square(node)
+        return
+    if walk.get(x) is not None:
+        walk.set(node, walk.get(x), walk.gain.get(x))
+    elif walk.get(node) is not None:
+        walk.set(x, walk.get(node), walk.gain.get(node))
+
+
+_reg([aten._to_copy, aten.to, aten.clone, aten.alias, aten.contiguous, aten.detach, aten.lift_fresh_copy,
+      aten.dropout, aten.feature_dropout, aten.type_as], _identity)
+
+
+def _movement(walk, node):
+    """Views, transposes, expands, slices, splits, concatenation: the labels move with the op;
+    backwards, each element of an input takes the label of what it became."""
+    inputs = [a for a in node.all_input_nodes if isinstance(walk.shape_or_none(a), torch.Size)]
+    if any(a in walk.squares for a in inputs):
+        raise NoGroup(f"{node.name}: squares of the space move")
+    known = {a: _full(walk, a, walk.get(a)) for a in inputs if walk.get(a) is not None}
+    gains = [walk.gain[a] for a in known if a in walk.gain]
+    gain = gains[0] if gains else None
+    if gains and (len(gains) != len(known) or any(not torch.equal(g, gain) for g in gains)):
+        raise NoGroup(f"{node.name}: a gain meets another map")
+    if known:
+        out = _rerun(node, known, walk)
+        walk.set(node, tuple(out) if isinstance(out, (list, tuple)) else out, gain)
+    if walk.get(node) is None:
+        return
+    # backwards: which element of each input each output element is
+    for a in inputs:
+        numel = walk.shape(a).numel()
+        src = _rerun(node, {a: torch.arange(numel).view(walk.shape(a))}, walk)
+        lab = walk.get(node)
+        src, lab = _tup(src), _tup(lab)
+        back = torch.full((numel,), NONE, dtype=torch.long)
+        for s, l in zip(src, lab):
+            s, l = s.reshape(-1), l.expand(s.shape).reshape(-1)
+            hit = s >= 0
+            back[s[hit]] = l[hit]
+        for s, l in zip(src, lab):                         # an element read twice: one label
+            s, l = s.reshape(-1), l.expand(s.shape).reshape(-1)
+            hit = s >= 0
+            if not torch.equal(back[s[hit]], l[hit]):
+                raise NoGroup(f"{node.name}: one element would hold two channels")
+        walk.set(a, back.view(walk.shape(a)), walk.gain.get(node))
+
+
+_reg([aten.view, aten._unsafe_view, aten.reshape, aten.flatten, aten.unflatten, aten.permute,
+      aten.transpose, aten.t, aten.squeeze, aten.unsqueeze, aten.expand, aten.expand_as, aten.slice,
+      aten.select, aten.narrow, aten.split, aten.split_with_sizes, aten.chunk, aten.unbind, aten.movedim,
+      aten.cat, aten.concat, aten.stack, aten.view_as, aten.reshape_as, aten.repeat_interleave,
+      aten.repeat], _movement)
+
+
+def _getitem(walk, node):
+    src = node.args[0]
+    lab = walk.get(src)
+    if isinstance(lab, tuple):
+        walk.set(node, lab[node.args[1]], walk.gain.get(src))
+    elif walk.get(node) is not None:
+        # backwards into a multi-output movement op: its rule runs on the tuple
+        shapes = [v.shape for v in src.meta["val"]]
+        parts = [torch.full(s, NONE, dtype=torch.long) for s in shapes]
+        parts[node.args[1]] = _full(walk, node, walk.get(node))
+        walk.set(src, tuple(parts), walk.gain.get(node))
+    elif lab is not None:
+        raise NoGroup(f"{node.name}: reads an element of a tensor of the space")
+
+
+ROTATION_RULES[operator.getitem] = _getitem
+
+
+def _last_dim_labels(walk, node, labels):
+    """The labels along the last dim, which must not vary along any other."""
+    full = _full(walk, node, labels)
+    flat = full.reshape(-1, full.shape[-1])
+    if not bool((flat == flat[:1]).all()):
+        raise NoGroup(f"{node.name}: the channels of the space vary along another dim than the last")
+    return flat[0]
+
+
+def _param(walk, node):
+    """The placeholder of a parameter, through dtype casts (or None)."""
+    while isinstance(node, torch.fx.Node) and node.op == "call_function" and \
+            _packet(node) in (aten._to_copy, aten.to, aten.alias, aten.detach):
+        node = node.args[0]
+    if isinstance(node, torch.fx.Node) and node.op == "placeholder" and node.name in walk.captured.params:
+        return node
+    return None
+
+
+def _check_instances(walk, node, lab):
+    """A reader reads whole instances: the k-th occurrence of each channel forms instance k, and
+    each instance's channels are a union of blocks (else the blocks split)."""
+    live = lab[lab >= 0]
+    if not live.numel():
+        return
+    counts = torch.bincount(live, minlength=walk.size)
+    occ = torch.zeros_like(lab)
+    seen = torch.zeros(walk.size, dtype=torch.long)
+    for i, c in enumerate(lab.tolist()):
+        if c >= 0:
+            occ[i] = seen[c]
+            seen[c] += 1
+    for k in range(int(counts.max())):
+        walk.refine(lab[(occ == k) & (lab >= 0)])
+
+
+def _linear(walk, node):
+    x, w = node.args[0], node.args[1]
+    b = node.args[2] if len(node.args) > 2 else None
+    if walk.get(x) is not None and walk.get(node) is not None:
+        raise NoGroup(f"{node.name}: a Linear from the space into itself")
+    if x in walk.squares:
+        raise NoGroup(f"{node.name}: reads squares of the space")
+    if any(walk.get(a) is not None for a in (w, b)):
+        raise NoGroup(f"{node.name}: a weight holds channels of the space")
+    if walk.get(x) is not None:                                   # reader
+        lab = _last_dim_labels(walk, x, walk.get(x))
+        _check_instances(walk, node, lab)
+        if _param(walk, w) is None:
+            raise NoGroup(f"{node.name}: its weight is computed, not a parameter")
+        walk.record(node, _param(walk, w), "vectors", axis=1, labels=lab, gain=walk.gain.get(x))
+    if walk.get(node) is not None:                                # writer
+        lab = _last_dim_labels(walk, node, walk.get(node))
+        if _param(walk, w) is None or (b is not None and _param(walk, b) is None):
+            raise NoGroup(f"{node.name}: writes the space with a computed weight")
+        _check_instances(walk, node, lab)
+        walk.record(node, _param(walk, w), "vectors", axis=0, labels=lab)
+        if b is not None:
+            walk.record(node, _param(walk, b), "vectors", axis=0, labels=lab)
+
+
+def _addmm(walk, node):
+    """addmm(b, x, W) = x @ W + b (GPT-2's Conv1D: W is (in, out))."""
+    b, x, w = node.args[:3]
+    if node.kwargs.get("beta", 1) != 1 or node.kwargs.get("alpha", 1) != 1:
+        raise NoGroup(f"{node.name}: addmm with beta/alpha")
+    if walk.get(x) is not None and walk.get(node) is not None:
+        raise NoGroup(f"{node.name}: a map from the space into itself")
+    if x in walk.squares or any(walk.get(a) is not None for a in (b, w)):
+        raise NoGroup(f"{node.name}: reads the space where it cannot be folded")
+    if walk.get(x) is not None:
+        lab = _last_dim_labels(walk, x, walk.get(x))
+        _check_instances(walk, node, lab)
+        if _param(walk, w) is None:
+            raise NoGroup(f"{node.name}: its weight is computed, not a parameter")
+        walk.record(node, _param(walk, w), "vectors", axis=0, labels=lab, gain=walk.gain.get(x))
+    if walk.get(node) is not None:
+        lab = _last_dim_labels(walk, node, walk.get(node))
+        if _param(walk, w) is None or _param(walk, b) is None:
+            raise NoGroup(f"{node.name}: writes the space with computed tensors")
+        _check_instances(walk, node, lab)
+        walk.record(node, _param(walk, w), "vectors", axis=1, labels=lab)
+        walk.record(node, _param(walk, b), "vectors", axis=0, labels=lab)
+
+
+def _embedding(walk, node):
+    w = node.args[0]
+    if walk.get(w) is not None or walk.get(node.args[1]) is not None:
+        raise NoGroup(f"{node.name}: the table or the indices hold channels of the space")
+    if walk.get(node) is not None:
+        lab = _last_dim_labels(walk, node, walk.get(node))
+        if _param(walk, w) is None:
+            raise NoGroup(f"{node.name}: the table is not a parameter")
+        _check_instances(walk, node, lab)
+        walk.record(node, _param(walk, w), "vectors", axis=1, labels=lab)
+
+
+_reg([aten.linear], _linear)
+_reg([aten.addmm], _addmm)
+_reg([aten.embedding], _embedding)
+
+
+def _add(walk, node):
+    """a + b: both hold the same channels (the residual stream; a broadcast operand holds them
+    where it varies), or the other operand is a parameter added as a bias (folded like a writer's)."""
+    args = list(node.args[:2])
+    if any(isinstance(a, torch.fx.Node) and a in walk.squares for a in args):
+        raise NoGroup(f"{node.name}: adds squares of the space")
+    tensors = [a for a in args if walk.shape_or_none(a) is not None]
+    if len(tensors) < 2 and any(not isinstance(a, torch.fx.Node) and a != 0 for a in args):
+        if walk.get(tensors[0]) is not None or walk.get(node) is not None:
+            raise NoGroup(f"{node.name}: adds a constant to channels of the space")
+        return
+    if any(walk.gain.get(t) is not None for t in tensors + [node]):
+        raise NoGroup(f"{node.name}: adds a value whose gain would have to be folded")
+    lab = walk.get(node)
+    if lab is None:
+        known = [walk.get(t) for t in tensors if walk.get(t) is not None]
+        if not known:
+            return
+        lab = _full(walk, node, known[0])
+        walk.set(node, lab)
+    lab = _full(walk, node, lab)
+    for t in tensors:
+        shape = walk.shape(t)
+        if (p := _param(walk, t)) is not None:
+            if any(s != 1 for s in shape[:-1]):
+                raise NoGroup(f"{node.name}: an added parameter that varies along another dim")
+            last = _last_dim_labels(walk, node, lab)
+            _check_instances(walk, node, last)
+            walk.record(node, p, "vectors", axis=len(shape) - 1, labels=last)
+            continue
+        lead = lab.dim() - len(shape)
+        sub = lab
+        for d in range(lab.dim()):
+            if d < lead or shape[d - lead] == 1:
+                if not bool((sub == sub.narrow(d, 0, 1)).all()):
+                    raise NoGroup(f"{node.name}: a broadcast operand would hold several channels at once")
+                sub = sub.narrow(d, 0, 1)
+        walk.set(t, sub.reshape(shape).contiguous())
+
+
+_reg([aten.add, aten.sub], _add)
+
+
+def _constant_over_channels(walk, lab_full, other_shape) -> bool:
+    """Whether a factor of `other_shape` (broadcast against labels `lab_full`) is constant along
+    every dim where the labels vary."""
+    nd = lab_full.dim()
+    shape = (1,) * (nd - len(other_shape)) + tuple(other_shape)
+    for d in range(nd):
+        if shape[d] != 1 and not bool((lab_full == lab_full.narrow(d, 0, 1)).all()):
+            return False
+    return True
+
+
+def _gain_of(walk, s):
+    """A per-channel gain made of one parameter: γ (a norm's weight) or c + γ (Gemma's 1 + γ), through
+    casts. Returns (parameter node, offset c, the gain's values) or None."""
+    offset = 0.0
+    node = s
+    while isinstance(node, torch.fx.Node) and node.op == "call_function":
+        p = _packet(node)
+        if p in (aten._to_copy, aten.to, aten.alias, aten.detach):
+            node = node.args[0]
+        elif p is aten.add and len(node.args) == 2 and isinstance(node.args[1], (int, float)) \
+                and node.kwargs.get("alpha", 1) == 1:
+            offset += float(node.args[1])
+            node = node.args[0]
+        else:
+            return None
+    if not (isinstance(node, torch.fx.Node) and node.op == "placeholder" and node.name in walk.captured.params):
+        return None
+    if len(_real_users(node)) != 1:
+        return None                            # the gain is read elsewhere: it cannot be set to neutral
+    value = walk.params[walk.captured.params[node.name]].detach().double() + offset
+    return node, offset, value
+
+
+def _real_users(node) -> list:
+    """The users that compute something (torch.export adds dtype/device asserts)."""
+    return [u for u in node.users if _packet(u) is not aten._assert_tensor_metadata]
+
+
+def _mul(walk, node):
+    a, b = node.args[:2]
+    if _packet(node) is aten.mul and a is b and walk.get(a) is not None:
+        if walk.gain.get(a) is not None:
+            raise NoGroup(f"{node.name}: squares a value with a gain")
+        walk.square(node)
+        return
+    labelled = [t for t in (a, b) if isinstance(t, torch.fx.Node) and (walk.get(t) is not None or t in walk.squares)]
+    if len(labelled) != 1:
+        if walk.get(node) is not None and not labelled:
+            raise NoGroup(f"{node.name}: a product would have to hold channels of the space")
+        if len(labelled) > 1:
+            raise NoGroup(f"{node.name}: multiplies two tensors of the space")
+        return
+    x = labelled[0]
+    if x in walk.squares:
+        raise NoGroup(f"{node.name}: scales squares of the space")
+    if _packet(node) is aten.div and x is not a:
+        raise NoGroup(f"{node.name}: divides by channels of the space")
+    s = b if x is a else a
+    lab = _full(walk, node, walk.get(x))
+    gain = walk.gain.get(x)
+    if not isinstance(s, torch.fx.Node) or _constant_over_channels(walk, lab, walk.shape(s)):
+        walk.set(node, lab, gain)
+        return
+    found = _gain_of(walk, s) if _packet(node) is aten.mul else None
+    if found is None:
+        raise NoGroup(f"{node.name}: multiplies channels of the space by a per-channel tensor that is "
+                      f"not a parameter (nothing to fold it into)")
+    pnode, offset, value = found
+    lab_last = _last_dim_labels(walk, node, lab)
+    if walk.shape(s)[-1] != lab_last.numel() or any(d != 1 for d in walk.shape(s)[:-1]):
+        raise NoGroup(f"{node.name}: a gain that is not one value per channel")
+    if bool((lab_last < 0).any()):
+        raise NoGroup(f"{node.name}: a gain over channels in and out of the space")
+    per_channel = torch.ones(walk.size, dtype=torch.float64)
+    per_channel[lab_last] = value.reshape(-1)
+    new = per_channel if gain is None else gain * per_channel
+    walk.record(node, pnode, "neutral", value=1.0 - offset)
+    walk.set(node, lab, new)
+
+
+_reg([aten.mul, aten.div], _mul)
+
+
+def _pow(walk, node):
+    x, e = node.args[:2]
+    if walk.get(x) is None:
+        raise NoGroup(f"{node.name}: a power of channels of the space")
+    if e != 2 or walk.gain.get(x) is not None:
+        raise NoGroup(f"{node.name}: x**{e} of channels of the space")
+    walk.square(node)
+
+
+_reg([aten.pow], _pow)
+
+
+def _reduce(walk, node):
+    """sum/mean: of squares over whole blocks, invariant (the map must be orthogonal); of values
+    over other dims, the labels stay."""
+    x = node.args[0]
+    shape = walk.shape(x)
+    dims = node.args[1] if len(node.args) > 1 else None
+    dims = list(range(len(shape))) if dims is None else [d % len(shape) for d in _as_list(dims)]
+    keep = bool(node.args[2]) if len(node.args) > 2 else bool(node.kwargs.get("keepdim", False))
+    if x in walk.squares:
+        src = _square_source(walk, x)
+        lab = _full(walk, x, walk.get(src))
+        kept = [d for d in range(len(shape)) if d not in dims]
+        moved = lab.permute(*kept, *dims).reshape(*[shape[d] for d in kept], -1)
+        rows = moved.reshape(-1, moved.shape[-1])
+        for r in rows.unique(dim=0):
+            walk.refine(r)
+        walk.orthogonal = True
+        return                                                    # invariant: no labels
+    lab = walk.get(x)
+    if lab is None:
+        raise NoGroup(f"{node.name}: a reduction would have to hold channels of the space")
+    full = _full(walk, x, lab)
+    for d in dims:
+        if not bool((full == full.narrow(d, 0, 1)).all()):
+            raise NoGroup(f"{node.name}: sums channels of the space")
+    out = full.narrow(dims[0], 0, 1) if dims else full
+    for d in dims[1:]:
+        out = out.narrow(d, 0, 1)
+    if not keep:
+        out = out.reshape([shape[d] for d in range(len(shape)) if d not in dims])
+    walk.set(node, out.contiguous(), walk.gain.get(x))
+
+
+def _square_source(walk, node):
+    while node in walk.squares:
+        if _packet(node) is aten.pow or (_packet(node) is aten.mul and node.args[0] is node.args[1]):
+            return node.args[0]
+        node = node.args[0]
+    return node
+
+
+def _as_list(v):
+    return list(v) if isinstance(v, (list, tuple)) else [v]
+
+
+_reg([aten.sum, aten.mean], _reduce)
+
+
+def _layer_norm(walk, node):
+    """layer_norm / rms_norm over the last dim: the map passes when it is orthogonal (and, for
+    LayerNorm, fixes 1); its γ goes to the readers, its β becomes (β / γ)·T."""
+    x = node.args[0]
+    centred = _packet(node) is aten.layer_norm
+    w = node.args[2] if len(node.args) > 2 else node.kwargs.get("weight")
+    b = node.args[3] if centred and len(node.args) > 3 else node.kwargs.get("bias") if centred else None
+    if len(node.args[1]) != 1:
+        raise NoGroup(f"{node.name}: a norm over more than the last dim")
+    if walk.get(x) is None or walk.gain.get(x) is not None:
+        raise NoGroup(f"{node.name}: normalises a tensor with a gain, or its output alone is in the space")
+    lab = _full(walk, x, walk.get(x))
+    last = _last_dim_labels(walk, x, lab)
+    if bool((last < 0).any()):
+        raise NoGroup(f"{node.name}: normalises channels in and out of the space")
+    walk.refine(last)
+    walk.orthogonal = True
+    walk.centred = walk.centred or centred
+    gain = None
+    if w is not None:
+        pw = _param(walk, w)
+        if pw is None or len(_real_users(pw)) != 1:
+            raise NoGroup(f"{node.name}: its weight is computed or read elsewhere")
+        value = walk.params[walk.captured.params[pw.name]].detach().double()
+        gain = torch.ones(walk.size, dtype=torch.float64)
+        gain[last] = value
+        walk.record(node, pw, "neutral", value=1.0)
+    if b is not None:
+        pb = _param(walk, b)
+        if pb is None:
+            raise NoGroup(f"{node.name}: its bias is computed")
+        walk.record(node, pb, "norm_bias", axis=0, labels=last, gain=gain)
+    walk.set(node, lab, gain)
+
+
+_reg([aten.layer_norm, aten.rms_norm], _layer_norm)
+
+
+def _sdpa(walk, node):
+    """Attention is linear in its values, head by head: the values' channels split into one block
+    per key/value head, and the output holds the block of the head each query head reads."""
+    q, k, v = node.args[:3]
+    others = [a for a in list(node.args[3:]) + list(node.kwargs.values()) if isinstance(a, torch.fx.Node)]
+    if any(walk.get(t) is not None or t in walk.squares for t in [q, k, *others]):
+        raise NoGroup(f"{node.name}: queries, keys or the mask hold channels of the space")
+    if walk.get(v) is None:
+        raise NoGroup(f"{node.name}: its output alone would hold channels of the space")
+    if walk.gain.get(v) is not None:
+        raise NoGroup(f"{node.name}: values with a gain")
+    lab = _full(walk, v, walk.get(v))
+    if lab.dim() < 2 or not bool((lab == lab.narrow(-2, 0, 1)).all()):
+        raise NoGroup(f"{node.name}: the values' channels vary along the sequence")
+    heads = lab.narrow(-2, 0, 1)                                       # (..., Hkv, 1, dh)
+    for r in heads.reshape(-1, heads.shape[-1]).unique(dim=0):
+        walk.refine(r)
+    out_shape = walk.shape(node)
+    if heads.dim() >= 3 and heads.shape[-3] != out_shape[-3]:          # enable_gqa: query heads share
+        heads = heads.repeat_interleave(out_shape[-3] // heads.shape[-3], dim=-3)
+    walk.heads = True
+    walk.set(node, heads.expand(out_shape).contiguous())
+
+
+_reg([aten.scaled_dot_product_attention], _sdpa)
+
+
+def _matmul(walk, node):
+    """P @ v with v holding the space along its last dim (attention written out): as _sdpa."""
+    a, b = node.args[:2]
+    if walk.get(a) is not None or a in walk.squares or b in walk.squares:
+        raise NoGroup(f"{node.name}: contracts over channels of the space")
+    if walk.get(b) is None:
+        raise NoGroup(f"{node.name}: its output alone would hold channels of the space")
+    lab = _full(walk, b, walk.get(b))
+    if lab.dim() < 2 or not bool((lab == lab.narrow(-2, 0, 1)).all()) or walk.gain.get(b) is not None:
+        raise NoGroup(f"{node.name}: the channels vary along the contracted dim")
+    rows = lab.narrow(-2, 0, 1)
+    for r in rows.reshape(-1, rows.shape[-1]).unique(dim=0):
+        walk.refine(r)
+    walk.heads = True
+    walk.set(node, rows.expand(walk.shape(node)).contiguous())
+
+
+_reg([aten.matmul, aten.bmm], _matmul)
+
+
+def _no_effect(walk, node):
+    pass
+
+
+_reg([aten._assert_tensor_metadata, aten.sym_size, aten.sym_numel, aten.sym_stride], _no_effect)
+
+
+def lookup(target) -> Optional[Callable]:
+    rule = ROTATION_RULES.get(target)
+    if rule is None and isinstance(target, torch._ops.OpOverload):
+        rule = ROTATION_RULES.get(target.overloadpacket)
+    return rule
+
+
+# ---- driving the walks ----------------------------------------------------------------------------
+def _run(walk: Walk, limit: int = 1_000_000) -> None:
+    steps = 0
+    while walk.queue:
+        node = walk.queue.pop()
+        steps += 1
+        if steps > limit:
+            raise NoGroup("the walk did not settle")
+        _visit(walk, node)
+    for node in list(walk.labels) + list(walk.squares):       # every rule once more, on the final labels
+        _visit(walk, node)
+        for u in node.users:
+            _visit(walk, u)
+    if walk.queue:
+        _run(walk, limit)
+
+
+def _visit(walk, node):
+    if node.op == "output":
+        if any(walk.get(a) is not None or a in walk.squares for a in node.all_input_nodes):
+            raise NoGroup("the model's output holds channels of the space")
+        return
+    if node.op == "placeholder":
+        if walk.get(node) is not None:
+            raise NoGroup(f"the input {node.name} would hold channels of the space")
+        return
+    if node.op != "call_function":
+        raise NoGroup(f"{node.name}: {node.op}")
+    rule = lookup(node.target)
+    if rule is None:
+        raise NoGroup(f"{node.name}: {node.target} has no rotation rule")
+    rule(walk, node)
+
+
+def _space(walk: Walk, seed: str) -> RotationSpace:
+    blocks = walk.blocks()
+    kind = "residual" if walk.orthogonal and not walk.heads else "head" if walk.heads else "linear"
+    return RotationSpace(kind, walk.size, blocks, walk.orthogonal, walk.centred,
+                         list(walk.actions.values()), seed)
+
+
+def find_spaces(captured, params: dict) -> tuple[list, dict]:
+    """The spaces of a captured graph: (list of RotationSpace, {seed node: why no group})."""
+    gm = captured.gm
+    found, why, taken = [], {}, set()
+    for node in gm.graph.nodes:
+        if node.op != "call_function":
+            continue
+        p = _packet(node)
+        seeds = []
+        if p in (aten.linear, aten.addmm, aten.embedding) and node.name not in taken:
+            shape = node.meta["val"].shape
+            seeds.append((node, torch.arange(shape[-1]).view((1,) * (len(shape) - 1) + (-1,)),
+                          torch.zeros(shape[-1], dtype=torch.long)))
+        if p is aten.scaled_dot_product_attention and node.args[2].name not in taken:
+            v = node.args[2]
+            shape = v.meta["val"].shape                                 # (B, Hkv, S, dh)
+            heads, dh = shape[-3], shape[-1]
+            lab = torch.arange(heads * dh).view(heads, 1, dh)
+            lab = lab.view((1,) * (len(shape) - 3) + tuple(lab.shape))
+            seeds.append((v, lab, torch.arange(heads * dh) // dh))
+        for start, lab, blocks in seeds:
+            walk = Walk(captured, params, int(lab.max()) + 1, blocks)
+            try:
+                walk.set(start, lab.expand(start.meta["val"].shape).contiguous())
+                _run(walk)
+            except NoGroup as err:
+                why[start.name] = str(err)
+                continue
+            except Exception as err:                       # a rule met an op it cannot run on labels
+                why[start.name] = f"{type(err).__name__}: {err}"
+                continue
+            if not walk.actions:
+                continue
+            found.append(_space(walk, start.name))
+            taken |= {n.name for n in walk.labels}
+    return found, why

@@ -1,0 +1,209 @@
+"""Rotations found from the graph (DESIGN §3.8): `rotate` moves a model along the orthogonal part of
+its symmetry group, in place, so that outliers spread over many channels before quantization
+(QuaRot's R1 on the residual stream, R2 on each attention's values and outputs), on any
+architecture the analysis walks, with no adapter per model family."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+import torch.nn as nn
+
+from ..analyze.rotations import RotationSpace, find_spaces
+from ..trace import capture, capture_kwargs, example_inputs_for
+from .matrices import orthogonal
+
+__all__ = ["rotate", "Rotation"]
+
+
+@dataclass
+class Rotation:
+    """What `rotate` did: the model (rotated in place), the spaces it rotated (`groups`, each a
+    RotationSpace: kind, size, blocks, group, params), the parameters it untied, and for every seed
+    the walk gave up on, why (`why`: node -> reason)."""
+    model: nn.Module
+    groups: list
+    untied: list = field(default_factory=list)      # (parameter name, the new parameter's name)
+    why: dict = field(default_factory=dict)
+    kind: str = "hadamard"
+
+    def __str__(self) -> str:
+        lines = [f"{len(self.groups)} rotation group(s) ({self.kind})",
+                 "| kind | channels | group | parameters | seed |", "|---|---|---|---|---|"]
+        for g in self.groups:
+            lines.append(f"| {g.kind} | {g.size} | {g.group} | {len(g.params)} | {g.seed} |")
+        for name, new in self.untied:
+            lines.append(f"untied {new} from {name}: the rotation needs different values there")
+        return "\n".join(lines)
+
+
+def rotate(model: nn.Module, example_inputs: Any = None, example_kwargs: Optional[dict] = None, *,
+           kind: str = "hadamard", seed: int = 0, check: bool = True) -> Rotation:
+    """Rotate every hidden space of `model` that the graph proves rotatable (the residual stream of
+    a pre-norm transformer, each attention's value/output heads, linear bottlenecks), folding the
+    maps into the weights in place; the function is kept (to float rounding).
+
+    kind:  "hadamard" (a Hadamard matrix with random signs where the block size is a power of two,
+           else random) or "random" (Haar-random orthogonal).
+    check: run the example inputs before and after, and undo everything if the outputs differ by
+           more than float rounding (a safety net: the analysis is meant to make it unnecessary)."""
+    if kind not in ("hadamard", "random"):
+        raise ValueError(f"rotate: kind must be 'hadamard' or 'random', got {kind!r}")
+    if example_inputs is None and not example_kwargs:
+        example_inputs = example_inputs_for(model)
+    args = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs or ())
+    kwargs = capture_kwargs(model, example_kwargs)
+    params = dict(model.named_parameters())
+    buffers = {n: b.clone() for n, b in model.named_buffers()}
+    rng = torch.random.get_rng_state()
+    try:
+        captured = capture(model, args, kwargs)
+        spaces, why = find_spaces(captured, params)
+    finally:
+        with torch.no_grad():
+            for n, b in model.named_buffers():
+                b.copy_(buffers[n])
+        torch.random.set_rng_state(rng)
+    gen = torch.Generator().manual_seed(seed)
+    maps = [_block_maps(s, kind, gen) for s in spaces]
+    values = _fold(spaces, maps, params)
+    before = _outputs(model, args, kwargs) if check else None
+    saved = {n: p.detach().clone() for n, p in params.items()} if check else None
+    untied = _write(model, values, params)
+    if check:
+        after = _outputs(model, args, kwargs)
+        bad = _mismatch(before, after)
+        if bad is not None:
+            _restore(model, saved, untied)
+            raise RuntimeError(f"rotate: the rotated model's output differs from the original's by "
+                               f"{bad:.3g} (relative): the rotation was undone. Please report this "
+                               f"model: an op's rotation rule is wrong.")
+    return Rotation(model, spaces, untied, why, kind)
+
+
+def _block_maps(space: RotationSpace, kind: str, gen) -> torch.Tensor:
+    """(size, size) float64: the map of the whole space, block by block (v -> v @ Q)."""
+    q = torch.eye(space.size, dtype=torch.float64)
+    for block in space.blocks:
+        idx = torch.tensor(block)
+        q[idx[:, None], idx[None, :]] = orthogonal(len(block), kind, gen, fix_ones=space.centred)
+    return q
+
+
+def _position_map(labels: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """(L, L) map on a tensor axis whose positions hold channels `labels` (-1: none): the k-th
+    occurrence of each channel belongs to instance k, and each instance is mapped by q."""
+    L = labels.numel()
+    out = torch.eye(L, dtype=torch.float64)
+    seen: dict = {}
+    occ = []
+    for c in labels.tolist():
+        occ.append(seen.get(c, 0))
+        seen[c] = occ[-1] + 1
+    occ = torch.tensor(occ)
+    for k in range(int(occ.max()) + 1 if L else 0):
+        pos = ((occ == k) & (labels >= 0)).nonzero().reshape(-1)
+        if pos.numel():
+            ch = labels[pos]
+            out[pos[:, None], pos[None, :]] = q[ch[:, None], ch[None, :]]
+    return out
+
+
+def _vectors(t: torch.Tensor, axis: int, labels: torch.Tensor, q: torch.Tensor,
+             gain: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """t with its slices along `axis` mapped v -> (v ⊙ gain) @ Q."""
+    x = t.movedim(axis, -1)
+    if gain is not None:
+        g = torch.where(labels >= 0, gain[labels.clamp(min=0)], torch.ones((), dtype=torch.float64))
+        x = x * g
+    return (x @ _position_map(labels, q)).movedim(-1, axis)
+
+
+def _fold(spaces, maps, params: dict) -> dict:
+    """{(parameter, reading node): new value (float64)}: every space's actions, composed (a writer's
+    rows and a reader's columns commute)."""
+    values: dict = {}
+    for space, q in zip(spaces, maps):
+        for a in space.actions:
+            key = (a.param, a.node)
+            v = values[key][0] if key in values else params[a.param].detach().to(torch.float64).clone()
+            if a.role == "vectors":
+                v = _vectors(v, a.axis, a.labels, q, a.gain)
+            elif a.role == "neutral":
+                v = torch.full_like(v, a.value)
+            elif a.role == "norm_bias":
+                g = a.gain if a.gain is not None else torch.ones(space.size, dtype=torch.float64)
+                gl = g[a.labels]
+                if bool((gl == 0).any()):
+                    raise ValueError(f"rotate: {a.param}'s LayerNorm has a zero gain, so its bias cannot "
+                                     f"move behind the rotation")
+                v = _vectors(v / gl, 0, a.labels, q)
+            values[key] = (v, a.module)
+    return values
+
+
+def _write(model: nn.Module, values: dict, params: dict) -> list:
+    """Write the new values in place; a parameter whose uses need different values is untied: each
+    use's module gets its own parameter."""
+    by_param: dict = {}
+    for (name, node), (v, module) in values.items():
+        by_param.setdefault(name, []).append((node, module, v))
+    owners = {}
+    for full, p in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(p), []).append(full)
+    untied = []
+    with torch.no_grad():
+        for name, uses in by_param.items():
+            p = params[name]
+            home = name.rsplit(".", 1)[0] if "." in name else ""
+            uses.sort(key=lambda u: u[1] != home)          # the parameter stays where its name says
+            first = uses[0][2]
+            if all(torch.equal(u[2], first) for u in uses[1:]):
+                p.copy_(first.to(p.dtype))
+                continue
+            # differing uses: the first keeps the parameter; each other use's module gets its own
+            p.copy_(first.to(p.dtype))
+            for node, module, v in uses[1:]:
+                if torch.equal(v, first):
+                    continue
+                names = [n for n in owners[id(p)] if n.rsplit(".", 1)[0] == module]
+                if not names:
+                    raise RuntimeError(f"rotate: {name} is tied, and its use in {module or 'the model'} "
+                                       f"needs other values, but no parameter of that module is it")
+                owner = model.get_submodule(module) if module else model
+                attr = names[0].rsplit(".", 1)[1]
+                setattr(owner, attr, nn.Parameter(v.to(p.dtype), requires_grad=p.requires_grad))
+                untied.append((name, names[0]))
+    if untied:
+        cfg = getattr(model, "config", None)
+        if cfg is not None and getattr(cfg, "tie_word_embeddings", False):
+            cfg.tie_word_embeddings = False       # so that save/load keeps them apart
+    return untied
+
+
+def _outputs(model, args, kwargs):
+    with torch.no_grad():
+        out = model(*args, **kwargs)
+    return [t.detach().clone() for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)
+            and t.is_floating_point()]
+
+
+def _mismatch(before, after) -> Optional[float]:
+    worst = 0.0
+    for a, b in zip(before, after):
+        scale = float(a.abs().max()) or 1.0
+        worst = max(worst, float((a - b).abs().max()) / scale)
+    # float64 models may still normalise in float32 (Llama's RMSNorm does); a wrong rule is O(1)
+    tol = {torch.float64: 1e-6, torch.float32: 1e-3}
+    return worst if worst > max(tol.get(t.dtype, 0.1) for t in before) else None
+
+
+def _restore(model, saved: dict, untied: list) -> None:
+    with torch.no_grad():
+        for orig, new in untied:
+            owner, attr = (model.get_submodule(new.rsplit(".", 1)[0]) if "." in new else model), new.rsplit(".", 1)[-1]
+            setattr(owner, attr, dict(model.named_parameters())[orig])
+        for n, p in model.named_parameters():
+            if n in saved:
+                p.copy_(saved[n])

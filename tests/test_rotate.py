@@ -1,0 +1,186 @@
+"""ic.rotate and the rotation analysis (DESIGN §3.8) on transformers' own classes: the rotated
+model computes the original function (float64), pre-norm decoders get a residual group, every
+attention gets its head groups, post-norm models and models that return the residual stream get
+none, tied embeddings are untied only where the rotation needs it, and on a Llama/Qwen2 with
+"massive activations" the rotation raises the SQNR of fake-quantized inference."""
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+import invariance_compiler as ic
+
+pytest.importorskip("transformers")
+import transformers as T  # noqa: E402
+
+from invariance_compiler.equalize.quant import sqnr_db  # noqa: E402
+from invariance_compiler.tools.hf_families import build, float64_norms  # noqa: E402
+
+ATTENTION = ["bert", "clip_vision", "gpt2", "llama", "opt", "qwen2", "swin", "t5", "vit"]
+PRE_NORM_DECODERS = {"gpt2", "llama", "opt", "qwen2"}
+HIDDEN = 8
+
+
+def _first(out):
+    return out if isinstance(out, torch.Tensor) else out[0]
+
+
+def _generic(model, seed=0):
+    """Weights away from their special initial values (zero biases, unit gains)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.5)
+    return model
+
+
+@pytest.mark.parametrize("kind", ["hadamard", "random"])
+@pytest.mark.parametrize("name", ATTENTION)
+def test_rotation_keeps_the_function(name, kind):
+    model, args, kwargs = build(name, dropout=False)
+    model = _generic(float64_norms(model)).eval()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    ref = _first(model(*args, **kwargs)).detach()
+    rot = ic.rotate(model, args, kwargs, kind=kind, seed=1, check=False)
+    out = _first(model(*args, **kwargs)).detach()
+    assert torch.allclose(out, ref, rtol=0, atol=1e-12 * float(ref.abs().max())), float((out - ref).abs().max())
+    kinds = [g.kind for g in rot.groups]
+    assert "head" in kinds                              # every attention: its value/output heads
+    assert ("residual" in kinds) == (name in PRE_NORM_DECODERS)
+    for g in rot.groups:
+        assert sum(len(b) for b in g.blocks) == g.size
+        if g.kind == "residual":
+            assert g.size == HIDDEN and g.orthogonal and len(g.blocks) == 1
+            assert g.centred == (name in ("gpt2", "opt"))  # LayerNorm: the map fixes 1
+    moved = [n for n, p in model.named_parameters() if n in before and not torch.equal(p, before[n])]
+    assert moved, "the rotation left every weight as it was"
+
+
+def test_post_norm_and_base_models_get_no_residual_group():
+    """BERT adds the gained LayerNorm output to the stream; LlamaModel returns the stream: neither
+    can be rotated, and the analysis says where."""
+    model, args, kwargs = build("bert", dropout=False)
+    rot = ic.rotate(_generic(model).eval(), args, kwargs)
+    assert "residual" not in [g.kind for g in rot.groups]
+    assert any("gain" in why for why in rot.why.values())
+    base = T.LlamaModel(T.LlamaConfig(vocab_size=16, hidden_size=8, intermediate_size=12, num_hidden_layers=1,
+                                      num_attention_heads=2, num_key_value_heads=1, head_dim=4,
+                                      max_position_embeddings=8)).double().eval()
+    rot = ic.rotate(_generic(base), (), {"input_ids": torch.arange(16).view(2, 8)})
+    assert [g.kind for g in rot.groups] == ["head"]
+    assert "output" in rot.why["embedding"]
+
+
+def test_tied_embeddings_are_untied_only_where_needed():
+    """GPT-2 ties lm_head to wte; the final LayerNorm's gain folds into lm_head, so the two uses need
+    different values: lm_head gets its own parameter and the config says so. Llama (untied) and a
+    head-only rotation untie nothing."""
+    model, args, kwargs = build("gpt2", dropout=False)
+    model = _generic(model).eval()
+    assert model.lm_head.weight is model.transformer.wte.weight
+    ref = model(*args, **kwargs).logits.detach()
+    rot = ic.rotate(model, args, kwargs)
+    assert rot.untied == [("transformer.wte.weight", "lm_head.weight")]
+    assert model.lm_head.weight is not model.transformer.wte.weight
+    assert model.config.tie_word_embeddings is False
+    assert torch.allclose(model(*args, **kwargs).logits, ref, atol=1e-12 * float(ref.abs().max()), rtol=0)
+    llama, args, kwargs = build("llama", dropout=False)
+    assert ic.rotate(_generic(float64_norms(llama)).eval(), args, kwargs).untied == []
+
+
+def test_gemma_gains_one_plus_w_fold():
+    """Gemma's RMSNorm multiplies by (1 + γ): the rotation folds 1 + γ into the readers, sets γ to 0,
+    and unties the embedding Gemma ties to its head."""
+    cfg = T.GemmaConfig(vocab_size=16, hidden_size=8, intermediate_size=12, num_hidden_layers=1,
+                        num_attention_heads=2, num_key_value_heads=1, head_dim=4, max_position_embeddings=8)
+    model = _generic(T.GemmaForCausalLM(cfg).double().eval())
+    ids = torch.arange(16).view(2, 8)
+    ref = model(input_ids=ids).logits.detach()
+    rot = ic.rotate(model, (), {"input_ids": ids})
+    assert "residual" in [g.kind for g in rot.groups]
+    assert float(model.model.norm.weight.detach().abs().max()) == 0.0
+    # Gemma's norm computes in float32 inside the float64 model
+    assert torch.allclose(model(input_ids=ids).logits, ref, atol=1e-5 * float(ref.abs().max()), rtol=0)
+
+
+def test_an_op_without_a_rotation_rule_pins_the_space():
+    """A ReLU on the stream: no group through it, whatever the rest of the graph allows."""
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = nn.Linear(6, 8), nn.Linear(8, 8), nn.Linear(8, 3)
+
+        def forward(self, x):
+            h = self.a(x)
+            return self.c(torch.relu(h) + self.b(h))
+
+    torch.manual_seed(0)
+    net = Net().double()
+    x = torch.randn(4, 6, dtype=torch.float64)
+    rot = ic.rotate(net, (x,))
+    assert rot.groups == [] and "relu" in rot.why["linear"]
+
+
+def test_a_linear_bottleneck_admits_gl():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 4), nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 2)).double()
+    x = torch.randn(3, 6, dtype=torch.float64)
+    ref = net(x).detach()
+    rot = ic.rotate(net, (x,), kind="random")
+    assert [(g.kind, g.size, g.group) for g in rot.groups] == [("linear", 4, "GL(4)")]
+    assert torch.allclose(net(x), ref, atol=1e-12, rtol=0)
+
+
+def _fake_quant(x, bits, dim):
+    levels = 2 ** (bits - 1) - 1
+    scale = x.abs().amax(dim=dim, keepdim=True).clamp(min=1e-12) / levels
+    return torch.round(x / scale) * scale
+
+
+def _quantized(model, wbits, abits):
+    """Weights per output channel, every Linear's input per token, symmetric round-to-nearest."""
+    model = copy.deepcopy(model)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.Linear):
+                m.weight.copy_(_fake_quant(m.weight, wbits, 1))
+                m.register_forward_pre_hook(lambda mod, a: (_fake_quant(a[0], abits, -1), *a[1:]))
+    return model
+
+
+def _massive(model, channels, factor=20.0):
+    """A few residual channels `factor` x larger (the writers' rows), the Linears that read them as
+    much smaller (their columns): LLMs' "massive activations"."""
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith("embed_tokens.weight"):
+                p[:, channels] *= factor
+            elif n.endswith(("o_proj.weight", "down_proj.weight")):
+                p[channels, :] *= factor
+            elif n.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight", "gate_proj.weight",
+                             "up_proj.weight", "lm_head.weight")):
+                p[:, channels] /= factor
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_rotation_raises_the_sqnr_of_quantized_inference(family):
+    cfg_cls, cls = {"llama": (T.LlamaConfig, T.LlamaForCausalLM), "qwen2": (T.Qwen2Config, T.Qwen2ForCausalLM)}[family]
+    torch.manual_seed(0)
+    model = cls(cfg_cls(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0, 2.0 / p.shape[-1] ** 0.5)
+    _massive(model, [3, 17])
+    ids = torch.randint(0, 256, (2, 32))
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
+        rotated = copy.deepcopy(model)
+        ic.rotate(rotated, (), {"input_ids": ids})
+        assert torch.allclose(rotated(input_ids=ids).logits, ref, atol=1e-4 * float(ref.abs().max()), rtol=0)
+        for wbits, abits in ((8, 8), (8, 4)):
+            plain = sqnr_db(ref, _quantized(model, wbits, abits)(input_ids=ids).logits)
+            rot = sqnr_db(ref, _quantized(rotated, wbits, abits)(input_ids=ids).logits)
+            assert rot >= plain + 3.0, (family, wbits, abits, plain, rot)
