@@ -4,6 +4,7 @@ attention gets its head groups, post-norm models and models that return the resi
 none, tied embeddings are untied only where the rotation needs it, and on a Llama/Qwen2 with
 "massive activations" the rotation raises the SQNR of fake-quantized inference."""
 import copy
+import tempfile
 
 import pytest
 import torch
@@ -85,6 +86,10 @@ def test_tied_embeddings_are_untied_only_where_needed():
     assert model.lm_head.weight is not model.transformer.wte.weight
     assert model.config.tie_word_embeddings is False
     assert torch.allclose(model(*args, **kwargs).logits, ref, atol=1e-12 * float(ref.abs().max()), rtol=0)
+    with tempfile.TemporaryDirectory() as d:                  # save/load keeps them apart
+        model.save_pretrained(d)
+        again = T.GPT2LMHeadModel.from_pretrained(d, dtype=torch.float64).eval()
+    assert torch.allclose(again(*args, **kwargs).logits, ref, atol=1e-12 * float(ref.abs().max()), rtol=0)
     llama, args, kwargs = build("llama", dropout=False)
     assert ic.rotate(_generic(float64_norms(llama)).eval(), args, kwargs).untied == []
 
@@ -130,6 +135,14 @@ def test_a_linear_bottleneck_admits_gl():
     rot = ic.rotate(net, (x,), kind="random")
     assert [(g.kind, g.size, g.group) for g in rot.groups] == [("linear", 4, "GL(4)")]
     assert torch.allclose(net(x), ref, atol=1e-12, rtol=0)
+    # a CNN's linear bottleneck (a 1x1 conv straight into a 3x3 conv, as after BatchNorm folding)
+    cnn = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 1), nn.Conv2d(4, 6, 3), nn.ReLU(),
+                        nn.Flatten(), nn.Linear(6 * 6 * 6, 3)).double()
+    x = torch.randn(2, 3, 10, 10, dtype=torch.float64)
+    ref = cnn(x).detach()
+    rot = ic.rotate(cnn, (x,), kind="random")
+    assert [(g.kind, g.size, g.params) for g in rot.groups] == [("linear", 4, ["2.bias", "2.weight", "3.weight"])]
+    assert torch.allclose(cnn(x), ref, atol=1e-12, rtol=0)
 
 
 def _fake_quant(x, bits, dim):

@@ -67,6 +67,7 @@ class RotationSpace:
     centred: bool
     actions: list                             # list[FoldAction]
     seed: str                                 # the node the walk started from
+    module: str = ""                          # the module that node belongs to
 
     @property
     def params(self) -> list[str]:
@@ -298,7 +299,10 @@ ROTATION_RULES[operator.getitem] = _getitem
 
 def _last_dim_labels(walk, node, labels):
     """The labels along the last dim, which must not vary along any other."""
-    full = _full(walk, node, labels)
+    return _vector_labels(node, _full(walk, node, labels))
+
+
+def _vector_labels(node, full):
     flat = full.reshape(-1, full.shape[-1])
     if not bool((flat == flat[:1]).all()):
         raise NoGroup(f"{node.name}: the channels of the space vary along another dim than the last")
@@ -393,6 +397,33 @@ def _embedding(walk, node):
         walk.record(node, _param(walk, w), "vectors", axis=1, labels=lab)
 
 
+def _conv(walk, node):
+    """conv (groups 1): a writer of its output channels (dim 1), a reader of its input channels."""
+    x, w = node.args[0], node.args[1]
+    b = node.args[2] if len(node.args) > 2 else None
+    groups = node.args[-1] if _packet(node) is aten.convolution else (node.args[6] if len(node.args) > 6 else 1)
+    if groups != 1 or (_packet(node) is aten.convolution and node.args[6]):
+        raise NoGroup(f"{node.name}: a grouped or transposed convolution")
+    if walk.get(x) is not None and walk.get(node) is not None:
+        raise NoGroup(f"{node.name}: a convolution from the space into itself")
+    if x in walk.squares or any(walk.get(a) is not None for a in (w, b)):
+        raise NoGroup(f"{node.name}: reads the space where it cannot be folded")
+    for t, axis in ((x, 1), (node, 0)):
+        if walk.get(t) is None:
+            continue
+        lab = _vector_labels(node, _full(walk, t, walk.get(t)).movedim(1, -1))
+        _check_instances(walk, node, lab)
+        if _param(walk, w) is None:
+            raise NoGroup(f"{node.name}: its weight is computed")
+        walk.record(node, _param(walk, w), "vectors", axis=axis, labels=lab,
+                    gain=walk.gain.get(x) if t is x else None)
+        if t is node and b is not None:
+            if _param(walk, b) is None:
+                raise NoGroup(f"{node.name}: its bias is computed")
+            walk.record(node, _param(walk, b), "vectors", axis=0, labels=lab)
+
+
+_reg([aten.conv1d, aten.conv2d, aten.conv3d, aten.convolution], _conv)
 _reg([aten.linear], _linear)
 _reg([aten.addmm], _addmm)
 _reg([aten.embedding], _embedding)
@@ -421,9 +452,7 @@ def _add(walk, node):
     lab = _full(walk, node, lab)
     for t in tensors:
         shape = walk.shape(t)
-        if (p := _param(walk, t)) is not None:
-            if any(s != 1 for s in shape[:-1]):
-                raise NoGroup(f"{node.name}: an added parameter that varies along another dim")
+        if (p := _param(walk, t)) is not None:                # a bias, a position embedding
             last = _last_dim_labels(walk, node, lab)
             _check_instances(walk, node, last)
             walk.record(node, p, "vectors", axis=len(shape) - 1, labels=last)
@@ -707,8 +736,13 @@ def _visit(walk, node):
             raise NoGroup("the model's output holds channels of the space")
         return
     if node.op == "placeholder":
-        if walk.get(node) is not None:
-            raise NoGroup(f"the input {node.name} would hold channels of the space")
+        if walk.get(node) is None:
+            return
+        if node.name not in walk.captured.params:
+            raise NoGroup(f"the input or buffer {node.name} would hold channels of the space")
+        lab = _last_dim_labels(walk, node, walk.get(node))          # a parameter read as a vector of
+        _check_instances(walk, node, lab)                             # the space (a class token)
+        walk.record(node, node, "vectors", axis=len(walk.shape(node)) - 1, labels=lab)
         return
     if node.op != "call_function":
         raise NoGroup(f"{node.name}: {node.op}")
@@ -718,17 +752,20 @@ def _visit(walk, node):
     rule(walk, node)
 
 
-def _space(walk: Walk, seed: str) -> RotationSpace:
+def _space(walk: Walk, seed) -> RotationSpace:
     blocks = walk.blocks()
     kind = "residual" if walk.orthogonal and not walk.heads else "head" if walk.heads else "linear"
+    stack = seed.meta.get("nn_module_stack") or {}
+    module = list(stack.values())[-1][0] if stack else ""
     return RotationSpace(kind, walk.size, blocks, walk.orthogonal, walk.centred,
-                         list(walk.actions.values()), seed)
+                         list(walk.actions.values()), seed.name, module)
 
 
 def find_spaces(captured, params: dict) -> tuple[list, dict]:
-    """The spaces of a captured graph: (list of RotationSpace, {seed node: why no group})."""
+    """The spaces of a captured graph: (list of RotationSpace, {seed node: why no group}, the seeds
+    whose walk reached the most tensors first)."""
     gm = captured.gm
-    found, why, taken = [], {}, set()
+    found, why, taken, reach = [], {}, set(), {}
     for node in gm.graph.nodes:
         if node.op != "call_function":
             continue
@@ -738,6 +775,10 @@ def find_spaces(captured, params: dict) -> tuple[list, dict]:
             shape = node.meta["val"].shape
             seeds.append((node, torch.arange(shape[-1]).view((1,) * (len(shape) - 1) + (-1,)),
                           torch.zeros(shape[-1], dtype=torch.long)))
+        if p in (aten.conv1d, aten.conv2d, aten.conv3d, aten.convolution) and node.name not in taken:
+            shape = node.meta["val"].shape                             # (N, C, *spatial)
+            seeds.append((node, torch.arange(shape[1]).view(1, -1, *([1] * (len(shape) - 2))),
+                          torch.zeros(shape[1], dtype=torch.long)))
         if p is aten.scaled_dot_product_attention and node.args[2].name not in taken:
             v = node.args[2]
             shape = v.meta["val"].shape                                 # (B, Hkv, S, dh)
@@ -751,13 +792,14 @@ def find_spaces(captured, params: dict) -> tuple[list, dict]:
                 walk.set(start, lab.expand(start.meta["val"].shape).contiguous())
                 _run(walk)
             except NoGroup as err:
-                why[start.name] = str(err)
+                why[start.name], reach[start.name] = str(err), len(walk.labels)
                 continue
             except Exception as err:                       # a rule met an op it cannot run on labels
-                why[start.name] = f"{type(err).__name__}: {err}"
+                why[start.name], reach[start.name] = f"{type(err).__name__}: {err}", len(walk.labels)
                 continue
             if not walk.actions:
                 continue
-            found.append(_space(walk, start.name))
+            found.append(_space(walk, start))
             taken |= {n.name for n in walk.labels}
-    return found, why
+    # the walks that went furthest first: their reason is the one that matters (the stream's)
+    return found, dict(sorted(why.items(), key=lambda kv: -reach[kv[0]]))

@@ -30,9 +30,9 @@ class Rotation:
 
     def __str__(self) -> str:
         lines = [f"{len(self.groups)} rotation group(s) ({self.kind})",
-                 "| kind | channels | group | parameters | seed |", "|---|---|---|---|---|"]
+                 "| kind | channels | group | parameters | found from |", "|---|---|---|---|---|"]
         for g in self.groups:
-            lines.append(f"| {g.kind} | {g.size} | {g.group} | {len(g.params)} | {g.seed} |")
+            lines.append(f"| {g.kind} | {g.size} | {g.group} | {len(g.params)} | {g.module or '-'} ({g.seed}) |")
         for name, new in self.untied:
             lines.append(f"untied {new} from {name}: the rotation needs different values there")
         return "\n".join(lines)
@@ -145,36 +145,38 @@ def _fold(spaces, maps, params: dict) -> dict:
 
 def _write(model: nn.Module, values: dict, params: dict) -> list:
     """Write the new values in place; a parameter whose uses need different values is untied: each
-    use's module gets its own parameter."""
+    other use's module gets its own parameter. Everything is planned (and can fail) before anything
+    is written."""
     by_param: dict = {}
     for (name, node), (v, module) in values.items():
-        by_param.setdefault(name, []).append((node, module, v))
-    owners = {}
+        by_param.setdefault(name, []).append((module, v))
+    owners: dict = {}
     for full, p in model.named_parameters(remove_duplicate=False):
         owners.setdefault(id(p), []).append(full)
-    untied = []
-    with torch.no_grad():
-        for name, uses in by_param.items():
-            p = params[name]
-            home = name.rsplit(".", 1)[0] if "." in name else ""
-            uses.sort(key=lambda u: u[1] != home)          # the parameter stays where its name says
-            first = uses[0][2]
-            if all(torch.equal(u[2], first) for u in uses[1:]):
-                p.copy_(first.to(p.dtype))
+    copies, new_params = [], []
+    for name, uses in by_param.items():
+        p = params[name]
+        home = name.rsplit(".", 1)[0] if "." in name else ""
+        uses.sort(key=lambda u: u[0] != home)           # the parameter stays where its name says
+        first = uses[0][1]
+        copies.append((p, first))
+        for module, v in uses[1:]:
+            if torch.equal(v, first):
                 continue
-            # differing uses: the first keeps the parameter; each other use's module gets its own
-            p.copy_(first.to(p.dtype))
-            for node, module, v in uses[1:]:
-                if torch.equal(v, first):
-                    continue
-                names = [n for n in owners[id(p)] if n.rsplit(".", 1)[0] == module]
-                if not names:
-                    raise RuntimeError(f"rotate: {name} is tied, and its use in {module or 'the model'} "
-                                       f"needs other values, but no parameter of that module is it")
-                owner = model.get_submodule(module) if module else model
-                attr = names[0].rsplit(".", 1)[1]
-                setattr(owner, attr, nn.Parameter(v.to(p.dtype), requires_grad=p.requires_grad))
-                untied.append((name, names[0]))
+            names = [n for n in owners[id(p)] if (n.rsplit(".", 1)[0] if "." in n else "") == module]
+            if not names:
+                raise RuntimeError(f"rotate: {name} is tied, and its use in {module or 'the model'} needs "
+                                   f"other values, but no parameter of that module is it: nothing was "
+                                   f"changed")
+            new_params.append((name, names[0], v.to(p.dtype), p.requires_grad))
+    with torch.no_grad():
+        for p, v in copies:
+            p.copy_(v.to(p.dtype))
+    untied = []
+    for name, full, v, grad in new_params:
+        owner = model.get_submodule(full.rsplit(".", 1)[0]) if "." in full else model
+        setattr(owner, full.rsplit(".", 1)[-1], nn.Parameter(v, requires_grad=grad))
+        untied.append((name, full))
     if untied:
         cfg = getattr(model, "config", None)
         if cfg is not None and getattr(cfg, "tie_word_embeddings", False):
