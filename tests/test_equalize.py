@@ -17,7 +17,7 @@ from invariance_compiler.equalize import quantize_weights_, sqnr_db
 from invariance_compiler.tools.zoo import ZOO, digits_mobilenet
 
 pytest.importorskip("transformers")
-from invariance_compiler.tools.hf_families import BUILDERS, build
+from invariance_compiler.tools.hf_families import BUILDERS, build, float64_norms
 
 
 def _outputs(model, args, kwargs, train):
@@ -70,7 +70,9 @@ def test_the_l2_objective_is_the_balanced_point(name):
 @pytest.mark.parametrize("name", sorted(BUILDERS))
 def test_equalize_keeps_the_function_of_transformers_models(name):
     model, args, kwargs = build(name, dropout=True)
-    model = oracle.prepare(model)
+    # float64 norms: the move includes the normalize classes, whose invariance Hugging Face's float32
+    # RMSNorm keeps only to float32 rounding
+    model = oracle.prepare(float64_norms(model))
     eq = _equalize_and_compare(model, args, kwargs)
     assert eq.imbalance <= 1e-6
 
@@ -169,7 +171,7 @@ def test_with_calibration_a_layernorm_migrates_scale_as_smoothquant():
 @pytest.mark.parametrize("name", ["llama", "vit"])
 def test_with_calibration_transformers_models_keep_their_function(name):
     model, args, kwargs = build(name, dropout=True)
-    model = oracle.prepare(model)
+    model = oracle.prepare(float64_norms(model))
     before = {t: _outputs(model, args, kwargs, t) for t in (True, False)}
     model.eval()
     eq = ic.equalize(model, args, kwargs, calibration=[args if args else kwargs])
@@ -178,3 +180,31 @@ def test_with_calibration_transformers_models_keep_their_function(name):
         scale = max(float(b.abs().max()) for b in ref)
         for a, b in zip(_outputs(model, args, kwargs, train), ref):
             assert float((a - b).abs().max()) <= 1e-10 * scale, train
+
+
+@pytest.mark.parametrize("name", ["group_instance_norm", "resnet_bottleneck", "vgg_bn", "functional_norms"])
+def test_equalize_is_a_function_of_the_orbit(name):
+    """equalize(g·A) = equalize(A) for a random g of every plain class, normalize classes
+    (GroupNorm/InstanceNorm/BatchNorm with batch statistics) included: the iteration starts from
+    the orbit's typical-scale point, not from where the model happens to be."""
+    torch.manual_seed(0)
+    model, x = ZOO[name]()
+    model = oracle.prepare(model)
+    x = _doubles(x if isinstance(x, tuple) else (x,))
+    report = ic.analyze(model, x)
+    kinds = [k for k, _ in report.generators._info]
+    assert "normalize" in kinds
+    g = torch.zeros(report.num_generators, dtype=torch.float64)
+    g[:len(kinds)] = torch.randn(len(kinds), dtype=torch.float64)
+    moved = copy.deepcopy(model)
+    report.act(moved, g)
+    ic.equalize(model, x)
+    ic.equalize(moved, x)
+    for (n, a), b in zip(model.named_parameters(), moved.parameters()):
+        if a.dim() >= 2:                                    # the tensors quantization rounds
+            assert torch.allclose(a, b, rtol=1e-9, atol=1e-12 * float(a.abs().max())), n
+    with torch.no_grad():
+        ref = model(*x)
+        qa = quantize_weights_(copy.deepcopy(model))(*x)
+        qb = quantize_weights_(copy.deepcopy(moved))(*x)
+    assert abs(sqnr_db(ref, qa) - sqnr_db(ref, qb)) < 1e-6

@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 
 from ..analyze import SymmetryReport, analyze
-from ..skeleton import balance
+from ..skeleton import balance, build_skeleton, typical_scales
 from .fold import fold_batchnorm
 
 __all__ = ["equalize", "Equalization"]
@@ -86,6 +86,16 @@ def _grids(report: SymmetryReport, model: nn.Module, n: int):
                     torch.where(prod < 0, n, prod).expand(grid).reshape(-1), a,
                     p.dim() < 2 or name in report.additive))
     return out
+
+
+def _typical(report: SymmetryReport, model: nn.Module, n: int) -> torch.Tensor:
+    """(n + 1,) the plain classes' log-scales of the orbit's typical-scale point (skeleton.typical_scales:
+    λ*(g·A) = λ*(A) − log g), 0 in the last slot."""
+    weights = {k: p.detach() for k, p in model.named_parameters()}
+    lam = torch.zeros(n + 1, dtype=torch.float64)
+    if n:
+        lam[:n] = typical_scales(report, build_skeleton(report, weights, carriers=False), weights)[:n]
+    return lam
 
 
 def _ranges(grids, lam: torch.Tensor, n: int) -> torch.Tensor:
@@ -156,14 +166,24 @@ def equalize(model: nn.Module, example_inputs: Any = None, example_kwargs: Optio
     n = report.num_simple
     rescale = torch.tensor([kind == "rescale" for kind, _ in report.generators._info[:n]] + [False])
     grids = _grids(report, model, n)
-    lam = torch.zeros(n + 1, dtype=torch.float64)
-    start = _ranges(grids, lam, n)
+    start = _ranges(grids, torch.zeros(n + 1, dtype=torch.float64), n)
+    # the iteration starts from the orbit's typical-scale point, not from where the model happens to
+    # be: DFQ's fixed point is not unique (max-plus conditions), so its start decides which one, and
+    # a start that is the same for every point of the orbit makes equalize(g·A) = equalize(A). The
+    # normalize classes (a normaliser absorbs their scale, no consumer balances it) stay there.
+    lam = _typical(report, model, n)
     both = rescale & torch.isfinite(start).all(dim=1)            # producers and consumers: equalizable
     both[n] = False
     # producers only in float (or none rounded): the class's scale goes there
     lone = rescale & torch.isfinite(start[:, 1]) & ~torch.isfinite(start[:, 0])
     lone[n] = False
-    target = start[lone, 1].mean() if bool(lone.any()) else 0.0
+    # normalize classes with rounded producers: a normaliser absorbs their scale and nothing
+    # consumes it, so their producers go to the same range as the float-produced classes' consumers
+    normal = ~rescale & torch.isfinite(start[:, 0])
+    normal[n] = False
+    typical = _ranges(grids, lam, n)
+    ends = torch.cat([typical[lone, 1], typical[normal, 0]])
+    target = ends.mean() if ends.numel() else 0.0
     smooth = torch.zeros(n + 1, dtype=torch.bool)
     if calibration is not None and objective == "range":
         act = _activation_ranges(model, report, n, calibration)
@@ -180,6 +200,7 @@ def equalize(model: nn.Module, example_inputs: Any = None, example_kwargs: Optio
             r = _ranges(grids, lam, n)
             gap = torch.where(both, r[:, 1] - r[:, 0], 0.0)
             gap = torch.where(lone, 2 * (r[:, 1] - target), gap)     # one side moves: twice the step
+            gap = torch.where(normal, 2 * (target - r[:, 0]), gap)
             # DFQ's step is gap / 2; 0.8 of it, because a class's producers are its upstream
             # neighbour's consumers and moving every class by its full step at once can oscillate
             # (layerscale in the zoo did); 0.5 of it converged 2-3x slower
