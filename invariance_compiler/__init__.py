@@ -9,7 +9,7 @@ equalize and rotate move a model along its group (rescalings, rotations) for qua
 """
 from .analyze import Generator, SymmetryReport, SymmetryWarning, analyze
 from .analyze import rules
-from .analyze.rules import register_rule
+from .analyze.rules import register_op, register_rule
 from .codegen import InvariantModule, compile_invariant
 from .equalize import equalize, fold_batchnorm
 from .rotate import Rotation, rotate
@@ -17,6 +17,6 @@ from . import optim
 from .trace import TraceFailure
 
 __all__ = ["analyze", "compile_invariant", "InvariantModule", "SymmetryReport", "Generator",
-           "SymmetryWarning", "register_rule", "rules", "optim", "TraceFailure", "equalize",
+           "SymmetryWarning", "register_rule", "register_op", "rules", "optim", "TraceFailure", "equalize",
            "fold_batchnorm", "rotate", "Rotation"]
 __version__ = "0.1.0"

@@ -19,7 +19,7 @@ import torch
 import torch.fx
 
 from ..trace import Captured
-from .rules import aten
+from .rules import _register, aten, lookup
 from .value import compact
 
 __all__ = ["prove_inert"]
@@ -30,24 +30,6 @@ KILLED = "killed"
 
 class _Fail(Exception):
     pass
-
-
-_VIEWS = {aten.view, aten._unsafe_view, aten.reshape, aten.flatten, aten.unflatten, aten.permute,
-          aten.transpose, aten.t, aten.numpy_T, aten.squeeze, aten.unsqueeze, aten.expand,
-          aten.expand_as, aten.slice, aten.select, aten.narrow, aten.split, aten.split_with_sizes,
-          aten.chunk, aten.unbind, aten.alias, aten.clone, aten.contiguous, aten._to_copy, aten.to,
-          aten.detach, aten.lift_fresh_copy, aten.repeat, aten.movedim, aten.swapaxes, aten.flip,
-          aten.roll, aten.pixel_shuffle, aten.pixel_unshuffle, aten.channel_shuffle, aten.tile,
-          aten.cat, aten.concat, aten.stack, aten.view_as, aten.reshape_as, aten.type_as}
-_SOFTMAX = {aten.softmax, aten._softmax, aten.log_softmax, aten._log_softmax}
-_POOLS = {aten.max_pool1d, aten.max_pool2d, aten.max_pool3d, aten.max_pool2d_with_indices,
-          aten.adaptive_avg_pool1d, aten.adaptive_avg_pool2d, aten.adaptive_avg_pool3d,
-          aten._adaptive_avg_pool2d, aten.adaptive_max_pool1d, aten.adaptive_max_pool2d,
-          aten.adaptive_max_pool3d}
-_AVG = {aten.avg_pool1d, aten.avg_pool2d, aten.avg_pool3d}
-_CONV = {aten.conv1d, aten.conv2d, aten.conv3d, aten.convolution}
-_BN = {aten.batch_norm, aten._native_batch_norm_legit_functional, aten._native_batch_norm_legit,
-       aten.native_batch_norm, aten.instance_norm}
 
 
 def _packet(node):
@@ -143,7 +125,7 @@ def _terminal_uses(ph, numel, shape):
             if user.target is operator.getitem:
                 stack.append((user, entries[user.args[1]] if isinstance(entries, (list, tuple)) else entries))
                 continue
-            if _packet(user) in _VIEWS and user.args and user.args[0] is node and \
+            if lookup(user.target, "inert") is view_step and user.args and user.args[0] is node and \
                     _packet(user) not in (aten.cat, aten.concat, aten.stack):
                 try:
                     moved = _rerun(user, {node: entries})
@@ -154,12 +136,6 @@ def _terminal_uses(ph, numel, shape):
                 continue
             slots = [i for i, a in enumerate(user.args) if a is node]
             yield user, entries, (slots[0] if len(slots) == 1 and node not in user.kwargs.values() else None)
-
-
-def _real(a):
-    if isinstance(a, torch.fx.Node):
-        return a.meta.get("val")
-    return a
 
 
 def _rerun(node, sub: dict):
@@ -235,32 +211,53 @@ def _raw_entries(patterns):
 
 
 def _start(use, slot, entries):
-    """The pattern at the output of the op where the entries are added."""
-    p = _packet(use)
+    """The pattern at the output of the op where the entries are added (the op's `adds` facet)."""
     out = use.meta.get("val")
     if isinstance(out, (tuple, list)):
         out = out[0]
-    if not isinstance(out, torch.Tensor):
+    rule = lookup(use.target, "adds")
+    if not isinstance(out, torch.Tensor) or rule is None:
         raise _Fail
-    nd = out.dim()
-    if (p is aten.linear and slot == 2) or (p is aten.addmm and slot == 0 and entries.dim() == 1):
+    return rule(use, slot, entries, out.dim())
+
+
+def _lead(entries, nd):
+    e = entries
+    while e.dim() < nd:
+        e = e.unsqueeze(0)
+    return e
+
+
+def _adds_linear(use, slot, entries, nd):                # linear(x, W, b): b at slot 2
+    if slot == 2:
         return entries.reshape((1,) * (nd - 1) + (-1,))
-    if p in _CONV and slot == 2:
-        return _channel_pattern(entries, nd)
-    if p in (aten.add, aten.sub) and slot in (0, 1) and use.args[0] is not use.args[1]:
-        e = entries
-        while e.dim() < nd:
-            e = e.unsqueeze(0)
-        return e
-    if p in _BN and slot == 2:
-        return _channel_pattern(entries, nd)
-    if p is aten.group_norm and slot == 3:
-        return _channel_pattern(entries, nd)
-    if p is aten.layer_norm and slot == 3:
-        e = entries
-        while e.dim() < nd:
-            e = e.unsqueeze(0)
-        return e
+    raise _Fail
+
+
+def _adds_addmm(use, slot, entries, nd):                 # addmm(b, x, W): b at slot 0
+    if slot == 0 and entries.dim() == 1:
+        return entries.reshape((1,) * (nd - 1) + (-1,))
+    raise _Fail
+
+
+def _adds_channel(at):
+    """conv's bias (slot 2), batch_norm's β (slot 2), group_norm's β (slot 3): one per channel."""
+    def adds(use, slot, entries, nd):
+        if slot == at:
+            return _channel_pattern(entries, nd)
+        raise _Fail
+    return adds
+
+
+def _adds_add(use, slot, entries, nd):                   # a + p, a - p
+    if slot in (0, 1) and use.args[0] is not use.args[1]:
+        return _lead(entries, nd)
+    raise _Fail
+
+
+def _adds_layer_norm(use, slot, entries, nd):            # layer_norm(x, shape, γ, β): β at slot 3
+    if slot == 3:
+        return _lead(entries, nd)
     raise _Fail
 
 
@@ -309,124 +306,224 @@ def _vary(P, shape, dims):
 
 
 def _step(node, state):
-    p = _packet(node)
-    args = node.args
-    perturbed = [a for a in node.all_input_nodes if a in state]
-    out = node.meta.get("val")
+    """The pattern after `node` (the op's `inert` facet; getitem picks from a tuple)."""
     if node.target is operator.getitem:
-        src = state[args[0]]
+        src = state[node.args[0]]
         if isinstance(src, (list, tuple)):
-            return src[args[1]]
+            return src[node.args[1]]
         raise _Fail
-    if p in _VIEWS:
-        return _map(_rerun(node, {a: state[a].expand(a.meta["val"].shape) if isinstance(state[a], torch.Tensor)
-                                  else state[a] for a in perturbed}))
-    if p in (aten.add, aten.sub):
-        shapes = out.shape
-        parts = [state[a].expand(shapes) for a in perturbed]
-        if len(parts) == 1:
-            return compact(parts[0].contiguous())
-        if p is aten.sub and len(args) == 2 and node.kwargs.get("alpha", 1) == 1 and \
-                torch.equal(parts[0], parts[1]) and args[0] is not args[1]:
-            return KILLED             # equal ids: the same function of δ on both sides, x - x'
+    rule = lookup(node.target, "inert")
+    if rule is None:
+        raise _Fail
+    return rule(node, state)
 
-        pairs = torch.stack([x.reshape(-1) for x in parts], dim=1)
-        _, inv = pairs.unique(dim=0, return_inverse=True)
-        none = (pairs == NONE).all(dim=1)
-        return compact(torch.where(none, NONE, inv).view(shapes))
-    if p in (aten.mul, aten.div):
-        other = [a for a in args if a not in perturbed]
-        if len(perturbed) != 1 or (p is aten.div and args[0] not in perturbed):
+
+def _perturbed(node, state):
+    return [a for a in node.all_input_nodes if a in state]
+
+
+def view_step(node, state):
+    """The `inert` facet of movement ops: the pattern moves exactly (the op runs on it)."""
+    return _map(_rerun(node, {a: state[a].expand(a.meta["val"].shape) if isinstance(state[a], torch.Tensor)
+                              else state[a] for a in _perturbed(node, state)}))
+
+
+def _add_step(node, state):
+    p, args, out = _packet(node), node.args, node.meta.get("val")
+    parts = [state[a].expand(out.shape) for a in _perturbed(node, state)]
+    if len(parts) == 1:
+        return compact(parts[0].contiguous())
+    if p is aten.sub and len(args) == 2 and node.kwargs.get("alpha", 1) == 1 and \
+            torch.equal(parts[0], parts[1]) and args[0] is not args[1]:
+        return KILLED             # equal ids: the same function of δ on both sides, x - x'
+    pairs = torch.stack([x.reshape(-1) for x in parts], dim=1)
+    _, inv = pairs.unique(dim=0, return_inverse=True)
+    none = (pairs == NONE).all(dim=1)
+    return compact(torch.where(none, NONE, inv).view(out.shape))
+
+
+def _mul_step(node, state):
+    p, args, out = _packet(node), node.args, node.meta.get("val")
+    perturbed = _perturbed(node, state)
+    other = [a for a in args if a not in perturbed]
+    if len(perturbed) != 1 or (p is aten.div and args[0] not in perturbed):
+        raise _Fail
+    P = state[perturbed[0]]
+    o = other[0] if other else None
+    if isinstance(o, torch.fx.Node):
+        oshape = o.meta["val"].shape
+        lead = len(out.shape) - len(oshape)
+        dims = [lead + i for i, s in enumerate(oshape) if s > 1]
+        return _vary(P, out.shape, dims)
+    return P
+
+
+def _contract_last(arg):
+    """addmm(b, x, W) (arg 1), linear(x, W) (arg 0): the perturbation of x, summed over its last dim."""
+    def step(node, state):
+        out = node.meta.get("val")
+        x = node.args[arg]
+        if _perturbed(node, state) != [x]:
             raise _Fail
-        P = state[perturbed[0]]
-        o = other[0] if other else None
-        if isinstance(o, torch.fx.Node):
-            oshape = o.meta["val"].shape
-            lead = len(out.shape) - len(oshape)
-            dims = [lead + i for i, s in enumerate(oshape) if s > 1]
-            return _vary(P, out.shape, dims)
-        return P
-    if p is aten.addmm and args[1] in perturbed and len(perturbed) == 1:
-        P = _rows(state[args[1]], [-1])
-        return _vary(P, out.shape, [out.dim() - 1])
-    if p is aten.linear and args[0] in perturbed and len(perturbed) == 1:
-        P = _rows(state[args[0]], [-1])
-        return _vary(P, out.shape, [out.dim() - 1])
-    if p in _CONV and args[0] in perturbed and len(perturbed) == 1:
-        P = state[args[0]]
-        padding = args[4] if len(args) > 4 else 0
-        if not _constant_along(P, range(2, P.dim())) or (isinstance(padding, str) and padding != "valid") \
-                or (not isinstance(padding, str) and any(_as_list(padding))):
-            raise _Fail
-        return _vary(_rows(P, [1]), out.shape, [1])
-    if p in (aten.matmul, aten.bmm, aten.mm) and len(perturbed) == 1:
-        a, b = args[0], args[1]
-        if a.meta["val"].dim() < 2 or b.meta["val"].dim() < 2:
-            raise _Fail
-        if b in perturbed:
-            P = _rows(state[b].expand(b.meta["val"].shape), [-2])            # (..., 1, j)
-            others = [d for d in range(out.dim()) if d != out.dim() - 1]
-        else:
-            P = _rows(state[a].expand(a.meta["val"].shape), [-1])            # (..., i, 1)
-            others = [d for d in range(out.dim()) if d != out.dim() - 2]
-        while P.dim() < out.dim():
-            P = P.unsqueeze(0)
-        return _vary(P, out.shape, others)
-    if p in _SOFTMAX and len(perturbed) == 1:
-        P = state[args[0]]
-        return KILLED if _constant_along(P, [args[1] % P.dim()]) else _fail()
-    if p is aten.scaled_dot_product_attention and perturbed == [args[1]]:
-        P = state[args[1]]
-        return KILLED if _constant_along(P, [P.dim() - 2]) else _fail()
-    if p in _BN and perturbed == [args[0]]:
-        P = state[args[0]]
-        training = _bn_training(node)
-        if training and _constant_along(P, [d for d in range(P.dim()) if d != 1]):
-            return KILLED
+        return _vary(_rows(state[x], [-1]), out.shape, [out.dim() - 1])
+    return step
+
+
+def _conv_step(node, state):
+    args, out = node.args, node.meta.get("val")
+    if _perturbed(node, state) != [args[0]]:
         raise _Fail
-    if p is aten.layer_norm and perturbed == [args[0]]:
-        P = state[args[0]]
-        k = len(args[1])
-        if _constant_along(P, range(P.dim() - k, P.dim())):
-            return KILLED
+    P = state[args[0]]
+    padding = args[4] if len(args) > 4 else 0
+    if not _constant_along(P, range(2, P.dim())) or (isinstance(padding, str) and padding != "valid") \
+            or (not isinstance(padding, str) and any(_as_list(padding))):
         raise _Fail
-    if p is aten.group_norm and perturbed == [args[0]]:
-        P = state[args[0]]
-        if _constant_along(P, range(2, P.dim())) and P.size(1) == 1:
-            return KILLED
-        groups = args[1]
-        if _constant_along(P, range(2, P.dim())) and P.size(1) > 1:
-            g = P.reshape(P.size(0), groups, -1)
-            if bool((g == g[:, :, :1]).all()):
-                return KILLED
+    return _vary(_rows(P, [1]), out.shape, [1])
+
+
+def _matmul_step(node, state):
+    out = node.meta.get("val")
+    perturbed = _perturbed(node, state)
+    a, b = node.args[0], node.args[1]
+    if len(perturbed) != 1 or a.meta["val"].dim() < 2 or b.meta["val"].dim() < 2:
         raise _Fail
-    if p in _POOLS and perturbed == [args[0]]:
-        P = state[args[0]]
-        if _constant_along(P, range(2, P.dim())):
-            return _map_first(P, out)
+    if b in perturbed:
+        P = _rows(state[b].expand(b.meta["val"].shape), [-2])            # (..., 1, j)
+        others = [d for d in range(out.dim()) if d != out.dim() - 1]
+    else:
+        P = _rows(state[a].expand(a.meta["val"].shape), [-1])            # (..., i, 1)
+        others = [d for d in range(out.dim()) if d != out.dim() - 2]
+    while P.dim() < out.dim():
+        P = P.unsqueeze(0)
+    return _vary(P, out.shape, others)
+
+
+def _softmax_step(node, state):
+    if len(_perturbed(node, state)) != 1:
         raise _Fail
-    if p in _AVG and perturbed == [args[0]]:
-        P = state[args[0]]
-        padding = args[3] if len(args) > 3 else 0
-        include_pad = args[5] if len(args) > 5 else True
-        divisor = args[6] if len(args) > 6 else None
-        # the mean of a constant is that constant unless zero padding enters the count
-        if _constant_along(P, range(2, P.dim())) and divisor is None and \
-                (not any(_as_list(padding)) or not include_pad):
-            return P
+    P = state[node.args[0]]
+    return KILLED if _constant_along(P, [node.args[1] % P.dim()]) else _fail()
+
+
+def _sdpa_step(node, state):
+    if _perturbed(node, state) != [node.args[1]]:
         raise _Fail
-    if p in (aten.sum, aten.mean) and perturbed == [args[0]]:
-        P = state[args[0]]
-        dims = args[1] if len(args) > 1 else None
-        dims = list(range(P.dim())) if dims is None else [d % P.dim() for d in _as_list(dims)]
-        keep = len(args) > 2 and args[2]
-        R = _rows(P, dims)
-        if not keep:
-            R = R.reshape([R.size(d) for d in range(R.dim()) if d not in dims])
-        return R
-    if p in (aten.dropout,) and not args[2]:
-        return state[args[0]]
+    P = state[node.args[1]]
+    return KILLED if _constant_along(P, [P.dim() - 2]) else _fail()
+
+
+def _bn_step(node, state):
+    if _perturbed(node, state) != [node.args[0]]:
+        raise _Fail
+    P = state[node.args[0]]
+    if _bn_training(node) and _constant_along(P, [d for d in range(P.dim()) if d != 1]):
+        return KILLED
     raise _Fail
+
+
+def _layer_norm_step(node, state):
+    if _perturbed(node, state) != [node.args[0]]:
+        raise _Fail
+    P = state[node.args[0]]
+    if _constant_along(P, range(P.dim() - len(node.args[1]), P.dim())):
+        return KILLED
+    raise _Fail
+
+
+def _group_norm_step(node, state):
+    if _perturbed(node, state) != [node.args[0]]:
+        raise _Fail
+    P = state[node.args[0]]
+    if _constant_along(P, range(2, P.dim())) and P.size(1) == 1:
+        return KILLED
+    groups = node.args[1]
+    if _constant_along(P, range(2, P.dim())) and P.size(1) > 1:
+        g = P.reshape(P.size(0), groups, -1)
+        if bool((g == g[:, :, :1]).all()):
+            return KILLED
+    raise _Fail
+
+
+def _max_pool_step(node, state):
+    if _perturbed(node, state) != [node.args[0]]:
+        raise _Fail
+    P = state[node.args[0]]
+    if _constant_along(P, range(2, P.dim())):
+        return _map_first(P, node.meta.get("val"))
+    raise _Fail
+
+
+def _avg_pool_step(node, state):
+    args = node.args
+    if _perturbed(node, state) != [args[0]]:
+        raise _Fail
+    P = state[args[0]]
+    padding = args[3] if len(args) > 3 else 0
+    include_pad = args[5] if len(args) > 5 else True
+    divisor = args[6] if len(args) > 6 else None
+    # the mean of a constant is that constant unless zero padding enters the count
+    if _constant_along(P, range(2, P.dim())) and divisor is None and \
+            (not any(_as_list(padding)) or not include_pad):
+        return P
+    raise _Fail
+
+
+def _reduce_step(node, state):
+    args = node.args
+    if _perturbed(node, state) != [args[0]]:
+        raise _Fail
+    P = state[args[0]]
+    dims = args[1] if len(args) > 1 else None
+    dims = list(range(P.dim())) if dims is None else [d % P.dim() for d in _as_list(dims)]
+    keep = len(args) > 2 and args[2]
+    R = _rows(P, dims)
+    if not keep:
+        R = R.reshape([R.size(d) for d in range(R.dim()) if d not in dims])
+    return R
+
+
+def _dropout_step(node, state):
+    if node.args[2]:
+        raise _Fail
+    return state[node.args[0]]
+
+
+_VIEWS = [aten.view, aten._unsafe_view, aten.reshape, aten.flatten, aten.unflatten, aten.permute,
+          aten.transpose, aten.t, aten.numpy_T, aten.squeeze, aten.unsqueeze, aten.expand,
+          aten.expand_as, aten.slice, aten.select, aten.narrow, aten.split, aten.split_with_sizes,
+          aten.chunk, aten.unbind, aten.alias, aten.clone, aten.contiguous, aten._to_copy, aten.to,
+          aten.detach, aten.lift_fresh_copy, aten.repeat, aten.movedim, aten.swapaxes, aten.flip,
+          aten.roll, aten.pixel_shuffle, aten.pixel_unshuffle, aten.channel_shuffle, aten.tile,
+          aten.cat, aten.concat, aten.stack, aten.view_as, aten.reshape_as, aten.type_as]
+_CONV = [aten.conv1d, aten.conv2d, aten.conv3d, aten.convolution]
+_BN = [aten.batch_norm, aten._native_batch_norm_legit_functional, aten._native_batch_norm_legit,
+       aten.native_batch_norm, aten.instance_norm]
+_register(_VIEWS, view_step, "inert")
+_register([aten.add, aten.sub], _add_step, "inert")
+_register([aten.add, aten.sub], _adds_add, "adds")
+_register([aten.mul, aten.div], _mul_step, "inert")
+_register([aten.addmm], _contract_last(1), "inert")
+_register([aten.addmm], _adds_addmm, "adds")
+_register([aten.linear], _contract_last(0), "inert")
+_register([aten.linear], _adds_linear, "adds")
+_register(_CONV, _conv_step, "inert")
+_register(_CONV, _adds_channel(2), "adds")
+_register([aten.matmul, aten.bmm, aten.mm], _matmul_step, "inert")
+_register([aten.softmax, aten._softmax, aten.log_softmax, aten._log_softmax], _softmax_step, "inert")
+_register([aten.scaled_dot_product_attention], _sdpa_step, "inert")
+_register(_BN, _bn_step, "inert")
+_register(_BN, _adds_channel(2), "adds")
+_register([aten.layer_norm], _layer_norm_step, "inert")
+_register([aten.layer_norm], _adds_layer_norm, "adds")
+_register([aten.group_norm], _group_norm_step, "inert")
+_register([aten.group_norm], _adds_channel(3), "adds")
+_register([aten.max_pool1d, aten.max_pool2d, aten.max_pool3d, aten.max_pool2d_with_indices,
+           aten.adaptive_avg_pool1d, aten.adaptive_avg_pool2d, aten.adaptive_avg_pool3d,
+           aten._adaptive_avg_pool2d, aten.adaptive_max_pool1d, aten.adaptive_max_pool2d,
+           aten.adaptive_max_pool3d], _max_pool_step, "inert")
+_register([aten.avg_pool1d, aten.avg_pool2d, aten.avg_pool3d], _avg_pool_step, "inert")
+_register([aten.sum, aten.mean], _reduce_step, "inert")
+_register([aten.dropout], _dropout_step, "inert")
 
 
 def _fail():

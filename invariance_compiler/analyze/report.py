@@ -491,6 +491,16 @@ class SymmetryReport:
         return RelationSide(col - torch.where(col >= 0, self.num_simple, 0), coef.clamp(-1, 1),
                             {c - self.num_simple for c in mixed if c >= 0})
 
+    def has_classes(self, name: str) -> bool:
+        """Whether parameter `name` is bound to classes (read by some op whose rule scales it)."""
+        return name in self._factors
+
+    @property
+    def simple_kinds(self) -> list[str]:
+        """The kind of each plain class generator (columns 0 .. num_simple - 1): "rescale" (producers
+        and consumers) or "normalize" (producers only: a normaliser absorbs the scale)."""
+        return [kind for kind, _ in self.generators._info[: self.num_simple]]
+
     def is_inert(self, name: str) -> bool:
         """Every entry of `name` is inert."""
         return self._all_inert(name)

@@ -5,7 +5,7 @@ the function.
 A space is found by a walk from a seed, the output channels of one writer (a Linear, an addmm, an
 embedding) or the value heads of one attention: every tensor the walk reaches gets a label per
 element, the channel of the space it holds (-1: none), and each op that touches a labelled tensor
-must say, through its rule in `ROTATION_RULES`, how the map passes it:
+must say, through its `rotation` facet in the op registry (analyze/rules), how the map passes it:
 
 - movement ops move the labels exactly (the op runs on them), forwards and backwards;
 - a Linear/addmm/embedding that produces labelled channels is a writer, one that reads them a
@@ -25,15 +25,15 @@ carries the labels, proves invariance (the full reductions of squares) or fails.
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass, field
-from typing import Callable, Optional
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.fx
 
-from .rules import aten
+from .rules import _register, aten, lookup, register_op
 
-__all__ = ["RotationSpace", "FoldAction", "find_spaces", "ROTATION_RULES", "register_rotation_rule"]
+__all__ = ["RotationSpace", "FoldAction", "find_spaces", "NoGroup", "Walk", "same_channels"]
 
 NONE = -1
 
@@ -177,20 +177,11 @@ def _same_gain(a, b) -> bool:
 
 
 # ---- the rules ------------------------------------------------------------------------------------
-ROTATION_RULES: dict = {}
-
-
-def register_rotation_rule(target, rule: Callable) -> None:
-    """`rule(walk, node)`: called whenever an input or the output of `node` (an op `target`) holds
-    channels of the space; it sets labels (walk.set), records folds (walk.record), or raises
-    NoGroup. Keys as in analyze.rules: OpOverloadPackets or OpOverloads."""
-    ROTATION_RULES[target] = rule
-
-
 def _reg(targets, rule):
-    for t in targets:
-        if t is not None:
-            ROTATION_RULES[t] = rule
+    """Register `rule(walk, node)` as the ops' rotation facet: called whenever an input or the
+    output of the node holds channels of the space; it sets labels (walk.set), records folds
+    (walk.record), or raises NoGroup."""
+    _register(targets, rule, facet="rotation")
 
 
 def _full(walk, node, labels):
@@ -217,8 +208,10 @@ def _rerun(node, sub: dict, walk):
     return target(*[arg(a) for a in node.args], **kwargs)
 
 
-def _identity(walk, node):
-    """to / clone / alias / contiguous / detach / dropout that drops nothing: labels pass both ways."""
+def same_channels(walk, node):
+    """The rotation facet of ops whose output element i is a function of input element i alone and
+    commutes with linear maps: to / clone / alias / contiguous / detach / dropout that drops nothing
+    (a user's identity-like custom op too): labels pass both ways."""
     if _packet(node) in (aten.dropout, aten.native_dropout, aten.feature_dropout):
         p, train = node.args[1], node.args[2] if len(node.args) > 2 else True
         if p and train:
@@ -234,7 +227,7 @@ def _identity(walk, node):
 
 
 _reg([aten._to_copy, aten.to, aten.clone, aten.alias, aten.contiguous, aten.detach, aten.lift_fresh_copy,
-      aten.dropout, aten.feature_dropout, aten.type_as], _identity)
+      aten.dropout, aten.feature_dropout, aten.type_as], same_channels)
 
 
 def _movement(walk, node):
@@ -294,7 +287,7 @@ def _getitem(walk, node):
         raise NoGroup(f"{node.name}: reads an element of a tensor of the space")
 
 
-ROTATION_RULES[operator.getitem] = _getitem
+register_op(operator.getitem, rotation=_getitem)
 
 
 def _last_dim_labels(walk, node, labels):
@@ -706,13 +699,6 @@ def _no_effect(walk, node):
 _reg([aten._assert_tensor_metadata, aten.sym_size, aten.sym_numel, aten.sym_stride], _no_effect)
 
 
-def lookup(target) -> Optional[Callable]:
-    rule = ROTATION_RULES.get(target)
-    if rule is None and isinstance(target, torch._ops.OpOverload):
-        rule = ROTATION_RULES.get(target.overloadpacket)
-    return rule
-
-
 # ---- driving the walks ----------------------------------------------------------------------------
 def _run(walk: Walk, limit: int = 1_000_000) -> None:
     steps = 0
@@ -746,7 +732,7 @@ def _visit(walk, node):
         return
     if node.op != "call_function":
         raise NoGroup(f"{node.name}: {node.op}")
-    rule = lookup(node.target)
+    rule = lookup(node.target, "rotation")
     if rule is None:
         raise NoGroup(f"{node.name}: {node.target} has no rotation rule")
     rule(walk, node)

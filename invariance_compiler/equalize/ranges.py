@@ -71,7 +71,7 @@ def _grids(report: SymmetryReport, model: nn.Module, n: int):
     per compact cell, kept in float?) with column -1 mapped to n."""
     out = []
     for name, p in model.named_parameters():
-        if report.is_inert(name) or name not in report._factors:
+        if report.is_inert(name) or not report.has_classes(name):
             continue
         inp, prod = report.sides(name)
         if not bool((inp >= 0).any() or (prod >= 0).any()):
@@ -164,7 +164,7 @@ def equalize(model: nn.Module, example_inputs: Any = None, example_kwargs: Optio
     folded = fold_batchnorm(model, example_inputs, example_kwargs) if fold_bn else []
     report = analyze(model, example_inputs, example_kwargs)
     n = report.num_simple
-    rescale = torch.tensor([kind == "rescale" for kind, _ in report.generators._info[:n]] + [False])
+    rescale = torch.tensor([kind == "rescale" for kind in report.simple_kinds] + [False])
     grids = _grids(report, model, n)
     start = _ranges(grids, torch.zeros(n + 1, dtype=torch.float64), n)
     # the iteration starts from the orbit's typical-scale point, not from where the model happens to
