@@ -4,7 +4,7 @@
 
 Part 1, coverage: for each transformers family (tiny configs, as the tests build them) the groups
 the analysis proves: R1 (the residual stream), R2 (each attention's value/output heads), q/k
-(rotations that commute with RoPE; not built), online rotations (not built), beside the families
+(one orthogonal map per key head; under RoPE, rotations of its frequency planes), beside the families
 that QuaRot, SpinQuant, SliceGPT and llm-compressor support with their hand-written adapters
 (from their READMEs and issue trackers, as issue 25 lists them).
 
@@ -33,10 +33,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 # what each tool supports by hand (family -> groups), as their READMEs say
 OTHERS = {
-    "QuaRot": {"llama": "R1 R2 +online", "opt": "R1 R2 +online"},
-    "SpinQuant": {"llama": "R1 R2 +online"},
+    "QuaRot": {"llama": "R1 R2, online R3 R4", "opt": "R1 R2, online R3 R4"},
+    "SpinQuant": {"llama": "R1 R2, online R3 R4"},
     "SliceGPT": {"llama": "R1", "opt": "R1", "phi": "R1"},
-    "llm-compressor": {"llama": "R1 R2 +online", "mixtral": "(Llama's names: wrong)"},
+    "llm-compressor": {"llama": "R1 R2, online R4", "mixtral": "(Llama's names: wrong)"},
 }
 
 
@@ -59,7 +59,7 @@ def _families():
 
 
 def coverage() -> str:
-    rows = ["| family | ic.rotate R1 (residual) | ic.rotate R2 (heads) | q/k, online | " +
+    rows = ["| family | ic.rotate R1 (residual) | ic.rotate R2 (values/outputs) | ic.rotate q/k | " +
             " | ".join(OTHERS) + " |", "|---|---|---|---|" + "---|" * len(OTHERS)]
     for name, make in _families().items():
         torch.manual_seed(0)
@@ -67,18 +67,19 @@ def coverage() -> str:
         rot = ic.rotate(model.eval(), args, kwargs)
         res = [g for g in rot.groups if g.kind == "residual"]
         heads = [g for g in rot.groups if g.kind == "head"]
+        qk = [g for g in rot.groups if g.kind == "qk"]
         r1 = f"{res[0].group}" if res else "none: " + _why_not(rot)
-        r2 = f"{len(heads)} attention(s), {heads[0].group}" if heads else "none"
-        rows.append(f"| {name} | {r1} | {r2} | not built | " +
+        r2 = f"{len(heads)} x ({heads[0].group})" if heads else "none"
+        r3 = f"{len(qk)} x ({qk[0].group})" if qk else "none"
+        rows.append(f"| {name} | {r1} | {r2} | {r3} | " +
                     " | ".join(OTHERS[t].get(name, "—") for t in OTHERS) + " |")
     return "\n".join(rows)
 
 
 def _why_not(rot) -> str:
-    """The reason of the walk that went furthest (the stream's)."""
-    for why in rot.why.values():
-        return why.split(":", 1)[-1].strip()[:70]
-    return "no writer"
+    """Why the stream has no group: the token embedding's walk, else the one that went furthest."""
+    whys = [w for seed, w in rot.why.items() if seed == "embedding"] or list(rot.why.values())
+    return whys[0].split(":", 1)[-1].strip()[:70] if whys else "no writer"
 
 
 # ---- part 2 ---------------------------------------------------------------------------------------

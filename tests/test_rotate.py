@@ -1,6 +1,7 @@
 """ic.rotate and the rotation analysis (DESIGN §3.8) on transformers' own classes: the rotated
 model computes the original function (float64), pre-norm decoders get a residual group, every
-attention gets its head groups, post-norm models and models that return the residual stream get
+attention gets its value/output head groups and its query/key groups (RoPE's frequency planes under
+RoPE), post-norm models and models that return the residual stream get
 none, tied embeddings are untied only where the rotation needs it, and on a Llama/Qwen2 with
 "massive activations" the rotation raises the SQNR of fake-quantized inference."""
 import copy
@@ -20,6 +21,7 @@ from invariance_compiler.tools.hf_families import build, float64_norms  # noqa: 
 
 ATTENTION = ["bert", "clip_vision", "gpt2", "llama", "opt", "qwen2", "swin", "t5", "vit"]
 PRE_NORM_DECODERS = {"gpt2", "llama", "opt", "qwen2"}
+ROPE = {"llama", "qwen2"}
 HIDDEN = 8
 
 
@@ -48,9 +50,15 @@ def test_rotation_keeps_the_function(name, kind):
     assert torch.allclose(out, ref, rtol=0, atol=1e-12 * float(ref.abs().max())), float((out - ref).abs().max())
     kinds = [g.kind for g in rot.groups]
     assert "head" in kinds                              # every attention: its value/output heads
+    assert "qk" in kinds                                # and its queries/keys
     assert ("residual" in kinds) == (name in PRE_NORM_DECODERS)
     for g in rot.groups:
         assert sum(len(b) for b in g.blocks) == g.size
+        if g.kind == "qk" and name in ROPE:             # RoPE: rotations of each frequency plane
+            assert g.proper and {len(b) for b in g.blocks} == {2}
+        elif g.kind == "qk":                            # one O(d_head) per key/value head
+            assert g.orthogonal and not g.proper and {len(b) for b in g.blocks} == {g.size // len(g.blocks)} \
+                and len(g.blocks) > 1
         if g.kind == "residual":
             assert g.size == HIDDEN and g.orthogonal and len(g.blocks) == 1
             assert g.centred == (name in ("gpt2", "opt"))  # LayerNorm: the map fixes 1
@@ -69,7 +77,7 @@ def test_post_norm_and_base_models_get_no_residual_group():
                                       num_attention_heads=2, num_key_value_heads=1, head_dim=4,
                                       max_position_embeddings=8)).double().eval()
     rot = ic.rotate(_generic(base), (), {"input_ids": torch.arange(16).view(2, 8)})
-    assert [g.kind for g in rot.groups] == ["head"]
+    assert sorted(g.kind for g in rot.groups) == ["head", "qk"]
     assert "output" in rot.why["embedding"]
 
 

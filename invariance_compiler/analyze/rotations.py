@@ -58,9 +58,10 @@ class FoldAction:
 @dataclass
 class RotationSpace:
     """One hidden space and its group: `blocks` lists the channels of each block (the group is the
-    product of one group per block), `orthogonal` whether a norm needs the map orthogonal
-    (else GL), `centred` whether it must fix the all-ones vector of each block (LayerNorm)."""
-    kind: str                                 # "residual" | "head" | "linear"
+    product of one group per block), `orthogonal` whether a norm or attention's scores need the
+    map orthogonal (else GL), `centred` whether it must fix the all-ones vector of each block
+    (LayerNorm), `proper` whether it must be a rotation (RoPE's frequency planes)."""
+    kind: str                                 # "residual" | "head" | "qk" | "linear"
     size: int                                 # channels of the space
     blocks: list                              # list[list[int]]
     orthogonal: bool
@@ -68,6 +69,7 @@ class RotationSpace:
     actions: list                             # list[FoldAction]
     seed: str                                 # the node the walk started from
     module: str = ""                          # the module that node belongs to
+    proper: bool = False                      # rotations only (det +1): RoPE's planes
 
     @property
     def params(self) -> list[str]:
@@ -76,7 +78,7 @@ class RotationSpace:
     @property
     def group(self) -> str:
         sizes = sorted({len(b) for b in self.blocks})
-        base = "O" if self.orthogonal else "GL"
+        base = "SO" if self.proper else "O" if self.orthogonal else "GL"
         one = f"{base}({sizes[0]})" if len(sizes) == 1 else "/".join(f"{base}({s})" for s in sizes)
         tail = " fixing 1" if self.centred else ""
         return f"{one}{tail}" if len(self.blocks) == 1 else f"{len(self.blocks)} x {one}{tail}"
@@ -94,15 +96,18 @@ def _packet(node):
 class Walk:
     """Labels of the tensors reached from one seed, and what the rules recorded."""
 
-    def __init__(self, captured, params: dict, size: int, blocks: torch.Tensor):
+    def __init__(self, captured, params: dict, size: int, blocks: torch.Tensor, rope: Optional[dict] = None):
         self.captured, self.params = captured, params
+        self.rope = rope or {}                 # RoPE's add node -> (its input x, the nodes inside)
+        self.rope_of = {x: add for add, (x, _) in self.rope.items()}
+        self.inside = {n for _, inner in self.rope.values() for n in inner}
         self.labels: dict = {}                 # node -> int64 labels (node's shape), or a tuple of them
         self.gain: dict = {}                   # node -> float64 gain per channel (pending for readers)
         self.squares: set = set()              # nodes holding squares of labelled values
         self.block = blocks.clone()            # channel -> block id
         self.size = size
         self.orthogonal = self.centred = False
-        self.heads = False
+        self.heads = self.qk = self.proper = False
         self.actions: dict = {}                # (node name, param) -> FoldAction
         self.queue: list = []
 
@@ -121,23 +126,34 @@ class Walk:
         return self.labels.get(node) if isinstance(node, torch.fx.Node) else None
 
     def set(self, node, labels, gain=None) -> None:
-        """Give `node` labels (and a pending gain); equal to what it has, or the walk fails."""
+        """Give `node` labels (and a pending gain). Labels it has already must agree with these;
+        elements it had without a channel may get one (the keys' and the queries' parts of one
+        fused projection arrive one after the other), and every rule runs again."""
         if not isinstance(node, torch.fx.Node):
             raise NoGroup("a constant would have to hold channels of the space")
         old = self.labels.get(node)
         if old is not None:
-            same = (type(old) is type(labels) and
-                    all(torch.equal(a, b) for a, b in zip(_tup(old), _tup(labels))))
-            if not same or not _same_gain(self.gain.get(node), gain):
+            if type(old) is not type(labels) or len(_tup(old)) != len(_tup(labels)) or \
+                    not _same_gain(self.gain.get(node), gain):
                 raise NoGroup(f"{node.name} would hold two different maps")
-            return
-        if not isinstance(labels, tuple) and bool((labels == NONE).all()):
+            merged = []
+            for a, b in zip(_tup(old), _tup(labels)):
+                a, b = torch.broadcast_tensors(a, b)
+                if bool(((a >= 0) & (b >= 0) & (a != b)).any()):
+                    raise NoGroup(f"{node.name} would hold two different maps")
+                merged.append(torch.where(a >= 0, a, b).contiguous())
+            if all(torch.equal(m, torch.broadcast_tensors(a, m)[0]) for m, a in zip(merged, _tup(old))):
+                return                                          # nothing new
+            labels = tuple(merged) if isinstance(old, tuple) else merged[0]
+        elif not isinstance(labels, tuple) and bool((labels == NONE).all()):
             return
         self.labels[node] = labels
         if gain is not None:
             self.gain[node] = gain
         self.queue.append(node)
         self.queue.extend(node.users)
+        if node in self.rope_of:                # RoPE's ops on x are one rule, at its add
+            self.queue.append(self.rope_of[node])
 
     def square(self, node) -> None:
         if node not in self.squares:
@@ -277,14 +293,14 @@ def _getitem(walk, node):
     lab = walk.get(src)
     if isinstance(lab, tuple):
         walk.set(node, lab[node.args[1]], walk.gain.get(src))
-    elif walk.get(node) is not None:
+    elif lab is not None:
+        raise NoGroup(f"{node.name}: reads an element of a tensor of the space")
+    if walk.get(node) is not None:
         # backwards into a multi-output movement op: its rule runs on the tuple
         shapes = [v.shape for v in src.meta["val"]]
         parts = [torch.full(s, NONE, dtype=torch.long) for s in shapes]
         parts[node.args[1]] = _full(walk, node, walk.get(node))
         walk.set(src, tuple(parts), walk.gain.get(node))
-    elif lab is not None:
-        raise NoGroup(f"{node.name}: reads an element of a tensor of the space")
 
 
 register_op(operator.getitem, rotation=_getitem)
@@ -647,11 +663,15 @@ _reg([aten.layer_norm, aten.rms_norm], _layer_norm)
 
 def _sdpa(walk, node):
     """Attention is linear in its values, head by head: the values' channels split into one block
-    per key/value head, and the output holds the block of the head each query head reads."""
+    per key/value head, and the output holds the block of the head each query head reads. Its
+    scores q·kᵀ are unchanged when queries and keys get the same orthogonal map, per key/value
+    head (a query head takes its key head's map under GQA): the output is then invariant."""
     q, k, v = node.args[:3]
     others = [a for a in list(node.args[3:]) + list(node.kwargs.values()) if isinstance(a, torch.fx.Node)]
-    if any(walk.get(t) is not None or t in walk.squares for t in [q, k, *others]):
-        raise NoGroup(f"{node.name}: queries, keys or the mask hold channels of the space")
+    if any(walk.get(t) is not None or t in walk.squares for t in others) or q in walk.squares or k in walk.squares:
+        raise NoGroup(f"{node.name}: the mask or squares hold channels of the space")
+    if walk.get(q) is not None or walk.get(k) is not None:
+        return _scores(walk, node, q, k, v)
     if walk.get(v) is None:
         raise NoGroup(f"{node.name}: its output alone would hold channels of the space")
     if walk.gain.get(v) is not None:
@@ -669,7 +689,141 @@ def _sdpa(walk, node):
     walk.set(node, heads.expand(out_shape).contiguous())
 
 
+def _per_head(walk, t):
+    """(..., H, dh) labels of q or k, which must not vary along the sequence."""
+    lab = _full(walk, t, walk.get(t))
+    if lab.dim() < 3 or not bool((lab == lab.narrow(-2, 0, 1)).all()):
+        raise NoGroup(f"{t.name}: channels vary along the sequence")
+    return lab.narrow(-2, 0, 1)                                        # (..., H, 1, dh)
+
+
+def _scores(walk, node, q, k, v):
+    if walk.get(v) is not None or walk.get(node) is not None:
+        raise NoGroup(f"{node.name}: values and queries/keys in one space")
+    if any(walk.gain.get(t) is not None for t in (q, k)):
+        raise NoGroup(f"{node.name}: queries or keys with a gain")
+    hq, hk = walk.shape(q)[-3], walk.shape(k)[-3]
+    if hq % hk:
+        raise NoGroup(f"{node.name}: {hq} query heads over {hk} key heads")
+    if walk.get(k) is None:                                            # keys from the queries
+        lq = _per_head(walk, q)
+        lk = lq[..., :: hq // hk, :, :]
+        if not torch.equal(lk.repeat_interleave(hq // hk, dim=-3), lq):
+            raise NoGroup(f"{node.name}: the query heads of one key head would need different maps")
+        walk.set(k, lk.expand(walk.shape(k)).contiguous())
+        return
+    lk = _per_head(walk, k)
+    lq = lk.repeat_interleave(hq // hk, dim=-3)
+    if walk.get(q) is None:
+        walk.set(q, lq.expand(walk.shape(q)).contiguous())
+    elif not torch.equal(_per_head(walk, q), lq):
+        raise NoGroup(f"{node.name}: queries and keys would get different maps")
+    for r in lk.reshape(-1, lk.shape[-1]).unique(dim=0):
+        walk.refine(r)
+    walk.orthogonal = walk.qk = True                                   # q·kᵀ = (qQ)·(kQ)ᵀ
+
+
 _reg([aten.scaled_dot_product_attention], _sdpa)
+
+
+def _rope(walk, add):
+    """x·cos + rotate_half(x)·sin (RoPE, as transformers writes it), one rule: it rotates each
+    frequency plane (channel j with j + d/2) by an angle of the position, so a map passes it when it
+    rotates each plane (SO(2) commutes with SO(2)). cos and sin are cat([f, f]) (checked on the
+    graph by `_rope_patterns`), so both channels of a plane see one angle."""
+    x, inner = walk.rope[add]
+    if walk.get(x) is None and walk.get(add) is None:
+        return
+    if x in walk.squares or walk.gain.get(x) is not None or walk.gain.get(add) is not None:
+        raise NoGroup(f"{add.name}: RoPE of squares or of a value with a gain")
+    if any(walk.get(a) is not None for n in inner for a in n.all_input_nodes if a is not x and a not in inner):
+        raise NoGroup(f"{add.name}: RoPE's angles depend on the space")
+    if walk.get(x) is None:
+        walk.set(x, _full(walk, add, walk.get(add)).contiguous())
+        return
+    lab = _full(walk, x, walk.get(x))
+    vec = _vector_labels(add, lab)
+    h = vec.numel() // 2
+    for a, b in zip(vec[:h].tolist(), vec[h:].tolist()):
+        if (a < 0) != (b < 0):
+            raise NoGroup(f"{add.name}: half of a RoPE plane in the space")
+        if a >= 0:
+            walk.refine(torch.tensor([a, b]))
+    walk.proper = walk.orthogonal = True
+    walk.set(add, lab.contiguous())
+
+
+def _rope_patterns(gm) -> dict:
+    """{add node: (x, the nodes inside)} for every x·c + cat([-x[..., h:], x[..., :h]])·s in the
+    graph whose c and s are cos/sin of cat([f, f]) and whose inner nodes have no other reader."""
+    found = {}
+    for add in gm.graph.nodes:
+        if add.op != "call_function" or _packet(add) is not aten.add or len(add.args) != 2 or \
+                add.kwargs.get("alpha", 1) != 1 or not all(isinstance(a, torch.fx.Node) for a in add.args):
+            continue
+        muls = list(add.args)
+        if any(_packet(m) is not aten.mul or len(m.args) != 2 for m in muls):
+            continue
+        for straight, turned in (muls, muls[::-1]):
+            cat = next((a for a in turned.args if isinstance(a, torch.fx.Node) and _packet(a) is aten.cat), None)
+            if cat is None:
+                continue
+            s_node = next(a for a in turned.args if a is not cat)
+            half = _rotate_half(cat)
+            if half is None:
+                continue
+            x, parts = half
+            if x not in straight.args:
+                continue
+            c_node = next((a for a in straight.args if a is not x), None)
+            if not (_doubled(c_node, aten.cos) and _doubled(s_node, aten.sin)):
+                continue
+            inner = {straight, turned, cat, *parts}
+            if all(set(n.users) <= inner | {add} for n in inner):
+                found[add] = (x, inner)
+            break
+    return found
+
+
+def _rotate_half(cat):
+    """(x, the slice/neg nodes) when cat is cat([-x[..., h:], x[..., :h]], -1) with h half x's last dim."""
+    if len(cat.args[0]) != 2 or (cat.args[1] if len(cat.args) > 1 else 0) not in (-1,):
+        if not (len(cat.args) > 1 and len(cat.args[0]) == 2 and
+                cat.args[1] == len(cat.meta["val"].shape) - 1):
+            return None
+    neg, lo = cat.args[0]
+    if not (isinstance(neg, torch.fx.Node) and _packet(neg) is aten.neg and isinstance(lo, torch.fx.Node)):
+        return None
+    hi = neg.args[0]
+    if _packet(hi) is not aten.slice or _packet(lo) is not aten.slice or hi.args[0] is not lo.args[0]:
+        return None
+    x = hi.args[0]
+    d = x.meta["val"].shape[-1]
+    last = (-1, len(x.meta["val"].shape) - 1)
+    if hi.args[1] not in last or lo.args[1] not in last or d % 2:
+        return None
+    if tuple(lo.args[2:4]) != (0, d // 2) or hi.args[2] != d // 2 or hi.args[3] < d:
+        return None
+    return x, {neg, hi, lo}
+
+
+def _doubled(node, fn) -> bool:
+    """Whether `node` is fn(cat([f, f], -1)) up to casts, unsqueezes and scalar factors: both halves
+    of the last dim hold the same values, whatever the positions."""
+    while isinstance(node, torch.fx.Node) and node.op == "call_function":
+        p = _packet(node)
+        if p in (aten._to_copy, aten.to, aten.alias, aten.unsqueeze, aten.detach):
+            node = node.args[0]
+        elif p is aten.mul and len(node.args) == 2 and isinstance(node.args[1], (int, float)):
+            node = node.args[0]
+        elif p is fn:
+            src = node.args[0]
+            return (isinstance(src, torch.fx.Node) and _packet(src) is aten.cat and len(src.args[0]) == 2
+                    and src.args[0][0] is src.args[0][1]
+                    and (src.args[1] if len(src.args) > 1 else 0) in (-1, len(src.meta["val"].shape) - 1))
+        else:
+            return False
+    return False
 
 
 def _matmul(walk, node):
@@ -732,6 +886,10 @@ def _visit(walk, node):
         return
     if node.op != "call_function":
         raise NoGroup(f"{node.name}: {node.op}")
+    if node in walk.inside:
+        return                                   # its RoPE's add accounts for it
+    if node in walk.rope:
+        return _rope(walk, node)
     rule = lookup(node.target, "rotation")
     if rule is None:
         raise NoGroup(f"{node.name}: {node.target} has no rotation rule")
@@ -740,11 +898,11 @@ def _visit(walk, node):
 
 def _space(walk: Walk, seed) -> RotationSpace:
     blocks = walk.blocks()
-    kind = "residual" if walk.orthogonal and not walk.heads else "head" if walk.heads else "linear"
+    kind = "qk" if walk.qk else "head" if walk.heads else "residual" if walk.orthogonal else "linear"
     stack = seed.meta.get("nn_module_stack") or {}
     module = list(stack.values())[-1][0] if stack else ""
     return RotationSpace(kind, walk.size, blocks, walk.orthogonal, walk.centred,
-                         list(walk.actions.values()), seed.name, module)
+                         list(walk.actions.values()), seed.name, module, walk.proper)
 
 
 def find_spaces(captured, params: dict) -> tuple[list, dict]:
@@ -752,6 +910,7 @@ def find_spaces(captured, params: dict) -> tuple[list, dict]:
     whose walk reached the most tensors first)."""
     gm = captured.gm
     found, why, taken, reach = [], {}, set(), {}
+    rope = _rope_patterns(gm)
     for node in gm.graph.nodes:
         if node.op != "call_function":
             continue
@@ -765,15 +924,17 @@ def find_spaces(captured, params: dict) -> tuple[list, dict]:
             shape = node.meta["val"].shape                             # (N, C, *spatial)
             seeds.append((node, torch.arange(shape[1]).view(1, -1, *([1] * (len(shape) - 2))),
                           torch.zeros(shape[1], dtype=torch.long)))
-        if p is aten.scaled_dot_product_attention and node.args[2].name not in taken:
-            v = node.args[2]
-            shape = v.meta["val"].shape                                 # (B, Hkv, S, dh)
-            heads, dh = shape[-3], shape[-1]
-            lab = torch.arange(heads * dh).view(heads, 1, dh)
-            lab = lab.view((1,) * (len(shape) - 3) + tuple(lab.shape))
-            seeds.append((v, lab, torch.arange(heads * dh) // dh))
+        if p is aten.scaled_dot_product_attention:
+            for t in (node.args[2], node.args[1]):                      # values, then keys
+                if t.name in taken:
+                    continue
+                shape = t.meta["val"].shape                             # (B, Hkv, S, dh)
+                heads, dh = shape[-3], shape[-1]
+                lab = torch.arange(heads * dh).view(heads, 1, dh)
+                lab = lab.view((1,) * (len(shape) - 3) + tuple(lab.shape))
+                seeds.append((t, lab, torch.arange(heads * dh) // dh))
         for start, lab, blocks in seeds:
-            walk = Walk(captured, params, int(lab.max()) + 1, blocks)
+            walk = Walk(captured, params, int(lab.max()) + 1, blocks, rope)
             try:
                 walk.set(start, lab.expand(start.meta["val"].shape).contiguous())
                 _run(walk)

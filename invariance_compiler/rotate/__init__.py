@@ -87,7 +87,8 @@ def _block_maps(space: RotationSpace, kind: str, gen) -> torch.Tensor:
     q = torch.eye(space.size, dtype=torch.float64)
     for block in space.blocks:
         idx = torch.tensor(block)
-        q[idx[:, None], idx[None, :]] = orthogonal(len(block), kind, gen, fix_ones=space.centred)
+        q[idx[:, None], idx[None, :]] = orthogonal(len(block), kind, gen, fix_ones=space.centred,
+                                                   proper=space.proper)
     return q
 
 
