@@ -24,10 +24,10 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 import invariance_compiler as ic
+from invariance_compiler.equalize.quant import fake_quantized
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -129,22 +129,6 @@ def train(steps: int, seq: int = 128, batch: int = 16):
     return model.eval(), train_data, val
 
 
-def _fake_quant(x, bits, dim):
-    levels = 2 ** (bits - 1) - 1
-    scale = x.abs().amax(dim=dim, keepdim=True).clamp(min=1e-12) / levels
-    return torch.round(x / scale).clamp(-levels, levels) * scale
-
-
-def quantized(model, wbits, abits):
-    model = copy.deepcopy(model)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.Linear):
-                m.weight.copy_(_fake_quant(m.weight, wbits, 1))
-                m.register_forward_pre_hook(lambda mod, a: (_fake_quant(a[0], abits, -1), *a[1:]))
-    return model
-
-
 @torch.no_grad()
 def perplexity(model, val, seq=128, n=16) -> float:
     ids = val[: n * seq].view(n, seq)
@@ -183,7 +167,7 @@ def benefit(steps: int) -> str:
     schemes = [("FP32", None), ("W8A8", (8, 8)), ("W4A8", (4, 8)), ("W4A4", (4, 4))]
     rows = ["| move | " + " | ".join(s for s, _ in schemes) + " |", "|---|" + "---|" * len(schemes)]
     for name, m in moves.items():
-        cells = [perplexity(m if bits is None else quantized(m, *bits), val) for _, bits in schemes]
+        cells = [perplexity(m if bits is None else fake_quantized(m, *bits), val) for _, bits in schemes]
         rows.append(f"| {name} | " + " | ".join(f"{c:.3f}" if c < 1e4 else f"{c:.3g}" for c in cells) + " |")
     return "\n".join(rows)
 

@@ -16,7 +16,7 @@ import invariance_compiler as ic
 pytest.importorskip("transformers")
 import transformers as T  # noqa: E402
 
-from invariance_compiler.equalize.quant import sqnr_db  # noqa: E402
+from invariance_compiler.equalize.quant import fake_quantized, sqnr_db  # noqa: E402
 from invariance_compiler.tools.hf_families import build, float64_norms  # noqa: E402
 
 ATTENTION = ["bert", "clip_vision", "gpt2", "llama", "opt", "qwen2", "swin", "t5", "vit"]
@@ -153,23 +153,6 @@ def test_a_linear_bottleneck_admits_gl():
     assert torch.allclose(cnn(x), ref, atol=1e-12, rtol=0)
 
 
-def _fake_quant(x, bits, dim):
-    levels = 2 ** (bits - 1) - 1
-    scale = x.abs().amax(dim=dim, keepdim=True).clamp(min=1e-12) / levels
-    return torch.round(x / scale) * scale
-
-
-def _quantized(model, wbits, abits):
-    """Weights per output channel, every Linear's input per token, symmetric round-to-nearest."""
-    model = copy.deepcopy(model)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.Linear):
-                m.weight.copy_(_fake_quant(m.weight, wbits, 1))
-                m.register_forward_pre_hook(lambda mod, a: (_fake_quant(a[0], abits, -1), *a[1:]))
-    return model
-
-
 def _massive(model, channels, factor=20.0):
     """A few residual channels `factor` x larger (the writers' rows), the Linears that read them as
     much smaller (their columns): LLMs' "massive activations"."""
@@ -202,7 +185,7 @@ def test_rotation_raises_the_sqnr_of_quantized_inference(family):
         ic.rotate(rotated, (), {"input_ids": ids})
         assert torch.allclose(rotated(input_ids=ids).logits, ref, atol=1e-4 * float(ref.abs().max()), rtol=0)
         for wbits, abits in ((8, 8), (8, 4)):
-            plain = sqnr_db(ref, _quantized(model, wbits, abits)(input_ids=ids).logits)
-            rot = sqnr_db(ref, _quantized(rotated, wbits, abits)(input_ids=ids).logits)
+            plain = sqnr_db(ref, fake_quantized(model, wbits, abits)(input_ids=ids).logits)
+            rot = sqnr_db(ref, fake_quantized(rotated, wbits, abits)(input_ids=ids).logits)
             # seeds 0-2 give +4.7 to +6.3 dB at W8A8 and +3.9 to +4.7 dB at W8A4 (seed 0 here)
             assert rot >= plain + 3.0, (family, wbits, abits, plain, rot)

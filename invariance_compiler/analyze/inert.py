@@ -322,6 +322,13 @@ def _perturbed(node, state):
     return [a for a in node.all_input_nodes if a in state]
 
 
+def _first_only(node, state):
+    """The pattern of the op's first argument, when it is the only perturbed input."""
+    if _perturbed(node, state) != [node.args[0]]:
+        raise _Fail
+    return state[node.args[0]]
+
+
 def view_step(node, state):
     """The `inert` facet of movement ops: the pattern moves exactly (the op runs on it)."""
     return _map(_rerun(node, {a: state[a].expand(a.meta["val"].shape) if isinstance(state[a], torch.Tensor)
@@ -371,9 +378,7 @@ def _contract_last(arg):
 
 def _conv_step(node, state):
     args, out = node.args, node.meta.get("val")
-    if _perturbed(node, state) != [args[0]]:
-        raise _Fail
-    P = state[args[0]]
+    P = _first_only(node, state)
     padding = args[4] if len(args) > 4 else 0
     if not _constant_along(P, range(2, P.dim())) or (isinstance(padding, str) and padding != "valid") \
             or (not isinstance(padding, str) and any(_as_list(padding))):
@@ -413,27 +418,21 @@ def _sdpa_step(node, state):
 
 
 def _bn_step(node, state):
-    if _perturbed(node, state) != [node.args[0]]:
-        raise _Fail
-    P = state[node.args[0]]
+    P = _first_only(node, state)
     if _bn_training(node) and _constant_along(P, [d for d in range(P.dim()) if d != 1]):
         return KILLED
     raise _Fail
 
 
 def _layer_norm_step(node, state):
-    if _perturbed(node, state) != [node.args[0]]:
-        raise _Fail
-    P = state[node.args[0]]
+    P = _first_only(node, state)
     if _constant_along(P, range(P.dim() - len(node.args[1]), P.dim())):
         return KILLED
     raise _Fail
 
 
 def _group_norm_step(node, state):
-    if _perturbed(node, state) != [node.args[0]]:
-        raise _Fail
-    P = state[node.args[0]]
+    P = _first_only(node, state)
     if _constant_along(P, range(2, P.dim())) and P.size(1) == 1:
         return KILLED
     groups = node.args[1]
@@ -445,9 +444,7 @@ def _group_norm_step(node, state):
 
 
 def _max_pool_step(node, state):
-    if _perturbed(node, state) != [node.args[0]]:
-        raise _Fail
-    P = state[node.args[0]]
+    P = _first_only(node, state)
     if _constant_along(P, range(2, P.dim())):
         return _map_first(P, node.meta.get("val"))
     raise _Fail
@@ -455,9 +452,7 @@ def _max_pool_step(node, state):
 
 def _avg_pool_step(node, state):
     args = node.args
-    if _perturbed(node, state) != [args[0]]:
-        raise _Fail
-    P = state[args[0]]
+    P = _first_only(node, state)
     padding = args[3] if len(args) > 3 else 0
     include_pad = args[5] if len(args) > 5 else True
     divisor = args[6] if len(args) > 6 else None
@@ -470,9 +465,7 @@ def _avg_pool_step(node, state):
 
 def _reduce_step(node, state):
     args = node.args
-    if _perturbed(node, state) != [args[0]]:
-        raise _Fail
-    P = state[args[0]]
+    P = _first_only(node, state)
     dims = args[1] if len(args) > 1 else None
     dims = list(range(P.dim())) if dims is None else [d % P.dim() for d in _as_list(dims)]
     keep = len(args) > 2 and args[2]

@@ -31,6 +31,7 @@ from typing import Optional
 import torch
 import torch.fx
 
+from .inert import _rerun
 from .rules import _register, aten, lookup, register_op
 
 __all__ = ["RotationSpace", "FoldAction", "find_spaces", "NoGroup", "Walk", "same_channels"]
@@ -204,26 +205,6 @@ def _full(walk, node, labels):
     return labels.expand(walk.shape(node)) if labels is not None else None
 
 
-def _rerun(node, sub: dict, walk):
-    """Run node's op with argument nodes in `sub` replaced by integer tensors, the others by
-    tensors of -1 of their shape."""
-    def arg(a):
-        if isinstance(a, torch.fx.Node):
-            if a in sub:
-                return sub[a]
-            v = a.meta.get("val")
-            return torch.full(v.shape, NONE, dtype=torch.long) if isinstance(v, torch.Tensor) else v
-        if isinstance(a, (list, tuple)):
-            return type(a)(arg(x) for x in a)
-        return a
-    target = node.target
-    if _packet(node) in (aten.view, aten._unsafe_view):
-        target = aten.reshape.default
-    kwargs = {k: arg(v) for k, v in node.kwargs.items()
-              if k not in ("dtype", "memory_format", "layout", "device", "pin_memory")}
-    return target(*[arg(a) for a in node.args], **kwargs)
-
-
 def same_channels(walk, node):
     """The rotation facet of ops whose output element i is a function of input element i alone and
     commutes with linear maps: to / clone / alias / contiguous / detach / dropout that drops nothing
@@ -258,14 +239,14 @@ def _movement(walk, node):
     if gains and (len(gains) != len(known) or any(not torch.equal(g, gain) for g in gains)):
         raise NoGroup(f"{node.name}: a gain meets another map")
     if known:
-        out = _rerun(node, known, walk)
+        out = _rerun(node, known)
         walk.set(node, tuple(out) if isinstance(out, (list, tuple)) else out, gain)
     if walk.get(node) is None:
         return
     # backwards: which element of each input each output element is
     for a in inputs:
         numel = walk.shape(a).numel()
-        src = _rerun(node, {a: torch.arange(numel).view(walk.shape(a))}, walk)
+        src = _rerun(node, {a: torch.arange(numel).view(walk.shape(a))})
         lab = walk.get(node)
         src, lab = _tup(src), _tup(lab)
         back = torch.full((numel,), NONE, dtype=torch.long)

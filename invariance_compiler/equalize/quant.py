@@ -1,11 +1,15 @@
-"""Per-tensor symmetric weight quantization (what equalization is for) and the signal-to-noise
-ratio of a quantized model's outputs: the yardsticks of `benchmarks/equalize_table.py` and the tests."""
+"""Per-tensor symmetric weight quantization (what equalization is for), weight-and-activation fake
+quantization of every Linear (what rotation is for) and the signal-to-noise ratio of a quantized
+model's outputs: the yardsticks of `benchmarks/equalize_table.py`, `benchmarks/rotate_table.py`
+and the tests."""
 from __future__ import annotations
+
+import copy
 
 import torch
 import torch.nn as nn
 
-__all__ = ["quantize_weights_", "sqnr_db"]
+__all__ = ["quantize_weights_", "sqnr_db", "fake_quantized"]
 
 
 @torch.no_grad()
@@ -26,3 +30,23 @@ def sqnr_db(reference: torch.Tensor, other: torch.Tensor) -> float:
     """10·log10(‖reference‖² / ‖reference - other‖²)."""
     noise = (reference - other).double().pow(2).sum()
     return float(10 * torch.log10(reference.double().pow(2).sum() / noise.clamp(min=1e-300)))
+
+
+def _round(x: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
+    """Symmetric round-to-nearest with one scale per slice along `dim` (max |x| / (2^(bits-1) - 1))."""
+    levels = 2 ** (bits - 1) - 1
+    scale = x.abs().amax(dim=dim, keepdim=True).clamp(min=1e-12) / levels
+    return torch.round(x / scale).clamp(-levels, levels) * scale
+
+
+def fake_quantized(model: nn.Module, wbits: int, abits: int) -> nn.Module:
+    """A copy of `model` whose every nn.Linear has its weight rounded per output channel to `wbits`
+    and its input rounded per token to `abits` (symmetric round-to-nearest, as QuaRot's RTN
+    baselines)."""
+    model = copy.deepcopy(model)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.Linear):
+                m.weight.copy_(_round(m.weight, wbits, 1))
+                m.register_forward_pre_hook(lambda mod, a: (_round(a[0], abits, -1), *a[1:]))
+    return model
