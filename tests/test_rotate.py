@@ -189,3 +189,19 @@ def test_rotation_raises_the_sqnr_of_quantized_inference(family):
             rot = sqnr_db(ref, fake_quantized(rotated, wbits, abits)(input_ids=ids).logits)
             # seeds 0-2 give +4.7 to +6.3 dB at W8A8 and +3.9 to +4.7 dB at W8A4 (seed 0 here)
             assert rot >= plain + 3.0, (family, wbits, abits, plain, rot)
+
+
+def test_a_mixture_of_experts_stream_rotates():
+    """Mixtral: the router reads the stream, each expert reads and writes it through transformers'
+    grouped matmul over (E, out, in) parameters, the top-k combine sums what they write."""
+    cfg = T.MixtralConfig(vocab_size=16, hidden_size=8, intermediate_size=12, num_hidden_layers=1,
+                          num_attention_heads=2, num_key_value_heads=1, head_dim=4, max_position_embeddings=8,
+                          num_local_experts=2)
+    model = _generic(T.MixtralForCausalLM(cfg).eval())      # float32: the grouped matmul wants it
+    ids = torch.arange(16).view(2, 8)
+    ref = model(input_ids=ids).logits.detach()
+    rot = ic.rotate(model, (), {"input_ids": ids})
+    res = [g for g in rot.groups if g.kind == "residual"]
+    assert len(res) == 1 and {"model.layers.0.mlp.gate.weight", "model.layers.0.mlp.experts.gate_up_proj",
+                              "model.layers.0.mlp.experts.down_proj"} <= set(res[0].params)
+    assert torch.allclose(model(input_ids=ids).logits, ref, atol=1e-5 * float(ref.abs().max()), rtol=0)

@@ -509,6 +509,15 @@ def _mul(walk, node):
     labelled = [t for t in (a, b) if isinstance(t, torch.fx.Node) and (walk.get(t) is not None or t in walk.squares)]
     if len(labelled) != 1:
         if walk.get(node) is not None and not labelled:
+            # backwards: x · s with s constant over the channels (a router's weight per token)
+            lab = _full(walk, node, walk.get(node))
+            full = [t for t in (a, b) if walk.shape_or_none(t) == lab.shape]
+            rest = [t for t in (a, b) if t not in full[:1]]
+            if walk.gain.get(node) is None and full and all(
+                    not isinstance(t, torch.fx.Node) or _constant_over_channels(walk, lab, walk.shape(t))
+                    for t in rest) and (_packet(node) is aten.mul or full[0] is a):
+                walk.set(full[0], lab)
+                return
             raise NoGroup(f"{node.name}: a product would have to hold channels of the space")
         if len(labelled) > 1:
             raise NoGroup(f"{node.name}: multiplies two tensors of the space")
@@ -575,8 +584,14 @@ def _reduce(walk, node):
         walk.orthogonal = True
         return                                                    # invariant: no labels
     lab = walk.get(x)
-    if lab is None:
-        raise NoGroup(f"{node.name}: a reduction would have to hold channels of the space")
+    if lab is None:                   # backwards: a sum over tokens or experts of vectors of the space
+        out = _full(walk, node, walk.get(node))
+        if walk.gain.get(node) is not None:
+            raise NoGroup(f"{node.name}: a reduction would have to hold a gain")
+        for d in sorted(dims) if not keep else []:
+            out = out.unsqueeze(d)
+        walk.set(x, out.expand(shape).contiguous())
+        return
     full = _full(walk, x, lab)
     for d in dims:
         if not bool((full == full.narrow(d, 0, 1)).all()):
@@ -827,6 +842,60 @@ def _matmul(walk, node):
 _reg([aten.matmul, aten.bmm], _matmul)
 
 
+def _index_rows(walk, node):
+    """x[idx] along the leading dim (a mixture of experts gathering its tokens): each row keeps its
+    channels, when they do not vary from row to row."""
+    x, indices = node.args[0], node.args[1]
+    if len(indices) != 1 or indices[0] is None or walk.get(indices[0]) is not None:
+        raise NoGroup(f"{node.name}: indexes channels of the space")
+    if walk.get(x) is not None:
+        lab = _full(walk, x, walk.get(x))
+        if not bool((lab == lab.narrow(0, 0, 1)).all()):
+            raise NoGroup(f"{node.name}: gathers rows that hold different channels")
+        walk.set(node, lab.narrow(0, 0, 1).expand(walk.shape(node)).contiguous(), walk.gain.get(x))
+    elif walk.get(node) is not None:
+        lab = _full(walk, node, walk.get(node))
+        if not bool((lab == lab.narrow(0, 0, 1)).all()):
+            raise NoGroup(f"{node.name}: gathers rows that hold different channels")
+        walk.set(x, lab.narrow(0, 0, 1).expand(walk.shape(x)).contiguous(), walk.gain.get(node))
+
+
+_reg([aten.index], _index_rows)
+
+
+def _grouped_mm(walk, node):
+    """grouped_mm(x, W, offsets): x @ W[e] for the rows of expert e, W (E, in, out), a parameter
+    (E, out, in) transposed as transformers stores its experts: a reader of x's channels and a writer
+    of the output's, folded into the parameter's `in` or `out` axis."""
+    x, w = node.args[0], node.args[1]
+    if walk.get(x) is not None and walk.get(node) is not None:
+        raise NoGroup(f"{node.name}: a map from the space into itself")
+    if walk.get(w) is not None or x in walk.squares:
+        raise NoGroup(f"{node.name}: reads the space where it cannot be folded")
+    transposed = isinstance(w, torch.fx.Node) and _packet(w) is aten.transpose and \
+        sorted(d % 3 for d in w.args[1:3]) == [1, 2]
+    p = _param(walk, w.args[0] if transposed else w)
+    if p is None or len(walk.shape(p)) != 3:
+        raise NoGroup(f"{node.name}: its weights are not one (E, ., .) parameter")
+    for t, axis in ((x, 2 if transposed else 1), (node, 1 if transposed else 2)):
+        if walk.get(t) is None:
+            continue
+        lab = _last_dim_labels(walk, t, walk.get(t))
+        _check_instances(walk, node, lab)
+        walk.record(node, p, "vectors", axis=axis, labels=lab, gain=walk.gain.get(x) if t is x else None)
+
+
+_reg([aten._grouped_mm], _grouped_mm)
+
+
+def _register_library_ops() -> None:
+    """Ops that other libraries define when they are imported (transformers' CPU grouped_mm)."""
+    lib = getattr(torch.ops, "transformers", None)
+    op = getattr(lib, "grouped_mm_fallback", None) if lib is not None else None
+    if op is not None and lookup(op.default, "rotation") is None:
+        _reg([op], _grouped_mm)
+
+
 def _no_effect(walk, node):
     pass
 
@@ -890,6 +959,7 @@ def find_spaces(captured, params: dict) -> tuple[list, dict]:
     """The spaces of a captured graph: (list of RotationSpace, {seed node: why no group}, the seeds
     whose walk reached the most tensors first)."""
     gm = captured.gm
+    _register_library_ops()
     found, why, taken, reach = [], {}, set(), {}
     rope = _rope_patterns(gm)
     for node in gm.graph.nodes:
