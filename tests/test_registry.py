@@ -6,7 +6,7 @@ import torch.nn as nn
 
 import invariance_compiler as ic
 from invariance_compiler.analyze.inert import view_step
-from invariance_compiler.analyze.rotations import same_channels
+from invariance_compiler.analyze.rotation_rules import same_channels
 
 
 @torch.library.custom_op("ictest::same", mutates_args=())
