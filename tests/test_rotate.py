@@ -205,3 +205,16 @@ def test_a_mixture_of_experts_stream_rotates():
     assert len(res) == 1 and {"model.layers.0.mlp.gate.weight", "model.layers.0.mlp.experts.gate_up_proj",
                               "model.layers.0.mlp.experts.down_proj"} <= set(res[0].params)
     assert torch.allclose(model(input_ids=ids).logits, ref, atol=1e-5 * float(ref.abs().max()), rtol=0)
+
+
+def test_the_check_runs_in_train_mode_without_side_effects():
+    """rotate's before/after check draws the same dropout masks both times and leaves the RNG and
+    the buffers as they were."""
+    model, args, kwargs = build("gpt2", dropout=True)                 # dropout 0.1 everywhere
+    model = _generic(model).train()
+    torch.manual_seed(5)
+    state = torch.random.get_rng_state()
+    rot = ic.rotate(model, args, kwargs)                              # would undo and raise on a mismatch
+    assert "residual" not in [g.kind for g in rot.groups]             # dropout on the stream scales at random
+    assert {"head", "qk"} <= {g.kind for g in rot.groups}             # attention's dropout is on P
+    assert torch.equal(torch.random.get_rng_state(), state)

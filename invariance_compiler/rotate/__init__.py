@@ -186,8 +186,19 @@ def _write(model: nn.Module, values: dict, params: dict) -> list:
 
 
 def _outputs(model, args, kwargs):
-    with torch.no_grad():
-        out = model(*args, **kwargs)
+    """The model's floating outputs on the example, with the same dropout masks every time and its
+    buffers (BatchNorm's running statistics) and the RNG left as they were."""
+    buffers = {n: b.clone() for n, b in model.named_buffers()}
+    rng = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(0)
+        with torch.no_grad():
+            out = model(*args, **kwargs)
+    finally:
+        with torch.no_grad():
+            for n, b in model.named_buffers():
+                b.copy_(buffers[n])
+        torch.random.set_rng_state(rng)
     return [t.detach().clone() for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)
             and t.is_floating_point()]
 
