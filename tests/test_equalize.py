@@ -208,3 +208,23 @@ def test_equalize_is_a_function_of_the_orbit(name):
         qa = quantize_weights_(copy.deepcopy(model))(*x)
         qb = quantize_weights_(copy.deepcopy(moved))(*x)
     assert abs(sqnr_db(ref, qa) - sqnr_db(ref, qb)) < 1e-6
+
+
+@pytest.mark.parametrize("eps", [1e-6, 1e-30])
+def test_a_normalize_class_moves_only_where_the_norms_eps_cannot_see_it(eps):
+    """A Llama at transformers' initialisation (embeddings of std 0.02): its stream's scale is a
+    normalize class, and RMSNorm's eps of 1e-6 is 0.25 % of the stream's mean square there, so
+    moving it would change the logits by 6e-4: equalize leaves it (and says so), keeping the
+    function to rounding. With a negligible eps it moves."""
+    import transformers as T
+    cfg = T.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=16,
+                        rms_norm_eps=eps)
+    torch.manual_seed(0)
+    model = float64_norms(T.LlamaForCausalLM(cfg).double().eval())
+    ids = torch.randint(0, 64, (2, 16))
+    ref = model(input_ids=ids).logits.detach()
+    eq = ic.equalize(model, (), {"input_ids": ids})
+    assert "normalize" in eq.report.simple_kinds
+    assert eq.normalize_kept == (eps == 1e-6)
+    assert float((model(input_ids=ids).logits - ref).abs().max()) <= 1e-10 * float(ref.abs().max())

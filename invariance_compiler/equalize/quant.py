@@ -9,7 +9,7 @@ import copy
 import torch
 import torch.nn as nn
 
-__all__ = ["quantize_weights_", "sqnr_db", "fake_quantized"]
+__all__ = ["quantize_weights_", "sqnr_db", "fake_quantized", "outputs_on", "relative_change"]
 
 
 @torch.no_grad()
@@ -50,3 +50,30 @@ def fake_quantized(model: nn.Module, wbits: int, abits: int) -> nn.Module:
                 m.weight.copy_(_round(m.weight, wbits, 1))
                 m.register_forward_pre_hook(lambda mod, a: (_round(a[0], abits, -1), *a[1:]))
     return model
+
+
+def outputs_on(model: nn.Module, args: tuple, kwargs: dict) -> list:
+    """The model's floating outputs on one example, with the same dropout masks every time and its
+    buffers (BatchNorm's running statistics) and the RNG left as they were."""
+    buffers = {n: b.clone() for n, b in model.named_buffers()}
+    rng = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(0)
+        with torch.no_grad():
+            out = model(*args, **kwargs)
+    finally:
+        with torch.no_grad():
+            for n, b in model.named_buffers():
+                b.copy_(buffers[n])
+        torch.random.set_rng_state(rng)
+    return [t.detach().clone() for t in torch.utils._pytree.tree_leaves(out)
+            if isinstance(t, torch.Tensor) and t.is_floating_point()]
+
+
+def relative_change(before: list, after: list) -> float:
+    """max over outputs of max |a - b| / max |a|."""
+    worst = 0.0
+    for a, b in zip(before, after):
+        scale = float(a.abs().max()) or 1.0
+        worst = max(worst, float((a - b).abs().max()) / scale)
+    return worst

@@ -23,6 +23,8 @@ import torch.nn as nn
 
 from ..analyze import SymmetryReport, analyze
 from ..skeleton import balance, build_skeleton, typical_scales
+from ..trace import capture_kwargs, example_inputs_for
+from .quant import outputs_on, relative_change
 from .fold import fold_batchnorm
 
 __all__ = ["equalize", "Equalization"]
@@ -44,6 +46,8 @@ class Equalization:
     iterations: int
     float_producers: torch.Tensor = None         # those of `classes` whose producers stay in float
     folded: list = field(default_factory=list)   # (layer, batchnorm) pairs folded first
+    normalize_kept: bool = False                 # normalize classes left where they were: moving
+                                                 # them changed the outputs by more than EPS_TOLERANCE
 
     @property
     def imbalance(self) -> float:
@@ -191,25 +195,32 @@ def equalize(model: nn.Module, example_inputs: Any = None, example_kwargs: Optio
         # x moves by e^λ, its consumers by e^-λ: λ = -log s = (1 - alpha) log max|w| - alpha log max|x|
         lam[smooth] = ((1 - alpha) * start[:, 1] - alpha * act)[smooth]
         lone = lone & ~smooth
+    normalize_kept = False
     steps = 0
     if objective == "l2":
         full = balance(report, model)
         lam[:n] = full[:n]
     else:
-        for steps in range(1, iterations + 1):
-            r = _ranges(grids, lam, n)
-            gap = torch.where(both, r[:, 1] - r[:, 0], 0.0)
-            gap = torch.where(lone, 2 * (r[:, 1] - target), gap)     # one side moves: twice the step
-            gap = torch.where(normal, 2 * (target - r[:, 0]), gap)
-            # DFQ's step is gap / 2; 0.8 of it, because a class's producers are its upstream
-            # neighbour's consumers and moving every class by its full step at once can oscillate
-            # (layerscale in the zoo did); 0.5 of it converged 2-3x slower
-            lam += 0.4 * gap
-            if float(gap.abs().max()) <= tol:
-                break
+        start_lam = lam.clone()
+        lam, steps = _iterate(grids, lam, n, both, lone, normal, target, iterations, tol)
         full = torch.zeros(report.num_generators, dtype=torch.float64)
         full[:n] = lam[:n]
+        moved = bool(normal.any()) and bool(lam[normal].abs().max() > 0)
+        if moved:                                   # a normaliser's eps may see the move: check
+            args, kwargs = _example(model, example_inputs, example_kwargs)
+            before, saved = outputs_on(model, args, kwargs), [p.detach().clone() for p in model.parameters()]
         report.act(model, full)
+        if moved and relative_change(before, outputs_on(model, args, kwargs)) > EPS_TOLERANCE:
+            with torch.no_grad():                   # keep the normalize classes where they are
+                for p, v in zip(model.parameters(), saved):
+                    p.copy_(v)
+            start_lam[normal] = 0.0
+            lam, steps = _iterate(grids, start_lam, n, both, lone, torch.zeros_like(normal), target,
+                                  iterations, tol)
+            full = torch.zeros(report.num_generators, dtype=torch.float64)
+            full[:n] = lam[:n]
+            report.act(model, full)
+            normalize_kept = True
     after = _ranges(grids, lam, n)
     for r in (start, after):
         r[lone, 0] = target
@@ -219,4 +230,34 @@ def equalize(model: nn.Module, example_inputs: Any = None, example_kwargs: Optio
         lone = lone | smooth
     idx = (both | lone).nonzero().reshape(-1)
     return Equalization(model, report, full, idx, start[idx].exp(), after[idx].exp(), steps,
-                        lone.nonzero().reshape(-1), folded)
+                        lone.nonzero().reshape(-1), folded, normalize_kept)
+
+
+# A move of a normalize class changes what a normaliser's eps adds to its input's mean square:
+# nothing when eps is negligible (CNNs' GroupNorm on O(1) activations: 1e-6 of the output), 6e-4
+# of the logits on a Llama at transformers' initialisation (embeddings of std 0.02, eps 1e-6)
+EPS_TOLERANCE = 1e-5
+
+
+def _iterate(grids, lam, n, both, lone, normal, target, iterations, tol):
+    """DFQ's fixed point from `lam`: (λ, iterations)."""
+    steps = 0
+    for steps in range(1, iterations + 1):
+        r = _ranges(grids, lam, n)
+        gap = torch.where(both, r[:, 1] - r[:, 0], 0.0)
+        gap = torch.where(lone, 2 * (r[:, 1] - target), gap)     # one side moves: twice the step
+        gap = torch.where(normal, 2 * (target - r[:, 0]), gap)
+        # DFQ's step is gap / 2; 0.8 of it, because a class's producers are its upstream
+        # neighbour's consumers and moving every class by its full step at once can oscillate
+        # (layerscale in the zoo did); 0.5 of it converged 2-3x slower
+        lam = lam + 0.4 * gap
+        if float(gap.abs().max()) <= tol:
+            break
+    return lam, steps
+
+
+def _example(model, example_inputs, example_kwargs):
+    if example_inputs is None and not example_kwargs:
+        example_inputs = example_inputs_for(model)
+    args = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs or ())
+    return args, capture_kwargs(model, example_kwargs)

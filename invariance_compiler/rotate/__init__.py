@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 
 from ..analyze.rotations import RotationSpace, find_spaces
+from ..equalize.quant import outputs_on, relative_change
 from ..trace import capture, capture_kwargs, example_inputs_for
 from .matrices import orthogonal
 
@@ -68,11 +69,11 @@ def rotate(model: nn.Module, example_inputs: Any = None, example_kwargs: Optiona
     gen = torch.Generator().manual_seed(seed)
     maps = [_block_maps(s, kind, gen) for s in spaces]
     values = _fold(spaces, maps, params)
-    before = _outputs(model, args, kwargs) if check else None
+    before = outputs_on(model, args, kwargs) if check else None
     saved = {n: p.detach().clone() for n, p in params.items()} if check else None
     untied = _write(model, values, params)
     if check:
-        after = _outputs(model, args, kwargs)
+        after = outputs_on(model, args, kwargs)
         bad = _mismatch(before, after)
         if bad is not None:
             _restore(model, saved, untied)
@@ -185,29 +186,8 @@ def _write(model: nn.Module, values: dict, params: dict) -> list:
     return untied
 
 
-def _outputs(model, args, kwargs):
-    """The model's floating outputs on the example, with the same dropout masks every time and its
-    buffers (BatchNorm's running statistics) and the RNG left as they were."""
-    buffers = {n: b.clone() for n, b in model.named_buffers()}
-    rng = torch.random.get_rng_state()
-    try:
-        torch.manual_seed(0)
-        with torch.no_grad():
-            out = model(*args, **kwargs)
-    finally:
-        with torch.no_grad():
-            for n, b in model.named_buffers():
-                b.copy_(buffers[n])
-        torch.random.set_rng_state(rng)
-    return [t.detach().clone() for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)
-            and t.is_floating_point()]
-
-
 def _mismatch(before, after) -> Optional[float]:
-    worst = 0.0
-    for a, b in zip(before, after):
-        scale = float(a.abs().max()) or 1.0
-        worst = max(worst, float((a - b).abs().max()) / scale)
+    worst = relative_change(before, after)
     # float64 models may still normalise in float32 (Llama's RMSNorm does); a wrong rule is O(1)
     tol = {torch.float64: 1e-6, torch.float32: 1e-3}
     return worst if worst > max(tol.get(t.dtype, 0.1) for t in before) else None
