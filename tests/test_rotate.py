@@ -182,7 +182,10 @@ def test_rotation_raises_the_sqnr_of_quantized_inference(family):
     with torch.no_grad():
         ref = model(input_ids=ids).logits
         rotated = copy.deepcopy(model)
-        ic.rotate(rotated, (), {"input_ids": ids})
+        rot = ic.rotate(rotated, (), {"input_ids": ids})
+        qk = [g for g in rot.groups if g.kind == "qk"]               # two key heads: RoPE planes in each
+        assert len(qk) == 2 and all(g.proper and len(g.blocks) == 32 for g in qk)
+        assert len([g for g in rot.groups if g.kind == "residual"]) == 1
         assert torch.allclose(rotated(input_ids=ids).logits, ref, atol=1e-4 * float(ref.abs().max()), rtol=0)
         for wbits, abits in ((8, 8), (8, 4)):
             plain = sqnr_db(ref, fake_quantized(model, wbits, abits)(input_ids=ids).logits)

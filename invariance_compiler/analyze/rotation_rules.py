@@ -508,13 +508,12 @@ def rope(walk, add):
         walk.set(x, full_labels(walk, add, walk.get(add)).contiguous())
         return
     lab = full_labels(walk, x, walk.get(x))
-    vec = vector_labels(add, lab)
-    h = vec.numel() // 2
-    for a, b in zip(vec[:h].tolist(), vec[h:].tolist()):
-        if (a < 0) != (b < 0):
-            raise NoGroup(f"{add.name}: half of a RoPE plane in the space")
-        if a >= 0:
-            walk.refine(torch.tensor([a, b]))
+    h = lab.shape[-1] // 2
+    planes = torch.stack([lab[..., :h], lab[..., h:]], dim=-1).reshape(-1, 2).unique(dim=0)
+    if bool(((planes[:, 0] < 0) != (planes[:, 1] < 0)).any()):     # every head's vector, every token
+        raise NoGroup(f"{add.name}: half of a RoPE plane in the space")
+    for a, b in planes[planes[:, 0] >= 0].tolist():
+        walk.refine(torch.tensor([a, b]))
     walk.proper = walk.orthogonal = True
     walk.set(add, lab.contiguous())
 
