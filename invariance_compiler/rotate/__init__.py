@@ -1,7 +1,8 @@
 """Rotations found from the graph (DESIGN §3.8): `rotate` moves a model along the orthogonal part of
 its symmetry group, in place, so that outliers spread over many channels before quantization
-(QuaRot's R1 on the residual stream, R2 on each attention's values and outputs), on any
-architecture the analysis walks, with no adapter per model family."""
+(QuaRot's R1 on the residual stream, R2 on each attention's values and outputs, and the maps that
+queries and keys share, RoPE's planes under RoPE), on any architecture the analysis walks, with no
+adapter per model family."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -42,8 +43,9 @@ class Rotation:
 def rotate(model: nn.Module, example_inputs: Any = None, example_kwargs: Optional[dict] = None, *,
            kind: str = "hadamard", seed: int = 0, check: bool = True) -> Rotation:
     """Rotate every hidden space of `model` that the graph proves rotatable (the residual stream of
-    a pre-norm transformer, each attention's value/output heads, linear bottlenecks), folding the
-    maps into the weights in place; the function is kept (to float rounding).
+    a pre-norm transformer, each attention's value/output heads and its queries/keys, linear
+    bottlenecks), folding the maps into the weights in place; the function is kept (to float
+    rounding).
 
     kind:  "hadamard" (a Hadamard matrix with random signs where the block size is a power of two,
            else random) or "random" (Haar-random orthogonal).
