@@ -196,10 +196,14 @@ def _mismatch(before, after) -> Optional[float]:
 
 
 def _restore(model, saved: dict, untied: list) -> None:
+    """Undo _write: the tied parameters tied again (and the config's flag), the values saved."""
     with torch.no_grad():
         for orig, new in untied:
-            owner, attr = (model.get_submodule(new.rsplit(".", 1)[0]) if "." in new else model), new.rsplit(".", 1)[-1]
-            setattr(owner, attr, dict(model.named_parameters())[orig])
+            owner = model.get_submodule(new.rsplit(".", 1)[0]) if "." in new else model
+            setattr(owner, new.rsplit(".", 1)[-1], dict(model.named_parameters())[orig])
+        if untied and getattr(model, "config", None) is not None and \
+                hasattr(model.config, "tie_word_embeddings"):
+            model.config.tie_word_embeddings = True
         for n, p in model.named_parameters():
             if n in saved:
                 p.copy_(saved[n])
