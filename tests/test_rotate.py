@@ -221,3 +221,19 @@ def test_the_check_runs_in_train_mode_without_side_effects():
     assert "residual" not in [g.kind for g in rot.groups]             # dropout on the stream scales at random
     assert {"head", "qk"} <= {g.kind for g in rot.groups}             # attention's dropout is on P
     assert torch.equal(torch.random.get_rng_state(), state)
+
+
+def test_a_wrong_rotation_rule_is_caught_and_undone():
+    """A rule that lies (ReLU declared to pass any map) gives a group that changes the function:
+    rotate's check sees it, restores every weight and says so."""
+    from invariance_compiler.analyze.rotation_rules import same_channels
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3)).double()
+    x = torch.randn(5, 6, dtype=torch.float64)
+    before = {n: p.detach().clone() for n, p in net.named_parameters()}
+    assert ic.rotate(net, (x,), check=False).groups == []                  # the truth: no group
+    with ic.rules.registered(torch.ops.aten.relu, rotation=same_channels):
+        with pytest.raises(RuntimeError, match="undone"):
+            ic.rotate(net, (x,), kind="random")
+    for n, p in net.named_parameters():
+        assert torch.equal(p, before[n]), n
