@@ -11,8 +11,9 @@ that QuaRot, SpinQuant, SliceGPT and llm-compressor support with their hand-writ
 Part 2, benefit: a byte-level Llama (transformers' own class; d 128, 4 layers, GQA) trained here on
 the Python standard library's sources, then quantized with round-to-nearest: weights per output
 channel, every Linear's input per token, symmetric. Validation perplexity for: no move, `equalize`
-(SmoothQuant-style migration at the norms, calibrated on training batches), `rotate` (Hadamard), and
-`rotate` then `equalize`. Deterministic (seed 0)."""
+(SmoothQuant-style migration at the norms, calibrated on training batches), `rotate` (Hadamard; all
+spaces, and the residual stream and value/output heads only), and `rotate` then `equalize`.
+Deterministic (seed 0)."""
 from __future__ import annotations
 
 import argparse
@@ -159,6 +160,9 @@ def benefit(steps: int) -> str:
     rot = copy.deepcopy(model)
     r = ic.rotate(rot, (), example)
     moves["rotate"] = rot
+    r12 = copy.deepcopy(model)
+    ic.rotate(r12, (), example, spaces=("residual", "head"))
+    moves["rotate R1 + R2 only"] = r12
     both = copy.deepcopy(rot)
     ic.equalize(both, (), example, calibration=calib)
     moves["rotate + equalize"] = both

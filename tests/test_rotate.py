@@ -237,3 +237,16 @@ def test_a_wrong_rotation_rule_is_caught_and_undone():
             ic.rotate(net, (x,), kind="random")
     for n, p in net.named_parameters():
         assert torch.equal(p, before[n]), n
+
+
+def test_spaces_chooses_what_rotates():
+    model, args, kwargs = build("llama", dropout=False)
+    model = _generic(float64_norms(model)).eval()
+    ref = model(*args, **kwargs).logits.detach()
+    v = model.model.layers[0].self_attn.v_proj.weight.detach().clone()
+    rot = ic.rotate(model, args, kwargs, spaces=("qk",))
+    assert [g.kind for g in rot.groups] == ["qk"]                       # found: residual, head, qk
+    assert torch.equal(model.model.layers[0].self_attn.v_proj.weight, v)  # no residual or head map
+    assert torch.allclose(model(*args, **kwargs).logits, ref, atol=1e-12 * float(ref.abs().max()), rtol=0)
+    with pytest.raises(ValueError, match="spaces must be among"):
+        ic.rotate(model, args, kwargs, spaces=("residul",))

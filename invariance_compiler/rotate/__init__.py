@@ -6,7 +6,7 @@ adapter per model family."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -40,8 +40,12 @@ class Rotation:
         return "\n".join(lines)
 
 
+KINDS = ("residual", "head", "qk", "linear")
+
+
 def rotate(model: nn.Module, example_inputs: Any = None, example_kwargs: Optional[dict] = None, *,
-           kind: str = "hadamard", seed: int = 0, check: bool = True) -> Rotation:
+           kind: str = "hadamard", seed: int = 0, spaces: Sequence[str] = KINDS,
+           check: bool = True) -> Rotation:
     """Rotate every hidden space of `model` that the graph proves rotatable (the residual stream of
     a pre-norm transformer, each attention's value/output heads and its queries/keys, linear
     bottlenecks), folding the maps into the weights in place; the function is kept (to float
@@ -49,10 +53,14 @@ def rotate(model: nn.Module, example_inputs: Any = None, example_kwargs: Optiona
 
     kind:  "hadamard" (a Hadamard matrix with random signs where the block size is a power of two,
            else random) or "random" (Haar-random orthogonal).
+    spaces: which kinds of space to rotate ("residual", "head": values/outputs, "qk": queries/keys,
+           "linear": bottlenecks); the others are found and left as they are.
     check: run the example inputs before and after, and undo everything if the outputs differ by
            more than float rounding (a safety net: the analysis is meant to make it unnecessary)."""
     if kind not in ("hadamard", "random"):
         raise ValueError(f"rotate: kind must be 'hadamard' or 'random', got {kind!r}")
+    if set(spaces) - set(KINDS):
+        raise ValueError(f"rotate: spaces must be among {KINDS}, got {tuple(spaces)!r}")
     if example_inputs is None and not example_kwargs:
         example_inputs = example_inputs_for(model)
     args = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs or ())
@@ -62,15 +70,16 @@ def rotate(model: nn.Module, example_inputs: Any = None, example_kwargs: Optiona
     rng = torch.random.get_rng_state()
     try:
         captured = capture(model, args, kwargs)
-        spaces, why = find_spaces(captured, params)
+        found, why = find_spaces(captured, params)
     finally:
         with torch.no_grad():
             for n, b in model.named_buffers():
                 b.copy_(buffers[n])
         torch.random.set_rng_state(rng)
+    chosen = [s for s in found if s.kind in spaces]
     gen = torch.Generator().manual_seed(seed)
-    maps = [_block_maps(s, kind, gen) for s in spaces]
-    values = _fold(spaces, maps, params)
+    maps = [_block_maps(s, kind, gen) for s in chosen]
+    values = _fold(chosen, maps, params)
     before = outputs_on(model, args, kwargs) if check else None
     saved = {n: p.detach().clone() for n, p in params.items()} if check else None
     untied = _write(model, values, params)
@@ -82,7 +91,7 @@ def rotate(model: nn.Module, example_inputs: Any = None, example_kwargs: Optiona
             raise RuntimeError(f"rotate: the rotated model's output differs from the original's by "
                                f"{bad:.3g} (relative): the rotation was undone. Please report this "
                                f"model: an op's rotation rule is wrong.")
-    return Rotation(model, spaces, untied, why, kind)
+    return Rotation(model, chosen, untied, why, kind)
 
 
 def _block_maps(space: RotationSpace, kind: str, gen) -> torch.Tensor:
