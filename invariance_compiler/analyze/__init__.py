@@ -6,7 +6,7 @@ from typing import Any, Optional
 import torch
 import torch.nn as nn
 
-from ..trace import capture, capture_kwargs, example_inputs_for
+from ..trace import capture, example_call, preserved
 from .inert import prove_inert
 from .interpreter import SymmetryPass, SymmetryWarning
 from .report import Generator, SymmetryReport
@@ -25,28 +25,15 @@ def analyze(model: nn.Module, example_inputs: Any = None, example_kwargs: Option
     if not params:
         raise ValueError(f"{type(model).__name__} has no parameters: there is nothing to rescale. "
                          f"Analyze the model after its layers are created.")
-    if example_inputs is None and not example_kwargs:
-        example_inputs = example_inputs_for(model)
-    elif example_inputs is None:
-        example_inputs = ()
-    elif isinstance(example_inputs, torch.Tensor):
-        example_inputs = (example_inputs,)
-    example_inputs = tuple(example_inputs)
-    example_kwargs = capture_kwargs(model, example_kwargs)   # use_cache=False where the forward takes it
-    buffers = {n: b.clone() for n, b in model.named_buffers()}
+    example_inputs, example_kwargs = example_call(model, example_inputs, example_kwargs)
     rng = torch.random.get_rng_state()
-    try:
+    with preserved(model):
         captured = capture(model, example_inputs, example_kwargs)
         flat = captured.flat_inputs(model, example_inputs, example_kwargs)
         spass = SymmetryPass(captured, params, _user_outputs(captured))
-        torch.random.set_rng_state(rng)
+        torch.random.set_rng_state(rng)                   # the capture drew dropout masks
         ctx = spass.analyse(*flat)
         inert = prove_inert(captured, params)
-    finally:
-        with torch.no_grad():
-            for n, b in model.named_buffers():
-                b.copy_(buffers[n])
-        torch.random.set_rng_state(rng)
     read = {captured.params[n.name] for n in captured.gm.graph.nodes
             if n.op == "placeholder" and n.name in captured.params and n.users}
     return SymmetryReport(model, captured, ctx, spass.unknown, inert, read)

@@ -10,7 +10,7 @@ import operator
 import torch
 import torch.fx
 
-from .inert import _rerun
+from .inert import _as_list, _rerun
 from .rotations import (NONE, NoGroup, as_tuple, constant_over_channels, full_labels, last_dim_labels,
                         packet, param_node, vector_labels, whole_instances)
 from .rules import _register, aten, lookup, register_op
@@ -107,29 +107,33 @@ def _getitem(walk, node):
 register_op(operator.getitem, rotation=_getitem)
 
 
+def _layer(walk, node, x, w, pw, b, read_axis: int, write_axis: int, channels: int = -1):
+    """A layer contracting x's channels (dim `channels`) with the parameter `pw` (read through the
+    node `w`) and writing its own channels there, plus a bias b: a reader of x's channels (the fold
+    on pw's `read_axis`, x's gain first) and a writer of the output's (pw's `write_axis`, and b)."""
+    if walk.get(x) is not None and walk.get(node) is not None:
+        raise NoGroup(f"{node.name}: a map from the space into itself")
+    if x in walk.squares or any(walk.get(a) is not None for a in (w, b)):
+        raise NoGroup(f"{node.name}: reads the space where it cannot be folded")
+    for t, axis in ((x, read_axis), (node, write_axis)):
+        if walk.get(t) is None:
+            continue
+        lab = vector_labels(node, full_labels(walk, t, walk.get(t)).movedim(channels, -1))
+        whole_instances(walk, node, lab)
+        if pw is None:
+            raise NoGroup(f"{node.name}: its weight is computed, not a parameter")
+        walk.record(node, pw, "vectors", axis=axis, labels=lab, gain=walk.gain.get(x) if t is x else None)
+        if t is node and b is not None:
+            if param_node(walk, b) is None:
+                raise NoGroup(f"{node.name}: its bias is computed, not a parameter")
+            walk.record(node, param_node(walk, b), "vectors", axis=0, labels=lab)
+
+
 def _linear(walk, node):
+    """linear(x, W, b), W (out, in)."""
     x, w = node.args[0], node.args[1]
     b = node.args[2] if len(node.args) > 2 else None
-    if walk.get(x) is not None and walk.get(node) is not None:
-        raise NoGroup(f"{node.name}: a Linear from the space into itself")
-    if x in walk.squares:
-        raise NoGroup(f"{node.name}: reads squares of the space")
-    if any(walk.get(a) is not None for a in (w, b)):
-        raise NoGroup(f"{node.name}: a weight holds channels of the space")
-    if walk.get(x) is not None:                                   # reader
-        lab = last_dim_labels(walk, x, walk.get(x))
-        whole_instances(walk, node, lab)
-        if param_node(walk, w) is None:
-            raise NoGroup(f"{node.name}: its weight is computed, not a parameter")
-        walk.record(node, param_node(walk, w), "vectors", axis=1, labels=lab, gain=walk.gain.get(x))
-    if walk.get(node) is not None:                                # writer
-        lab = last_dim_labels(walk, node, walk.get(node))
-        if param_node(walk, w) is None or (b is not None and param_node(walk, b) is None):
-            raise NoGroup(f"{node.name}: writes the space with a computed weight")
-        whole_instances(walk, node, lab)
-        walk.record(node, param_node(walk, w), "vectors", axis=0, labels=lab)
-        if b is not None:
-            walk.record(node, param_node(walk, b), "vectors", axis=0, labels=lab)
+    _layer(walk, node, x, w, param_node(walk, w), b, 1, 0)
 
 
 def _addmm(walk, node):
@@ -137,23 +141,7 @@ def _addmm(walk, node):
     b, x, w = node.args[:3]
     if node.kwargs.get("beta", 1) != 1 or node.kwargs.get("alpha", 1) != 1:
         raise NoGroup(f"{node.name}: addmm with beta/alpha")
-    if walk.get(x) is not None and walk.get(node) is not None:
-        raise NoGroup(f"{node.name}: a map from the space into itself")
-    if x in walk.squares or any(walk.get(a) is not None for a in (b, w)):
-        raise NoGroup(f"{node.name}: reads the space where it cannot be folded")
-    if walk.get(x) is not None:
-        lab = last_dim_labels(walk, x, walk.get(x))
-        whole_instances(walk, node, lab)
-        if param_node(walk, w) is None:
-            raise NoGroup(f"{node.name}: its weight is computed, not a parameter")
-        walk.record(node, param_node(walk, w), "vectors", axis=0, labels=lab, gain=walk.gain.get(x))
-    if walk.get(node) is not None:
-        lab = last_dim_labels(walk, node, walk.get(node))
-        if param_node(walk, w) is None or param_node(walk, b) is None:
-            raise NoGroup(f"{node.name}: writes the space with computed tensors")
-        whole_instances(walk, node, lab)
-        walk.record(node, param_node(walk, w), "vectors", axis=1, labels=lab)
-        walk.record(node, param_node(walk, b), "vectors", axis=0, labels=lab)
+    _layer(walk, node, x, w, param_node(walk, w), b, 0, 1)
 
 
 def _embedding(walk, node):
@@ -169,29 +157,13 @@ def _embedding(walk, node):
 
 
 def _conv(walk, node):
-    """conv (groups 1): a writer of its output channels (dim 1), a reader of its input channels."""
+    """conv (groups 1), W (out, in, *kernel): channels along dim 1."""
     x, w = node.args[0], node.args[1]
     b = node.args[2] if len(node.args) > 2 else None
     groups = node.args[-1] if packet(node) is aten.convolution else (node.args[6] if len(node.args) > 6 else 1)
     if groups != 1 or (packet(node) is aten.convolution and node.args[6]):
         raise NoGroup(f"{node.name}: a grouped or transposed convolution")
-    if walk.get(x) is not None and walk.get(node) is not None:
-        raise NoGroup(f"{node.name}: a convolution from the space into itself")
-    if x in walk.squares or any(walk.get(a) is not None for a in (w, b)):
-        raise NoGroup(f"{node.name}: reads the space where it cannot be folded")
-    for t, axis in ((x, 1), (node, 0)):
-        if walk.get(t) is None:
-            continue
-        lab = vector_labels(node, full_labels(walk, t, walk.get(t)).movedim(1, -1))
-        whole_instances(walk, node, lab)
-        if param_node(walk, w) is None:
-            raise NoGroup(f"{node.name}: its weight is computed")
-        walk.record(node, param_node(walk, w), "vectors", axis=axis, labels=lab,
-                    gain=walk.gain.get(x) if t is x else None)
-        if t is node and b is not None:
-            if param_node(walk, b) is None:
-                raise NoGroup(f"{node.name}: its bias is computed")
-            walk.record(node, param_node(walk, b), "vectors", axis=0, labels=lab)
+    _layer(walk, node, x, w, param_node(walk, w), b, 1, 0, channels=1)
 
 
 _reg([aten.conv1d, aten.conv2d, aten.conv3d, aten.convolution], _conv)
@@ -380,10 +352,6 @@ def _square_source(walk, node):
             return node.args[0]
         node = node.args[0]
     return node
-
-
-def _as_list(v):
-    return list(v) if isinstance(v, (list, tuple)) else [v]
 
 
 _reg([aten.sum, aten.mean], _reduce)
@@ -637,21 +605,12 @@ def _grouped_mm(walk, node):
     (E, out, in) transposed as transformers stores its experts: a reader of x's channels and a writer
     of the output's, folded into the parameter's `in` or `out` axis."""
     x, w = node.args[0], node.args[1]
-    if walk.get(x) is not None and walk.get(node) is not None:
-        raise NoGroup(f"{node.name}: a map from the space into itself")
-    if walk.get(w) is not None or x in walk.squares:
-        raise NoGroup(f"{node.name}: reads the space where it cannot be folded")
     transposed = isinstance(w, torch.fx.Node) and packet(w) is aten.transpose and \
         sorted(d % 3 for d in w.args[1:3]) == [1, 2]
     p = param_node(walk, w.args[0] if transposed else w)
     if p is None or len(walk.shape(p)) != 3:
         raise NoGroup(f"{node.name}: its weights are not one (E, ., .) parameter")
-    for t, axis in ((x, 2 if transposed else 1), (node, 1 if transposed else 2)):
-        if walk.get(t) is None:
-            continue
-        lab = last_dim_labels(walk, t, walk.get(t))
-        whole_instances(walk, node, lab)
-        walk.record(node, p, "vectors", axis=axis, labels=lab, gain=walk.gain.get(x) if t is x else None)
+    _layer(walk, node, x, w, p, None, 2 if transposed else 1, 1 if transposed else 2)
 
 
 _reg([aten._grouped_mm], _grouped_mm)

@@ -35,7 +35,7 @@ import torch.fx
 from .rules import aten, lookup
 
 __all__ = ["RotationSpace", "FoldAction", "find_spaces", "NoGroup", "Walk", "NONE", "packet", "as_tuple",
-           "full_labels", "last_dim_labels", "vector_labels", "param_node", "whole_instances",
+           "full_labels", "last_dim_labels", "vector_labels", "param_node", "whole_instances", "occurrences",
            "constant_over_channels"]
 
 NONE = -1
@@ -222,21 +222,28 @@ def param_node(walk, node):
     return None
 
 
+def occurrences(lab: torch.Tensor) -> torch.Tensor:
+    """For each position of a label vector, how many earlier positions hold the same label (the
+    instance it belongs to: GQA's query heads repeat their key head's channels)."""
+    order = torch.argsort(lab, stable=True)
+    ranked = lab[order]
+    first = torch.ones_like(ranked, dtype=torch.bool)
+    first[1:] = ranked[1:] != ranked[:-1]
+    start = torch.cummax(torch.where(first, torch.arange(lab.numel()), 0), 0).values
+    occ = torch.empty_like(lab)
+    occ[order] = torch.arange(lab.numel()) - start
+    return occ
+
+
 def whole_instances(walk, node, lab):
     """A reader reads whole instances: the k-th occurrence of each channel forms instance k, and
     each instance's channels are a union of blocks (else the blocks split)."""
-    live = lab[lab >= 0]
-    if not live.numel():
+    live = lab >= 0
+    if not bool(live.any()):
         return
-    counts = torch.bincount(live, minlength=walk.size)
-    occ = torch.zeros_like(lab)
-    seen = torch.zeros(walk.size, dtype=torch.long)
-    for i, c in enumerate(lab.tolist()):
-        if c >= 0:
-            occ[i] = seen[c]
-            seen[c] += 1
-    for k in range(int(counts.max())):
-        walk.refine(lab[(occ == k) & (lab >= 0)])
+    occ = occurrences(lab)
+    for k in range(int(occ[live].max()) + 1):
+        walk.refine(lab[(occ == k) & live])
 
 
 def constant_over_channels(walk, lab_full, other_shape) -> bool:

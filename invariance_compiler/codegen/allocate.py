@@ -211,7 +211,7 @@ class Allocation(nn.Module):
                 _raise_if_bad(pending[2])
         if self.__dict__.get("_pending") is None:
             flag = torch.empty((), dtype=torch.bool, pin_memory=True)
-            flag.copy_((~torch.isfinite(p_in + p_in.reciprocal())).any(), non_blocking=True)
+            flag.copy_(_undefined(p_in).any(), non_blocking=True)
             event = torch.cuda.Event()
             event.record()
             self._pending = (flag, event, p_in.detach())
@@ -296,11 +296,16 @@ def path_roots(n: int, free: Optional[torch.Tensor], chain: Sequence[tuple]) -> 
     return root
 
 
+def _undefined(p_in: torch.Tensor) -> torch.Tensor:
+    """Where P_in cannot divide: p + 1/p is finite exactly when p is finite and neither zero nor so
+    small that the weights it divides overflow (one pass instead of two tests)."""
+    return ~torch.isfinite(p_in + p_in.reciprocal())
+
+
 def _raise_if_bad(p_in: torch.Tensor) -> None:
-    # one reduction: p + 1/p is finite exactly when p is finite and neither zero nor so small that
-    # the weights it divides overflow
-    if not bool(torch.isfinite(p_in + p_in.reciprocal()).all()):
-        bad = (~torch.isfinite(p_in + p_in.reciprocal())).nonzero().reshape(-1)[:5].tolist()
+    bad = _undefined(p_in)
+    if bool(bad.any()):
+        bad = bad.nonzero().reshape(-1)[:5].tolist()
         raise FloatingPointError(
             f"weight allocation: the carrier path value of class(es) {bad} is zero or non-finite "
             f"(or too small to divide by), so the weights it divides are undefined. Lower the "

@@ -9,6 +9,8 @@ import copy
 import torch
 import torch.nn as nn
 
+from ..trace import preserved
+
 __all__ = ["quantize_weights_", "sqnr_db", "fake_quantized", "outputs_on", "relative_change"]
 
 
@@ -55,17 +57,9 @@ def fake_quantized(model: nn.Module, wbits: int, abits: int) -> nn.Module:
 def outputs_on(model: nn.Module, args: tuple, kwargs: dict) -> list:
     """The model's floating outputs on one example, with the same dropout masks every time and its
     buffers (BatchNorm's running statistics) and the RNG left as they were."""
-    buffers = {n: b.clone() for n, b in model.named_buffers()}
-    rng = torch.random.get_rng_state()
-    try:
+    with preserved(model), torch.no_grad():
         torch.manual_seed(0)
-        with torch.no_grad():
-            out = model(*args, **kwargs)
-    finally:
-        with torch.no_grad():
-            for n, b in model.named_buffers():
-                b.copy_(buffers[n])
-        torch.random.set_rng_state(rng)
+        out = model(*args, **kwargs)
     return [t.detach().clone() for t in torch.utils._pytree.tree_leaves(out)
             if isinstance(t, torch.Tensor) and t.is_floating_point()]
 

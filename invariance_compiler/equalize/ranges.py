@@ -23,7 +23,7 @@ import torch.nn as nn
 
 from ..analyze import SymmetryReport, analyze
 from ..skeleton import balance, build_skeleton, typical_scales
-from ..trace import capture_kwargs, example_inputs_for
+from ..trace import example_call
 from .quant import outputs_on, relative_change
 from .fold import fold_batchnorm
 
@@ -173,8 +173,7 @@ def equalize(model: nn.Module, example_inputs: Any = None, example_kwargs: Optio
     start = _ranges(grids, torch.zeros(n + 1, dtype=torch.float64), n)
     # the iteration starts from the orbit's typical-scale point, not from where the model happens to
     # be: DFQ's fixed point is not unique (max-plus conditions), so its start decides which one, and
-    # a start that is the same for every point of the orbit makes equalize(g·A) = equalize(A). The
-    # normalize classes (a normaliser absorbs their scale, no consumer balances it) stay there.
+    # a start that is the same for every point of the orbit makes equalize(g·A) = equalize(A).
     lam = _typical(report, model, n)
     both = rescale & torch.isfinite(start).all(dim=1)            # producers and consumers: equalizable
     both[n] = False
@@ -207,7 +206,7 @@ def equalize(model: nn.Module, example_inputs: Any = None, example_kwargs: Optio
         full[:n] = lam[:n]
         moved = bool(normal.any()) and bool(lam[normal].abs().max() > 0)
         if moved:                                   # a normaliser's eps may see the move: check
-            args, kwargs = _example(model, example_inputs, example_kwargs)
+            args, kwargs = example_call(model, example_inputs, example_kwargs)
             before, saved = outputs_on(model, args, kwargs), [p.detach().clone() for p in model.parameters()]
         report.act(model, full)
         if moved and relative_change(before, outputs_on(model, args, kwargs)) > EPS_TOLERANCE:
@@ -254,10 +253,3 @@ def _iterate(grids, lam, n, both, lone, normal, target, iterations, tol):
         if float(gap.abs().max()) <= tol:
             break
     return lam, steps
-
-
-def _example(model, example_inputs, example_kwargs):
-    if example_inputs is None and not example_kwargs:
-        example_inputs = example_inputs_for(model)
-    args = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs or ())
-    return args, capture_kwargs(model, example_kwargs)

@@ -11,9 +11,9 @@ from typing import Any, Optional, Sequence
 import torch
 import torch.nn as nn
 
-from ..analyze.rotations import RotationSpace, find_spaces
+from ..analyze.rotations import RotationSpace, find_spaces, occurrences
 from ..equalize.quant import outputs_on, relative_change
-from ..trace import capture, capture_kwargs, example_inputs_for
+from ..trace import capture, example_call, preserved
 from .matrices import orthogonal
 
 __all__ = ["rotate", "Rotation"]
@@ -61,21 +61,10 @@ def rotate(model: nn.Module, example_inputs: Any = None, example_kwargs: Optiona
         raise ValueError(f"rotate: kind must be 'hadamard' or 'random', got {kind!r}")
     if set(spaces) - set(KINDS):
         raise ValueError(f"rotate: spaces must be among {KINDS}, got {tuple(spaces)!r}")
-    if example_inputs is None and not example_kwargs:
-        example_inputs = example_inputs_for(model)
-    args = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs or ())
-    kwargs = capture_kwargs(model, example_kwargs)
+    args, kwargs = example_call(model, example_inputs, example_kwargs)
     params = dict(model.named_parameters())
-    buffers = {n: b.clone() for n, b in model.named_buffers()}
-    rng = torch.random.get_rng_state()
-    try:
-        captured = capture(model, args, kwargs)
-        found, why = find_spaces(captured, params)
-    finally:
-        with torch.no_grad():
-            for n, b in model.named_buffers():
-                b.copy_(buffers[n])
-        torch.random.set_rng_state(rng)
+    with preserved(model):
+        found, why = find_spaces(capture(model, args, kwargs), params)
     chosen = [s for s in found if s.kind in spaces]
     gen = torch.Generator().manual_seed(seed)
     maps = [_block_maps(s, kind, gen) for s in chosen]
@@ -109,12 +98,7 @@ def _position_map(labels: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     occurrence of each channel belongs to instance k, and each instance is mapped by q."""
     L = labels.numel()
     out = torch.eye(L, dtype=torch.float64)
-    seen: dict = {}
-    occ = []
-    for c in labels.tolist():
-        occ.append(seen.get(c, 0))
-        seen[c] = occ[-1] + 1
-    occ = torch.tensor(occ)
+    occ = occurrences(labels)
     for k in range(int(occ.max()) + 1 if L else 0):
         pos = ((occ == k) & (labels >= 0)).nonzero().reshape(-1)
         if pos.numel():

@@ -11,6 +11,7 @@ goes through an alias (an in-place op on a view, or on a tensor that a view shar
 functionalized (`run_decompositions({})`) so that every value the analysis sees is exact."""
 from __future__ import annotations
 
+import contextlib
 import inspect
 import re
 from dataclasses import dataclass
@@ -21,7 +22,8 @@ import torch.fx
 import torch.nn as nn
 from torch.export.graph_signature import InputKind
 
-__all__ = ["Captured", "capture", "capture_kwargs", "TraceFailure", "example_inputs_for"]
+__all__ = ["Captured", "capture", "capture_kwargs", "TraceFailure", "example_inputs_for", "example_call",
+           "preserved"]
 
 
 class TraceFailure(RuntimeError):
@@ -209,3 +211,29 @@ def example_inputs_for(model: nn.Module) -> tuple:
         f"cannot infer the input shape of {type(model).__name__}: only a model whose first layer is "
         f"an nn.Linear fixes it, and this one starts with {what}. Pass example inputs, e.g. "
         f"ic.analyze(model, example_inputs=(torch.randn(2, 3, 32, 32),)).")
+
+
+def example_call(model: nn.Module, example_inputs: Any = None, example_kwargs: Optional[dict] = None
+                 ) -> tuple[tuple, dict]:
+    """(args, kwargs) for one call of the model, as the public entry points take them: a tensor or
+    a tuple of positional arguments (inferred from a first nn.Linear when neither is given), and
+    keyword arguments with use_cache=False where the forward takes it (capture_kwargs)."""
+    if example_inputs is None and not example_kwargs:
+        example_inputs = example_inputs_for(model)
+    args = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs or ())
+    return args, capture_kwargs(model, example_kwargs)
+
+
+@contextlib.contextmanager
+def preserved(model: nn.Module):
+    """Run a block that calls the model (a capture, a check) and leave its buffers (BatchNorm's
+    running statistics) and the global RNG as they were."""
+    buffers = {n: b.clone() for n, b in model.named_buffers()}
+    rng = torch.random.get_rng_state()
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for n, b in model.named_buffers():
+                b.copy_(buffers[n])
+        torch.random.set_rng_state(rng)
