@@ -4,6 +4,7 @@ training on the global batch ends; torch.compile'd training steps match eager.""
 import copy
 import os
 import socket
+import sys
 
 import pytest
 import torch
@@ -42,16 +43,18 @@ def _train(model, opt, xs, ys, rank=0, world=1):
 def _worker(rank, kind, port, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    try:
-        model, opt, xs, ys = _setup(kind)
-        ddp = torch.nn.parallel.DistributedDataParallel(model)
-        _train(ddp, opt, xs, ys, rank, WORLD)
-        if rank == 0:
-            torch.save({k: v.detach().clone() for k, v in model.state_dict().items()
-                        if isinstance(v, torch.Tensor)}, out)
-        dist.barrier()   # no rank tears gloo down while the other still talks to it (a SIGABRT in CI)
-    finally:
-        dist.destroy_process_group()
+    model, opt, xs, ys = _setup(kind)
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    _train(ddp, opt, xs, ys, rank, WORLD)
+    if rank == 0:
+        torch.save({k: v.detach().clone() for k, v in model.state_dict().items()
+                    if isinstance(v, torch.Tensor)}, out)
+    dist.barrier()       # the last message: both ranks are done, rank 0's result is on disk
+    # Leave without tearing gloo down. Its threads, stopped by destroy_process_group or by the
+    # interpreter's exit, now and then abort the process ("terminate called without an active
+    # exception": SIGABRT in about 1 run of 10 on CI's 2 cores), after all the work is done.
+    sys.stdout.flush(), sys.stderr.flush()
+    os._exit(0)
 
 
 def _free_port():
