@@ -70,6 +70,11 @@ def coverage() -> str:
         heads = [g for g in rot.groups if g.kind == "head"]
         qk = [g for g in rot.groups if g.kind == "qk"]
         r1 = f"{res[0].group}" if res else "none: " + _why_not(rot)
+        if res and res[0].centred:              # and with SliceGPT's surgery
+            model, args, kwargs = make()
+            again = ic.rotate(model.eval(), args, kwargs, layernorm="rmsnorm")
+            whole = [g.group for g in again.groups if g.kind == "residual"]
+            r1 += f"; {whole[0]} with `layernorm=\"rmsnorm\"`" if again.rmsnorm else ""
         r2 = f"{len(heads)} x ({heads[0].group})" if heads else "none"
         r3 = f"{len(qk)} x ({qk[0].group})" if qk else "none"
         rows.append(f"| {name} | {r1} | {r2} | {r3} | " +

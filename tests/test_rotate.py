@@ -17,6 +17,7 @@ pytest.importorskip("transformers")
 import transformers as T  # noqa: E402
 
 from invariance_compiler.equalize.quant import fake_quantized, sqnr_db  # noqa: E402
+from invariance_compiler.rotate import RMSLayerNorm  # noqa: E402
 from invariance_compiler.tools.hf_families import build, float64_norms  # noqa: E402
 
 ATTENTION = ["bert", "clip_vision", "gpt2", "llama", "opt", "qwen2", "swin", "t5", "vit"]
@@ -250,3 +251,55 @@ def test_spaces_chooses_what_rotates():
     assert torch.allclose(model(*args, **kwargs).logits, ref, atol=1e-12 * float(ref.abs().max()), rtol=0)
     with pytest.raises(ValueError, match="spaces must be among"):
         ic.rotate(model, args, kwargs, spaces=("residul",))
+
+
+@pytest.mark.parametrize("name", ["gpt2", "opt"])
+def test_layernorm_as_rmsnorm_gives_the_whole_orthogonal_group(name, tmp_path):
+    """layernorm="rmsnorm" (SliceGPT's surgery): the writers centre the stream, its LayerNorms become
+    RMSLayerNorms, and the residual map is any orthogonal Q, not one fixing 1. The function is kept
+    (float64), the analysis of the result finds the same group without the surgery (the rewritten
+    norms are RMSNorms with a bias), and torch.save keeps the function."""
+    model, args, kwargs = build(name, dropout=False)
+    model = _generic(float64_norms(model)).eval()
+    norms = sorted(n for n, m in model.named_modules() if isinstance(m, nn.LayerNorm))
+    ref = _first(model(*args, **kwargs)).detach()
+    rot = ic.rotate(model, args, kwargs, seed=1, layernorm="rmsnorm", check=False)
+    tol = 1e-12 * float(ref.abs().max())
+    assert torch.allclose(_first(model(*args, **kwargs)), ref, rtol=0, atol=tol)
+    (res,) = [g for g in rot.groups if g.kind == "residual"]
+    assert not res.centred and res.group == f"O({HIDDEN})"
+    assert sorted(rot.rmsnorm) == norms                 # every LayerNorm of these models reads the stream
+    assert all(type(model.get_submodule(n)) is RMSLayerNorm for n in norms)
+    emb = model.get_input_embeddings().weight.detach()
+    assert float(emb.sum(-1).abs().max()) > 1e-3        # rotated after centring: not centred coordinates
+    again = ic.rotate(model, args, kwargs, seed=2)      # check=True: the function again
+    (res,) = [g for g in again.groups if g.kind == "residual"]
+    assert res.group == f"O({HIDDEN})" and not again.rmsnorm
+    torch.save(model, tmp_path / "m.pt")
+    loaded = torch.load(tmp_path / "m.pt", weights_only=False)
+    assert torch.allclose(_first(loaded(*args, **kwargs)), _first(model(*args, **kwargs)), rtol=0, atol=tol)
+
+
+def test_layernorm_as_rmsnorm_only_where_the_mean_is_never_read():
+    """A head that reads the stream without a norm sees its mean: the surgery would change the
+    function, so the LayerNorms stay, the map fixes 1, and `why` says which node reads the mean."""
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.norm, self.head = nn.Embedding(10, 8), nn.LayerNorm(8), nn.Linear(8, 3)
+            self.mlp = nn.Sequential(nn.Linear(8, 12), nn.ReLU(), nn.Linear(12, 8))
+
+        def forward(self, ids):
+            h = self.emb(ids)
+            h = h + self.mlp(self.norm(h))
+            return self.head(h)
+
+    torch.manual_seed(0)
+    net = _generic(Net().double()).eval()
+    ids = torch.randint(0, 10, (2, 5))
+    ref = net(ids).detach()
+    rot = ic.rotate(net, (ids,), seed=1, layernorm="rmsnorm")
+    assert torch.allclose(net(ids), ref, rtol=0, atol=1e-12 * float(ref.abs().max()))
+    (res,) = [g for g in rot.groups if g.kind == "residual"]
+    assert res.centred and rot.rmsnorm == [] and type(net.norm) is nn.LayerNorm
+    assert "before any LayerNorm" in rot.why[res.seed] and "linear" in rot.why[res.seed]

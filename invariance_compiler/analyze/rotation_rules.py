@@ -183,7 +183,11 @@ def _add(walk, node):
         if walk.get(tensors[0]) is not None or walk.get(node) is not None:
             raise NoGroup(f"{node.name}: adds a constant to channels of the space")
         return
-    if any(walk.gain.get(t) is not None for t in tensors + [node]):
+    gained = [t for t in tensors if walk.gain.get(t) is not None]
+    if gained and len(tensors) == 2 and len(gained) == 1 and packet(node) is aten.add and \
+            node.kwargs.get("alpha", 1) == 1:
+        return _gain_and_bias(walk, node, gained[0], next(t for t in tensors if t is not gained[0]))
+    if gained or walk.gain.get(node) is not None:
         raise NoGroup(f"{node.name}: adds a value whose gain would have to be folded")
     lab = walk.get(node)
     if lab is None:
@@ -211,6 +215,17 @@ def _add(walk, node):
 
 
 _reg([aten.add, aten.sub], _add)
+
+
+def _gain_and_bias(walk, node, x, b):
+    """x ⊙ γ + β, γ pending for the readers (a norm written out: F.rms_norm(x) * γ + β): as
+    LayerNorm's own β, β becomes (β / γ)·T and the sum keeps x's labels and gain."""
+    pb = param_node(walk, b)
+    if pb is None or walk.get(b) is not None or len(walk.shape(b)) != 1:
+        raise NoGroup(f"{node.name}: adds a value whose gain would have to be folded")
+    lab = full_labels(walk, node, walk.get(x))
+    walk.record(node, pb, "norm_bias", axis=0, labels=last_dim_labels(walk, node, lab), gain=walk.gain[x])
+    walk.set(node, lab, walk.gain[x])
 
 
 def _gain_of(walk, s):

@@ -73,6 +73,16 @@ class RotationSpace:
     seed: str                                 # the node the walk started from
     module: str = ""                          # the module that node belongs to
     proper: bool = False                      # rotations only (det +1): RoPE's planes
+    # LayerNorm as RMSNorm (centred spaces): the writers' nodes whose output must be centred, the
+    # LayerNorm modules that then skip their mean, or why that cannot be done ("" when it can)
+    writers: frozenset = frozenset()
+    norms: tuple = ()
+    centring: str = ""
+
+    @property
+    def dim(self) -> int:
+        """The space's dimension (`size`)."""
+        return self.size
 
     @property
     def params(self) -> list[str]:
@@ -167,9 +177,7 @@ class Walk:
         name = self.captured.params.get(param_node.name) if isinstance(param_node, torch.fx.Node) else None
         if name is None:
             raise NoGroup(f"{node.name} reads a tensor that is not a parameter where the map must be folded")
-        stack = node.meta.get("nn_module_stack") or {}
-        module = list(stack.values())[-1][0] if stack else ""
-        self.actions[(node.name, name, role)] = FoldAction(name, node.name, module, role, **kw)
+        self.actions[(node.name, name, role)] = FoldAction(name, node.name, _module(node), role, **kw)
 
     def refine(self, together: torch.Tensor) -> None:
         """Channels `together` (ids, -1 ignored) stay apart from all others: the blocks split."""
@@ -303,10 +311,62 @@ def _visit(walk, node):
 def _space(walk: Walk, seed) -> RotationSpace:
     blocks = walk.blocks()
     kind = "qk" if walk.qk else "head" if walk.heads else "residual" if walk.orthogonal else "linear"
-    stack = seed.meta.get("nn_module_stack") or {}
-    module = list(stack.values())[-1][0] if stack else ""
-    return RotationSpace(kind, walk.size, blocks, walk.orthogonal, walk.centred,
-                         list(walk.actions.values()), seed.name, module, walk.proper)
+    space = RotationSpace(kind, walk.size, blocks, walk.orthogonal, walk.centred,
+                          list(walk.actions.values()), seed.name, _module(seed), walk.proper)
+    if walk.centred:
+        try:
+            space.writers, space.norms = _centring(walk)
+        except NoGroup as err:
+            space.centring = str(err)
+    return space
+
+
+def _module(node) -> str:
+    stack = node.meta.get("nn_module_stack") or {}
+    return list(stack.values())[-1][0] if stack else ""
+
+
+def _centring(walk: Walk) -> tuple[frozenset, tuple]:
+    """Whether the space's mean can be taken out at its writers, so that its LayerNorms subtract
+    nothing and become RMSNorms (SliceGPT's surgery), and then the whole O(n) applies. The "raw"
+    tensors are those that hold the space before any norm: they are written by the writers
+    (Linears, embeddings, parameters added in) and moved or summed by linear ops. The surgery keeps
+    the function when each of them is read only by LayerNorms over the whole space and by ops
+    that hold the space again (raw themselves), and each of those LayerNorms is an nn.LayerNorm
+    module used only there (its class is what changes). Returns (the writers' nodes, the modules)."""
+    raw, stack = set(), [n for n in walk.labels if _writes(walk, n)]
+    while stack:
+        n = stack.pop()
+        if n in raw:
+            continue
+        raw.add(n)
+        stack.extend(u for u in n.users if walk.get(u) is not None and packet(u) is not aten.layer_norm)
+    norms = []
+    for n in raw:
+        if walk.gain.get(n) is not None:
+            raise NoGroup(f"{n.name} scales the stream per channel before its LayerNorm")
+        for u in n.users:
+            if packet(u) is aten.layer_norm and u.args[0] is n:
+                if not bool((last_dim_labels(walk, n, walk.get(n)) >= 0).all()) or \
+                        walk.shape(n)[-1] != walk.size:
+                    raise NoGroup(f"{u.name} normalises part of the space")
+                norms.append(u)
+            elif u not in raw and packet(u) is not aten._assert_tensor_metadata:
+                raise NoGroup(f"{u.name} ({packet(u)}) reads the stream before any LayerNorm, so its "
+                              f"mean matters there")
+    modules = {}
+    for u in norms:
+        modules.setdefault(_module(u), []).append(u)
+    for node in walk.captured.gm.graph.nodes:       # a module whose other calls are not on this stream
+        if packet(node) is aten.layer_norm and _module(node) in modules and node not in norms:
+            raise NoGroup(f"{_module(node)} also normalises another tensor ({node.name})")
+    return frozenset(n.name for n in raw if _writes(walk, n)), tuple(sorted(modules))
+
+
+def _writes(walk: Walk, node) -> bool:
+    """Whether `node` writes the space: a writer's output, or a parameter read as its vectors."""
+    return any(a.node == node.name and a.role == "vectors" for a in walk.actions.values()) and \
+        walk.get(node) is not None
 
 
 def find_spaces(captured, params: dict) -> tuple[list, dict]:

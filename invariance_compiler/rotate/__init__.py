@@ -5,30 +5,46 @@ queries and keys share, RoPE's planes under RoPE), on any architecture the analy
 adapter per model family."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from ..analyze.rotations import RotationSpace, find_spaces, occurrences
 from ..equalize.quant import outputs_on, relative_change
 from ..trace import capture, example_call, preserved
 from .matrices import orthogonal
 
-__all__ = ["rotate", "Rotation"]
+__all__ = ["rotate", "Rotation", "RMSLayerNorm"]
+
+
+class RMSLayerNorm(nn.LayerNorm):
+    """An nn.LayerNorm that does not subtract the mean: an RMSNorm with LayerNorm's bias. It is
+    what `rotate(..., layernorm="rmsnorm")` leaves where the writers of the stream now centre it
+    (the mean it would subtract is zero), and unlike a LayerNorm it commutes with every orthogonal
+    map. Same parameters and state_dict keys; a model holding it is saved with torch.save, since
+    its class's from_pretrained would build a LayerNorm."""
+
+    def forward(self, x):
+        y = F.rms_norm(x, self.normalized_shape, self.weight, self.eps)
+        return y + self.bias if self.bias is not None else y
 
 
 @dataclass
 class Rotation:
     """What `rotate` did: the model (rotated in place), the spaces it rotated (`groups`, each a
-    RotationSpace: kind, size, blocks, group, params), the parameters it untied, and for every seed
-    the walk gave up on, why (`why`: node -> reason)."""
+    RotationSpace: kind, size, blocks, group, params), the parameters it untied, for every seed
+    the walk gave up on, why (`why`: node -> reason), and the LayerNorm modules that became
+    RMSLayerNorms (`rmsnorm`, with layernorm="rmsnorm")."""
     model: nn.Module
     groups: list
     untied: list = field(default_factory=list)      # (parameter name, the new parameter's name)
     why: dict = field(default_factory=dict)
     kind: str = "hadamard"
+    rmsnorm: list = field(default_factory=list)
 
     def __str__(self) -> str:
         lines = [f"{len(self.groups)} rotation group(s) ({self.kind})",
@@ -37,6 +53,9 @@ class Rotation:
             lines.append(f"| {g.kind} | {g.size} | {g.group} | {len(g.params)} | {g.module or '-'} ({g.seed}) |")
         for name, new in self.untied:
             lines.append(f"untied {new} from {name}: the rotation needs different values there")
+        if self.rmsnorm:
+            lines.append(f"{len(self.rmsnorm)} LayerNorm(s) now RMSLayerNorm, the writers centre the stream "
+                         f"(save with torch.save, not save_pretrained)")
         return "\n".join(lines)
 
 
@@ -45,7 +64,7 @@ KINDS = ("residual", "head", "qk", "linear")
 
 def rotate(model: nn.Module, example_inputs: Any = None, example_kwargs: Optional[dict] = None, *,
            kind: str = "hadamard", seed: int = 0, spaces: Sequence[str] = KINDS,
-           check: bool = True) -> Rotation:
+           layernorm: str = "keep", check: bool = True) -> Rotation:
     """Rotate every hidden space of `model` that the graph proves rotatable (the residual stream of
     a pre-norm transformer, each attention's value/output heads and its queries/keys, linear
     bottlenecks), folding the maps into the weights in place; the function is kept (to float
@@ -55,32 +74,66 @@ def rotate(model: nn.Module, example_inputs: Any = None, example_kwargs: Optiona
            else random) or "random" (Haar-random orthogonal).
     spaces: which kinds of space to rotate ("residual", "head": values/outputs, "qk": queries/keys,
            "linear": bottlenecks); the others are found and left as they are.
+    layernorm: a stream read through LayerNorms, which subtract its mean, admits the maps that fix
+           the all-ones vector: "keep" them so (the model keeps its classes, and save_pretrained /
+           from_pretrained work); "rmsnorm" takes the mean out at the stream's writers instead and
+           turns those LayerNorms into RMSLayerNorms, so that the whole O(n) applies (SliceGPT's
+           surgery; where the graph does not allow it, the maps fix 1 and `why` says why).
     check: run the example inputs before and after, and undo everything if the outputs differ by
            more than float rounding (a safety net: the analysis is meant to make it unnecessary)."""
     if kind not in ("hadamard", "random"):
         raise ValueError(f"rotate: kind must be 'hadamard' or 'random', got {kind!r}")
     if set(spaces) - set(KINDS):
         raise ValueError(f"rotate: spaces must be among {KINDS}, got {tuple(spaces)!r}")
+    if layernorm not in ("keep", "rmsnorm"):
+        raise ValueError(f"rotate: layernorm must be 'keep' or 'rmsnorm', got {layernorm!r}")
     args, kwargs = example_call(model, example_inputs, example_kwargs)
     params = dict(model.named_parameters())
     with preserved(model):
         found, why = find_spaces(capture(model, args, kwargs), params)
     chosen = [s for s in found if s.kind in spaces]
+    if layernorm == "rmsnorm":
+        chosen = [_as_rmsnorm(model, s, why) for s in chosen]
     gen = torch.Generator().manual_seed(seed)
     maps = [_block_maps(s, kind, gen) for s in chosen]
     values = _fold(chosen, maps, params)
     before = outputs_on(model, args, kwargs) if check else None
     saved = {n: p.detach().clone() for n, p in params.items()} if check else None
     untied = _write(model, values, params)
+    swapped = [m for s in chosen if _centres(s) for m in s.norms]
+    for m in swapped:
+        model.get_submodule(m).__class__ = RMSLayerNorm
     if check:
         after = outputs_on(model, args, kwargs)
         bad = _mismatch(before, after)
         if bad is not None:
             _restore(model, saved, untied)
+            for m in swapped:
+                model.get_submodule(m).__class__ = nn.LayerNorm
             raise RuntimeError(f"rotate: the rotated model's output differs from the original's by "
                                f"{bad:.3g} (relative): the rotation was undone. Please report this "
                                f"model: an op's rotation rule is wrong.")
-    return Rotation(model, chosen, untied, why, kind)
+    return Rotation(model, chosen, untied, why, kind, swapped)
+
+
+def _as_rmsnorm(model: nn.Module, space: RotationSpace, why: dict) -> RotationSpace:
+    """The space with its LayerNorms as RMSNorms (its writers centre it; the whole O(n)), or as it
+    is, with the reason in `why`, where the graph or the modules do not allow it."""
+    if not space.centred:
+        return space
+    reason = space.centring
+    for m in space.norms if not reason else ():
+        if type(model.get_submodule(m)) is not nn.LayerNorm:
+            reason = f"{m} is a {type(model.get_submodule(m)).__name__}, not an nn.LayerNorm"
+    if reason:
+        why[space.seed] = f"LayerNorm kept, the maps fix 1: {reason}"
+        return space
+    return dataclasses.replace(space, centred=False)
+
+
+def _centres(space: RotationSpace) -> bool:
+    """Whether rotate takes the space's mean out at its writers (its LayerNorms become RMSNorms)."""
+    return bool(space.norms) and not space.centred
 
 
 def _block_maps(space: RotationSpace, kind: str, gen) -> torch.Tensor:
@@ -119,14 +172,17 @@ def _vectors(t: torch.Tensor, axis: int, labels: torch.Tensor, q: torch.Tensor,
 
 def _fold(spaces, maps, params: dict) -> dict:
     """{(parameter, reading node): new value (float64)}: every space's actions, composed (a writer's
-    rows and a reader's columns commute)."""
+    rows and a reader's columns commute). A space whose LayerNorms become RMSNorms has its writers
+    centre it first (v -> v·(I - 11ᵀ/n)·Q)."""
     values: dict = {}
     for space, q in zip(spaces, maps):
+        centre = _centres(space)
+        qc = q - q.mean(0, keepdim=True) if centre else q          # (I - 11ᵀ/n)·Q
         for a in space.actions:
             key = (a.param, a.node)
             v = values[key][0] if key in values else params[a.param].detach().to(torch.float64).clone()
             if a.role == "vectors":
-                v = _vectors(v, a.axis, a.labels, q, a.gain)
+                v = _vectors(v, a.axis, a.labels, qc if centre and a.node in space.writers else q, a.gain)
             elif a.role == "neutral":
                 v = torch.full_like(v, a.value)
             elif a.role == "norm_bias":
