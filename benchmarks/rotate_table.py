@@ -1,6 +1,6 @@
 """What `ic.rotate` finds, and what it buys for quantization.
 
-    python benchmarks/rotate_table.py [--steps 3000] [--skip-coverage] [--skip-perplexity]   # ~6 min, 2 cores
+    python benchmarks/rotate_table.py [--steps 3000] [--skip-coverage] [--skip-perplexity] [--sqnr]   # ~6 min, 2 cores
 
 Part 1, coverage: for each transformers family (tiny configs, as the tests build them) the groups
 the analysis proves: R1 (the residual stream), R2 (each attention's value/output heads), q/k
@@ -13,7 +13,11 @@ the Python standard library's sources, then quantized with round-to-nearest: wei
 channel, every Linear's input per token, symmetric. Validation perplexity for: no move, `equalize`
 (SmoothQuant-style migration at the norms, calibrated on training batches), `rotate` (Hadamard; all
 spaces, and the residual stream and value/output heads only), and `rotate` then `equalize`.
-Deterministic (seed 0)."""
+Deterministic (seed 0).
+
+Part 3 (--sqnr, 20 s): `ic.rotate`'s R1 against QuaRot's R1 written out by hand for Llama (norm
+gains folded into the readers, a Sylvester Hadamard matrix on the stream), on the "massive
+activations" Llama of tests/test_rotate.py: logits SQNR of W8A8 and W8A4 RTN, seeds 0-2."""
 from __future__ import annotations
 
 import argparse
@@ -181,12 +185,63 @@ def benefit(steps: int) -> str:
     return "\n".join(rows)
 
 
+# ---- part 3 ---------------------------------------------------------------------------------------
+def _hand_r1(model, h: torch.Tensor) -> None:
+    """QuaRot's R1 for transformers' Llama, by hand: gains into the readers, x -> x·H on the stream."""
+    m = model.model
+    with torch.no_grad():
+        def into(readers, norm, rotate=True):
+            for r in readers:
+                w = r.weight.double() * norm.weight.double()
+                r.weight.copy_(w @ h if rotate else w)
+            norm.weight.fill_(1.0)
+        for layer in m.layers:
+            a, mlp = layer.self_attn, layer.mlp
+            into([a.q_proj, a.k_proj, a.v_proj], layer.input_layernorm)
+            into([mlp.gate_proj, mlp.up_proj], layer.post_attention_layernorm)
+            for w in (a.o_proj, mlp.down_proj):
+                w.weight.copy_(h.T @ w.weight.double())
+        into([model.lm_head], m.norm)
+        m.embed_tokens.weight.copy_(m.embed_tokens.weight.double() @ h)
+
+
+def sqnr_table() -> str:
+    import sys
+    from invariance_compiler.equalize.quant import sqnr_db
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from test_rotate import massive_model      # the tests' construction, not a copy of it
+    rows = ["| seed | bits | none | hand-written R1 | ic.rotate R1 | ic.rotate (all spaces) |", "|---|---|---|---|---|---|"]
+    for seed in range(3):
+        model, ids = massive_model("llama", seed)
+        hand, r1, every = (copy.deepcopy(model) for _ in range(3))
+        _hand_r1(hand, _sylvester(128) / 128 ** 0.5)
+        ic.rotate(r1, (), {"input_ids": ids}, spaces=("residual",))
+        ic.rotate(every, (), {"input_ids": ids})
+        with torch.no_grad():
+            ref = model(input_ids=ids).logits
+            for w, a in ((8, 8), (8, 4)):
+                db = [sqnr_db(ref, fake_quantized(m, w, a)(input_ids=ids).logits) for m in (model, hand, r1, every)]
+                rows.append(f"| {seed} | W{w}A{a} | " + " | ".join(f"{d:.1f} dB" for d in db) + " |")
+    return "\n".join(rows)
+
+
+def _sylvester(n: int) -> torch.Tensor:
+    """The Sylvester Hadamard matrix of order n (a power of two), entries ±1."""
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < n:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return h
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=3000)
     ap.add_argument("--skip-coverage", action="store_true")
     ap.add_argument("--skip-perplexity", action="store_true")
+    ap.add_argument("--sqnr", action="store_true")
     a = ap.parse_args()
+    if a.sqnr:
+        print(sqnr_table())
     if not a.skip_coverage:
         print(coverage())
     if not a.skip_perplexity:

@@ -168,10 +168,11 @@ def _massive(model, channels, factor=20.0):
                 p[:, channels] /= factor
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
-def test_rotation_raises_the_sqnr_of_quantized_inference(family):
+def massive_model(family: str, seed: int = 0):
+    """A Llama or Qwen2 (d 128, 2 layers, GQA) with larger-than-default weights and massive
+    activations, and its input ids (4 x 64). benchmarks/rotate_table.py --sqnr uses it too."""
     cfg_cls, cls = {"llama": (T.LlamaConfig, T.LlamaForCausalLM), "qwen2": (T.Qwen2Config, T.Qwen2ForCausalLM)}[family]
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = cls(cfg_cls(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)).eval()
     with torch.no_grad():
@@ -179,7 +180,12 @@ def test_rotation_raises_the_sqnr_of_quantized_inference(family):
             if p.dim() >= 2:
                 p.normal_(0, 2.0 / p.shape[-1] ** 0.5)
     _massive(model, [3, 17])
-    ids = torch.randint(0, 256, (4, 64))
+    return model, torch.randint(0, 256, (4, 64))
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_rotation_raises_the_sqnr_of_quantized_inference(family):
+    model, ids = massive_model(family)
     with torch.no_grad():
         ref = model(input_ids=ids).logits
         rotated = copy.deepcopy(model)
@@ -303,3 +309,25 @@ def test_layernorm_as_rmsnorm_only_where_the_mean_is_never_read():
     (res,) = [g for g in rot.groups if g.kind == "residual"]
     assert res.centred and rot.rmsnorm == [] and type(net.norm) is nn.LayerNorm
     assert "before any LayerNorm" in rot.why[res.seed] and "linear" in rot.why[res.seed]
+
+
+def test_written_out_attention_scores_give_the_qk_planes():
+    """Gemma-2 writes its attention out (q @ kᵀ, a tanh soft-cap, softmax): the scores keep when
+    queries and keys turn each RoPE plane by the same rotation, found through the matmul."""
+    cfg = T.Gemma2Config(vocab_size=16, hidden_size=8, intermediate_size=12, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, head_dim=4, max_position_embeddings=8)
+    model = _generic(T.Gemma2ForCausalLM(cfg).double().eval())
+    ids = torch.arange(16).view(2, 8)
+    ref = model(input_ids=ids).logits.detach()
+    attn = model.model.layers[0].self_attn
+    q0 = attn.q_proj.weight.detach().clone()
+    rot = ic.rotate(model, (), {"input_ids": ids}, kind="random", seed=3, spaces=("qk",))
+    (qk,) = rot.groups
+    assert qk.proper and [len(b) for b in qk.blocks] == [2] * 4
+    assert qk.params == ["model.layers.0.self_attn.k_proj.weight", "model.layers.0.self_attn.q_proj.weight"]
+    # Gemma-2's norms and softmax run in float32 inside the float64 model
+    assert torch.allclose(model(input_ids=ids).logits, ref, rtol=0, atol=1e-5 * float(ref.abs().max()))
+    moved = copy.deepcopy(model)                # keys turned, queries back as they were: not kept
+    with torch.no_grad():
+        moved.model.layers[0].self_attn.q_proj.weight.copy_(q0)
+    assert not torch.allclose(moved(input_ids=ids).logits, ref, rtol=0, atol=1e-3 * float(ref.abs().max()))

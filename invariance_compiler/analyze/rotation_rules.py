@@ -575,10 +575,13 @@ def _doubled(node, fn) -> bool:
 
 
 def _matmul(walk, node):
-    """P @ v with v holding the space along its last dim (attention written out): as _sdpa."""
+    """P @ v with v holding the space along its last dim (attention written out): as _sdpa. Or the
+    scores q @ kᵀ, with the space along q's last dim and kᵀ's rows: as _sdpa's scores."""
     a, b = node.args[:2]
-    if walk.get(a) is not None or a in walk.squares or b in walk.squares:
-        raise NoGroup(f"{node.name}: contracts over channels of the space")
+    if a in walk.squares or b in walk.squares:
+        raise NoGroup(f"{node.name}: contracts over squares of the space")
+    if walk.get(a) is not None or (walk.get(b) is not None and not _rows_only(walk, b)):
+        return _written_scores(walk, node, a, b)
     if walk.get(b) is None:
         raise NoGroup(f"{node.name}: its output alone would hold channels of the space")
     lab = full_labels(walk, b, walk.get(b))
@@ -589,6 +592,40 @@ def _matmul(walk, node):
         walk.refine(r)
     walk.heads = True
     walk.set(node, rows.expand(walk.shape(node)).contiguous())
+
+
+def _rows_only(walk, b) -> bool:
+    """Whether b's labels vary along its last dim only (v of P @ v), not along the contracted one."""
+    lab = full_labels(walk, b, walk.get(b))
+    return lab.dim() >= 2 and bool((lab == lab.narrow(-2, 0, 1)).all())
+
+
+def _written_scores(walk, node, q, kt):
+    """q @ kᵀ, (..., H, S, d) @ (..., H, d, S'), both holding the space along d (kᵀ's rows): unchanged
+    when q and k get the same orthogonal map per head. The keys are repeated to the query heads
+    before (GQA), so each head's maps already agree; the scores hold nothing of the space."""
+    if walk.get(node) is not None or any(walk.gain.get(t) is not None for t in (q, kt)):
+        raise NoGroup(f"{node.name}: scores that hold the space, or queries/keys with a gain")
+    if len(walk.shape(q)) < 3 or len(walk.shape(kt)) != len(walk.shape(q)):
+        raise NoGroup(f"{node.name}: not per-head scores")
+    if walk.get(q) is not None:
+        lq = _per_head(walk, q)                                        # (..., H, 1, d)
+        lk = lq.transpose(-1, -2)                                      # (..., H, d, 1)
+        if walk.get(kt) is None:
+            walk.set(kt, lk.expand(walk.shape(kt)).contiguous())
+            return
+        full = full_labels(walk, kt, walk.get(kt))
+        if not bool((full == full.narrow(-1, 0, 1)).all()) or not torch.equal(full.narrow(-1, 0, 1), lk):
+            raise NoGroup(f"{node.name}: queries and keys would get different maps")
+    else:
+        full = full_labels(walk, kt, walk.get(kt))
+        if not bool((full == full.narrow(-1, 0, 1)).all()):
+            raise NoGroup(f"{node.name}: the keys' channels vary along the sequence")
+        lq = full.narrow(-1, 0, 1).transpose(-1, -2)
+        walk.set(q, lq.expand(walk.shape(q)).contiguous())
+    for r in lq.reshape(-1, lq.shape[-1]).unique(dim=0):
+        walk.refine(r)
+    walk.orthogonal = walk.qk = True                                   # q·kᵀ = (qQ)·(kQ)ᵀ
 
 
 _reg([aten.matmul, aten.bmm], _matmul)
