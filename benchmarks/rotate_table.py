@@ -17,7 +17,7 @@ Deterministic (seed 0).
 
 Part 3 (--sqnr, 20 s): `ic.rotate`'s R1 against QuaRot's R1 written out by hand for Llama (norm
 gains folded into the readers, a Sylvester Hadamard matrix on the stream), on the "massive
-activations" Llama of tests/test_rotate.py: logits SQNR of W8A8 and W8A4 RTN, seeds 0-2."""
+activations" Llama the tests use (tools/hf_families.massive_model): logits SQNR of W8A8 and W8A4 RTN, seeds 0-2."""
 from __future__ import annotations
 
 import argparse
@@ -206,10 +206,8 @@ def _hand_r1(model, h: torch.Tensor) -> None:
 
 
 def sqnr_table() -> str:
-    import sys
     from invariance_compiler.equalize.quant import sqnr_db
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    from test_rotate import massive_model      # the tests' construction, not a copy of it
+    from invariance_compiler.tools.hf_families import massive_model   # the tests' model
     rows = ["| seed | bits | none | hand-written R1 | ic.rotate R1 | ic.rotate (all spaces) |", "|---|---|---|---|---|---|"]
     for seed in range(3):
         model, ids = massive_model("llama", seed)

@@ -18,7 +18,7 @@ import transformers as T  # noqa: E402
 
 from invariance_compiler.equalize.quant import fake_quantized, sqnr_db  # noqa: E402
 from invariance_compiler.rotate import RMSLayerNorm  # noqa: E402
-from invariance_compiler.tools.hf_families import build, float64_norms  # noqa: E402
+from invariance_compiler.tools.hf_families import build, float64_norms, massive_model  # noqa: E402
 
 ATTENTION = ["bert", "clip_vision", "gpt2", "llama", "opt", "qwen2", "swin", "t5", "vit"]
 PRE_NORM_DECODERS = {"gpt2", "llama", "opt", "qwen2"}
@@ -152,35 +152,6 @@ def test_a_linear_bottleneck_admits_gl():
     rot = ic.rotate(cnn, (x,), kind="random")
     assert [(g.kind, g.size, g.params) for g in rot.groups] == [("linear", 4, ["2.bias", "2.weight", "3.weight"])]
     assert torch.allclose(cnn(x), ref, atol=1e-12, rtol=0)
-
-
-def _massive(model, channels, factor=20.0):
-    """A few residual channels `factor` x larger (the writers' rows), the Linears that read them as
-    much smaller (their columns): LLMs' "massive activations"."""
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if n.endswith("embed_tokens.weight"):
-                p[:, channels] *= factor
-            elif n.endswith(("o_proj.weight", "down_proj.weight")):
-                p[channels, :] *= factor
-            elif n.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight", "gate_proj.weight",
-                             "up_proj.weight", "lm_head.weight")):
-                p[:, channels] /= factor
-
-
-def massive_model(family: str, seed: int = 0):
-    """A Llama or Qwen2 (d 128, 2 layers, GQA) with larger-than-default weights and massive
-    activations, and its input ids (4 x 64). benchmarks/rotate_table.py --sqnr uses it too."""
-    cfg_cls, cls = {"llama": (T.LlamaConfig, T.LlamaForCausalLM), "qwen2": (T.Qwen2Config, T.Qwen2ForCausalLM)}[family]
-    torch.manual_seed(seed)
-    model = cls(cfg_cls(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() >= 2:
-                p.normal_(0, 2.0 / p.shape[-1] ** 0.5)
-    _massive(model, [3, 17])
-    return model, torch.randint(0, 256, (4, 64))
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
