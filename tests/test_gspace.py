@@ -1,6 +1,7 @@
 """G-space: WA/ICR against autograd and gradcheck, the thesis's coordinates (Table 2.1, G-SGD
 appendix 10.1), basis paths, G-SGD Theorem 4.1, and the G-SGD optimizer on plain weights."""
 import copy
+import io
 
 import pytest
 import torch
@@ -57,6 +58,59 @@ def test_scaled_activation_linears_equal_allocated_weights(name):
     slow(*x).square().sum().backward()
     for (n1, p1), (n2, p2) in zip(fast.named_parameters(), slow.named_parameters()):
         assert n1 == n2 and torch.allclose(p1.grad, p2.grad, rtol=1e-10, atol=1e-13), n1
+
+
+def _graph_ops(out: torch.Tensor) -> set:
+    seen, todo = set(), [out.grad_fn]
+    while todo:
+        f = todo.pop()
+        if f is not None and f not in seen:
+            seen.add(f)
+            todo.extend(g for g, _ in f.next_functions)
+    return {type(f).__name__ for f in seen}
+
+
+@pytest.mark.parametrize("name", ["mlp", "residual_mlp", "cnn_pool"])
+def test_fixed_form_linears_hold_their_entries_in_place(name):
+    """The fixed form's single-use Linears run PyTorch's own F.linear on the parameter, which holds
+    the fixed entries in its own storage: the outputs and gradients of the out-of-place allocation,
+    in float64; the fixed entries' gradient is exactly 0 (a hook, attached again in a deep copy and
+    after torch.load, which do not keep hooks); AdamW's weight decay moves them and the next
+    forward puts them back, so both modules stay equal over the steps."""
+    torch.manual_seed(0)
+    model, x = ZOO[name]()
+    model = model.double()
+    x = tuple(t.double() for t in x)
+    fast = ic.compile_invariant(model, x, form="fixed")
+    slow = ic.compile_invariant(model, x, form="fixed", skeleton=fast.skeleton, scale_activations=False)
+    assert "F.linear(" in fast.code and "plan.linear" not in fast.code
+    plan = fast.allocate
+    held = {fast.allocated[i]: plan.tensors[i].fixed_idx for i, _ in plan.fast if plan.tensors[i].fixed_idx.numel()}
+    assert held, "no fast Linear with fixed entries: the path under test would not run"
+    opts = [torch.optim.AdamW(m.parameters(), lr=1e-2, weight_decay=0.1) for m in (fast, slow)]
+    for _ in range(3):
+        outs = []
+        for m, o in zip((fast, slow), opts):
+            o.zero_grad()
+            out = m(*x)
+            outs.append(out)
+            out.square().sum().backward()
+        assert "_ScaledLinearBackward" not in _graph_ops(outs[0]) and "AddmmBackward0" in _graph_ops(outs[0])
+        assert torch.allclose(outs[0], outs[1], rtol=1e-12, atol=1e-14)
+        for (n1, p1), (n2, p2) in zip(fast.named_parameters(), slow.named_parameters()):
+            assert n1 == n2 and torch.allclose(p1.grad, p2.grad, rtol=1e-10, atol=1e-13), n1
+        for n, idx in held.items():
+            assert bool((fast.parameter_of(n).grad.reshape(-1)[idx] == 0).all()), n
+        for o in opts:
+            o.step()
+    buf = io.BytesIO()
+    torch.save(fast, buf)
+    buf.seek(0)
+    for other in (copy.deepcopy(fast), torch.load(buf, weights_only=False)):
+        assert torch.allclose(other(*x), slow(*x), rtol=1e-12, atol=1e-14)
+        other(*x).square().sum().backward()
+        for n, idx in held.items():
+            assert bool((other.parameter_of(n).grad.reshape(-1)[idx] == 0).all()), n
 
 
 def _bias_carried_mlp():

@@ -36,7 +36,7 @@ class ScaledLinear(nn.Linear):
     outside a call."""
 
     def forward(self, x):
-        if self.ic_scales.dim() == 0:
+        if self.ic_scales.dim() == 0 and self._ic_plan.form == "gspace":
             raise RuntimeError("ScaledLinear is part of a compiled module: call the InvariantModule, "
                                "not its inner model")
         return self._ic_plan.linear(x, self.weight, self.bias, self.ic_scales, self._ic_index)
@@ -114,7 +114,7 @@ class InvariantModule(ModelAPI, nn.Module):
             # again within the frame, which dynamo's guards on that dict reject: hand it views
             ws = {n: t.view_as(t) if isinstance(t, nn.Parameter) else t for n, t in ws.items()}
         out = {alias: ws[name] for alias, name in self._aliases.items()}
-        if self._fast:                   # what the fast Linears read besides V, as functional_call's inputs
+        if self._fast and FORMS[self.form].carriers:   # what the fast Linears read besides V (gspace)
             scales = plan.linear_scales(p_in, carriers)
             out.update({key: scales[k] for key, k in self._fast_keys.items()})
         return out
@@ -420,7 +420,8 @@ def _program(cm) -> str:
     v = {n: a for n, a in cm._v_attr.items()}
     if FORMS[cm.form].carriers and cm._allocated:
         lines.append("p_in = plan.path_in(v_carriers)                 # P_in: carrier path values / M")
-    if cm._fast:
+    scaled = FORMS[cm.form].carriers
+    if cm._fast and scaled:
         lines.append("scales = plan.linear_scales(p_in, v_carriers)   # per fast Linear: 1/P_in, slot values")
     if plan.wa:
         outs = ", ".join("w_" + v[cm._allocated[i]].split("_", 1)[1] for i in plan.wa)
@@ -429,8 +430,12 @@ def _program(cm) -> str:
         lines.append(f"{outs} = plan({extra}{ins})   # WA forward, ICR backward")
     for path, (w, b) in cm._fast.items():
         k = cm.model.get_submodule(path)._ic_index
-        lines.append(f"model.{path}: plan.linear(x, {v[w]}, {v.get(b, 'None')}, scales[{k}], {k})"
-                     f"   # scaled activations, no W formed")
+        if scaled:
+            lines.append(f"model.{path}: plan.linear(x, {v[w]}, {v.get(b, 'None')}, scales[{k}], {k})"
+                         f"   # scaled activations, no W formed")
+        else:
+            lines.append(f"model.{path}: F.linear(x, {v[w]}, {v.get(b, 'None')})"
+                         f"   # fixed entries held in place, their gradient zeroed")
     lines.append("return functional_call(model, weights, inputs)   # the model's own forward:")
     code = cm._code
     wa = {cm._allocated[i] for i in plan.wa}
