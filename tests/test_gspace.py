@@ -143,6 +143,31 @@ def test_scaled_activation_linears_pass_gradcheck(name):
     assert torch.autograd.gradcheck(run, start, eps=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("name", ["mlp", "residual_mlp", "mini_transformer", "bias_carried"])
+def test_scales_from_log_carriers_equal_the_general_form(name):
+    """With scaled coordinates the fast Linears' scales are one gather and an exp of the carriers'
+    log-magnitudes (Allocation._build_log_scales): the numbers and their gradients (float64) of the
+    general form, which goes through P_in."""
+    torch.manual_seed(0)
+    model, x = _bias_carried_mlp() if name == "bias_carried" else ZOO[name]()
+    model = model.double()
+    x = tuple(t.double() if t.is_floating_point() else t for t in x)
+    cm = ic.compile_invariant(model, x)
+    plan = cm.allocate
+    assert plan._log_scales and plan.fast
+    t = (cm.v_carriers.detach() + 0.1 * torch.randn_like(cm.v_carriers)).requires_grad_(True)
+    carriers = plan.carrier_values(t)
+    general = plan.linear_scales(plan.path_in(carriers), carriers)
+    direct = plan.linear_scales(None, None, t)
+    weights = [torch.randn_like(g) for g in general]
+    assert len(general) == len(direct) and sum(g.numel() for g in general) > 0
+    for a, b in zip(direct, general):
+        assert torch.allclose(a, b, rtol=1e-13, atol=0)
+    grads = [torch.autograd.grad(sum((w * s).sum() for w, s in zip(weights, out)), t)[0]
+             for out in (direct, general)]
+    assert torch.allclose(grads[0], grads[1], rtol=1e-11, atol=1e-13)
+
+
 def test_coordinates_and_gradients_of_a_straight_mlp_are_the_thesis_table():
     """Skeleton weights overwritten with 1 (G-SGD's initialisation): v_j = w_j (carrier, first layer), v_h = w_h (hidden-to-hidden
     entries into a class whose out-chain is 1), v_i = w_i·w_j (outgoing non-skeleton);

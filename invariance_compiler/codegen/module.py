@@ -11,6 +11,7 @@ Linear layers whose weight has no other use scale their activations instead of f
 `ScaledLinear`, which reads V where the weight would be."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import re
 from dataclasses import dataclass
@@ -101,8 +102,13 @@ class InvariantModule(ModelAPI, nn.Module):
     def _weights(self) -> dict[str, torch.Tensor]:
         """The tensors the model's forward reads for its parameters (the fast Linears get V)."""
         plan = self.allocate
-        carriers = plan.carrier_values(getattr(self, "v_carriers", None))
-        p_in = FORMS[self.form].path_in(plan, carriers)
+        trained = getattr(self, "v_carriers", None)
+        scaled = bool(self._fast) and FORMS[self.form].carriers
+        # with scaled coordinates and nothing through WA, P_in is computed only for its check:
+        # the fast Linears read their scales from the carriers' log-magnitudes directly
+        with torch.no_grad() if scaled and not plan.wa and plan._log_scales else contextlib.nullcontext():
+            carriers = plan.carrier_values(trained)
+            p_in = FORMS[self.form].path_in(plan, carriers)
         vs = {n: getattr(self, a) for n, a in self._v_attr.items()}
         ws = dict(vs)
         if plan.wa:
@@ -114,8 +120,8 @@ class InvariantModule(ModelAPI, nn.Module):
             # again within the frame, which dynamo's guards on that dict reject: hand it views
             ws = {n: t.view_as(t) if isinstance(t, nn.Parameter) else t for n, t in ws.items()}
         out = {alias: ws[name] for alias, name in self._aliases.items()}
-        if self._fast and FORMS[self.form].carriers:   # what the fast Linears read besides V (gspace)
-            scales = plan.linear_scales(p_in, carriers)
+        if scaled:                       # what the fast Linears read besides V, as functional_call's inputs
+            scales = plan.linear_scales(p_in, carriers, trained)
             out.update({key: scales[k] for key, k in self._fast_keys.items()})
         return out
 
