@@ -36,7 +36,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..kernels.layout import Group, Layout, TensorSlots, Tiling, build_group
-from .forms import FORMS, overwrite
+from .forms import FORMS, fill as _fill, hold_fixed, overwrite
 
 __all__ = ["Allocation", "PlanTensor", "allocation_dtype", "make_allocation", "reference"]
 
@@ -320,8 +320,8 @@ class Allocation(nn.Module):
         `scales` is this Linear's vector from `linear_scales`. One autograd node."""
         i, j = self.fast[k]
         t = self.tensors[i]
-        if not FORMS[self.form].carriers:     # fixed form: nothing to scale
-            return _held_linear(x, v, bias, t, self.tensors[j] if j >= 0 else None)
+        if not FORMS[self.form].carriers:     # fixed form: nothing to scale, PyTorch's own F.linear
+            return F.linear(x, hold_fixed(v, t), hold_fixed(bias, self.tensors[j]) if j >= 0 else bias)
         b_slot = self.tensors[j].slot_idx if j >= 0 else None
         r_out = t.r_out if self.scales_out[i] else None
         return _ScaledLinear.apply(x, v, bias, scales, self.linear_sizes[k], r_out, t.slot_idx, b_slot)
@@ -434,69 +434,6 @@ def _take(src: torch.Tensor, idx: torch.Tensor, out: torch.Tensor) -> None:
         torch.index_select(src, 0, idx, out=out)
     else:
         out.copy_(src.index_select(0, idx))
-
-
-def _fill(t: torch.Tensor, idx: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """t with k in its slots idx. Eagerly, in t's own storage and only when they differ (which
-    saves a copy of t per forward, and keeps older graphs valid while nothing changed); under
-    torch.compile, out of place (the test reads data, and a compiled graph must not write into its
-    inputs). The test compares the data itself, since a write through `.data` or a fused step
-    leaves no trace in t's version counter."""
-    if not idx.numel():
-        return t
-    k = k.to(t.dtype)
-    if torch.compiler.is_compiling():
-        return t.detach().reshape(-1).index_put((idx,), k).view(t.shape)
-    flat = t.detach().view(-1)
-    if not torch.equal(flat.index_select(0, idx), k):
-        flat.index_copy_(0, idx, k)
-    return t
-
-
-def _held_linear(x: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor], t: PlanTensor,
-                 bt: Optional[PlanTensor]) -> torch.Tensor:
-    """Fixed form: F.linear(x, W, b) with W's (and b's) fixed entries at their values, through
-    PyTorch's own autograd node. Eagerly the parameters hold them in their own storage, rewritten
-    only when they differ (`_fill`: before the first forward, or after an optimizer's weight decay
-    moved them), and their gradient is zeroed once accumulated (`_ZeroHeld`). A compiled graph
-    must not write into its inputs, and a v that is not a parameter takes no hook: there, out of
-    place and differentiable (W's gradient is 0 at the fixed entries by construction)."""
-    if torch.compiler.is_compiling() or not (v.is_leaf and (bias is None or bias.is_leaf)):
-        return F.linear(x, _overwrite(v, t), _overwrite(bias, bt))
-    for u, ut in ((v, t), (bias, bt)):
-        if u is not None and ut is not None and ut.fixed_idx.numel():
-            _fill(u, ut.fixed_idx, ut.fixed_val)
-            if u.requires_grad:
-                _ZeroHeld.attach(u, ut)
-    return F.linear(x, v, bias)
-
-
-def _overwrite(v: Optional[torch.Tensor], t: Optional[PlanTensor]) -> Optional[torch.Tensor]:
-    return v if v is None or t is None else overwrite(v, t.fixed_idx, t.fixed_val.to(v.dtype))
-
-
-class _ZeroHeld:
-    """A fixed-form parameter's post-accumulate-grad hook: its fixed entries are not coordinates,
-    so their gradient is 0 before any optimizer (or gradient clipping) reads it. Attached on the
-    first forward that needs it (hooks are neither copied nor saved with a parameter); it reads
-    the plan tensor's slots when it runs, so a checkpoint of another skeleton and .to() apply."""
-
-    def __init__(self, t: PlanTensor):
-        self.t = t
-
-    def __call__(self, p: torch.Tensor) -> None:
-        g = p.grad
-        if g is None or g.layout != torch.strided:
-            return
-        if not g.is_contiguous():
-            p.grad = g = g.contiguous()
-        g.view(-1).index_fill_(0, self.t.fixed_idx, 0)
-
-    @staticmethod
-    def attach(p: torch.Tensor, t: PlanTensor) -> None:
-        hooks = p._post_accumulate_grad_hooks
-        if not hooks or not any(isinstance(h, _ZeroHeld) for h in hooks.values()):
-            p.register_post_accumulate_grad_hook(_ZeroHeld(t))
 
 
 def allocation_dtype(params) -> torch.dtype:

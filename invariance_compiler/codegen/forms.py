@@ -3,7 +3,8 @@
   gspace  the parameters are path values: V for every weight and the carriers' path values
           (v_carriers); W = WA(V) (kernels/wa.py) forward, the ICR (kernels/icr.py) backward.
   fixed   the parameters are the weights themselves with their fixed (K) entries held at their
-          values: W = V with those entries overwritten.
+          values: W = V, those entries kept in V's own storage and their gradient zeroed
+          (`hold_fixed`; out of place under torch.compile).
 
 Everything the rest of codegen does differently for the two is a method or a constant here."""
 from __future__ import annotations
@@ -14,7 +15,7 @@ import torch
 
 from ..kernels import icr as icr_op, wa as wa_op
 
-__all__ = ["FORMS", "GSpace", "Fixed", "WeightAllocation", "form_of", "icr", "overwrite"]
+__all__ = ["FORMS", "GSpace", "Fixed", "WeightAllocation", "fill", "form_of", "hold_fixed", "icr", "overwrite"]
 
 
 def overwrite(v: torch.Tensor, idx: torch.Tensor, val: torch.Tensor) -> torch.Tensor:
@@ -22,6 +23,64 @@ def overwrite(v: torch.Tensor, idx: torch.Tensor, val: torch.Tensor) -> torch.Te
     if idx.numel() == 0:
         return v
     return v.reshape(-1).index_put((idx,), val).view(v.shape)
+
+
+def fill(t: torch.Tensor, idx: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """t with k in its slots idx. Eagerly, in t's own storage and only when they differ (which
+    saves a copy of t per forward, and keeps older graphs valid while nothing changed); under
+    torch.compile, out of place (the test reads data, and a compiled graph must not write into its
+    inputs). The test compares the data itself, since a write through `.data` or a fused step
+    leaves no trace in t's version counter."""
+    if not idx.numel():
+        return t
+    k = k.to(t.dtype)
+    if torch.compiler.is_compiling():
+        return t.detach().reshape(-1).index_put((idx,), k).view(t.shape)
+    flat = t.detach().view(-1)
+    if not torch.equal(flat.index_select(0, idx), k):
+        flat.index_copy_(0, idx, k)
+    return t
+
+
+def hold_fixed(v: Optional[torch.Tensor], t) -> Optional[torch.Tensor]:
+    """Fixed form: v with the fixed entries of plan tensor t at their values. Eagerly v is the
+    parameter itself, which holds them in its own storage (`fill`: rewritten before the first
+    forward, or after an optimizer's weight decay moved them), their gradient zeroed once it is
+    accumulated (`ZeroHeld`): no copy of the weight per forward, PyTorch's own autograd nodes. A
+    compiled graph must not write into its inputs, and a v that is not a parameter takes no hook:
+    there, out of place and differentiable (the gradient is 0 at the fixed entries by construction)."""
+    if v is None or t is None or not t.fixed_idx.numel():
+        return v
+    if torch.compiler.is_compiling() or not v.is_leaf:
+        return overwrite(v, t.fixed_idx, t.fixed_val.to(v.dtype))
+    fill(v, t.fixed_idx, t.fixed_val)
+    if v.requires_grad:
+        ZeroHeld.attach(v, t)
+    return v
+
+
+class ZeroHeld:
+    """A fixed-form parameter's post-accumulate-grad hook: its fixed entries are not coordinates,
+    so their gradient is 0 before any optimizer (or gradient clipping) reads it. Attached by the
+    first forward that needs it (hooks are neither copied nor saved with a parameter); it reads the
+    plan tensor's slots when it runs, so a checkpoint of another skeleton and .to() apply."""
+
+    def __init__(self, t):
+        self.t = t
+
+    def __call__(self, p: torch.Tensor) -> None:
+        g = p.grad
+        if g is None or g.layout != torch.strided:
+            return
+        if not g.is_contiguous():
+            p.grad = g = g.contiguous()
+        g.view(-1).index_fill_(0, self.t.fixed_idx, 0)
+
+    @staticmethod
+    def attach(p: torch.Tensor, t) -> None:
+        hooks = p._post_accumulate_grad_hooks
+        if not hooks or not any(isinstance(h, ZeroHeld) for h in hooks.values()):
+            p.register_post_accumulate_grad_hook(ZeroHeld(t))
 
 
 class GSpace:
@@ -101,7 +160,8 @@ class Fixed:
         return None
 
     def allocate(self, plan, p_in, carriers, vs: Sequence[torch.Tensor]) -> tuple:
-        return tuple(overwrite(v, plan.tensors[i].fixed_idx, plan.tensors[i].fixed_val) for i, v in zip(plan.wa, vs))
+        """The weights are the parameters, their fixed entries held (`hold_fixed`)."""
+        return tuple(hold_fixed(v, plan.tensors[i]) for i, v in zip(plan.wa, vs))
 
     def reference(self, plan, carriers, vs: Sequence[torch.Tensor]) -> tuple:
         return tuple(overwrite(v, t.fixed_idx, t.fixed_val) for t, v in zip(plan.tensors, vs))
