@@ -2,6 +2,7 @@
 learning rates (DESIGN §6: final loss <= 1.5x plain). scikit-learn's digits, batch 64, 400 steps.
 
     python benchmarks/gspace_sgd.py [--models mlp3,mlp5,cnn_bn,prenorm] [--lrs 0.1,0.03,0.01] [--seeds 3]
+                                    [--forms plain,gspace,paths,fixed] [--carriers]
 
 Prints the final train loss (full train set) of the plain model, the gspace module (scaled
 coordinates, the default), the gspace module with G-SGD's raw path values (coordinates="paths")
@@ -60,6 +61,13 @@ def compiled(model, example, kind):
         return ic.compile_invariant(copy.deepcopy(model), (example,), **FORMS[kind])
 
 
+def path_in(cm) -> torch.Tensor:
+    """The carriers' path values P_in of a gspace module's classes, now."""
+    plan = cm.allocate
+    with torch.no_grad():
+        return plan.path_in(plan.carrier_values(cm.v_carriers))[:-1].clone()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", default=",".join(MODELS))
@@ -67,6 +75,10 @@ def main() -> None:
     ap.add_argument("--forms", default=",".join(FORMS))
     ap.add_argument("--steps", type=int, default=400)
     ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--carriers", action="store_true",
+                    help="also print, per gspace run, how far its carriers' path values moved: the "
+                         "range of log10 |P_in / P_in at the start| (a weight downstream of class c "
+                         "trains at lr / P_in(c)^2 in its own units)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     xtr, ytr, _, _ = digits()
@@ -81,7 +93,13 @@ def main() -> None:
                 model = MODELS[name]()
                 x = xtr.view(-1, 1, 8, 8) if name.startswith("cnn") else xtr
                 for k in kinds:
-                    logs[k] += math.log(final_loss(compiled(model, x[:4], k), lr, (x, ytr), args.steps)) / args.seeds
+                    net = compiled(model, x[:4], k)
+                    start = path_in(net) if args.carriers and k == "gspace" else None
+                    logs[k] += math.log(final_loss(net, lr, (x, ytr), args.steps)) / args.seeds
+                    if start is not None:
+                        moved = (path_in(net) / start).abs().log10()
+                        print(f"  {name} lr {lr:g} seed {seed}: log10 |P_in / P_in(0)| from "
+                              f"{float(moved.min()):.2f} to {float(moved.max()):.2f}", flush=True)
             got = {k: math.exp(v) for k, v in logs.items()}
             ratio = got["gspace"] / got["plain"] if {"gspace", "plain"} <= set(got) else float("nan")
             print(f"| {name} | {lr:g} | " + " | ".join(f"{got[k]:.4g}" for k in kinds) + f" | {ratio:.2f} |",
