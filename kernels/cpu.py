@@ -1,5 +1,5 @@
-"""The fused G-SGD step for CPU tensors: cpu_step.cpp, built on first use with the machine's C++
-compiler (OpenMP, -O3 -march=native; about 2 s, once: the library is cached under
+"""The fused G-SGD step for CPU tensors, and the gspace module's WA and ICR passes: cpu_step.cpp,
+built on first use with the machine's C++ compiler (OpenMP, -O3 -march=native; about 2 s, once: the library is cached under
 $IC_CACHE_DIR, default ~/.cache/invariance_compiler) and called through ctypes, which releases the
 GIL. Where no compiler works GSGD keeps its PyTorch path and one warning says why and what to set."""
 from __future__ import annotations
@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import tempfile
 import warnings
+import weakref
 from pathlib import Path
 
 import torch
@@ -66,9 +67,9 @@ def library() -> ctypes.CDLL | None:
                 os.replace(built, target)
         return ctypes.CDLL(str(target))
     except OSError as e:
-        warnings.warn(f"GSGD: the fused CPU step could not be built ({e}); using the slower PyTorch "
-                      "path. Install g++ with OpenMP, or set CXX to one; IC_KERNELS=off silences this.",
-                      RuntimeWarning, stacklevel=3)
+        warnings.warn(f"invariance_compiler: the fused CPU passes (GSGD's step, the gspace module's WA and "
+                      f"ICR) could not be built ({e}); using the slower PyTorch path. Install g++ with "
+                      "OpenMP, or set CXX to one; IC_KERNELS=off silences this.", RuntimeWarning, stacklevel=3)
         return None
 
 
@@ -145,3 +146,80 @@ def cpu_step(plan, tensors, cached: CpuStep | None = None) -> CpuStep | None:
         return cached
     lib = library()
     return CpuStep(lib, plan, dtype) if lib is not None else None
+
+
+class CpuPasses:
+    """The gspace module's WA (forward) and ICR (backward) over one tensor group in cpu_step.cpp's
+    passes, one each (kernels/wa.py and kernels/icr.py dispatch here for fp32 / fp64 CPU tensors)."""
+
+    def __init__(self, lib: ctypes.CDLL, group, dtype: torch.dtype):
+        lay, count = group.layout, len(group.slots)
+        suffix = _SUFFIX[dtype]
+        self._wa, self._icr = getattr(lib, f"ic_cpu_wa_{suffix}"), getattr(lib, f"ic_cpu_icr_{suffix}")
+        self._wa.restype = self._icr.restype = None
+        slots = _slots(count, lay.k_tensor, lay.k_idx, lay.j_tensor, lay.j_idx)
+        # copies, not the layout itself: the cache entry must not keep the layout alive
+        arrays = {k: getattr(lay, k).clone() for k in ("meta", "cls", "k_val", "j_tensor", "j_idx", "j_in",
+                                                       "j_out", "j_cls")}
+        # no carrier roots: the passes' split of moving and still tensors means nothing here
+        roots = torch.full((group.n + 1,), group.n, dtype=torch.int64)
+        self._keep = (arrays, roots, *slots)                                         # alive
+        self.n, self.dtype, self.count = group.n, dtype, count
+        self._args = _Step(count=count, n=group.n, path_root=roots.data_ptr(), nk=lay.k_idx.numel(),
+                           nj=lay.j_idx.numel(), **{k: t.data_ptr() for k, t in arrays.items()},
+                           **{f"slot_{k}": t.data_ptr() for k, t in zip(("start", "idx", "ref"), slots)})
+
+    def _set(self, p_in, M, carriers, **tables) -> list:
+        a = self._args
+        a.M, a.carriers, a.nc = M.data_ptr(), carriers.data_ptr(), carriers.numel()
+        a.threads = torch.get_num_threads()
+        keep = []
+        for name, ts in tables.items():
+            keep.append(_table(ts))
+            setattr(a, name, keep[-1].buffer_info()[0])
+        return keep
+
+    def wa(self, vs, p_in, M, carriers) -> list[torch.Tensor]:
+        ws = [torch.empty_like(v, memory_format=torch.contiguous_format) for v in vs]
+        keep = self._set(p_in, M, carriers, vs=vs, ws=ws)         # noqa: F841 (alive for the call)
+        self._wa(ctypes.byref(self._args), ctypes.c_void_p(p_in.data_ptr()))
+        return ws
+
+    def icr(self, gws, vs, p_in, M, carriers):
+        """(∂L/∂V of each tensor, reduced (n + 1,), ∂L/∂c direct), as icr.reference."""
+        gvs = [torch.empty_like(v, memory_format=torch.contiguous_format) for v in vs]
+        reduced = torch.zeros(self.n + 1, dtype=torch.float64)
+        g_car = torch.zeros(carriers.numel(), dtype=torch.float64)
+        keep = self._set(p_in, M, carriers, gws=gws, vs=vs)       # noqa: F841
+        out = _table(gvs)
+        self._icr(ctypes.byref(self._args), ctypes.c_void_p(p_in.data_ptr()), ctypes.c_void_p(out.buffer_info()[0]),
+                  ctypes.c_void_p(reduced.data_ptr()), ctypes.c_void_p(g_car.data_ptr()))
+        return gvs, reduced.to(p_in.dtype), g_car.to(carriers.dtype)
+
+
+_PASSES: dict = {}          # id(layout.meta) -> {dtype: CpuPasses}, dropped with the layout
+
+
+def cpu_passes(group, tensors) -> CpuPasses | None:
+    """The fused WA / ICR passes for `group`, or None where they do not apply: under torch.compile,
+    kernels not in 'auto' mode, a tensor not on the CPU, not one dtype of fp32 / fp64, not contiguous, or no
+    compiler. `tensors`: every tensor the pass reads or writes (carriers included)."""
+    from .dispatch import current_mode
+    if torch.compiler.is_compiling():            # a compiled graph traces the reference
+        return None
+    dtype = tensors[0].dtype
+    if current_mode() != "auto" or dtype not in _SUFFIX or group.layout.k_val.dtype != dtype or not (
+            all([t.is_cpu for t in tensors]) and all([t.dtype is dtype for t in tensors])
+            and all([t.is_contiguous() for t in tensors])):
+        return None
+    key = id(group.layout.meta)
+    per_dtype = _PASSES.get(key)
+    if per_dtype is None:
+        per_dtype = _PASSES[key] = {}
+        weakref.finalize(group.layout.meta, _PASSES.pop, key, None)
+    if dtype not in per_dtype:
+        lib = library()
+        if lib is None:
+            return None
+        per_dtype[dtype] = CpuPasses(lib, group, dtype)
+    return per_dtype[dtype]

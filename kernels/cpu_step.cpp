@@ -409,9 +409,131 @@ int run_step(const Step<T> &a) {
   return 0;
 }
 
+// ---- The compiled module's WA (forward) and ICR (backward) on CPU tensors (kernels/wa.py,
+// kernels/icr.py): one pass each over the group with P_in given, the same units, rows and slots
+// as the step. WA reads V and writes W (2 tensor passes, the reference's division makes the same
+// 2); ICR reads dL/dW and V and writes dL/dV with the per-class reduction in the same pass (3,
+// where the reference's division, product and sum make 6).
+
+// Every tensor's units, those whose denominator moves first (the split means nothing here).
+std::vector<Unit> all_units(const Group &grp, int64_t count, bool with_scratch, int64_t *scratch_size) {
+  int64_t moving_size = 0, still_size = 0;
+  std::vector<Unit> us = units(grp, count, true, with_scratch, &moving_size);
+  std::vector<Unit> still = units(grp, count, false, with_scratch, &still_size);
+  for (Unit &un : still)
+    if (un.scratch >= 0) un.scratch += moving_size;
+  us.insert(us.end(), still.begin(), still.end());
+  *scratch_size = moving_size + still_size;
+  return us;
+}
+
+template <typename T>
+void run_wa(const Step<T> &a, const T *p) {
+  Group grp{a.meta, a.cls, a.n, a.path_root, a.slot_start, a.slot_idx, a.slot_ref};
+  int64_t none = 0;
+  std::vector<Unit> us = all_units(grp, a.count, false, &none);
+  std::vector<int64_t> at = starts(grp, us);
+  bool stream_w = at.back() * int64_t(sizeof(T)) >= STREAM_BYTES;
+  Factors<T> fac(grp, a.count, p, a.M);
+#pragma omp parallel num_threads(a.threads)
+  {
+    Share sh(at);
+    for (int64_t u = sh.lo; u < sh.hi; ++u) {
+      const Unit &un = us[u];
+      int64_t R = grp.m(un.t)[R_], S = grp.m(un.t)[S_];
+      const T *fc = fac.col(grp, un.t, un.g), *fr = fac.row(grp, un.t, un.g);
+      for (int64_t r = un.r0, k = un.slot; r < un.r1; ++r) {
+        int64_t base = (un.g * R + r) * S, end = row_slots(grp, un.t, k, base + S);
+        write_row(a, grp, un.t, base, S, fr[r], fc, k, end, p, stream_w);
+        k = end;
+      }
+    }
+#if defined(__AVX__)
+    _mm_sfence();
+#endif
+  }
+}
+
+// One row of ICR: dL/dV = dL/dW * (fr * fc), its reduction with V into col_acc or row_acc.
+template <typename T, Reduce RED>
+void icr_row(const T *gw, const T *v, T *gv, int64_t S, T fr, const T *fc, T *col_acc, double *row_acc) {
+  double racc = 0;
+#pragma omp simd reduction(+ : racc)
+  for (int64_t s = 0; s < S; ++s) {
+    T g = gw[s] * (fr * fc[s]);
+    gv[s] = g;
+    if (RED == BY_COLUMNS) col_acc[s] += g * v[s];
+    if (RED == BY_ROWS) racc += double(g * v[s]);
+  }
+  if (RED == BY_ROWS) *row_acc = racc;
+}
+
+// gvs: dL/dV (0 on the K and J slots, which are no coordinates and take no part in the
+// reduction); reduced (n + 1, double): Σ dL/dV * V by input class, plus each J entry's
+// dL/dW_J * W_J as in the reference; g_car (nc, double): the J entries' direct gradient.
+template <typename T>
+void run_icr(const Step<T> &a, const T *p, T *const *gvs, double *reduced, double *g_car) {
+  Group grp{a.meta, a.cls, a.n, a.path_root, a.slot_start, a.slot_idx, a.slot_ref};
+  int64_t scratch_size = 0;
+  std::vector<Unit> us = all_units(grp, a.count, true, &scratch_size);
+  std::vector<int64_t> at = starts(grp, us);
+  std::vector<double> scratch(scratch_size);
+  Factors<T> fac(grp, a.count, p, a.M);
+#pragma omp parallel num_threads(a.threads)
+  {
+    Share sh(at);
+    for (int64_t u = sh.lo; u < sh.hi; ++u) {
+      const Unit &un = us[u];
+      int64_t R = grp.m(un.t)[R_], S = grp.m(un.t)[S_];
+      const T *fc = fac.col(grp, un.t, un.g), *fr = fac.row(grp, un.t, un.g);
+      bool by_rows = grp.row_mode(un.t);
+      double *acc = un.scratch >= 0 ? scratch.data() + un.scratch : nullptr;
+      std::vector<T> cols(acc && !by_rows ? S : 0);
+      for (int64_t r = un.r0, k = un.slot; r < un.r1; ++r) {
+        int64_t base = (un.g * R + r) * S, end = row_slots(grp, un.t, k, base + S);
+        const T *gw = a.gws[un.t] + base, *v = a.vs[un.t] + base;
+        T *gv = gvs[un.t] + base;
+        double *racc = acc && by_rows ? acc + (r - un.r0) : nullptr;
+        if (!acc) icr_row<T, NONE>(gw, v, gv, S, fr[r], fc, nullptr, nullptr);
+        else if (by_rows) icr_row<T, BY_ROWS>(gw, v, gv, S, fr[r], fc, nullptr, racc);
+        else icr_row<T, BY_COLUMNS>(gw, v, gv, S, fr[r], fc, cols.data(), nullptr);
+        for (int64_t j = k; j < end; ++j) {          // the slots: out of the reduction, 0 in dL/dV
+          int64_t c = grp.slot_idx[j] - base;
+          if (racc) *racc -= double(gv[c] * v[c]);
+          else if (!cols.empty()) cols[c] -= gv[c] * v[c];
+          gv[c] = 0;
+        }
+        if (!cols.empty() && ((r - un.r0) % 32 == 31 || r == un.r1 - 1))
+          for (int64_t s = 0; s < S; ++s) {          // into double every 32 rows (scratch starts at 0)
+            acc[s] += cols[s];
+            cols[s] = 0;
+          }
+        k = end;
+      }
+    }
+  }
+  fold(grp, us, scratch.data(), reduced);
+  std::vector<double> g(a.nj);                      // the J entries' direct gradient (a gather)
+#pragma omp parallel for num_threads(a.threads)
+  for (int64_t e = 0; e < a.nj; ++e)
+    g[e] = double(a.gws[a.j_tensor[e]][a.j_idx[e]]) / (double(p[a.j_in[e]]) * double(a.M[a.j_out[e]]));
+  for (int64_t e = 0; e < a.nj; ++e) {
+    g_car[a.j_cls[e]] += g[e];
+    if (a.j_in[e] != a.n) reduced[a.j_in[e]] += g[e] * double(a.carriers[a.j_cls[e]]);
+  }
+}
+
 }  // namespace
 
 extern "C" {
 int gsgd_cpu_step_f32(const Step<float> *a) { return run_step(*a); }
 int gsgd_cpu_step_f64(const Step<double> *a) { return run_step(*a); }
+void ic_cpu_wa_f32(const Step<float> *a, const float *p) { run_wa(*a, p); }
+void ic_cpu_wa_f64(const Step<double> *a, const double *p) { run_wa(*a, p); }
+void ic_cpu_icr_f32(const Step<float> *a, const float *p, float *const *gvs, double *reduced, double *g_car) {
+  run_icr(*a, p, gvs, reduced, g_car);
+}
+void ic_cpu_icr_f64(const Step<double> *a, const double *p, double *const *gvs, double *reduced, double *g_car) {
+  run_icr(*a, p, gvs, reduced, g_car);
+}
 }

@@ -1,5 +1,6 @@
-"""Which backend runs an op: CUDA tensors go to Triton, CPU tensors to the op's PyTorch reference,
-except GSGD's step on fp32 / fp64 CPU weights, which runs the fused C++ step (cpu.py). The one
+"""Which backend runs an op: CUDA tensors go to Triton; fp32 / fp64 CPU tensors to cpu_step.cpp's
+fused passes (cpu.py: GSGD's step, and the gspace module's WA and ICR outside torch.compile);
+other CPU tensors, and CPU tensors where no compiler works, to the op's PyTorch reference. The one
 switch is the context manager `mode`, or else the environment variable IC_KERNELS (read at each use):
     auto       (default) as above;
     interpret  CPU tensors run the Triton kernels too, under Triton's interpreter (this is how CI

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from .common import (jit, tl, IN_C, IN_R, OUT_C, OUT_R, ROW_MODE, SPARSE_BLOCK, acc_dtype, add_by_class, classes,
                      denominator, dtypes, flush_columns, locate, pointers, sparse_grid, tensor_ptr)
+from .cpu import cpu_passes
 from .dispatch import use_triton
 from .layout import Group, Layout, TensorSlots
 
@@ -143,4 +144,9 @@ def backward(gws, vs, p_in, M, carriers, group: Group):
         gws = [torch.zeros_like(v) if g is None else g.contiguous() for v, g in zip(vs, gws)]
         *gvs, reduced, g_car = launch(gws, list(vs), p_in, M, carriers, group.layout, group.n)
         return gvs, reduced.to(p_in.dtype), g_car.to(carriers.dtype)
+    fused = cpu_passes(group, [*vs, p_in, M, carriers]) if carriers is not None else None
+    if fused is not None:
+        gws = [torch.zeros_like(v) if g is None else g.contiguous() for v, g in zip(vs, gws)]
+        if all([g.dtype is fused.dtype for g in gws]):
+            return fused.icr(gws, list(vs), p_in, M, carriers)
     return reference(gws, vs, p_in, M, carriers, group.slots)

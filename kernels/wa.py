@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 from .common import (jit, tl, IN_C, IN_R, OUT_C, OUT_R, SPARSE_BLOCK, classes, denominator, dtypes, locate,
                      pointers, sparse_grid, tensor_ptr)
+from .cpu import cpu_passes
 from .dispatch import use_triton
 from .layout import Group, Layout, TensorSlots
 
@@ -115,7 +116,11 @@ def reference(vs, p_in, M, carriers, slots: list[TensorSlots], out=None) -> list
 
 
 def allocate(vs, p_in, M, carriers, group: Group) -> list[torch.Tensor]:
-    """The weights of `vs`: Triton where dispatch says so, else the reference."""
+    """The weights of `vs`: Triton where dispatch says so, cpu_step.cpp's pass on fp32 / fp64 CPU
+    tensors, else the reference."""
     if use_triton(vs[0]):
         return launch(list(vs), p_in, M, carriers, group.layout, group.n)
+    fused = cpu_passes(group, [*vs, p_in, M, carriers]) if carriers is not None else None
+    if fused is not None:
+        return fused.wa(list(vs), p_in, M, carriers)
     return reference(vs, p_in, M, carriers, group.slots)

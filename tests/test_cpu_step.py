@@ -208,3 +208,69 @@ def test_the_fused_step_holds_the_relation_generators_fixed_entries():
             o.step()
     assert o2.backend == "C++"
     assert torch.allclose(cm(*x), plain(*x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("name", ["odd", "wide_mlp", "grouped_depthwise", "conv_transpose", "vgg_bn", "densenet",
+                                  "split_cat", "mini_transformer"])
+def test_fused_wa_and_icr_equal_the_reference(name, dtype):
+    """The gspace module's WA and ICR in cpu_step.cpp's passes (what kernels/wa.py and icr.py run on
+    fp32 / fp64 CPU tensors) against the PyTorch references: the weights, ∂L/∂V (0 on the K and J
+    slots), the per-class reduction and the carriers' direct gradient, at carriers moved off the
+    compile-time point and with a random ∂L/∂W."""
+    from invariance_compiler.kernels import icr, wa
+    torch.manual_seed(0)
+    model, x = (MODELS | {"mini_transformer": ZOO["mini_transformer"]})[name]()
+    model = copy.deepcopy(model).to(dtype)
+    x = tuple(t.to(dtype) if t.is_floating_point() else t for t in x)
+    cm = ic.compile_invariant(model, x, scale_activations=False)
+    plan = cm.allocate
+    grp = plan.group(plan.wa)
+    vs = [plan.tensors[i].hold(cm.parameter_of(cm.allocated[i]).detach().clone()) for i in plan.wa]
+    for v, t in zip(vs, grp.slots):        # V's K and J slots hold no coordinate: whatever is there is ignored
+        slots = torch.cat([t.fixed_idx, t.carrier_idx])
+        v.view(-1)[slots] = torch.randn(slots.numel(), dtype=dtype)
+    c = plan.carrier_values(cm.v_carriers).detach()
+    c = c * (1 + 0.1 * torch.randn_like(c))
+    p = plan.path_in(c).detach()
+    fused = cpu.cpu_passes(grp, [*vs, p, plan.M, c])
+    assert fused is not None and grp.layout.k_idx.numel() and grp.layout.j_idx.numel()
+    rtol = 1e-13 if dtype == torch.float64 else 1e-5
+    assert_close(fused.wa(vs, p, plan.M, c), wa.reference(vs, p, plan.M, c, grp.slots), rtol)
+    gws = [torch.randn_like(v) for v in vs]
+    got, ref = fused.icr(gws, vs, p, plan.M, c), icr.reference(gws, vs, p, plan.M, c, grp.slots)
+    assert_close(got[0], ref[0], rtol)
+    assert_close([got[1][:-1], got[2]], [ref[1][:-1], ref[2]], rtol)     # [-1]: no class, never read
+    for g, t in zip(got[0], grp.slots):
+        assert bool((g.reshape(-1)[torch.cat([t.fixed_idx, t.carrier_idx])] == 0).all())
+
+
+@pytest.mark.parametrize("name", ["resnet_basic", "layerscale", "mini_transformer"])
+def test_the_gspace_module_runs_the_fused_passes_and_keeps_its_result(name):
+    """A float64 gspace module's forward and gradients are the same with the fused passes
+    (kernels 'auto' on the CPU) as with the references (kernels 'off'); the fused passes ran."""
+    torch.manual_seed(0)
+    model, x = ZOO[name]()
+    model = model.double()
+    x = tuple(t.double() if t.is_floating_point() else t for t in x)
+    cm = ic.compile_invariant(model, x, scale_activations=False)
+    assert cm.allocate.wa
+    ran = []
+    real = cpu.CpuPasses.icr
+
+    def counted(self, *args):
+        ran.append(1)
+        return real(self, *args)
+
+    results = []
+    for mode in ("auto", "off"):
+        cm.zero_grad()
+        with kernels.mode(mode), pytest.MonkeyPatch.context() as mp:
+            mp.setattr(cpu.CpuPasses, "icr", counted)
+            out = cm(*x)
+            out.square().sum().backward()
+        results.append((out.detach(), [p.grad.clone() for p in cm.parameters() if p.grad is not None]))
+        assert bool(ran) == (mode == "auto")
+        ran.clear()
+    assert torch.allclose(results[0][0], results[1][0], rtol=1e-13, atol=1e-15)
+    assert_close(results[0][1], results[1][1], 1e-11)
