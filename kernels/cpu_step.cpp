@@ -311,6 +311,20 @@ void path_in(const Step<T> &a, T *p) {
     p[c] = a.path_scale[c] * (a.path_root[c] < a.n ? a.carriers[a.path_root[c]] : T(1));
 }
 
+// The J entries' direct gradient dL/dW_J / den into their carriers (a gather), and dL/dW_J * W_J
+// = that times c into reduced, where a reduction over W would have counted it.
+template <typename T>
+void carrier_gradients(const Step<T> &a, const T *p, double *reduced, double *g_car) {
+  std::vector<double> g(a.nj);
+#pragma omp parallel for num_threads(a.threads)
+  for (int64_t e = 0; e < a.nj; ++e)
+    g[e] = double(a.gws[a.j_tensor[e]][a.j_idx[e]]) / (double(p[a.j_in[e]]) * double(a.M[a.j_out[e]]));
+  for (int64_t e = 0; e < a.nj; ++e) {
+    g_car[a.j_cls[e]] += g[e];
+    if (a.j_in[e] != a.n) reduced[a.j_in[e]] += g[e] * double(a.carriers[a.j_cls[e]]);
+  }
+}
+
 // Pass 1 over the moving tensors' units.
 template <typename T>
 void step_pass(const Step<T> &a, const Group &grp, const std::vector<Unit> &us, const T *p_old,
@@ -328,14 +342,7 @@ void step_pass(const Step<T> &a, const Group &grp, const std::vector<Unit> &us, 
     }
   });
   fold(grp, us, scratch.data(), reduced.data());
-  std::vector<double> g(a.nj);                  // carriers: their direct gradient (a gather)
-#pragma omp parallel for num_threads(a.threads)
-  for (int64_t e = 0; e < a.nj; ++e)
-    g[e] = double(a.gws[a.j_tensor[e]][a.j_idx[e]]) / (double(p_old[a.j_in[e]]) * double(a.M[a.j_out[e]]));
-  for (int64_t e = 0; e < a.nj; ++e) {
-    g_car[a.j_cls[e]] += g[e];
-    if (a.j_in[e] != a.n) reduced[a.j_in[e]] += g[e] * double(a.carriers[a.j_cls[e]]);
-  }
+  carrier_gradients(a, p_old, reduced.data(), g_car.data());
 }
 
 // SGD on the carriers from dL/dc = direct + (path_in's backward of dL/dP_in = -reduced / P_in).
@@ -513,14 +520,7 @@ void run_icr(const Step<T> &a, const T *p, T *const *gvs, double *reduced, doubl
     }
   }
   fold(grp, us, scratch.data(), reduced);
-  std::vector<double> g(a.nj);                      // the J entries' direct gradient (a gather)
-#pragma omp parallel for num_threads(a.threads)
-  for (int64_t e = 0; e < a.nj; ++e)
-    g[e] = double(a.gws[a.j_tensor[e]][a.j_idx[e]]) / (double(p[a.j_in[e]]) * double(a.M[a.j_out[e]]));
-  for (int64_t e = 0; e < a.nj; ++e) {
-    g_car[a.j_cls[e]] += g[e];
-    if (a.j_in[e] != a.n) reduced[a.j_in[e]] += g[e] * double(a.carriers[a.j_cls[e]]);
-  }
+  carrier_gradients(a, p, reduced, g_car);
 }
 
 }  // namespace
