@@ -56,3 +56,31 @@ def test_a_call_writes_nothing_into_modules(name):
     assert before == after
     with pytest.raises(RuntimeError, match="part of a compiled module"):
         fast[0](torch.zeros(1, fast[0].in_features))
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn_pool"])
+def test_compiled_fixed_form_holds_its_entries(name):
+    """Under torch.compile the fixed form writes its fixed entries into the parameters on every
+    call and their gradient is zeroed by the hook the module has carried since it was built (a
+    deep copy attaches it again; a compiled forward cannot): after AdamW's weight decay moved them,
+    the compiled forward puts them back, and their gradient is exactly 0."""
+    import copy
+    model, args, kwargs = zoo_or_hf(name)
+    cm = copy.deepcopy(ic.compile_invariant(model, args, form="fixed", example_kwargs=kwargs))
+    plan = cm.allocate
+    held = {n: (t.fixed_idx, t.fixed_val) for n, t in zip(cm.allocated, plan.tensors) if t.fixed_idx.numel()}
+    assert held
+    torch._dynamo.reset()
+    compiled = torch.compile(cm, fullgraph=True)
+    opt = torch.optim.AdamW(cm.parameters(), lr=1e-2, weight_decay=0.1)
+    for _ in range(3):
+        opt.zero_grad()
+        _first(compiled(*args, **kwargs)).square().mean().backward()
+        for n, (idx, val) in held.items():
+            p = cm.parameter_of(n)
+            assert torch.equal(p.detach().reshape(-1)[idx], val), n
+            assert bool((p.grad.reshape(-1)[idx] == 0).all()), n
+        opt.step()
+    assert not all(torch.equal(cm.parameter_of(n).detach().reshape(-1)[idx], val) for n, (idx, val) in held.items())
+    out = _first(compiled(*args, **kwargs))
+    assert torch.allclose(out, _first(cm(*args, **kwargs)), rtol=1e-5, atol=1e-6)

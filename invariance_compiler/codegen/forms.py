@@ -46,12 +46,20 @@ def hold_fixed(v: Optional[torch.Tensor], t) -> Optional[torch.Tensor]:
     """Fixed form: v with the fixed entries of plan tensor t at their values. Eagerly v is the
     parameter itself, which holds them in its own storage (`fill`: rewritten before the first
     forward, or after an optimizer's weight decay moved them), their gradient zeroed once it is
-    accumulated (`ZeroHeld`): no copy of the weight per forward, PyTorch's own autograd nodes. A
-    compiled graph must not write into its inputs, and a v that is not a parameter takes no hook:
-    there, out of place and differentiable (the gradient is 0 at the fixed entries by construction)."""
+    accumulated (`ZeroHeld`): no copy of the weight per forward, PyTorch's own autograd nodes. In
+    a compiled graph the slots are written on every call. A v that is not a parameter takes no
+    hook: there, out of place and differentiable (the gradient is 0 at the fixed entries by
+    construction)."""
     if v is None or t is None or not t.fixed_idx.numel():
         return v
-    if torch.compiler.is_compiling() or not v.is_leaf:
+    if torch.compiler.is_compiling():
+        # the compiled module's parameter (functional_call hands the graph views of them) carries
+        # the hook since the module was built (InvariantModule._hold_hooks); the test of `fill`
+        # reads data, which a graph cannot branch on, so the slots are written on every call
+        with torch.no_grad():
+            v.detach().view(-1).index_copy_(0, t.fixed_idx, t.fixed_val.to(v.dtype))
+        return v
+    if not v.is_leaf:
         return overwrite(v, t.fixed_idx, t.fixed_val.to(v.dtype))
     fill(v, t.fixed_idx, t.fixed_val)
     if v.requires_grad:

@@ -23,7 +23,7 @@ import torch.nn as nn
 from ..analyze import analyze
 from ..skeleton import build_skeleton, check_finite, fix_to, typical_scales
 from .allocate import allocation_dtype, make_allocation, reference
-from .forms import FORMS, form_of
+from .forms import FORMS, ZeroHeld, form_of
 from .model_api import ModelAPI, SignedForward
 
 __all__ = ["compile_invariant", "CompiledState", "InvariantModule", "ScaledLinear"]
@@ -97,6 +97,23 @@ class InvariantModule(ModelAPI, nn.Module):
             self._v_attr[name] = attr
             self.register_parameter(attr, nn.Parameter(v, requires_grad=state.requires_grad[name]))
         self.forward = SignedForward(self)                  # Trainer reads the model's signature
+        self._hold_hooks()
+
+    def _hold_hooks(self) -> None:
+        """Fixed form: each parameter with fixed entries gets the hook that zeroes their gradient
+        (forms.ZeroHeld) now, and again when unpickled or deep-copied (hooks are not kept), so
+        that a compiled forward, which cannot attach one, finds it."""
+        if FORMS[self.form].carriers:
+            return
+        for name, t in zip(self._allocated, self.allocate.tensors):
+            p = getattr(self, self._v_attr[name])
+            if t.fixed_idx.numel() and p.requires_grad:
+                ZeroHeld.attach(p, t)
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        if "_v_attr" in self.__dict__:
+            self._hold_hooks()
 
     # ---- forward ------------------------------------------------------------------------------
     def _weights(self) -> dict[str, torch.Tensor]:
