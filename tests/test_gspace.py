@@ -115,6 +115,25 @@ def test_fixed_form_holds_its_entries_in_place(name):
             assert bool((other.parameter_of(n).grad.reshape(-1)[idx] == 0).all()), n
 
 
+def test_fixed_form_in_channels_last():
+    """cm.to(memory_format=torch.channels_last) makes the fixed form's conv parameters
+    non-contiguous: their fixed entries (row-major flat indices) are then overwritten out of place
+    and the hook zeroes their gradient through the same indices; the function is the original's."""
+    torch.manual_seed(0)
+    model, x = ZOO["vgg_bn"]()
+    model, x = model.double(), tuple(t.double() for t in x)
+    cm = ic.compile_invariant(model, x, form="fixed").to(memory_format=torch.channels_last)
+    held = {n: t.fixed_idx for n, t in zip(cm.allocated, cm.allocate.tensors) if t.fixed_idx.numel()}
+    assert any(not cm.parameter_of(n).is_contiguous() for n in held)
+    out = cm(*x)
+    assert torch.allclose(out, model(*x), rtol=1e-12, atol=1e-14)
+    out.square().sum().backward()
+    for n, idx in held.items():
+        p = cm.parameter_of(n)
+        assert bool((p.grad.reshape(-1)[idx] == 0).all()), n
+        assert p.is_contiguous() or p.grad.abs().sum() > 0, n     # (a bias before BatchNorm has none)
+
+
 def _bias_carried_mlp():
     """A row of zeros cannot carry its class: the bias does (the slots of a bias)."""
     torch.manual_seed(0)

@@ -4,7 +4,7 @@
           (v_carriers); W = WA(V) (kernels/wa.py) forward, the ICR (kernels/icr.py) backward.
   fixed   the parameters are the weights themselves with their fixed (K) entries held at their
           values: W = V, those entries kept in V's own storage and their gradient zeroed
-          (`hold_fixed`; out of place under torch.compile).
+          (`hold_fixed`).
 
 Everything the rest of codegen does differently for the two is a method or a constant here."""
 from __future__ import annotations
@@ -52,6 +52,8 @@ def hold_fixed(v: Optional[torch.Tensor], t) -> Optional[torch.Tensor]:
     construction)."""
     if v is None or t is None or not t.fixed_idx.numel():
         return v
+    if not v.is_contiguous():                  # (channels_last) the slots are row-major flat indices
+        return overwrite(v, t.fixed_idx, t.fixed_val.to(v.dtype))
     if torch.compiler.is_compiling():
         # the compiled module's parameter (functional_call hands the graph views of them) carries
         # the hook since the module was built (InvariantModule._hold_hooks); the test of `fill`
@@ -69,9 +71,10 @@ def hold_fixed(v: Optional[torch.Tensor], t) -> Optional[torch.Tensor]:
 
 class ZeroHeld:
     """A fixed-form parameter's post-accumulate-grad hook: its fixed entries are not coordinates,
-    so their gradient is 0 before any optimizer (or gradient clipping) reads it. Attached by the
-    first forward that needs it (hooks are neither copied nor saved with a parameter); it reads the
-    plan tensor's slots when it runs, so a checkpoint of another skeleton and .to() apply."""
+    so their gradient is 0 before any optimizer (or gradient clipping) reads it. Attached when the
+    module is built, again when it is unpickled or deep-copied (hooks are neither copied nor saved
+    with a parameter) and by an eager forward that finds it missing; it reads the plan tensor's
+    slots when it runs, so a checkpoint of another skeleton and .to() apply."""
 
     def __init__(self, t):
         self.t = t
@@ -80,9 +83,10 @@ class ZeroHeld:
         g = p.grad
         if g is None or g.layout != torch.strided:
             return
-        if not g.is_contiguous():
-            p.grad = g = g.contiguous()
-        g.view(-1).index_fill_(0, self.t.fixed_idx, 0)
+        if g.is_contiguous():
+            g.view(-1).index_fill_(0, self.t.fixed_idx, 0)
+        else:                                   # (channels_last) row-major flat indices
+            g.index_put_(torch.unravel_index(self.t.fixed_idx, g.shape), g.new_zeros(()))
 
     @staticmethod
     def attach(p: torch.Tensor, t) -> None:
