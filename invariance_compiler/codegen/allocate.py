@@ -301,7 +301,7 @@ class Allocation(nn.Module):
         when its input has no class) | its weight's slot values: w_K·M·P_in[fixed_in], then its
         carriers' path values | its bias's slot values], all computed together: a few ops per
         forward instead of a few per layer, and one backward through P_in and the carriers."""
-        if trained is not None and self._log_scales:       # scaled coordinates: see _build_log_scales
+        if trained is not None and getattr(self, "_log_scales", False):     # see _build_log_scales
             t = torch.cat([trained, trained.new_zeros(1)]).index_select(0, self.lin_root)
             return list((self.lin_coef * (self.lin_exp * t).exp()).split([sum(z) for z in self.linear_sizes]))
         if p_in is None:                               # fixed form: the fixed values, constants

@@ -123,7 +123,8 @@ class InvariantModule(ModelAPI, nn.Module):
         scaled = bool(self._fast) and FORMS[self.form].carriers
         # with scaled coordinates and nothing through WA, P_in is computed only for its check:
         # the fast Linears read their scales from the carriers' log-magnitudes directly
-        with torch.no_grad() if scaled and not plan.wa and plan._log_scales else contextlib.nullcontext():
+        with torch.no_grad() if scaled and not plan.wa and getattr(plan, "_log_scales", False) \
+                else contextlib.nullcontext():
             carriers = plan.carrier_values(trained)
             p_in = FORMS[self.form].path_in(plan, carriers)
         vs = {n: getattr(self, a) for n, a in self._v_attr.items()}
