@@ -169,7 +169,7 @@ class CpuPasses:
                            nj=lay.j_idx.numel(), **{k: t.data_ptr() for k, t in arrays.items()},
                            **{f"slot_{k}": t.data_ptr() for k, t in zip(("start", "idx", "ref"), slots)})
 
-    def _set(self, p_in, M, carriers, **tables) -> list:
+    def _set(self, M, carriers, **tables) -> list:
         a = self._args
         a.M, a.carriers, a.nc = M.data_ptr(), carriers.data_ptr(), carriers.numel()
         a.threads = torch.get_num_threads()
@@ -181,7 +181,7 @@ class CpuPasses:
 
     def wa(self, vs, p_in, M, carriers) -> list[torch.Tensor]:
         ws = [torch.empty_like(v, memory_format=torch.contiguous_format) for v in vs]
-        keep = self._set(p_in, M, carriers, vs=vs, ws=ws)         # noqa: F841 (alive for the call)
+        keep = self._set(M, carriers, vs=vs, ws=ws)         # noqa: F841 (alive for the call)
         self._wa(ctypes.byref(self._args), ctypes.c_void_p(p_in.data_ptr()))
         return ws
 
@@ -190,7 +190,7 @@ class CpuPasses:
         gvs = [torch.empty_like(v, memory_format=torch.contiguous_format) for v in vs]
         reduced = torch.zeros(self.n + 1, dtype=torch.float64)
         g_car = torch.zeros(carriers.numel(), dtype=torch.float64)
-        keep = self._set(p_in, M, carriers, gws=gws, vs=vs)       # noqa: F841
+        keep = self._set(M, carriers, gws=gws, vs=vs)       # noqa: F841
         out = _table(gvs)
         self._icr(ctypes.byref(self._args), ctypes.c_void_p(p_in.data_ptr()), ctypes.c_void_p(out.buffer_info()[0]),
                   ctypes.c_void_p(reduced.data_ptr()), ctypes.c_void_p(g_car.data_ptr()))

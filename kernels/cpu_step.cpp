@@ -265,6 +265,19 @@ inline int64_t row_slots(const Group &grp, int64_t t, int64_t k, int64_t row_end
   return k;
 }
 
+// W of one unit's rows from V (write_row), with P_in = p.
+template <typename T>
+void write_unit(const Step<T> &a, const Group &grp, const Unit &un, const Factors<T> &fac, const T *p,
+                bool stream_w) {
+  int64_t R = grp.m(un.t)[R_], S = grp.m(un.t)[S_];
+  const T *fc = fac.col(grp, un.t, un.g), *fr = fac.row(grp, un.t, un.g);
+  for (int64_t r = un.r0, k = un.slot; r < un.r1; ++r) {
+    int64_t base = (un.g * R + r) * S, end = row_slots(grp, un.t, k, base + S);
+    write_row(a, grp, un.t, base, S, fr[r], fc, k, end, p, stream_w);
+    k = end;
+  }
+}
+
 // One unit of the step: V (and the buffer) in place, 0 on the slots, its reduction into scratch;
 // with p_new, W from the new V too (row by row, while the row is in L1).
 template <typename T, bool MOM, bool FIRST>
@@ -376,16 +389,7 @@ void allocate_pass(const Step<T> &a, const Group &grp, const std::vector<Unit> &
       // the moving units pass 1 gave this thread, last first: the end of the V this core has
       // just written is still in its cache
       Share sh(at_moving);
-      for (int64_t u = sh.hi - 1; u >= sh.lo; --u) {
-        const Unit &un = moving[u];
-        int64_t R = grp.m(un.t)[R_], S = grp.m(un.t)[S_];
-        const T *fc = fac.col(grp, un.t, un.g), *fr = fac.row(grp, un.t, un.g);
-        for (int64_t r = un.r0, k = un.slot; r < un.r1; ++r) {
-          int64_t base = (un.g * R + r) * S, end = row_slots(grp, un.t, k, base + S);
-          write_row(a, grp, un.t, base, S, fr[r], fc, k, end, p_new, stream_w);
-          k = end;
-        }
-      }
+      for (int64_t u = sh.hi - 1; u >= sh.lo; --u) write_unit(a, grp, moving[u], fac, p_new, stream_w);
       Share st(at_still);
       for (int64_t u = st.lo; u < st.hi; ++u)
         step_unit<T, decltype(mom_flag)::value, decltype(first_flag)::value>(
@@ -445,16 +449,7 @@ void run_wa(const Step<T> &a, const T *p) {
 #pragma omp parallel num_threads(a.threads)
   {
     Share sh(at);
-    for (int64_t u = sh.lo; u < sh.hi; ++u) {
-      const Unit &un = us[u];
-      int64_t R = grp.m(un.t)[R_], S = grp.m(un.t)[S_];
-      const T *fc = fac.col(grp, un.t, un.g), *fr = fac.row(grp, un.t, un.g);
-      for (int64_t r = un.r0, k = un.slot; r < un.r1; ++r) {
-        int64_t base = (un.g * R + r) * S, end = row_slots(grp, un.t, k, base + S);
-        write_row(a, grp, un.t, base, S, fr[r], fc, k, end, p, stream_w);
-        k = end;
-      }
-    }
+    for (int64_t u = sh.lo; u < sh.hi; ++u) write_unit(a, grp, us[u], fac, p, stream_w);
 #if defined(__AVX__)
     _mm_sfence();
 #endif

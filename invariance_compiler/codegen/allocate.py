@@ -263,7 +263,7 @@ class Allocation(nn.Module):
     def _build_log_scales(self) -> None:
         """With scaled coordinates every number `linear_scales` gives is a constant times one
         carrier's path value to the power ±1 or 0, and that path value is sign·exp(unit·t): so
-        scales = lin_coef ⊙ exp(lin_pow ⊙ t[lin_root]) (t extended by a 0 for the constants), one
+        scales = lin_coef ⊙ exp(lin_exp ⊙ t[lin_root]) (t extended by a 0 for the constants), one
         gather and two products instead of the ~20 small ops (and their autograd) of the general
         form, with P_in computed for the check only. Worked out here in float64 from the same
         buffers `path_in` and `linear_scales` read."""
