@@ -60,6 +60,74 @@ def test_scaled_activation_linears_equal_allocated_weights(name):
         assert n1 == n2 and torch.allclose(p1.grad, p2.grad, rtol=1e-10, atol=1e-13), n1
 
 
+def _conv_mix():
+    """Convolutions of every kind the scaled path takes: 1d, 2d and 3d, stride, dilation, padding,
+    with and without bias, before BatchNorm and before ReLU."""
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1 = nn.Conv1d(2, 3, 3, padding=1)
+            self.c2 = nn.Conv2d(3, 4, 3, stride=2, padding=1)
+            self.c3 = nn.Conv2d(4, 5, 3, padding=2, dilation=2, bias=False)
+            self.bn = nn.BatchNorm2d(5)
+            self.c4 = nn.Conv3d(5, 3, (1, 2, 2))
+            self.head = nn.Linear(3, 2)
+
+        def forward(self, x):                                    # (B, 2, 36)
+            h = F.relu(self.c1(x)).view(x.shape[0], 3, 6, 6)
+            h = F.relu(self.bn(self.c3(F.relu(self.c2(h)))))
+            h = F.relu(self.c4(h.unsqueeze(2))).mean((2, 3, 4))
+            return self.head(h)
+    torch.manual_seed(0)
+    return Net(), (torch.randn(4, 2, 36),)
+
+
+@pytest.mark.parametrize("name", ["conv_mix", "resnet_basic", "resnet_bottleneck", "conv_transpose", "unbatched"])
+def test_scaled_convolutions_equal_allocated_weights(name):
+    """Convolutions (groups 1) that scale their input per channel and their output per channel
+    instead of forming W: the function and every gradient of the allocated weights (float64), in
+    the same coordinates (same skeleton and chart)."""
+    if name == "conv_mix":
+        model, x = _conv_mix()
+    elif name == "unbatched":                                    # a (C, H, W) input
+        torch.manual_seed(0)
+        model, x = nn.Sequential(nn.Conv2d(2, 3, 3), nn.ReLU(), nn.Conv2d(3, 2, 3)), (torch.randn(2, 7, 7),)
+    else:
+        model, x = ZOO[name]()
+    model, x = model.double(), tuple(t.double() for t in x)
+    fast = ic.compile_invariant(model, x)
+    slow = ic.compile_invariant(model, x, skeleton=fast.skeleton, scale_activations=False)
+    convs = [m for m in fast.model.modules() if type(m).__name__.startswith("ScaledConv")]
+    assert convs and "plan.conv(" in fast.code, "no convolution took the scaled path"
+    assert not any(fast.allocated[i] in {f"{p}.weight" for p, _ in fast._fast.items()} for i in fast.allocate.wa)
+    assert torch.equal(fast.v_carriers, slow.v_carriers), "the two modules' charts differ"
+    out = fast(*x)
+    assert torch.allclose(out, slow(*x), rtol=1e-12, atol=1e-14)
+    assert torch.allclose(out, model(*x), rtol=1e-10, atol=1e-12)
+    out.square().sum().backward()
+    slow(*x).square().sum().backward()
+    for (n1, p1), (n2, p2) in zip(fast.named_parameters(), slow.named_parameters()):
+        assert n1 == n2 and torch.allclose(p1.grad, p2.grad, rtol=1e-10, atol=1e-13), n1
+
+
+def test_scaled_convolutions_in_channels_last():
+    """A gspace module moved to channels_last (its conv coordinates then non-contiguous, the
+    input too) computes what the contiguous one does, gradients included."""
+    torch.manual_seed(0)
+    model, x = ZOO["resnet_basic"]()
+    model, x = model.double(), tuple(t.double() for t in x)
+    cm = ic.compile_invariant(model, x)
+    last = copy.deepcopy(cm).to(memory_format=torch.channels_last)
+    assert any(not p.is_contiguous() for p in last.parameters())
+    xl = tuple(t.to(memory_format=torch.channels_last) for t in x)
+    out, out_l = cm(*x), last(*xl)
+    assert torch.allclose(out_l, out, rtol=1e-12, atol=1e-14)
+    out.square().sum().backward()
+    out_l.square().sum().backward()
+    for (n1, p1), (n2, p2) in zip(cm.named_parameters(), last.named_parameters()):
+        assert n1 == n2 and torch.allclose(p2.grad, p1.grad, rtol=1e-10, atol=1e-13), n1
+
+
 def _graph_ops(out: torch.Tensor) -> set:
     seen, todo = set(), [out.grad_fn]
     while todo:

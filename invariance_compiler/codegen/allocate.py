@@ -28,6 +28,7 @@ the (smaller) activations. Fixed form: W = V with the K entries overwritten by t
 `reference` computes the allocation with plain differentiable ops (tests compare)."""
 from __future__ import annotations
 
+import contextlib
 import re
 from typing import Optional, Sequence
 
@@ -230,7 +231,7 @@ class Allocation(nn.Module):
         r = f = b = h = 0
         for i, j in self.fast:
             t = self.tensors[i]
-            r_in = t.inp.reshape(-1) if self.scales_in[i] else t.inp.new_zeros(0)
+            r_in = _input_channels(t.inp, self.shapes[i]) if self.scales_in[i] else t.inp.new_zeros(0)
             seg = [("r", r + torch.arange(r_in.numel())), ("f", f + torch.arange(t.fixed_in.numel())),
                    ("c", t.carrier_cls), ("h", h + torch.arange(t.rel_val.numel()))]
             # the fixed form's Linears are not scaled: their slots hold the fixed values themselves
@@ -242,7 +243,7 @@ class Allocation(nn.Module):
                 bt = self.tensors[j]
                 seg += [("b", b + torch.arange(bt.fixed_scaled.numel())), ("c", bt.carrier_cls),
                         ("h", h + torch.arange(bt.rel_val.numel()))]
-                bias_fixed.append(bt.fixed_scaled if scaled else bt.fixed_val), held.append(bt.rel_val)
+                bias_fixed.append(self._bias_fixed(i, j) if scaled else bt.fixed_val), held.append(bt.rel_val)
                 b, h = b + bt.fixed_scaled.numel(), h + bt.rel_val.numel()
                 nb = bt.slot_idx.numel()
             parts.append(seg)
@@ -259,6 +260,17 @@ class Allocation(nn.Module):
                             lin_perm=cat([p.to(self.M.device) for p in perm], empty)).items():
             self.register_buffer(name, t.to(self.M.device), persistent=False)
         self._build_log_scales()
+
+    def _bias_fixed(self, i: int, j: int) -> torch.Tensor:
+        """The fixed values of fast layer (i, j)'s bias in the units of its weight's rows, w_K·M[row]:
+        its `fixed_scaled`, unless a checkpoint gave the bias classes of its own (an inert bias
+        that was allocated by WA when it was saved: all its entries are fixed)."""
+        t, bt = self.tensors[i], self.tensors[j]
+        shape = self.shapes[i]
+        rows = t.out.expand(shape)[(slice(None),) + (0,) * (len(shape) - 1)]
+        if torch.equal(bt.out.expand(rows.shape), rows):
+            return bt.fixed_scaled
+        return (bt.fixed_val.to(torch.float64) * self.M.to(torch.float64)[rows[bt.fixed_idx]]).to(bt.fixed_scaled.dtype)
 
     def _build_log_scales(self) -> None:
         """With scaled coordinates every number `linear_scales` gives is a constant times one
@@ -322,9 +334,25 @@ class Allocation(nn.Module):
         t = self.tensors[i]
         if not FORMS[self.form].carriers:     # fixed form: nothing to scale, PyTorch's own F.linear
             return F.linear(x, hold_fixed(v, t), hold_fixed(bias, self.tensors[j]) if j >= 0 else bias)
+        return self._scaled(x, v, bias, scales, k)
+
+    def conv(self, x: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor], scales: torch.Tensor, k: int,
+             module: nn.Module) -> torch.Tensor:
+        """`module`'s convolution (an nn.Conv1d/2d/3d with groups 1 and zero padding) of x with W
+        and b, fast layer k: as `linear`, x scaled per input channel and the output per output
+        channel."""
+        i, j = self.fast[k]
+        if not FORMS[self.form].carriers:     # fixed form: PyTorch's own convolution
+            return module._conv_forward(x, hold_fixed(v, self.tensors[i]),
+                                        hold_fixed(bias, self.tensors[j]) if j >= 0 else bias)
+        return self._scaled(x, v, bias, scales, k, (module.stride, module.padding, module.dilation))
+
+    def _scaled(self, x, v, bias, scales, k: int, conv: Optional[tuple] = None) -> torch.Tensor:
+        i, j = self.fast[k]
+        t = self.tensors[i]
         b_slot = self.tensors[j].slot_idx if j >= 0 else None
         r_out = t.r_out if self.scales_out[i] else None
-        return _ScaledLinear.apply(x, v, bias, scales, self.linear_sizes[k], r_out, t.slot_idx, b_slot)
+        return _ScaledLinear.apply(x, v, bias, scales, self.linear_sizes[k], r_out, t.slot_idx, b_slot, conv)
 
 
 def path_roots(n: int, free: Optional[torch.Tensor], chain: Sequence[tuple]) -> torch.Tensor:
@@ -356,72 +384,95 @@ def _raise_if_bad(p_in: torch.Tensor) -> None:
 
 
 class _ScaledLinear(torch.autograd.Function):
-    """y = ((x ⊙ r_in) @ V'ᵀ + b') ⊙ r_out, `scales` = [r_in | k | kb] (Allocation.linear_scales):
-    V' is V with its slots (fixed entries, carriers: not coordinates of V) holding k, b' likewise
-    with kb. The slots are kept in V's (and b's) own storage, rewritten only when k changed (after
-    an optimizer step, which invalidates older graphs anyway), which saves a copy of V per forward.
-    The gradient landing on the slots goes to k (and on through autograd to P_in and the
-    carriers); V's own gradient there is zero, so no optimizer moves them on purpose.
-    Eager mode pays for every op and every new tensor of this node once per Linear and step, so
+    """y = ((x ⊙ r_in) ∗ V'ᵀ + b') ⊙ r_out, `scales` = [r_in | k | kb] (Allocation.linear_scales),
+    where ∗ is F.linear, or with `conv` = (stride, padding, dilation) a convolution (r_in and r_out
+    per channel): V' is V with its slots (fixed entries, carriers: not coordinates of V) holding k,
+    b' likewise with kb. The slots are kept in V's (and b's) own storage, rewritten only when k
+    changed (after an optimizer step, which invalidates older graphs anyway), which saves a copy of
+    V per forward. The gradient landing on the slots goes to k (and on through autograd to P_in and
+    the carriers); V's own gradient there is zero, so no optimizer moves them on purpose.
+    Eager mode pays for every op and every new tensor of this node once per layer and step, so
     backward writes into one gradient vector and reuses its buffers (DESIGN §4c)."""
 
     @staticmethod
-    def forward(ctx, x, v, bias, scales, sizes, r_out, slot, b_slot=None):
+    def forward(ctx, x, v, bias, scales, sizes, r_out, slot, b_slot=None, conv=None):
         r_in, k, kb = scales.split(sizes)
-        v = _fill(v, slot, k)
+        if v.is_contiguous():
+            v = _fill(v, slot, k)
+        else:                        # (channels_last) the slots are row-major: fill a contiguous copy
+            v = v.contiguous()
+            v.view(-1).index_copy_(0, slot, k.to(v.dtype))
         if b_slot is not None:
             bias = _fill(bias, b_slot, kb)
-        r_in = r_in if sizes[0] else None
+        nd = v.dim() - 2
+        unbatched = conv is not None and x.dim() == nd + 1
+        if unbatched:
+            x = x.unsqueeze(0)
+        channels = (-1,) + (1,) * nd                       # r_in, r_out along x's and y's channels
+        r_in = r_in.view(channels) if sizes[0] else None
+        r_out = r_out.view(channels) if r_out is not None else None
         xs = x * r_in if r_in is not None else x
-        # under autocast the matmul runs in its dtype: cast here, once, and keep the cast operands
+        # under autocast the product runs in its dtype: cast here, once, and keep the cast operands
         # for backward, so that forward and backward multiply the same numbers (DESIGN §4c)
         kind = x.device.type
-        if torch.is_autocast_enabled(kind):
-            low = torch.get_autocast_dtype(kind)
-            xc, vc = xs.to(low), v.to(low)
-            with torch.autocast(kind, enabled=False):
-                y = F.linear(xc, vc, bias.to(low) if bias is not None else None)
-        else:
-            xc, vc = xs, v
-            y = F.linear(xs, v, bias)
+        low = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None
+        xc, vc = (xs.to(low), v.to(low)) if low is not None else (xs, v)
+        bc = bias.to(low) if low is not None and bias is not None else bias
+        with torch.autocast(kind, enabled=False) if low is not None else contextlib.nullcontext():
+            y = F.linear(xc, vc, bc) if conv is None else \
+                torch.convolution(xc, vc, bc, *conv, False, (0,) * nd, 1)
         if r_out is not None:
             y.mul_(r_out)                                                 # y is ours: in place
         ctx.save_for_backward(x, xc, vc, r_in, r_out, slot, b_slot)
-        ctx.has_bias, ctx.sizes = bias is not None, sizes
+        ctx.has_bias, ctx.sizes, ctx.conv, ctx.unbatched = bias is not None, sizes, conv, unbatched
         ctx.dtypes = (x.dtype, v.dtype, bias.dtype if bias is not None else None, scales.dtype)
-        return y
+        return y.squeeze(0) if unbatched else y
 
     @staticmethod
     def backward(ctx, gy):
         x, xs, v, r_in, r_out, slot, b_slot = ctx.saved_tensors
         x_dtype, v_dtype, b_dtype, s_dtype = ctx.dtypes
         n_r, n_k, n_kb = ctx.sizes
-        g = gy * r_out if r_out is not None else gy                       # (…, out)
-        g = _as(g, v.dtype)                                               # the matmul's dtype
-        g2, xs2 = g.reshape(-1, g.shape[-1]), xs.reshape(-1, xs.shape[-1])
-        grad_v = _as(g2.t() @ xs2, v_dtype)                               # (out, in), fresh
+        if ctx.unbatched:
+            gy = gy.unsqueeze(0)
+        g = gy * r_out if r_out is not None else gy                       # (…, out) or (B, out, …)
+        g = _as(g, v.dtype)                                               # the product's dtype
+        need_x = ctx.needs_input_grad[0] or r_in is not None             # a first layer needs neither
+        if ctx.conv is None:
+            g2, xs2 = g.reshape(-1, g.shape[-1]), xs.reshape(-1, xs.shape[-1])
+            grad_v = _as(g2.t() @ xs2, v_dtype)                           # (out, in), fresh
+            grad_b = _as(g2.sum(0), b_dtype) if ctx.has_bias else None
+            grad_xs = g @ v if need_x else None
+        else:
+            nd = v.dim() - 2
+            grad_xs, grad_v, grad_b = torch.ops.aten.convolution_backward(
+                g, xs, v, [v.shape[0]] if ctx.has_bias else None, *ctx.conv, False, [0] * nd, 1,
+                [need_x, True, ctx.has_bias])
+            grad_v, grad_b = _as(grad_v.contiguous(), v_dtype), _as(grad_b, b_dtype)
         # one vector [∂r_in | ∂k | ∂kb], written in place by each part (no cat)
-        grad_scales = g2.new_empty(n_r + n_k + n_kb, dtype=s_dtype) if ctx.needs_input_grad[3] else None
+        grad_scales = g.new_empty(n_r + n_k + n_kb, dtype=s_dtype) if ctx.needs_input_grad[3] else None
         flat = grad_v.view(-1)
         if n_k:                                        # the slots' gradient goes to k, not to V
             if grad_scales is not None:
                 _take(flat, slot, grad_scales[n_r:n_r + n_k])
             flat.index_fill_(0, slot, 0)
-        grad_b = _as(g2.sum(0), b_dtype) if ctx.has_bias else None
         if b_slot is not None and n_kb:
             if grad_scales is not None:
                 _take(grad_b, b_slot, grad_scales[n_r + n_k:])
             grad_b.index_fill_(0, b_slot, 0)
         grad_x = None
-        if ctx.needs_input_grad[0] or r_in is not None:                # a first layer needs neither
-            grad_xs = g @ v
+        if grad_xs is not None:
             if ctx.needs_input_grad[0]:
                 grad_x = _as(grad_xs * r_in if r_in is not None else grad_xs, x_dtype)
+                if ctx.unbatched:
+                    grad_x = grad_x.squeeze(0)
             if r_in is not None and grad_scales is not None:
-                # ∂r_in = Σ_batch ∂xs ⊙ x, in grad_xs's own storage (no new activation-sized tensor)
+                # ∂r_in = Σ ∂xs ⊙ x over all but the channels, in grad_xs's own storage (no new
+                # activation-sized tensor)
                 prod = grad_xs.mul_(x) if grad_xs.dtype == x.dtype else grad_xs * x
-                grad_scales[:n_r] = prod.reshape(-1, x.shape[-1]).sum(0)
-        return grad_x, grad_v, grad_b, grad_scales, None, None, None, None
+                grad_scales[:n_r] = prod.reshape(-1, x.shape[-1]).sum(0) if ctx.conv is None else \
+                    prod.sum([d for d in range(prod.dim()) if d != 1])
+        return grad_x, grad_v, grad_b, grad_scales, None, None, None, None, None
 
 
 def _as(t: Optional[torch.Tensor], dtype) -> Optional[torch.Tensor]:
@@ -471,25 +522,26 @@ def make_allocation(report, sk, weights: dict, form: str, names: Sequence[str], 
     for name in names:
         if sides[name][2] and not bool((rel_scale[name] == 1).all()):
             sides[name] = sides[name][:2] + (False,)
-    # a Linear goes through `linear` only if its weight is allocated at all (a frozen one is not),
-    # and its relation units, if any, are per row (they join the output scaling)
+    # a Linear (or convolution) goes through `linear` only if its weight is allocated at all (a
+    # frozen one is not), its input classes are per input channel and its output classes and
+    # relation units, if any, per output channel (they join the output scaling)
     linear = {w: b for w, b in (linear or {}).items() if rules.scales_activations and not sides[w][2]
-              and rel_scale[w].shape[-1] == 1}
+              and _per_channel(sides[w][0], sides[w][1], rel_scale[w], len(sk.params[w].shape))}
     for w, b in linear.items():
         # `linear` adds the bias before the output scaling 1/M, so a bias enters in the units of
         # its weight's rows; an inert bias has no class of its own, so give it the rows' (its value
         # still matters to what follows the centring: BatchNorm's running mean, eval mode)
         if b and report.is_inert(b):
             inp, _, trivial = sides[b]
-            sides[b] = (inp, sides[w][1][:, 0], trivial)           # rows of (out, 1)
-            rel_scale[b] = rel_scale[w][:, 0]
-    same_units = lambda w, b: torch.equal(*(t.expand(sk.params[b].shape) for t in (rel_scale[b], rel_scale[w][:, 0])))
+            sides[b] = (inp, sides[w][1].reshape(-1), trivial)        # rows of (out, 1, …)
+            rel_scale[b] = rel_scale[w].reshape(-1)
+    same_units = lambda w, b: torch.equal(*(t.expand(sk.params[b].shape) for t in (rel_scale[b], rel_scale[w].reshape(-1))))
     linear = {w: b for w, b in linear.items() if not b or same_units(w, b)}
     in_linear = set(linear) | {b for b in linear.values() if b}
     units_out, extra = _unit_slots(names, {k: sides[k][1] for k in names}, rel_scale, M, n)
     for w, b in linear.items():          # a bias read through `linear` is in its weight rows' units
         if b and w in units_out:
-            units_out[b] = units_out[w][:, 0]
+            units_out[b] = units_out[w].reshape(-1)
     carriers = torch.zeros(n, dtype=torch.float64)
     produced = torch.zeros(n + 1, dtype=torch.float64)       # Σ v² of each class's producers
     init, planned, plans, wa = {}, [], [], []
@@ -501,7 +553,9 @@ def make_allocation(report, sk, weights: dict, form: str, names: Sequence[str], 
         # reshape of a channels_last tensor copies
         v = (rules.coordinates(w64, P, M, inp, out) * rel_scale[name]).contiguous()
         fixed_idx, rel_idx = rules.held(ps)
-        if units is not None:
+        if units is not None and not report.is_inert(name):
+            # (an inert parameter's entries are all fixed and carry no invariant value; a fast
+            # layer's inert bias still gets its rows' classes, see above)
             produced.index_add_(0, out.expand(v.shape).reshape(-1), v.reshape(-1).square())
         jx, jc = rules.carrier_slots(ps)
         carriers[jc] = v.reshape(-1)[jx]                       # the carriers' path values
@@ -548,6 +602,25 @@ def make_allocation(report, sk, weights: dict, form: str, names: Sequence[str], 
             if w in planned and planned.index(w) not in wa]
     plan = Allocation(form, n, torch.cat([M] + extra), plans, dtype, wa, chain, free, scaled, fast)
     return plan, init, planned, (carriers.to(dtype) if rules.carriers else None)
+
+
+def _input_channels(inp: torch.Tensor, shape) -> torch.Tensor:
+    """A fast layer's input class per input channel (dim 1) from its class map, which may be
+    stored compact or (checkpoints of older versions) in full."""
+    full = inp.expand(shape)
+    row = full[(0, slice(None)) + (0,) * (len(shape) - 2)]
+    if not torch.equal(full, row.view((1, -1) + (1,) * (len(shape) - 2)).expand(shape)):
+        raise ValueError(f"allocation plan: a weight of shape {tuple(shape)} through the scaled-activation "
+                         f"path has input classes that vary along its rows; compile with "
+                         f"scale_activations=False to load this checkpoint")
+    return row
+
+
+def _per_channel(inp: torch.Tensor, out: torch.Tensor, units: torch.Tensor, ndim: int) -> bool:
+    """Whether a weight's compact maps vary only along dim 1 (inputs) and dim 0 (outputs, units)."""
+    shape = lambda t: (1,) * (ndim - t.dim()) + tuple(t.shape)
+    return ndim >= 2 and shape(inp)[0] == 1 and all(d == 1 for d in shape(inp)[2:]) and \
+        all(d == 1 for t in (out, units) for d in shape(t)[1:])
 
 
 def _unit_slots(names, outs: dict, units: dict, M: torch.Tensor, n: int):

@@ -6,9 +6,10 @@ forward computes every weight from the new parameters (WA; ICR in backward) and 
 own forward on them through torch.func.functional_call. So in-place ops, dropout, BatchNorm's
 running statistics and every module subclass behave exactly as in the original.
 
-Linear layers whose weight has no other use scale their activations instead of forming W
-(x @ (V ⊘ (M ⊗ P_in))ᵀ = ((x ⊘ P_in) @ Vᵀ) ⊘ M): such an nn.Linear in the copy becomes a
-`ScaledLinear`, which reads V where the weight would be."""
+Linear layers and convolutions whose weight has no other use scale their activations instead of
+forming W (x @ (V ⊘ (M ⊗ P_in))ᵀ = ((x ⊘ P_in) @ Vᵀ) ⊘ M, per channel for a convolution): such an
+nn.Linear (nn.ConvNd) in the copy becomes a `ScaledLinear` (`ScaledConvNd`), which reads V where the
+weight would be."""
 from __future__ import annotations
 
 import contextlib
@@ -26,7 +27,8 @@ from .allocate import allocation_dtype, make_allocation, reference
 from .forms import FORMS, ZeroHeld, form_of
 from .model_api import ModelAPI, SignedForward
 
-__all__ = ["compile_invariant", "CompiledState", "InvariantModule", "ScaledLinear"]
+__all__ = ["compile_invariant", "CompiledState", "InvariantModule", "ScaledLinear", "ScaledConv1d",
+           "ScaledConv2d", "ScaledConv3d"]
 
 
 class ScaledLinear(nn.Linear):
@@ -37,17 +39,46 @@ class ScaledLinear(nn.Linear):
     outside a call."""
 
     def forward(self, x):
-        if self.ic_scales.dim() == 0 and self._ic_plan.form == "gspace":
-            raise RuntimeError("ScaledLinear is part of a compiled module: call the InvariantModule, "
-                               "not its inner model")
+        _check_called_inside(self)
         return self._ic_plan.linear(x, self.weight, self.bias, self.ic_scales, self._ic_index)
 
     @staticmethod
-    def adopt(module: nn.Linear, plan, index: int) -> None:
-        """Turn the copy's nn.Linear `module` into fast Linear `index` of `plan`."""
-        module.__class__ = ScaledLinear
+    def adopt(module: nn.Module, plan, index: int) -> None:
+        """Turn the copy's nn.Linear or nn.ConvNd `module` into fast layer `index` of `plan`."""
+        module.__class__ = _SCALED[type(module)]
         module.__dict__["_ic_plan"], module.__dict__["_ic_index"] = plan, index   # not a submodule
         module.register_buffer("ic_scales", torch.full((), float("nan")), persistent=False)
+
+
+class _ScaledConv:
+    """ScaledLinear's counterpart for an nn.Conv1d/2d/3d (groups 1, zero padding): x scaled per
+    input channel, the output per output channel (Allocation.conv)."""
+
+    def forward(self, x):
+        _check_called_inside(self)
+        return self._ic_plan.conv(x, self.weight, self.bias, self.ic_scales, self._ic_index, self)
+
+
+class ScaledConv1d(_ScaledConv, nn.Conv1d):
+    pass
+
+
+class ScaledConv2d(_ScaledConv, nn.Conv2d):
+    pass
+
+
+class ScaledConv3d(_ScaledConv, nn.Conv3d):
+    pass
+
+
+_SCALED = {nn.Linear: ScaledLinear, nn.Conv1d: ScaledConv1d, nn.Conv2d: ScaledConv2d, nn.Conv3d: ScaledConv3d}
+_CONV_OPS = {torch.ops.aten.conv1d: nn.Conv1d, torch.ops.aten.conv2d: nn.Conv2d, torch.ops.aten.conv3d: nn.Conv3d}
+
+
+def _check_called_inside(layer: nn.Module) -> None:
+    if layer.ic_scales.dim() == 0 and layer._ic_plan.form == "gspace":
+        raise RuntimeError(f"{type(layer).__name__} is part of a compiled module: call the InvariantModule, "
+                           "not its inner model")
 
 
 @dataclass
@@ -84,7 +115,7 @@ class InvariantModule(ModelAPI, nn.Module):
         self._allocated = list(state.allocated)
         self._aliases = dict(state.aliases)               # every parameter name of the model -> canonical
         self._fast = dict(state.fast)                     # module path -> (weight name, bias name or None)
-        # functional_call's input name of each fast Linear's scales -> its index in plan.fast
+        # functional_call's input name of each fast layer's scales -> its index in plan.fast
         self._fast_keys = {f"{path}.ic_scales": model.get_submodule(path)._ic_index for path in self._fast}
         self._guard = state.guard                         # example shapes, when a reshape depends on them
         self._unused = {k: v.clone() for k, v in state.unused.items()}
@@ -117,12 +148,12 @@ class InvariantModule(ModelAPI, nn.Module):
 
     # ---- forward ------------------------------------------------------------------------------
     def _weights(self) -> dict[str, torch.Tensor]:
-        """The tensors the model's forward reads for its parameters (the fast Linears get V)."""
+        """The tensors the model's forward reads for its parameters (the fast layers get V)."""
         plan = self.allocate
         trained = getattr(self, "v_carriers", None)
         scaled = bool(self._fast) and FORMS[self.form].carriers
         # with scaled coordinates and nothing through WA, P_in is computed only for its check:
-        # the fast Linears read their scales from the carriers' log-magnitudes directly
+        # the fast layers read their scales from the carriers' log-magnitudes directly
         with torch.no_grad() if scaled and not plan.wa and getattr(plan, "_log_scales", False) \
                 else contextlib.nullcontext():
             carriers = plan.carrier_values(trained)
@@ -138,7 +169,7 @@ class InvariantModule(ModelAPI, nn.Module):
             # again within the frame, which dynamo's guards on that dict reject: hand it views
             ws = {n: t.view_as(t) if isinstance(t, nn.Parameter) else t for n, t in ws.items()}
         out = {alias: ws[name] for alias, name in self._aliases.items()}
-        if scaled:                       # what the fast Linears read besides V, as functional_call's inputs
+        if scaled:                       # what the fast layers read besides V, as functional_call's inputs
             scales = plan.linear_scales(p_in, carriers, trained)
             out.update({key: scales[k] for key, k in self._fast_keys.items()})
         return out
@@ -278,8 +309,9 @@ def compile_invariant(model: nn.Module, example_inputs: Any = None, form: str = 
            function: G-SGD's skeleton initialisation, for fresh models).
     skeleton: reuse the skeleton of another compiled module of the same architecture
            (`other.skeleton`), so that both have the same coordinates.
-    scale_activations: (gspace) Linear layers scale their input and output activations instead
-           of forming W (cheaper at moderate batch); False allocates every weight.
+    scale_activations: (gspace) Linear layers and convolutions (groups 1) scale their input and
+           output activations instead of forming W (cheaper at moderate batch); False allocates
+           every weight.
     coordinates: (gspace) "scaled" (default): the invariant coordinates in the units of the
            orbit's typical-scale point (skeleton.typical_scales), so each starts near its weight
            and SGD on them behaves like SGD on the weights (DESIGN §3.6b; train with this);
@@ -312,7 +344,7 @@ def compile_invariant(model: nn.Module, example_inputs: Any = None, form: str = 
     names = [n for n in report.param_names if n in read]
     unused = {n: weights[n].to(orig[n].device) for n in report.param_names if n not in read}
     inner = copy.deepcopy(model)
-    linear = _single_use_linears(inner, captured) if (scale_activations and rules.scales_activations) else {}
+    linear = _single_use_layers(inner, captured) if (scale_activations and rules.scales_activations) else {}
     units = typical_scales(report, sk, weights) if coordinates == "scaled" and rules.carriers else None
     plan, init, allocated, carriers = make_allocation(report, sk, weights, form, names, dtype,
                                                       {w: b for w, b in linear.values()}, units)
@@ -335,16 +367,22 @@ def compile_invariant(model: nn.Module, example_inputs: Any = None, form: str = 
     return cm.to(next(iter(orig.values())).device) if orig else cm
 
 
-def _single_use_linears(model: nn.Module, captured) -> dict:
+def _single_use_layers(model: nn.Module, captured) -> dict:
     """{module path: (weight, bias or None)} of exact nn.Linear modules whose parameters are read
-    by one aten.linear call of that module and nothing else."""
+    by one aten.linear call of that module and nothing else, and likewise of exact nn.Conv1d/2d/3d
+    modules (groups 1, zero padding given as numbers) and one call of their convolution."""
     out = {}
     readers: dict[str, list] = {}
     for ph in captured.gm.graph.nodes:
         if ph.op == "placeholder" and ph.name in captured.params:
             readers[captured.params[ph.name]] = list(ph.users)
     for path, mod in model.named_modules():
-        if type(mod) is not nn.Linear:
+        if type(mod) is nn.Linear:
+            op = torch.ops.aten.linear
+        elif type(mod) in _CONV_OPS.values() and mod.groups == 1 and mod.padding_mode == "zeros" and \
+                not isinstance(mod.padding, str):
+            op = next(o for o, cls in _CONV_OPS.items() if cls is type(mod))
+        else:
             continue
         w = f"{path}.weight" if path else "weight"
         b = (f"{path}.bias" if path else "bias") if mod.bias is not None else None
@@ -352,7 +390,7 @@ def _single_use_linears(model: nn.Module, captured) -> dict:
         if len(uses) != 1:
             continue
         node = uses[0]
-        if getattr(node.target, "overloadpacket", None) is not torch.ops.aten.linear or \
+        if getattr(node.target, "overloadpacket", None) is not op or \
                 len(node.args) < 2 or node.args[1].name not in captured.params or \
                 captured.layer_of(node) != path:
             continue
@@ -446,20 +484,23 @@ def _program(cm) -> str:
         lines.append("p_in = plan.path_in(v_carriers)                 # P_in: carrier path values / M")
     scaled = FORMS[cm.form].carriers
     if cm._fast and scaled:
-        lines.append("scales = plan.linear_scales(p_in, v_carriers)   # per fast Linear: 1/P_in, slot values")
+        lines.append("scales = plan.linear_scales(p_in, v_carriers)   # per fast layer: 1/P_in, slot values")
     if plan.wa:
         outs = ", ".join("w_" + v[cm._allocated[i]].split("_", 1)[1] for i in plan.wa)
         ins = ", ".join(v[cm._allocated[i]] for i in plan.wa)
         extra = "p_in, v_carriers, " if FORMS[cm.form].carriers else "None, None, "
         lines.append(f"{outs} = plan({extra}{ins})   # WA forward, ICR backward")
     for path, (w, b) in cm._fast.items():
-        k = cm.model.get_submodule(path)._ic_index
+        layer = cm.model.get_submodule(path)
+        k, conv = layer._ic_index, not isinstance(layer, ScaledLinear)
         if scaled:
-            lines.append(f"model.{path}: plan.linear(x, {v[w]}, {v.get(b, 'None')}, scales[{k}], {k})"
-                         f"   # scaled activations, no W formed")
+            call = f"plan.conv(x, {v[w]}, {v.get(b, 'None')}, scales[{k}], {k}, self)" if conv else \
+                f"plan.linear(x, {v[w]}, {v.get(b, 'None')}, scales[{k}], {k})"
+            lines.append(f"model.{path}: {call}   # scaled activations, no W formed")
         else:
-            lines.append(f"model.{path}: F.linear(x, {v[w]}, {v.get(b, 'None')})"
-                         f"   # fixed entries held in place, their gradient zeroed")
+            call = f"self._conv_forward(x, {v[w]}, {v.get(b, 'None')})" if conv else \
+                f"F.linear(x, {v[w]}, {v.get(b, 'None')})"
+            lines.append(f"model.{path}: {call}   # fixed entries held in place, their gradient zeroed")
     lines.append("return functional_call(model, weights, inputs)   # the model's own forward:")
     code = cm._code
     wa = {cm._allocated[i] for i in plan.wa}
