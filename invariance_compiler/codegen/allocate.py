@@ -404,13 +404,15 @@ class _ScaledLinear(torch.autograd.Function):
             v.view(-1).index_copy_(0, slot, k.to(v.dtype))
         if b_slot is not None:
             bias = _fill(bias, b_slot, kb)
+        r_in = r_in if sizes[0] else None
         nd = v.dim() - 2
         unbatched = conv is not None and x.dim() == nd + 1
         if unbatched:
             x = x.unsqueeze(0)
-        channels = (-1,) + (1,) * nd                       # r_in, r_out along x's and y's channels
-        r_in = r_in.view(channels) if sizes[0] else None
-        r_out = r_out.view(channels) if r_out is not None else None
+        if conv is not None:                               # r_in, r_out along x's and y's channels
+            channels = (-1,) + (1,) * nd
+            r_in = r_in.view(channels) if r_in is not None else None
+            r_out = r_out.view(channels) if r_out is not None else None
         xs = x * r_in if r_in is not None else x
         # under autocast the product runs in its dtype: cast here, once, and keep the cast operands
         # for backward, so that forward and backward multiply the same numbers (DESIGN §4c)
