@@ -42,13 +42,6 @@ class ScaledLinear(nn.Linear):
         _check_called_inside(self)
         return self._ic_plan.linear(x, self.weight, self.bias, self.ic_scales, self._ic_index)
 
-    @staticmethod
-    def adopt(module: nn.Module, plan, index: int) -> None:
-        """Turn the copy's nn.Linear or nn.ConvNd `module` into fast layer `index` of `plan`."""
-        module.__class__ = _SCALED[type(module)]
-        module.__dict__["_ic_plan"], module.__dict__["_ic_index"] = plan, index   # not a submodule
-        module.register_buffer("ic_scales", torch.full((), float("nan")), persistent=False)
-
 
 class _ScaledConv:
     """ScaledLinear's counterpart for an nn.Conv1d/2d/3d (groups 1, zero padding): x scaled per
@@ -72,7 +65,14 @@ class ScaledConv3d(_ScaledConv, nn.Conv3d):
 
 
 _SCALED = {nn.Linear: ScaledLinear, nn.Conv1d: ScaledConv1d, nn.Conv2d: ScaledConv2d, nn.Conv3d: ScaledConv3d}
-_CONV_OPS = {torch.ops.aten.conv1d: nn.Conv1d, torch.ops.aten.conv2d: nn.Conv2d, torch.ops.aten.conv3d: nn.Conv3d}
+_CONV_OPS = {nn.Conv1d: torch.ops.aten.conv1d, nn.Conv2d: torch.ops.aten.conv2d, nn.Conv3d: torch.ops.aten.conv3d}
+
+
+def _adopt(module: nn.Module, plan, index: int) -> None:
+    """Turn the copy's nn.Linear or nn.ConvNd `module` into fast layer `index` of `plan`."""
+    module.__class__ = _SCALED[type(module)]
+    module.__dict__["_ic_plan"], module.__dict__["_ic_index"] = plan, index   # not a submodule
+    module.register_buffer("ic_scales", torch.full((), float("nan")), persistent=False)
 
 
 def _check_called_inside(layer: nn.Module) -> None:
@@ -352,7 +352,7 @@ def compile_invariant(model: nn.Module, example_inputs: Any = None, form: str = 
             [allocated[i] for i in plan.wa]}
     for path, (w, b) in fast.items():
         ij = (allocated.index(w), allocated.index(b) if b in allocated else -1)
-        ScaledLinear.adopt(inner.get_submodule(path), plan, plan.fast.index(ij))
+        _adopt(inner.get_submodule(path), plan, plan.fast.index(ij))
     for mod in inner.modules():                  # the copy keeps code and buffers, not parameters
         for k in [k for k, p in mod._parameters.items() if p is not None]:
             del mod._parameters[k]
@@ -379,9 +379,9 @@ def _single_use_layers(model: nn.Module, captured) -> dict:
     for path, mod in model.named_modules():
         if type(mod) is nn.Linear:
             op = torch.ops.aten.linear
-        elif type(mod) in _CONV_OPS.values() and mod.groups == 1 and mod.padding_mode == "zeros" and \
+        elif type(mod) in _CONV_OPS and mod.groups == 1 and mod.padding_mode == "zeros" and \
                 not isinstance(mod.padding, str):
-            op = next(o for o, cls in _CONV_OPS.items() if cls is type(mod))
+            op = _CONV_OPS[type(mod)]
         else:
             continue
         w = f"{path}.weight" if path else "weight"
