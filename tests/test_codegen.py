@@ -100,6 +100,39 @@ def test_state_dict_save_load_pickle_and_deepcopy(form):
         assert torch.equal(clone.export_state_dict()["fc.weight"], cm.export_state_dict()["fc.weight"])
 
 
+def _copy_state(model):
+    """What each module of the copy holds: its parameter, buffer and tensor attribute objects."""
+    return {name: ({k: id(v) for k, v in m._parameters.items()}, {k: id(v) for k, v in m._buffers.items()},
+                   {k: id(v) for k, v in vars(m).items() if isinstance(v, torch.Tensor)})
+            for name, m in model.named_modules()}
+
+
+@pytest.mark.parametrize("form", ["gspace", "fixed"])
+def test_eager_forward_swaps_the_weights_in_and_puts_the_copy_back(form):
+    # the eager forward swaps the tensors into the copy itself (names resolved once) instead of
+    # through functional_call: same output, and the copy as it was after a call, a failing call
+    # and in a deep copy
+    torch.manual_seed(0)
+    model, x = ZOO["resnet_basic"]()
+    model = model.double()
+    x = tuple(t.double() for t in x)
+    cm = ic.compile_invariant(model, x, form=form)
+    before = _copy_state(cm.model)
+    out = cm(*x)
+    assert torch.equal(out, torch.func.functional_call(cm.model, cm._weights(), x))
+    assert torch.allclose(out, model(*x), rtol=1e-10, atol=1e-12)
+    assert _copy_state(cm.model) == before
+    with pytest.raises(RuntimeError):
+        cm(x[0][:, :1])                                  # fails inside the model's forward
+    assert cm._guard is None
+    assert _copy_state(cm.model) == before
+    clone = copy.deepcopy(cm)
+    with torch.no_grad():
+        next(clone.parameters()).mul_(1.5)
+    assert torch.equal(cm(*x), out) and not torch.equal(clone(*x), out)
+    assert _copy_state(cm.model) == before
+
+
 @pytest.mark.parametrize("opt_cls", [torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW, torch.optim.RMSprop])
 def test_any_torch_optimizer_trains_it_and_keeps_its_state(opt_cls):
     model, x = ZOO["mlp"]()
