@@ -3,9 +3,8 @@
 The compiled module is the original model with other coordinates, nothing else: it keeps a copy of
 the model (its buffers, submodules, hooks, train/eval behaviour) without its parameters, and each
 forward computes every weight from the new parameters (WA; ICR in backward) and runs the model's
-own forward on them, swapped into the copy as torch.func.functional_call does (under torch.compile
-through functional_call itself). So in-place ops, dropout, BatchNorm's running statistics and every
-module subclass behave exactly as in the original.
+own forward on them through torch.func.functional_call. So in-place ops, dropout, BatchNorm's
+running statistics and every module subclass behave exactly as in the original.
 
 Linear layers and convolutions whose weight has no other use scale their activations instead of
 forming W (x @ (V ⊘ (M ⊗ P_in))ᵀ = ((x ⊘ P_in) @ Vᵀ) ⊘ M, per channel for a convolution): such an
@@ -143,7 +142,6 @@ class InvariantModule(ModelAPI, nn.Module):
                 ZeroHeld.attach(p, t)
 
     def __setstate__(self, state):
-        state.pop("_ic_slots", None)                    # they name the old copy's dicts
         super().__setstate__(state)
         if "_v_attr" in self.__dict__:
             self._hold_hooks()
@@ -179,26 +177,8 @@ class InvariantModule(ModelAPI, nn.Module):
     def forward(self, *args, **kwargs):
         if self._guard is not None:
             _check_shapes(self._guard, args, kwargs)
-        if torch.compiler.is_compiling():
-            return torch.func.functional_call(self.model, self._weights(), args, kwargs, tie_weights=False,
-                                              strict=False)
-        # eagerly, functional_call's swap with each name resolved once: functional_call walks every
-        # dotted name on every call, and that Python is a large part of the fixed form's cost (DESIGN §4c)
-        slots = self.__dict__.setdefault("_ic_slots", {})
-        swapped = []
-        try:
-            for name, t in self._weights().items():
-                where = slots.get(name) or slots.setdefault(name, _slot(self.model, name))
-                table, key = where
-                swapped.append((table, key, table.get(key, _MISSING)))
-                table[key] = t
-            return self.model(*args, **kwargs)
-        finally:
-            for table, key, old in reversed(swapped):
-                if old is _MISSING:
-                    del table[key]
-                else:
-                    table[key] = old
+        return torch.func.functional_call(self.model, self._weights(), args, kwargs, tie_weights=False,
+                                          strict=False)
 
     # ---- the contract -------------------------------------------------------------------------
     @property
@@ -298,20 +278,6 @@ def attr_name(prefix: str, param: str, taken: set) -> str:
         name, k = f"{base}_{k}", k + 1
     taken.add(name)
     return name
-
-
-_MISSING = object()
-
-
-def _slot(model: nn.Module, name: str) -> tuple[dict, str]:
-    """Where functional_call puts the tensor `name` of `model`: the owning module's _parameters or
-    _buffers when it holds one by that name, else its __dict__ (a plain attribute, removed after)."""
-    path, _, key = name.rpartition(".")
-    module = model.get_submodule(path)
-    for table in (module._parameters, module._buffers):
-        if key in table:
-            return table, key
-    return module.__dict__, key
 
 
 def _check_shapes(guard, args, kwargs):
