@@ -228,6 +228,8 @@ def test_bad_arguments_are_refused():
         ic.compile_invariant(model, form="G")
     with pytest.raises(ValueError, match="fixed must be"):
         ic.compile_invariant(model, fixed="zero")
+    with pytest.raises(ValueError, match="scale_activations must be"):
+        ic.compile_invariant(model, scale_activations="yes")
 
 
 def test_frozen_parameters_are_constants_and_never_move():

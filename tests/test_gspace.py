@@ -95,7 +95,7 @@ def test_scaled_convolutions_equal_allocated_weights(name):
     else:
         model, x = ZOO[name]()
     model, x = model.double(), tuple(t.double() for t in x)
-    fast = ic.compile_invariant(model, x)
+    fast = ic.compile_invariant(model, x, scale_activations=True)
     slow = ic.compile_invariant(model, x, skeleton=fast.skeleton, scale_activations=False)
     convs = [m for m in fast.model.modules() if type(m).__name__.startswith("ScaledConv")]
     assert convs and "plan.conv(" in fast.code, "no convolution took the scaled path"
@@ -116,7 +116,7 @@ def test_scaled_convolutions_in_channels_last():
     torch.manual_seed(0)
     model, x = ZOO["resnet_basic"]()
     model, x = model.double(), tuple(t.double() for t in x)
-    cm = ic.compile_invariant(model, x)
+    cm = ic.compile_invariant(model, x, scale_activations=True)
     last = copy.deepcopy(cm).to(memory_format=torch.channels_last)
     assert any(not p.is_contiguous() for p in last.parameters())
     xl = tuple(t.to(memory_format=torch.channels_last) for t in x)
@@ -126,6 +126,76 @@ def test_scaled_convolutions_in_channels_last():
     out_l.square().sum().backward()
     for (n1, p1), (n2, p2) in zip(cm.named_parameters(), last.named_parameters()):
         assert n1 == n2 and torch.allclose(p2.grad, p1.grad, rtol=1e-10, atol=1e-13), n1
+
+
+def _scaled_convs(cm) -> list:
+    return [m for m in cm.model.modules() if type(m).__name__.startswith("ScaledConv")]
+
+
+def test_convolutions_scale_their_activations_where_their_weight_outweighs_them():
+    """scale_activations="auto" (the default) scales a convolution's activations only where its
+    weight holds more entries than BATCH samples' input and output: a ResNet's late stage does, a
+    small CNN on 32x32 images forms W. Either way the function is the original's, and a checkpoint
+    of one choice loads into the other (the coordinates are the same)."""
+    from invariance_compiler.codegen.module import BATCH
+    torch.manual_seed(0)
+    small = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4)).double()
+    late = nn.Sequential(nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 4)).double()
+    for model, side, scaled in ((small, 32, 0), (late, 2, 2)):
+        x = torch.randn(2, model[0].in_channels, side, side, dtype=torch.float64)
+        per_sample = (model[0].in_channels + model[0].out_channels) * side * side
+        assert (model[0].weight.numel() > BATCH * per_sample) == bool(scaled)
+        auto = ic.compile_invariant(model, (x,))
+        forced = ic.compile_invariant(model, (x,), scale_activations=True, skeleton=auto.skeleton)
+        assert len(_scaled_convs(auto)) == scaled and len(_scaled_convs(forced)) == 2
+        assert torch.allclose(auto(x), model(x), rtol=1e-10, atol=1e-12)
+        with torch.no_grad():
+            for p in forced.parameters():
+                p.mul_(1.0 + 0.01 * torch.rand_like(p))
+        auto.load_state_dict(forced.state_dict())
+        assert torch.allclose(auto(x), forced(x), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("form", ["gspace", "fixed"])
+def test_scaled_convolutions_under_autocast_and_torch_compile(form):
+    """The zoo's convolutions are small enough for "auto" to form W, so the suite's autocast and
+    torch.compile tests of convolutional models run them through WA: here every convolution
+    takes the scaled path. bf16 autocast: the output within bf16's tolerance of the plain model's,
+    the gradients finite and within twice bf16's own error of fp32's; torch.compile with
+    fullgraph: the eager output and gradients."""
+    torch.manual_seed(0)
+    model, x = ZOO["cnn_pool"]()
+    cm = ic.compile_invariant(copy.deepcopy(model), x, form=form, scale_activations=True)
+    assert form == "fixed" or _scaled_convs(cm)
+
+    def grads(net, low):
+        net.zero_grad()
+        with torch.autocast("cpu", torch.bfloat16, enabled=low):
+            out = net(*x)
+        out.float().square().mean().backward()
+        g = torch.cat([p.grad.reshape(-1) for p in net.parameters() if p.grad is not None])
+        assert bool(torch.isfinite(g).all())
+        return g
+
+    def rel(a, b):
+        return float((a.float() - b.float()).norm() / b.float().norm())
+
+    with torch.autocast("cpu", torch.bfloat16):
+        assert rel(cm(*x), model(*x)) <= 2e-2
+    assert rel(grads(cm, True), grads(cm, False)) <= 2 * rel(grads(model, True), grads(model, False)) + 1e-2
+    torch._dynamo.reset()
+    cm.zero_grad()
+    out_e = cm(*x)
+    out_e.square().sum().backward()
+    grads_e = [p.grad.clone() for p in cm.parameters()]
+    cm.zero_grad()
+    out_c = torch.compile(cm, fullgraph=True)(*x)
+    out_c.square().sum().backward()
+    assert torch.allclose(out_c, out_e, rtol=1e-4, atol=1e-5)
+    for a, p in zip(grads_e, cm.parameters()):
+        assert torch.allclose(p.grad, a, rtol=1e-3, atol=1e-6)
 
 
 def _graph_ops(out: torch.Tensor) -> set:

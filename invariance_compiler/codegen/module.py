@@ -297,7 +297,7 @@ def _check_shapes(guard, args, kwargs):
 
 def compile_invariant(model: nn.Module, example_inputs: Any = None, form: str = "gspace",
                       fixed: str = "keep", value: float = 1.0, *, example_kwargs: Optional[dict] = None,
-                      skeleton=None, scale_activations: bool = True,
+                      skeleton=None, scale_activations: bool | str = "auto",
                       coordinates: str = "scaled") -> InvariantModule:
     """Compile `model` into a module with the same function whose parameters have no rescaling
     redundancy left.
@@ -309,9 +309,10 @@ def compile_invariant(model: nn.Module, example_inputs: Any = None, form: str = 
            function: G-SGD's skeleton initialisation, for fresh models).
     skeleton: reuse the skeleton of another compiled module of the same architecture
            (`other.skeleton`), so that both have the same coordinates.
-    scale_activations: (gspace) Linear layers and convolutions (groups 1) scale their input and
-           output activations instead of forming W (cheaper at moderate batch); False allocates
-           every weight.
+    scale_activations: (gspace) "auto" (default): Linear layers, and convolutions (groups 1) whose
+           weight outweighs their activations, scale their input and output activations instead of
+           forming W (`_conv_pays`); True: every such layer and convolution; False: every weight
+           is allocated.
     coordinates: (gspace) "scaled" (default): the invariant coordinates in the units of the
            orbit's typical-scale point (skeleton.typical_scales), so each starts near its weight
            and SGD on them behaves like SGD on the weights (DESIGN §3.6b; train with this);
@@ -322,6 +323,9 @@ def compile_invariant(model: nn.Module, example_inputs: Any = None, form: str = 
         raise ValueError(f"compile_invariant: coordinates must be 'scaled' or 'paths', got {coordinates!r}")
     if fixed not in ("keep", "scale", "overwrite"):
         raise ValueError(f"compile_invariant: fixed must be 'keep', 'scale' or 'overwrite', got {fixed!r}")
+    if scale_activations not in (True, False, "auto"):
+        raise ValueError(f"compile_invariant: scale_activations must be 'auto', True or False, got "
+                         f"{scale_activations!r}")
     report = analyze(model, example_inputs, example_kwargs)
     captured = report.captured
     orig = dict(model.named_parameters())
@@ -344,7 +348,8 @@ def compile_invariant(model: nn.Module, example_inputs: Any = None, form: str = 
     names = [n for n in report.param_names if n in read]
     unused = {n: weights[n].to(orig[n].device) for n in report.param_names if n not in read}
     inner = copy.deepcopy(model)
-    linear = _single_use_layers(inner, captured) if (scale_activations and rules.scales_activations) else {}
+    linear = _single_use_layers(inner, captured, every_conv=scale_activations is True) \
+        if (scale_activations and rules.scales_activations) else {}
     units = typical_scales(report, sk, weights) if coordinates == "scaled" and rules.carriers else None
     plan, init, allocated, carriers = make_allocation(report, sk, weights, form, names, dtype,
                                                       {w: b for w, b in linear.values()}, units)
@@ -367,10 +372,11 @@ def compile_invariant(model: nn.Module, example_inputs: Any = None, form: str = 
     return cm.to(next(iter(orig.values())).device) if orig else cm
 
 
-def _single_use_layers(model: nn.Module, captured) -> dict:
+def _single_use_layers(model: nn.Module, captured, every_conv: bool = False) -> dict:
     """{module path: (weight, bias or None)} of exact nn.Linear modules whose parameters are read
     by one aten.linear call of that module and nothing else, and likewise of exact nn.Conv1d/2d/3d
-    modules (groups 1, zero padding given as numbers) and one call of their convolution."""
+    modules (groups 1, zero padding given as numbers) and one call of their convolution, where
+    that pays (`_conv_pays`) unless `every_conv`."""
     out = {}
     readers: dict[str, list] = {}
     for ph in captured.gm.graph.nodes:
@@ -400,8 +406,30 @@ def _single_use_layers(model: nn.Module, captured) -> dict:
                 continue
         elif len(node.args) > 2 and node.args[2] is not None:
             continue
+        if op is not torch.ops.aten.linear and not (every_conv or _conv_pays(node, mod)):
+            continue
         out[path] = (w, b)
     return out
+
+
+# Scaling a convolution's activations costs about six passes over its input and output (two in
+# forward, four in backward), forming W about five over its weight (WA, ICR): the first is the
+# cheaper where the weight holds more entries than BATCH samples' input and output together. The
+# example's batch is often 1 or 2, so the activations per sample are read from it and BATCH is a
+# typical training batch (the smallest in benchmarks/real_train_step.py). A ResNet's late stages
+# scale their activations and its first stages form W; a small CNN on 32×32 images forms W
+# (train_step.py's CNN: 1.23 of the plain step with every convolution scaled, 1.06 with none).
+BATCH = 8
+
+
+def _conv_pays(node, mod: nn.Module) -> bool:
+    """Whether convolution `node` (of module `mod`) is cheaper with its activations scaled."""
+    x, y = node.args[0].meta.get("val"), node.meta.get("val")
+    if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
+        return True
+    samples = x.shape[0] if x.dim() == mod.weight.dim() else 1            # batched, or one sample
+    per_sample = (x.numel() + y.numel()) / max(samples, 1)
+    return mod.weight.numel() > BATCH * per_sample
 
 
 def _guard(report, captured, args, kwargs) -> Optional[dict]:
