@@ -427,8 +427,11 @@ def _conv_pays(node, mod: nn.Module) -> bool:
     x, y = node.args[0].meta.get("val"), node.meta.get("val")
     if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
         return True
-    samples = x.shape[0] if x.dim() == mod.weight.dim() else 1            # batched, or one sample
-    per_sample = (x.numel() + y.numel()) / max(samples, 1)
+    try:
+        samples = int(x.shape[0]) if x.dim() == mod.weight.dim() else 1   # batched, or one sample
+        per_sample = (int(x.numel()) + int(y.numel())) / max(samples, 1)
+    except (TypeError, RuntimeError, ValueError):        # a symbolic size with no value: scale
+        return True
     return mod.weight.numel() > BATCH * per_sample
 
 
