@@ -134,10 +134,10 @@ def _scaled_convs(cm) -> list:
 
 def test_convolutions_scale_their_activations_where_their_weight_outweighs_them():
     """scale_activations="auto" (the default) scales a convolution's activations only where its
-    weight holds more entries than BATCH samples' input and output: a ResNet's late stage does, a
-    small CNN on 32x32 images forms W. Either way the function is the original's, and a checkpoint
+    weight holds more entries than TYPICAL_BATCH samples' input and output: a ResNet's late stage
+    does, a small CNN on 32x32 images forms W. Either way the function is the original's, and a checkpoint
     of one choice loads into the other (the coordinates are the same)."""
-    from invariance_compiler.codegen.module import BATCH
+    from invariance_compiler.codegen.module import TYPICAL_BATCH
     torch.manual_seed(0)
     small = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
                           nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4)).double()
@@ -146,7 +146,7 @@ def test_convolutions_scale_their_activations_where_their_weight_outweighs_them(
     for model, side, scaled in ((small, 32, 0), (late, 2, 2)):
         x = torch.randn(2, model[0].in_channels, side, side, dtype=torch.float64)
         per_sample = (model[0].in_channels + model[0].out_channels) * side * side
-        assert (model[0].weight.numel() > BATCH * per_sample) == bool(scaled)
+        assert (model[0].weight.numel() > TYPICAL_BATCH * per_sample) == bool(scaled)
         auto = ic.compile_invariant(model, (x,))
         forced = ic.compile_invariant(model, (x,), scale_activations=True, skeleton=auto.skeleton)
         assert len(_scaled_convs(auto)) == scaled and len(_scaled_convs(forced)) == 2

@@ -414,12 +414,13 @@ def _single_use_layers(model: nn.Module, captured, every_conv: bool = False) -> 
 
 # Scaling a convolution's activations costs about six passes over its input and output (two in
 # forward, four in backward), forming W about five over its weight (WA, ICR): the first is the
-# cheaper where the weight holds more entries than BATCH samples' input and output together. The
-# example's batch is often 1 or 2, so the activations per sample are read from it and BATCH is a
-# typical training batch (the smallest in benchmarks/real_train_step.py). A ResNet's late stages
-# scale their activations and its first stages form W; a small CNN on 32×32 images forms W
-# (train_step.py's CNN: 1.23 of the plain step with every convolution scaled, 1.06 with none).
-BATCH = 8
+# cheaper where the weight holds more entries than TYPICAL_BATCH samples' input and output
+# together. The example's batch is often 1 or 2, so the activations per sample are read from it,
+# and TYPICAL_BATCH is a training batch (the smallest in benchmarks/real_train_step.py). A
+# ResNet's late stages scale their activations and its first stages form W; a small CNN on 32×32
+# images forms W (train_step.py's CNN: 1.23 of the plain step with every convolution scaled, 1.06
+# with none).
+TYPICAL_BATCH = 8
 
 
 def _conv_pays(node, mod: nn.Module) -> bool:
@@ -432,7 +433,7 @@ def _conv_pays(node, mod: nn.Module) -> bool:
         per_sample = (int(x.numel()) + int(y.numel())) / max(samples, 1)
     except (TypeError, RuntimeError, ValueError):        # a symbolic size with no value: scale
         return True
-    return mod.weight.numel() > BATCH * per_sample
+    return mod.weight.numel() > TYPICAL_BATCH * per_sample
 
 
 def _guard(report, captured, args, kwargs) -> Optional[dict]:
