@@ -132,25 +132,73 @@ def _scaled_convs(cm) -> list:
     return [m for m in cm.model.modules() if type(m).__name__.startswith("ScaledConv")]
 
 
-def test_convolutions_scale_their_activations_where_their_weight_outweighs_them():
-    """scale_activations="auto" (the default) scales a convolution's activations only where its
-    weight holds more entries than TYPICAL_BATCH samples' input and output: a ResNet's late stage
-    does, a small CNN on 32x32 images forms W. Either way the function is the original's, and a checkpoint
-    of one choice loads into the other (the coordinates are the same)."""
+class _Tokens(nn.Module):
+    """Linear → BatchNorm (an inert bias) → ReLU → Linear over tokens, (B, T, d)."""
+
+    def __init__(self, d: int, hidden: int):
+        super().__init__()
+        self.up, self.bn, self.down = nn.Linear(d, hidden), nn.BatchNorm1d(hidden), nn.Linear(hidden, d)
+
+    def forward(self, x):
+        h = self.bn(self.up(x).transpose(1, 2)).transpose(1, 2)
+        return self.down(F.relu(h))
+
+
+def test_layers_form_w_eagerly_where_their_activations_outweigh_their_weight(monkeypatch):
+    """scale_activations="auto" (the default): in an eager forward a fast layer scales its
+    activations only where its weight holds more entries than TYPICAL_BATCH samples' input and
+    output, and otherwise gets W formed by WA (a small CNN on 32x32 images, a Linear over 64
+    tokens, with an inert bias); a ResNet's late stage and an MLP's wide Linear scale. Under
+    torch.compile every fast layer scales. The function is the original's and the gradients are
+    those of the all-scaled module (float64, same coordinates), and a checkpoint of one choice
+    loads into the other."""
+    import invariance_compiler.codegen.allocate as A
     from invariance_compiler.codegen.module import TYPICAL_BATCH
+    calls = []
+
+    class Counted(A.ScaledProduct):
+        @classmethod
+        def apply(cls, *args):
+            calls.append(1)
+            return super().apply(*args)
+    monkeypatch.setattr(A, "ScaledProduct", Counted)
     torch.manual_seed(0)
     small = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
-                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4)).double()
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
     late = nn.Sequential(nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(),
-                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 4)).double()
-    for model, side, scaled in ((small, 32, 0), (late, 2, 2)):
-        x = torch.randn(2, model[0].in_channels, side, side, dtype=torch.float64)
-        per_sample = (model[0].in_channels + model[0].out_channels) * side * side
-        assert (model[0].weight.numel() > TYPICAL_BATCH * per_sample) == bool(scaled)
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 4))
+    wide = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 4))
+    # (model, example, how many fast layers form W eagerly: the small heads do too)
+    cases = [(small, torch.randn(2, 3, 32, 32), 3), (late, torch.randn(2, 64, 2, 2), 1),
+             (_Tokens(16, 32), torch.randn(2, 64, 16), 2), (wide, torch.randn(2, 64), 1)]
+    for model, x, formed in cases:
+        model, x = model.double(), x.double()
+        first = model[0] if isinstance(model, nn.Sequential) else model.up
+        rows = x[0].numel() // x.shape[-1] if isinstance(first, nn.Linear) else 1
+        per_sample = (x[0].numel() + first(x[:1]).numel()) if isinstance(first, nn.Conv2d) else \
+            rows * (first.in_features + first.out_features)
         auto = ic.compile_invariant(model, (x,))
+        assert (first.weight.numel() <= TYPICAL_BATCH * per_sample) == (0 in auto.allocate.formed)
         forced = ic.compile_invariant(model, (x,), scale_activations=True, skeleton=auto.skeleton)
-        assert len(_scaled_convs(auto)) == scaled and len(_scaled_convs(forced)) == 2
-        assert torch.allclose(auto(x), model(x), rtol=1e-10, atol=1e-12)
+        assert len(auto.allocate.formed) == formed and not forced.allocate.formed
+        assert len(auto.allocate.fast) == len(forced.allocate.fast)
+        calls.clear()
+        out = auto(x)
+        assert len(calls) == len(auto.allocate.fast) - formed           # the others formed W
+        assert torch.allclose(out, model(x), rtol=1e-10, atol=1e-12)
+        out.square().sum().backward()
+        forced(x).square().sum().backward()
+        for (n1, p1), (n2, p2) in zip(auto.named_parameters(), forced.named_parameters()):
+            assert n1 == n2 and torch.allclose(p1.grad, p2.grad, rtol=1e-10, atol=1e-13), n1
+        applied = []                                # compiled: every fast layer scales, one node each
+
+        def backend(gm, example):
+            applied.extend(n for n in gm.graph.nodes if str(n.target) == "autograd_function_apply")
+            return gm.forward
+        torch._dynamo.reset()
+        out_c = torch.compile(auto, backend=backend, fullgraph=True)(x)
+        assert len(applied) == len(auto.allocate.fast) + bool(auto.allocate.wa)
+        assert torch.allclose(out_c, out, rtol=1e-10, atol=1e-12)
         with torch.no_grad():
             for p in forced.parameters():
                 p.mul_(1.0 + 0.01 * torch.rand_like(p))
@@ -160,8 +208,8 @@ def test_convolutions_scale_their_activations_where_their_weight_outweighs_them(
 
 @pytest.mark.parametrize("form", ["gspace", "fixed"])
 def test_scaled_convolutions_under_autocast_and_torch_compile(form):
-    """The zoo's convolutions are small enough for "auto" to form W, so the suite's autocast and
-    torch.compile tests of convolutional models run them through WA: here every convolution
+    """The zoo's convolutions are small enough for "auto" to form W in an eager forward, so the
+    suite's autocast tests of convolutional models run them through WA: here every convolution
     takes the scaled path. bf16 autocast: the output within bf16's tolerance of the plain model's,
     the gradients finite and within twice bf16's own error of fp32's; torch.compile with
     fullgraph: the eager output and gradients."""

@@ -39,7 +39,12 @@ from ..kernels.layout import Group, Layout, TensorSlots, Tiling, build_group
 from .forms import FORMS, fill as _fill, hold_fixed, overwrite
 from .scaled import ScaledProduct
 
-__all__ = ["Allocation", "PlanTensor", "allocation_dtype", "make_allocation", "reference"]
+__all__ = ["Allocation", "FORMED", "PlanTensor", "allocation_dtype", "make_allocation", "reference"]
+
+# What a fast layer reads for its scales in a forward that formed its W and b by WA (`formed`):
+# the layer then runs as the original does. Its dtype tells the two apart, which a compiled graph
+# reads from the type alone.
+FORMED = torch.zeros(0, dtype=torch.bool)
 
 
 class PlanTensor(nn.Module):
@@ -97,15 +102,20 @@ class Allocation(nn.Module):
     """The allocation plan of one compiled model. Tensor i (in plan order) has compact index maps
     into M and P_in (`n` meaning no class), its fixed entries (K slots) and carrier entries (J slots,
     whose values are carrier path values). `wa` lists the tensors allocated by WA; the others are
-    Linear weights and biases used through `linear`."""
+    the weights and biases of fast layers, used through `linear` and `conv`. The fast layers
+    `formed` (indices into `fast`) form W by WA too in an eager forward (`eager_wa`), and scale
+    their activations only under torch.compile, where that is the cheaper (DESIGN §3.6)."""
     tiling = Tiling()             # the kernels' tiles (an instance may set its own, then _build_layouts)
 
     def __init__(self, form: str, num_classes: int, M: torch.Tensor, plans: Sequence[dict], dtype,
                  wa: Sequence[int], chain: Sequence[tuple] = (), free: Optional[torch.Tensor] = None,
-                 scaled: Optional[tuple] = None, fast: Sequence[tuple[int, int]] = ()):
+                 scaled: Optional[tuple] = None, fast: Sequence[tuple[int, int]] = (),
+                 formed: Sequence[int] = ()):
         super().__init__()
         self.form, self.n, self.count, self.wa = form, num_classes, len(plans), list(wa)
-        self.fast = [tuple(f) for f in fast]       # (weight, bias or -1) of the Linears used through `linear`
+        self.fast = [tuple(f) for f in fast]       # (weight, bias or -1) of the layers used through `linear`
+        self.formed = sorted(formed)
+        self.eager_wa = sorted(self.wa + [i for k in self.formed for i in self.fast[k] if i >= 0])
         # sides with no class at all (network input, output) need no scaling, and must not make
         # autograd differentiate through them (a first layer would pay for an input-gradient mm)
         scaled_form = FORMS[form].carriers               # the fixed form scales nothing
@@ -136,9 +146,7 @@ class Allocation(nn.Module):
 
     def _build_layouts(self) -> None:
         self._build_linear_batch()
-        # positions in `wa` of the tensors with relation slots (held before WA, gradient zeroed)
-        self.wa_held = [k for k, i in enumerate(self.wa) if self.tensors[i].rel_idx.numel()]
-        self._layouts: dict = {}
+        self._layouts, self._held = {}, {}
         if self.wa:       # the kernels' view of the WA group; buffers, so they follow .to(device)
             for name, t in zip(Layout._fields, self._layout_of(self.wa).tensors()):
                 self.register_buffer(f"wa_{name}", t.to(self.M.device), persistent=False)
@@ -172,6 +180,23 @@ class Allocation(nn.Module):
         state = self.__dict__.copy()
         state.pop("_pending", None)              # a CUDA event: neither copied nor pickled
         return state
+
+    def wa_index(self, compiling: bool) -> tuple:
+        """The tensors WA allocates in this forward: under torch.compile the `wa` group, eagerly
+        the fast layers `formed` too."""
+        return tuple(self.wa if compiling else self.__dict__.get("eager_wa", self.wa))
+
+    def formed_now(self, compiling: bool) -> Sequence[int]:
+        """The fast layers (indices into `fast`) whose W this forward forms (see `wa_index`)."""
+        return () if compiling else self.__dict__.get("formed", ())
+
+    def held_in(self, index: tuple) -> list[int]:
+        """Positions in `index` of the tensors with relation slots (held before WA, gradient zeroed)."""
+        cache = self.__dict__.setdefault("_held", {})
+        held = cache.get(index)
+        if held is None:
+            held = cache[index] = [k for k, i in enumerate(index) if self.tensors[i].rel_idx.numel()]
+        return held
 
     def group(self, index: Sequence[int]) -> Group:
         """Plan tensors `index` as the kernels' ops read them (built once per device and dtype)."""
@@ -217,9 +242,11 @@ class Allocation(nn.Module):
             event.record()
             self._pending = (flag, event, p_in.detach())
 
-    def forward(self, p_in: Optional[torch.Tensor], carriers: Optional[torch.Tensor], *vs) -> tuple:
-        """Weights of the `wa` tensors (fixed form: p_in and carriers are None)."""
-        return FORMS[self.form].allocate(self, p_in, carriers, vs)
+    def forward(self, p_in: Optional[torch.Tensor], carriers: Optional[torch.Tensor], *vs,
+                index: Optional[tuple] = None) -> tuple:
+        """Weights of the tensors `index` (default: the `wa` group; fixed form: p_in and carriers
+        are None)."""
+        return FORMS[self.form].allocate(self, p_in, carriers, vs, tuple(self.wa) if index is None else index)
 
     def _build_linear_batch(self) -> None:
         """Index maps that compute, for every fast Linear at once, the numbers it reads besides V
@@ -334,6 +361,8 @@ class Allocation(nn.Module):
         t = self.tensors[i]
         if not FORMS[self.form].carriers:     # fixed form: nothing to scale, PyTorch's own F.linear
             return F.linear(x, hold_fixed(v, t), hold_fixed(bias, self.tensors[j]) if j >= 0 else bias)
+        if scales.dtype == torch.bool:        # FORMED: this forward gave the layer W and b (WA)
+            return F.linear(x, v, bias)
         return self._scaled(x, v, bias, scales, k)
 
     def conv(self, x: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor], scales: torch.Tensor, k: int,
@@ -345,6 +374,8 @@ class Allocation(nn.Module):
         if not FORMS[self.form].carriers:     # fixed form: PyTorch's own convolution
             return module._conv_forward(x, hold_fixed(v, self.tensors[i]),
                                         hold_fixed(bias, self.tensors[j]) if j >= 0 else bias)
+        if scales.dtype == torch.bool:        # FORMED: this forward gave the layer W and b (WA)
+            return module._conv_forward(x, v, bias)
         return self._scaled(x, v, bias, scales, k, (module.stride, module.padding, module.dilation))
 
     def _scaled(self, x, v, bias, scales, k: int, conv: Optional[tuple] = None) -> torch.Tensor:
@@ -390,10 +421,12 @@ def allocation_dtype(params) -> torch.dtype:
 
 
 def make_allocation(report, sk, weights: dict, form: str, names: Sequence[str], dtype,
-                    linear: dict | None = None, units: Optional[torch.Tensor] = None):
+                    linear: dict | None = None, units: Optional[torch.Tensor] = None,
+                    formed: frozenset = frozenset()):
     """The allocation plan and initial parameters for the parameters `names`; the weights in
     `linear` (gspace; weight name -> bias name or None) and their biases are used through
-    Allocation.linear instead of WA. `units` (gspace): the classes' log-scales λ* to the orbit's
+    Allocation.linear (or .conv) instead of WA, except those in `formed`, which WA allocates in
+    an eager forward and only a compiled one scales. `units` (gspace): the classes' log-scales λ* to the orbit's
     typical-scale point (skeleton.typical_scales); the coordinates are then in its units, each
     equal to its weight at that point (DESIGN §3.6b), instead of raw path values.
     Returns (Allocation, {name: initial V or free tensor}, [names in plan order], carriers or None)."""
@@ -494,9 +527,10 @@ def make_allocation(report, sk, weights: dict, form: str, names: Sequence[str], 
         unit = torch.where(torch.isfinite(unit), unit, 1.0)      # classes without a free carrier
         scaled = (P, carriers, unit)
         carriers = torch.where(carriers != 0, carriers.abs().log() / unit, 0.0)
-    fast = [(planned.index(w), planned.index(b) if b in planned else -1) for w, b in linear.items()
-            if w in planned and planned.index(w) not in wa]
-    plan = Allocation(form, n, torch.cat([M] + extra), plans, dtype, wa, chain, free, scaled, fast)
+    fast_names = [w for w in linear if w in planned and planned.index(w) not in wa]
+    fast = [(planned.index(w), planned.index(linear[w]) if linear[w] in planned else -1) for w in fast_names]
+    eager = [k for k, w in enumerate(fast_names) if w in formed and rules.carriers]
+    plan = Allocation(form, n, torch.cat([M] + extra), plans, dtype, wa, chain, free, scaled, fast, eager)
     return plan, init, planned, (carriers.to(dtype) if rules.carriers else None)
 
 

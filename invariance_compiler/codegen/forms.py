@@ -124,12 +124,13 @@ class GSpace:
     def path_in(self, plan, carriers: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
         return plan.path_in(carriers) if carriers is not None else None
 
-    def allocate(self, plan, p_in, carriers, vs: Sequence[torch.Tensor]) -> tuple:
-        """The weights of the plan's `wa` tensors: WA forward, ICR backward."""
+    def allocate(self, plan, p_in, carriers, vs: Sequence[torch.Tensor], index: tuple) -> tuple:
+        """The weights of plan tensors `index` (the `wa` group, or `eager_wa`): WA forward, ICR
+        backward."""
         vs = list(vs)
-        for k in plan.wa_held:
-            vs[k] = plan.tensors[plan.wa[k]].hold(vs[k])
-        return WeightAllocation.apply(plan, p_in, carriers, *vs)
+        for k in plan.held_in(index):
+            vs[k] = plan.tensors[index[k]].hold(vs[k])
+        return WeightAllocation.apply(plan, index, p_in, carriers, *vs)
 
     def reference(self, plan, carriers, vs: Sequence[torch.Tensor]) -> tuple:
         """Every plan tensor's weight with plain differentiable ops (autograd gives the ICR)."""
@@ -171,9 +172,9 @@ class Fixed:
     def path_in(self, plan, carriers) -> None:
         return None
 
-    def allocate(self, plan, p_in, carriers, vs: Sequence[torch.Tensor]) -> tuple:
+    def allocate(self, plan, p_in, carriers, vs: Sequence[torch.Tensor], index: tuple) -> tuple:
         """The weights are the parameters, their fixed entries held (`hold_fixed`)."""
-        return tuple(hold_fixed(v, plan.tensors[i]) for i, v in zip(plan.wa, vs))
+        return tuple(hold_fixed(v, plan.tensors[i]) for i, v in zip(index, vs))
 
     def reference(self, plan, carriers, vs: Sequence[torch.Tensor]) -> tuple:
         return tuple(overwrite(v, t.fixed_idx, t.fixed_val) for t, v in zip(plan.tensors, vs))
@@ -192,23 +193,23 @@ def form_of(name: str):
 
 
 class WeightAllocation(torch.autograd.Function):
-    """G-space WA forward, ICR backward, over the plan's `wa` tensors at once."""
+    """G-space WA forward, ICR backward, over plan tensors `index` at once."""
 
     @staticmethod
-    def forward(ctx, plan, p_in, carriers, *vs):
-        ctx.plan = plan
+    def forward(ctx, plan, index, p_in, carriers, *vs):
+        ctx.plan, ctx.index = plan, index
         ctx.save_for_backward(p_in, carriers, *vs)
-        return tuple(wa_op.allocate(vs, p_in, plan.M, carriers, plan.group(plan.wa)))
+        return tuple(wa_op.allocate(vs, p_in, plan.M, carriers, plan.group(index)))
 
     @staticmethod
     def backward(ctx, *gws):
         p_in, carriers, *vs = ctx.saved_tensors
-        plan = ctx.plan
-        gvs, g_p_in, g_car = icr(plan, p_in, carriers, vs, gws, plan.wa)
-        for k in plan.wa_held:                          # relation slots: constants, no coordinates
+        plan, index = ctx.plan, ctx.index
+        gvs, g_p_in, g_car = icr(plan, p_in, carriers, vs, gws, index)
+        for k in plan.held_in(index):                   # relation slots: constants, no coordinates
             if gvs[k] is not None:
-                gvs[k].view(-1)[plan.tensors[plan.wa[k]].rel_idx] = 0
-        return (None, g_p_in, g_car, *gvs)
+                gvs[k].view(-1)[plan.tensors[index[k]].rel_idx] = 0
+        return (None, None, g_p_in, g_car, *gvs)
 
 
 def icr(plan, p_in: torch.Tensor, carriers: torch.Tensor, vs: Sequence[torch.Tensor], gws: Sequence,

@@ -49,8 +49,14 @@ class ModelAPI:
         if not hasattr(self.model, "generate"):
             raise AttributeError(f"{type(self.model).__name__} has no generate(); only transformers' "
                                  f"generative models do")
-        with torch.no_grad(), self.bound() as model:
-            return model.generate(*args, **kwargs)
+        with torch.no_grad():
+            # as Parameters (sharing storage): transformers reads the model's device and dtype
+            # from its parameters, and a forward may hand it none (every weight formed by WA)
+            ws = {k: torch.nn.Parameter(v, requires_grad=False)
+                  if k in self._aliases and not isinstance(v, torch.nn.Parameter) else v
+                  for k, v in self._weights().items()}
+            with self.bound(ws) as model:
+                return model.generate(*args, **kwargs)
 
     def save_pretrained(self, save_directory, **kwargs):
         """The model's own `save_pretrained` (transformers), writing the weights in the original

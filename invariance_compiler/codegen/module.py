@@ -6,10 +6,10 @@ forward computes every weight from the new parameters (WA; ICR in backward) and 
 own forward on them through torch.func.functional_call. So in-place ops, dropout, BatchNorm's
 running statistics and every module subclass behave exactly as in the original.
 
-Linear layers and convolutions whose weight has no other use scale their activations instead of
-forming W (x @ (V ⊘ (M ⊗ P_in))ᵀ = ((x ⊘ P_in) @ Vᵀ) ⊘ M, per channel for a convolution): such an
+Linear layers and convolutions whose weight has no other use can scale their activations instead
+of forming W (x @ (V ⊘ (M ⊗ P_in))ᵀ = ((x ⊘ P_in) @ Vᵀ) ⊘ M, per channel for a convolution): such an
 nn.Linear (nn.ConvNd) in the copy becomes a `ScaledLinear` (`ScaledConvNd`), which reads V where the
-weight would be."""
+weight would be, or W where an eager forward formed it (`_scaling_pays`)."""
 from __future__ import annotations
 
 import contextlib
@@ -20,10 +20,11 @@ from typing import Any, Optional
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from ..analyze import analyze
 from ..skeleton import build_skeleton, check_finite, fix_to, typical_scales
-from .allocate import allocation_dtype, make_allocation, reference
+from .allocate import FORMED, allocation_dtype, make_allocation, reference
 from .forms import FORMS, ZeroHeld, form_of
 from .model_api import ModelAPI, SignedForward
 
@@ -36,11 +37,15 @@ class ScaledLinear(nn.Linear):
     plan and this layer's place in it are fixed when it is compiled (`_ic_plan`, `_ic_index`); the
     numbers it reads from the current carriers arrive like its weight does, through the compiled
     module's functional_call: the buffer `ic_scales` (Allocation.linear_scales), a placeholder
-    outside a call."""
+    outside a call. An eager forward that formed this layer's W (Allocation.formed) hands it W and
+    b instead, with `ic_scales` = FORMED."""
 
     def forward(self, x):
+        scales = self.ic_scales
+        if scales.dtype == torch.bool:         # FORMED: this forward gave it W and b (WA)
+            return F.linear(x, self.weight, self.bias)
         _check_called_inside(self)
-        return self._ic_plan.linear(x, self.weight, self.bias, self.ic_scales, self._ic_index)
+        return self._ic_plan.linear(x, self.weight, self.bias, scales, self._ic_index)
 
 
 class _ScaledConv:
@@ -48,8 +53,11 @@ class _ScaledConv:
     input channel, the output per output channel (Allocation.conv)."""
 
     def forward(self, x):
+        scales = self.ic_scales
+        if scales.dtype == torch.bool:         # FORMED: this forward gave it W and b (WA)
+            return self._conv_forward(x, self.weight, self.bias)
         _check_called_inside(self)
-        return self._ic_plan.conv(x, self.weight, self.bias, self.ic_scales, self._ic_index, self)
+        return self._ic_plan.conv(x, self.weight, self.bias, scales, self._ic_index, self)
 
 
 class ScaledConv1d(_ScaledConv, nn.Conv1d):
@@ -151,27 +159,30 @@ class InvariantModule(ModelAPI, nn.Module):
         """The tensors the model's forward reads for its parameters (the fast layers get V)."""
         plan = self.allocate
         trained = getattr(self, "v_carriers", None)
-        scaled = bool(self._fast) and FORMS[self.form].carriers
+        # eagerly the fast layers `formed` get W from WA; compiled, every fast layer scales
+        compiling = torch.compiler.is_compiling()
+        index, formed = plan.wa_index(compiling), plan.formed_now(compiling)
+        scaled = len(self._fast) > len(formed) and FORMS[self.form].carriers
         # with scaled coordinates and nothing through WA, P_in is computed only for its check:
         # the fast layers read their scales from the carriers' log-magnitudes directly
-        with torch.no_grad() if scaled and not plan.wa and getattr(plan, "_log_scales", False) \
+        with torch.no_grad() if scaled and not index and getattr(plan, "_log_scales", False) \
                 else contextlib.nullcontext():
             carriers = plan.carrier_values(trained)
             p_in = FORMS[self.form].path_in(plan, carriers)
         vs = {n: getattr(self, a) for n, a in self._v_attr.items()}
         ws = dict(vs)
-        if plan.wa:
-            allocated = plan(p_in, carriers, *[vs[self._allocated[i]] for i in plan.wa])
-            ws.update({self._allocated[i]: w for i, w in zip(plan.wa, allocated)})
+        if index:
+            allocated = plan(p_in, carriers, *[vs[self._allocated[i]] for i in index], index=index)
+            ws.update({self._allocated[i]: w for i, w in zip(index, allocated)})
         ws.update(self._unused)
         if torch.compiler.is_compiling():
             # functional_call puts an nn.Parameter into the copy's _parameters and takes it out
             # again within the frame, which dynamo's guards on that dict reject: hand it views
             ws = {n: t.view_as(t) if isinstance(t, nn.Parameter) else t for n, t in ws.items()}
         out = {alias: ws[name] for alias, name in self._aliases.items()}
-        if scaled:                       # what the fast layers read besides V, as functional_call's inputs
-            scales = plan.linear_scales(p_in, carriers, trained)
-            out.update({key: scales[k] for key, k in self._fast_keys.items()})
+        if self._fast and FORMS[self.form].carriers:   # what the fast layers read besides V, as
+            scales = plan.linear_scales(p_in, carriers, trained) if scaled else None   # functional_call's inputs
+            out.update({key: FORMED if k in formed else scales[k] for key, k in self._fast_keys.items()})
         return out
 
     def forward(self, *args, **kwargs):
@@ -309,10 +320,11 @@ def compile_invariant(model: nn.Module, example_inputs: Any = None, form: str = 
            function: G-SGD's skeleton initialisation, for fresh models).
     skeleton: reuse the skeleton of another compiled module of the same architecture
            (`other.skeleton`), so that both have the same coordinates.
-    scale_activations: (gspace) "auto" (default): Linear layers, and convolutions (groups 1) whose
-           weight outweighs their activations, scale their input and output activations instead of
-           forming W (`_conv_pays`); True: every such layer and convolution; False: every weight
-           is allocated.
+    scale_activations: (gspace) "auto" (default): Linear layers and convolutions (groups 1) scale
+           their input and output activations instead of forming W, in an eager forward only
+           where their weight outweighs their activations (`_scaling_pays`; the others get W from
+           WA there), under torch.compile all of them; True: every such layer, in both; False:
+           every weight is allocated.
     coordinates: (gspace) "scaled" (default): the invariant coordinates in the units of the
            orbit's typical-scale point (skeleton.typical_scales), so each starts near its weight
            and SGD on them behaves like SGD on the weights (DESIGN §3.6b; train with this);
@@ -348,11 +360,14 @@ def compile_invariant(model: nn.Module, example_inputs: Any = None, form: str = 
     names = [n for n in report.param_names if n in read]
     unused = {n: weights[n].to(orig[n].device) for n in report.param_names if n not in read}
     inner = copy.deepcopy(model)
-    linear = _single_use_layers(inner, captured, every_conv=scale_activations is True) \
-        if (scale_activations and rules.scales_activations) else {}
+    linear, pays = _single_use_layers(inner, captured) if (scale_activations and rules.scales_activations) \
+        else ({}, set())
+    # "auto": eagerly, a layer whose activations outweigh its weight forms W (WA) instead
+    formed = frozenset(w for path, (w, b) in linear.items() if path not in pays) \
+        if scale_activations == "auto" else frozenset()
     units = typical_scales(report, sk, weights) if coordinates == "scaled" and rules.carriers else None
     plan, init, allocated, carriers = make_allocation(report, sk, weights, form, names, dtype,
-                                                      {w: b for w, b in linear.values()}, units)
+                                                      {w: b for w, b in linear.values()}, units, formed)
     fast = {path: wb for path, wb in linear.items() if wb[0] in allocated and wb[0] not in
             [allocated[i] for i in plan.wa]}
     for path, (w, b) in fast.items():
@@ -372,12 +387,12 @@ def compile_invariant(model: nn.Module, example_inputs: Any = None, form: str = 
     return cm.to(next(iter(orig.values())).device) if orig else cm
 
 
-def _single_use_layers(model: nn.Module, captured, every_conv: bool = False) -> dict:
+def _single_use_layers(model: nn.Module, captured) -> tuple[dict, set]:
     """{module path: (weight, bias or None)} of exact nn.Linear modules whose parameters are read
     by one aten.linear call of that module and nothing else, and likewise of exact nn.Conv1d/2d/3d
-    modules (groups 1, zero padding given as numbers) and one call of their convolution, where
-    that pays (`_conv_pays`) unless `every_conv`."""
-    out = {}
+    modules (groups 1, zero padding given as numbers) and one call of their convolution; and the
+    paths of those where scaling the activations pays in an eager forward (`_scaling_pays`)."""
+    out, pays = {}, set()
     readers: dict[str, list] = {}
     for ph in captured.gm.graph.nodes:
         if ph.op == "placeholder" and ph.name in captured.params:
@@ -406,30 +421,36 @@ def _single_use_layers(model: nn.Module, captured, every_conv: bool = False) -> 
                 continue
         elif len(node.args) > 2 and node.args[2] is not None:
             continue
-        if op is not torch.ops.aten.linear and not (every_conv or _conv_pays(node, mod)):
-            continue
         out[path] = (w, b)
-    return out
+        if _scaling_pays(node, mod):
+            pays.add(path)
+    return out, pays
 
 
-# Scaling a convolution's activations costs about six passes over its input and output (two in
-# forward, four in backward), forming W about five over its weight (WA, ICR): the first is the
-# cheaper where the weight holds more entries than TYPICAL_BATCH samples' input and output
-# together. The example's batch is often 1 or 2, so the activations per sample are read from it,
-# and TYPICAL_BATCH is a training batch (the smallest in benchmarks/real_train_step.py). A
-# ResNet's late stages scale their activations and its first stages form W; a small CNN on 32×32
-# images forms W (train_step.py's CNN: 1.23 of the plain step with every convolution scaled, 1.06
-# with none).
+# Eagerly, scaling a layer's activations costs about six passes over its input and output (two
+# in forward, four in backward) and some 20 small ops, forming W about five passes over its weight
+# in the fused WA/ICR (one call for all such weights): the first is the cheaper where the weight
+# holds more entries than TYPICAL_BATCH samples' input and output together. The example's batch
+# is often 1 or 2, so the activations per sample are read from it, and TYPICAL_BATCH is a training
+# batch (the smallest in benchmarks/real_train_step.py). A ResNet's late stages scale and its
+# first stages form W; a small CNN on 32×32 images forms W (train_step.py's CNN: 1.23 of the
+# plain step with every convolution scaled, 1.06 with none); so do Llama's Linears at 64 tokens a
+# sample (1.12 against 1.21), while ViT-S's at 17 tokens and an MLP's scale. Under torch.compile
+# the scaling fuses into few kernels and every fast layer scales (Llama compiled: 1.13, against
+# 1.18 with W formed).
 TYPICAL_BATCH = 8
 
 
-def _conv_pays(node, mod: nn.Module) -> bool:
-    """Whether convolution `node` (of module `mod`) is cheaper with its activations scaled."""
+def _scaling_pays(node, mod: nn.Module) -> bool:
+    """Whether layer `node` (of module `mod`) is cheaper in an eager forward with its activations
+    scaled than with W formed."""
     x, y = node.args[0].meta.get("val"), node.meta.get("val")
     if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
         return True
     try:
-        samples = int(x.shape[0]) if x.dim() == mod.weight.dim() else 1   # batched, or one sample
+        # batched or one sample: a Linear's batch is its input's first dim when it has two or more
+        batched = x.dim() >= 2 if type(mod) is nn.Linear else x.dim() == mod.weight.dim()
+        samples = int(x.shape[0]) if batched else 1
         per_sample = (int(x.numel()) + int(y.numel())) / max(samples, 1)
     except (TypeError, RuntimeError, ValueError):        # a symbolic size with no value: scale
         return True
@@ -515,27 +536,35 @@ def _program(cm) -> str:
     if FORMS[cm.form].carriers and cm._allocated:
         lines.append("p_in = plan.path_in(v_carriers)                 # P_in: carrier path values / M")
     scaled = FORMS[cm.form].carriers
+    index, formed = plan.wa_index(False), plan.formed_now(False)
+    wa = {cm._allocated[i] for i in index}
+    w_of = lambda name: "w_" + v[name].split("_", 1)[1] if name in wa else v.get(name, "None")
     if cm._fast and scaled:
-        lines.append("scales = plan.linear_scales(p_in, v_carriers)   # per fast layer: 1/P_in, slot values")
-    if plan.wa:
-        outs = ", ".join("w_" + v[cm._allocated[i]].split("_", 1)[1] for i in plan.wa)
-        ins = ", ".join(v[cm._allocated[i]] for i in plan.wa)
+        when = " (compiled)" if len(formed) == len(cm._fast) else ""
+        lines.append(f"scales = plan.linear_scales(p_in, v_carriers)   # per fast layer{when}: 1/P_in, slot values")
+    if index:
+        outs = ", ".join(w_of(cm._allocated[i]) for i in index)
+        ins = ", ".join(v[cm._allocated[i]] for i in index)
         extra = "p_in, v_carriers, " if FORMS[cm.form].carriers else "None, None, "
-        lines.append(f"{outs} = plan({extra}{ins})   # WA forward, ICR backward")
+        note = ("; under torch.compile not the fast layers', which scale" if formed else "")
+        lines.append(f"{outs} = plan({extra}{ins})   # WA forward, ICR backward{note}")
     for path, (w, b) in cm._fast.items():
         layer = cm.model.get_submodule(path)
         k, conv = layer._ic_index, not isinstance(layer, ScaledLinear)
         if scaled:
             call = f"plan.conv(x, {v[w]}, {v.get(b, 'None')}, scales[{k}], {k}, self)" if conv else \
                 f"plan.linear(x, {v[w]}, {v.get(b, 'None')}, scales[{k}], {k})"
-            lines.append(f"model.{path}: {call}   # scaled activations, no W formed")
+            if k in formed:
+                own = f"self._conv_forward(x, {w_of(w)}, {w_of(b)})" if conv else f"F.linear(x, {w_of(w)}, {w_of(b)})"
+                lines.append(f"model.{path}: {own}   # eagerly W formed (WA); compiled: {call}, scaled")
+            else:
+                lines.append(f"model.{path}: {call}   # scaled activations, no W formed")
         else:
             call = f"self._conv_forward(x, {v[w]}, {v.get(b, 'None')})" if conv else \
                 f"F.linear(x, {v[w]}, {v.get(b, 'None')})"
             lines.append(f"model.{path}: {call}   # fixed entries held in place, their gradient zeroed")
     lines.append("return functional_call(model, weights, inputs)   # the model's own forward:")
     code = cm._code
-    wa = {cm._allocated[i] for i in plan.wa}
     for ph, name in cm._placeholders.items():    # the graph's parameter inputs, by what they receive
         attr = v.get(name)
         shown = ("w_" + attr.split("_", 1)[1]) if name in wa else (attr or name)
