@@ -206,6 +206,37 @@ def test_layers_form_w_eagerly_where_their_activations_outweigh_their_weight(mon
         assert torch.allclose(auto(x), forced(x), rtol=1e-10, atol=1e-12)
 
 
+def test_gpt2_conv1d_scales_its_activations():
+    """transformers' Conv1D (GPT-2's projections, W stored (in, out)) takes the scaled path as a
+    Linear does, transposed: the copy's layers stay Conv1D instances, the function is the
+    original's and every gradient equals the all-WA module's (float64, same coordinates), and the
+    module pickles (its layer class is made on first use)."""
+    pytest.importorskip("transformers")
+    from transformers.pytorch_utils import Conv1D
+    from invariance_compiler.tools.hf_families import build
+    model, args, kwargs = build("gpt2", dropout=False)
+    model.eval()
+    fast = ic.compile_invariant(model, args, example_kwargs=kwargs, scale_activations=True)
+    slow = ic.compile_invariant(model, args, example_kwargs=kwargs, skeleton=fast.skeleton,
+                                scale_activations=False)
+    flipped = [m for m in fast.model.modules() if type(m).__name__ == "ScaledConv1D"]
+    assert flipped and all(isinstance(m, Conv1D) for m in flipped)
+    assert len(fast.allocate.is_transposed) == len(flipped)
+    assert torch.equal(fast.v_carriers, slow.v_carriers)
+    out = fast(*args, **kwargs).logits
+    assert torch.allclose(out, model(*args, **kwargs).logits, rtol=1e-10, atol=1e-12)
+    assert torch.allclose(out, slow(*args, **kwargs).logits, rtol=1e-12, atol=1e-14)
+    out.square().sum().backward()
+    slow(*args, **kwargs).logits.square().sum().backward()
+    for (n1, p1), (n2, p2) in zip(fast.named_parameters(), slow.named_parameters()):
+        assert n1 == n2 and torch.allclose(p1.grad, p2.grad, rtol=1e-10, atol=1e-13), n1
+    buf = io.BytesIO()
+    torch.save(fast, buf)
+    buf.seek(0)
+    back = torch.load(buf, weights_only=False)
+    assert torch.allclose(back(*args, **kwargs).logits, out, rtol=1e-12, atol=1e-14)
+
+
 @pytest.mark.parametrize("form", ["gspace", "fixed"])
 def test_scaled_convolutions_under_autocast_and_torch_compile(form):
     """The zoo's convolutions are small enough for "auto" to form W in an eager forward, so the

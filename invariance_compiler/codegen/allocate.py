@@ -110,11 +110,12 @@ class Allocation(nn.Module):
     def __init__(self, form: str, num_classes: int, M: torch.Tensor, plans: Sequence[dict], dtype,
                  wa: Sequence[int], chain: Sequence[tuple] = (), free: Optional[torch.Tensor] = None,
                  scaled: Optional[tuple] = None, fast: Sequence[tuple[int, int]] = (),
-                 formed: Sequence[int] = ()):
+                 formed: Sequence[int] = (), transposed: Sequence[int] = ()):
         super().__init__()
         self.form, self.n, self.count, self.wa = form, num_classes, len(plans), list(wa)
         self.fast = [tuple(f) for f in fast]       # (weight, bias or -1) of the layers used through `linear`
         self.formed = sorted(formed)
+        self.transposed = sorted(transposed)       # fast layers whose weight is (in, out): Conv1D
         self.eager_wa = sorted(self.wa + [i for k in self.formed for i in self.fast[k] if i >= 0])
         # sides with no class at all (network input, output) need no scaling, and must not make
         # autograd differentiate through them (a first layer would pay for an input-gradient mm)
@@ -256,9 +257,10 @@ class Allocation(nn.Module):
         in_idx, fixed_in, fixed_scaled, bias_fixed, held, parts, self.linear_sizes = [], [], [], [], [], [], []
         scaled = FORMS[self.form].carriers
         r = f = b = h = 0
-        for i, j in self.fast:
+        for layer, (i, j) in enumerate(self.fast):
             t = self.tensors[i]
-            r_in = _input_channels(t.inp, self.shapes[i]) if self.scales_in[i] else t.inp.new_zeros(0)
+            r_in = _input_channels(t.inp, self.shapes[i], layer in self.is_transposed) if self.scales_in[i] \
+                else t.inp.new_zeros(0)
             seg = [("r", r + torch.arange(r_in.numel())), ("f", f + torch.arange(t.fixed_in.numel())),
                    ("c", t.carrier_cls), ("h", h + torch.arange(t.rel_val.numel()))]
             # the fixed form's Linears are not scaled: their slots hold the fixed values themselves
@@ -270,7 +272,7 @@ class Allocation(nn.Module):
                 bt = self.tensors[j]
                 seg += [("b", b + torch.arange(bt.fixed_scaled.numel())), ("c", bt.carrier_cls),
                         ("h", h + torch.arange(bt.rel_val.numel()))]
-                bias_fixed.append(self._bias_fixed(i, j) if scaled else bt.fixed_val), held.append(bt.rel_val)
+                bias_fixed.append(self._bias_fixed(layer) if scaled else bt.fixed_val), held.append(bt.rel_val)
                 b, h = b + bt.fixed_scaled.numel(), h + bt.rel_val.numel()
                 nb = bt.slot_idx.numel()
             parts.append(seg)
@@ -288,13 +290,19 @@ class Allocation(nn.Module):
             self.register_buffer(name, t.to(self.M.device), persistent=False)
         self._build_log_scales()
 
-    def _bias_fixed(self, i: int, j: int) -> torch.Tensor:
-        """The fixed values of fast layer (i, j)'s bias in the units of its weight's rows, w_K·M[row]:
+    @property
+    def is_transposed(self) -> Sequence[int]:
+        return self.__dict__.get("transposed", ())
+
+    def _bias_fixed(self, k: int) -> torch.Tensor:
+        """The fixed values of fast layer k's bias in the units of its weight's rows, w_K·M[row]:
         its `fixed_scaled`, unless a checkpoint gave the bias classes of its own (an inert bias
         that was allocated by WA when it was saved: all its entries are fixed)."""
+        i, j = self.fast[k]
         t, bt = self.tensors[i], self.tensors[j]
         shape = self.shapes[i]
-        rows = t.out.expand(shape)[(slice(None),) + (0,) * (len(shape) - 1)]
+        rows = t.out.expand(shape)[0] if k in self.is_transposed else \
+            t.out.expand(shape)[(slice(None),) + (0,) * (len(shape) - 1)]
         if torch.equal(bt.out.expand(rows.shape), rows):
             return bt.fixed_scaled
         return (bt.fixed_val.to(torch.float64) * self.M.to(torch.float64)[rows[bt.fixed_idx]]).to(bt.fixed_scaled.dtype)
@@ -360,10 +368,10 @@ class Allocation(nn.Module):
         i, j = self.fast[k]
         t = self.tensors[i]
         if not FORMS[self.form].carriers:     # fixed form: nothing to scale, PyTorch's own F.linear
-            return F.linear(x, hold_fixed(v, t), hold_fixed(bias, self.tensors[j]) if j >= 0 else bias)
-        if scales.dtype == torch.bool:        # FORMED: this forward gave the layer W and b (WA)
-            return F.linear(x, v, bias)
-        return self._scaled(x, v, bias, scales, k)
+            v, bias = hold_fixed(v, t), hold_fixed(bias, self.tensors[j]) if j >= 0 else bias
+        elif scales.dtype != torch.bool:      # (FORMED: this forward gave the layer W and b, by WA)
+            return self._scaled(x, v, bias, scales, k)
+        return F.linear(x, v.t() if k in self.is_transposed else v, bias)
 
     def conv(self, x: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor], scales: torch.Tensor, k: int,
              module: nn.Module) -> torch.Tensor:
@@ -383,7 +391,8 @@ class Allocation(nn.Module):
         t = self.tensors[i]
         b_slot = self.tensors[j].slot_idx if j >= 0 else None
         r_out = t.r_out if self.scales_out[i] else None
-        return ScaledProduct.apply(x, v, bias, scales, self.linear_sizes[k], r_out, t.slot_idx, b_slot, conv)
+        return ScaledProduct.apply(x, v, bias, scales, self.linear_sizes[k], r_out, t.slot_idx, b_slot, conv,
+                                   k in self.is_transposed)
 
 
 def path_roots(n: int, free: Optional[torch.Tensor], chain: Sequence[tuple]) -> torch.Tensor:
@@ -422,11 +431,11 @@ def allocation_dtype(params) -> torch.dtype:
 
 def make_allocation(report, sk, weights: dict, form: str, names: Sequence[str], dtype,
                     linear: dict | None = None, units: Optional[torch.Tensor] = None,
-                    formed: frozenset = frozenset()):
+                    formed: frozenset = frozenset(), transposed: frozenset = frozenset()):
     """The allocation plan and initial parameters for the parameters `names`; the weights in
     `linear` (gspace; weight name -> bias name or None) and their biases are used through
     Allocation.linear (or .conv) instead of WA, except those in `formed`, which WA allocates in
-    an eager forward and only a compiled one scales. `units` (gspace): the classes' log-scales λ* to the orbit's
+    an eager forward and only a compiled one scales; those in `transposed` are stored (in, out). `units` (gspace): the classes' log-scales λ* to the orbit's
     typical-scale point (skeleton.typical_scales); the coordinates are then in its units, each
     equal to its weight at that point (DESIGN §3.6b), instead of raw path values.
     Returns (Allocation, {name: initial V or free tensor}, [names in plan order], carriers or None)."""
@@ -455,7 +464,7 @@ def make_allocation(report, sk, weights: dict, form: str, names: Sequence[str], 
     # frozen one is not), its input classes are per input channel and its output classes and
     # relation units, if any, per output channel (they join the output scaling)
     linear = {w: b for w, b in (linear or {}).items() if rules.scales_activations and not sides[w][2]
-              and _per_channel(sides[w][0], sides[w][1], rel_scale[w], len(sk.params[w].shape))}
+              and _per_channel(sides[w][0], sides[w][1], rel_scale[w], len(sk.params[w].shape), w in transposed)}
     for w, b in linear.items():
         # `linear` adds the bias before the output scaling 1/M, so a bias enters in the units of
         # its weight's rows; an inert bias has no class of its own, so give it the rows' (its value
@@ -530,25 +539,35 @@ def make_allocation(report, sk, weights: dict, form: str, names: Sequence[str], 
     fast_names = [w for w in linear if w in planned and planned.index(w) not in wa]
     fast = [(planned.index(w), planned.index(linear[w]) if linear[w] in planned else -1) for w in fast_names]
     eager = [k for k, w in enumerate(fast_names) if w in formed and rules.carriers]
-    plan = Allocation(form, n, torch.cat([M] + extra), plans, dtype, wa, chain, free, scaled, fast, eager)
+    flipped = [k for k, w in enumerate(fast_names) if w in transposed]
+    plan = Allocation(form, n, torch.cat([M] + extra), plans, dtype, wa, chain, free, scaled, fast, eager, flipped)
     return plan, init, planned, (carriers.to(dtype) if rules.carriers else None)
 
 
-def _input_channels(inp: torch.Tensor, shape) -> torch.Tensor:
-    """A fast layer's input class per input channel (dim 1) from its class map, which may be
-    stored compact or (checkpoints of older versions) in full."""
+def _input_channels(inp: torch.Tensor, shape, transposed: bool = False) -> torch.Tensor:
+    """A fast layer's input class per input channel (dim 1; dim 0 when `transposed`) from its
+    class map, which may be stored compact or (checkpoints of older versions) in full."""
     full = inp.expand(shape)
-    row = full[(0, slice(None)) + (0,) * (len(shape) - 2)]
-    if not torch.equal(full, row.view((1, -1) + (1,) * (len(shape) - 2)).expand(shape)):
+    if transposed:
+        row = full[:, 0]
+        same = torch.equal(full, row.view(-1, 1).expand(shape))
+    else:
+        row = full[(0, slice(None)) + (0,) * (len(shape) - 2)]
+        same = torch.equal(full, row.view((1, -1) + (1,) * (len(shape) - 2)).expand(shape))
+    if not same:
         raise ValueError(f"allocation plan: a weight of shape {tuple(shape)} through the scaled-activation "
                          f"path has input classes that vary along its rows; compile with "
                          f"scale_activations=False to load this checkpoint")
     return row
 
 
-def _per_channel(inp: torch.Tensor, out: torch.Tensor, units: torch.Tensor, ndim: int) -> bool:
-    """Whether a weight's compact maps vary only along dim 1 (inputs) and dim 0 (outputs, units)."""
+def _per_channel(inp: torch.Tensor, out: torch.Tensor, units: torch.Tensor, ndim: int,
+                 transposed: bool = False) -> bool:
+    """Whether a weight's compact maps vary only along dim 1 (inputs) and dim 0 (outputs, units),
+    or (`transposed`, a 2-d weight stored (in, out)) along dim 0 and dim 1."""
     shape = lambda t: (1,) * (ndim - t.dim()) + tuple(t.shape)
+    if transposed:
+        return ndim == 2 and shape(inp)[1] == 1 and all(shape(t)[0] == 1 for t in (out, units))
     return ndim >= 2 and shape(inp)[0] == 1 and all(d == 1 for d in shape(inp)[2:]) and \
         all(d == 1 for t in (out, units) for d in shape(t)[1:])
 

@@ -72,13 +72,42 @@ class ScaledConv3d(_ScaledConv, nn.Conv3d):
     pass
 
 
+class _ScaledAddmm:
+    """ScaledLinear's counterpart for transformers' Conv1D (GPT-2's projections: W stored (in, out),
+    y = addmm(b, x, W)); a subclass of that class, made on first use (`_scaled_class`)."""
+
+    def forward(self, x):
+        size_out = x.size()[:-1] + (self.nf,)
+        x = x.view(-1, x.size(-1))
+        scales = self.ic_scales
+        if scales.dtype == torch.bool:         # FORMED: this forward gave it W and b (WA)
+            return torch.addmm(self.bias, x, self.weight).view(size_out)
+        _check_called_inside(self)
+        return self._ic_plan.linear(x, self.weight, self.bias, scales, self._ic_index).view(size_out)
+
+
 _SCALED = {nn.Linear: ScaledLinear, nn.Conv1d: ScaledConv1d, nn.Conv2d: ScaledConv2d, nn.Conv3d: ScaledConv3d}
+
+
+def _scaled_class(kind: type) -> type:
+    if kind not in _SCALED:                     # transformers' Conv1D: its class is not ours to import
+        name = f"Scaled{kind.__name__}"
+        _SCALED[kind] = type(name, (_ScaledAddmm, kind), {"__module__": __name__, "__qualname__": name})
+    return _SCALED[kind]
+
+
+def __getattr__(name: str):
+    """ScaledConv1D, made on first use, for unpickling a compiled GPT-2 in a new process."""
+    if name == "ScaledConv1D":
+        from transformers.pytorch_utils import Conv1D
+        return _scaled_class(Conv1D)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 _CONV_OPS = {nn.Conv1d: torch.ops.aten.conv1d, nn.Conv2d: torch.ops.aten.conv2d, nn.Conv3d: torch.ops.aten.conv3d}
 
 
 def _adopt(module: nn.Module, plan, index: int) -> None:
     """Turn the copy's nn.Linear or nn.ConvNd `module` into fast layer `index` of `plan`."""
-    module.__class__ = _SCALED[type(module)]
+    module.__class__ = _scaled_class(type(module))
     module.__dict__["_ic_plan"], module.__dict__["_ic_index"] = plan, index   # not a submodule
     module.register_buffer("ic_scales", torch.full((), float("nan")), persistent=False)
 
@@ -360,14 +389,16 @@ def compile_invariant(model: nn.Module, example_inputs: Any = None, form: str = 
     names = [n for n in report.param_names if n in read]
     unused = {n: weights[n].to(orig[n].device) for n in report.param_names if n not in read}
     inner = copy.deepcopy(model)
-    linear, pays = _single_use_layers(inner, captured) if (scale_activations and rules.scales_activations) \
-        else ({}, set())
+    found = _single_use_layers(inner, captured) if (scale_activations and rules.scales_activations) \
+        else FastLayers({}, set(), set())
+    linear = found.layers
     # "auto": eagerly, a layer whose activations outweigh its weight forms W (WA) instead
-    formed = frozenset(w for path, (w, b) in linear.items() if path not in pays) \
+    formed = frozenset(w for path, (w, b) in linear.items() if path not in found.pays) \
         if scale_activations == "auto" else frozenset()
     units = typical_scales(report, sk, weights) if coordinates == "scaled" and rules.carriers else None
-    plan, init, allocated, carriers = make_allocation(report, sk, weights, form, names, dtype,
-                                                      {w: b for w, b in linear.values()}, units, formed)
+    plan, init, allocated, carriers = make_allocation(
+        report, sk, weights, form, names, dtype, {w: b for w, b in linear.values()}, units, formed,
+        frozenset(linear[path][0] for path in found.transposed))
     fast = {path: wb for path, wb in linear.items() if wb[0] in allocated and wb[0] not in
             [allocated[i] for i in plan.wa]}
     for path, (w, b) in fast.items():
@@ -387,22 +418,38 @@ def compile_invariant(model: nn.Module, example_inputs: Any = None, form: str = 
     return cm.to(next(iter(orig.values())).device) if orig else cm
 
 
-def _single_use_layers(model: nn.Module, captured) -> tuple[dict, set]:
-    """{module path: (weight, bias or None)} of exact nn.Linear modules whose parameters are read
-    by one aten.linear call of that module and nothing else, and likewise of exact nn.Conv1d/2d/3d
-    modules (groups 1, zero padding given as numbers) and one call of their convolution; and the
-    paths of those where scaling the activations pays in an eager forward (`_scaling_pays`)."""
-    out, pays = {}, set()
+@dataclass
+class FastLayers:
+    """What `_single_use_layers` finds."""
+    layers: dict          # module path -> (weight, bias or None)
+    pays: set             # paths where scaling the activations pays in an eager forward
+    transposed: set       # paths whose weight is stored (in, out): transformers' Conv1D
+
+
+def _is_gpt_conv1d(mod: nn.Module) -> bool:
+    """transformers' Conv1D (GPT-2's projections): y = addmm(b, x, W), W stored (in, out)."""
+    return type(mod).__name__ == "Conv1D" and type(mod).__module__ == "transformers.pytorch_utils" and \
+        getattr(mod, "weight", None) is not None and mod.weight.dim() == 2 and getattr(mod, "bias", None) is not None
+
+
+def _single_use_layers(model: nn.Module, captured) -> FastLayers:
+    """Exact nn.Linear modules whose parameters are read by one aten.linear call of that module and
+    nothing else, likewise exact nn.Conv1d/2d/3d modules (groups 1, zero padding given as numbers)
+    and one call of their convolution, and transformers' Conv1D and one aten.addmm."""
+    found = FastLayers({}, set(), set())
     readers: dict[str, list] = {}
     for ph in captured.gm.graph.nodes:
         if ph.op == "placeholder" and ph.name in captured.params:
             readers[captured.params[ph.name]] = list(ph.users)
     for path, mod in model.named_modules():
+        at = (0, 1, 2)                                # positions of x, W and b in the op's arguments
         if type(mod) is nn.Linear:
             op = torch.ops.aten.linear
         elif type(mod) in _CONV_OPS and mod.groups == 1 and mod.padding_mode == "zeros" and \
                 not isinstance(mod.padding, str):
             op = _CONV_OPS[type(mod)]
+        elif _is_gpt_conv1d(mod):
+            op, at = torch.ops.aten.addmm, (1, 2, 0)
         else:
             continue
         w = f"{path}.weight" if path else "weight"
@@ -411,20 +458,22 @@ def _single_use_layers(model: nn.Module, captured) -> tuple[dict, set]:
         if len(uses) != 1:
             continue
         node = uses[0]
-        if getattr(node.target, "overloadpacket", None) is not op or \
-                len(node.args) < 2 or node.args[1].name not in captured.params or \
-                captured.layer_of(node) != path:
+        if getattr(node.target, "overloadpacket", None) is not op or len(node.args) <= at[1] or \
+                getattr(node.args[at[1]], "name", None) not in captured.params or \
+                captured.layer_of(node) != path or (op is torch.ops.aten.addmm and node.kwargs):
             continue
         if b is not None:
-            b_uses = readers.get(b, [])
-            if b_uses != [node] or len(node.args) < 3:
+            if readers.get(b, []) != [node] or len(node.args) <= at[2] or node.args[at[2]] is not \
+                    next(ph for ph in captured.gm.graph.nodes if captured.params.get(ph.name) == b):
                 continue
         elif len(node.args) > 2 and node.args[2] is not None:
             continue
-        out[path] = (w, b)
-        if _scaling_pays(node, mod):
-            pays.add(path)
-    return out, pays
+        found.layers[path] = (w, b)
+        if _scaling_pays(node.args[at[0]], node, mod):
+            found.pays.add(path)
+        if op is torch.ops.aten.addmm:
+            found.transposed.add(path)
+    return found
 
 
 # Eagerly, scaling a layer's activations costs about six passes over its input and output (two
@@ -441,16 +490,20 @@ def _single_use_layers(model: nn.Module, captured) -> tuple[dict, set]:
 TYPICAL_BATCH = 8
 
 
-def _scaling_pays(node, mod: nn.Module) -> bool:
-    """Whether layer `node` (of module `mod`) is cheaper in an eager forward with its activations
-    scaled than with W formed."""
-    x, y = node.args[0].meta.get("val"), node.meta.get("val")
+def _scaling_pays(x_node, node, mod: nn.Module) -> bool:
+    """Whether layer `node` (of module `mod`, reading `x_node`) is cheaper in an eager forward with
+    its activations scaled than with W formed."""
+    x, y = x_node.meta.get("val"), node.meta.get("val")
     if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
         return True
     try:
-        # batched or one sample: a Linear's batch is its input's first dim when it has two or more
-        batched = x.dim() >= 2 if type(mod) is nn.Linear else x.dim() == mod.weight.dim()
-        samples = int(x.shape[0]) if batched else 1
+        if _is_gpt_conv1d(mod) and x_node.op == "call_function" and x_node.args:
+            source = x_node.args[0].meta.get("val")   # addmm reads the (batch, tokens, in) input flattened
+            samples = int(source.shape[0]) if isinstance(source, torch.Tensor) and source.dim() >= 2 else 1
+        else:
+            # batched or one sample: a Linear's batch is its input's first dim when it has two or more
+            batched = x.dim() >= 2 if type(mod) is nn.Linear else x.dim() == mod.weight.dim()
+            samples = int(x.shape[0]) if batched else 1
         per_sample = (int(x.numel()) + int(y.numel())) / max(samples, 1)
     except (TypeError, RuntimeError, ValueError):        # a symbolic size with no value: scale
         return True
@@ -550,7 +603,7 @@ def _program(cm) -> str:
         lines.append(f"{outs} = plan({extra}{ins})   # WA forward, ICR backward{note}")
     for path, (w, b) in cm._fast.items():
         layer = cm.model.get_submodule(path)
-        k, conv = layer._ic_index, not isinstance(layer, ScaledLinear)
+        k, conv = layer._ic_index, isinstance(layer, _ScaledConv)
         if scaled:
             call = f"plan.conv(x, {v[w]}, {v.get(b, 'None')}, scales[{k}], {k}, self)" if conv else \
                 f"plan.linear(x, {v[w]}, {v.get(b, 'None')}, scales[{k}], {k})"

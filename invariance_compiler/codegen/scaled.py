@@ -15,7 +15,8 @@ __all__ = ["ScaledProduct"]
 
 class ScaledProduct(torch.autograd.Function):
     """y = ((x ⊙ r_in) ∗ V'ᵀ + b') ⊙ r_out, `scales` = [r_in | k | kb] (Allocation.linear_scales),
-    where ∗ is F.linear, or with `conv` = (stride, padding, dilation) a convolution (r_in and r_out
+    where ∗ is F.linear (with `transposed`, V is stored (in, out), as transformers' Conv1D keeps
+    it: y = xs @ V' + b'), or with `conv` = (stride, padding, dilation) a convolution (r_in and r_out
     per channel): V' is V with its slots (fixed entries, carriers: not coordinates of V) holding k,
     b' likewise with kb. The slots are kept in V's (and b's) own storage, rewritten only when k
     changed (after an optimizer step, which invalidates older graphs anyway), which saves a copy of
@@ -25,7 +26,7 @@ class ScaledProduct(torch.autograd.Function):
     backward writes into one gradient vector and reuses its buffers (DESIGN §4c)."""
 
     @staticmethod
-    def forward(ctx, x, v, bias, scales, sizes, r_out, slot, b_slot=None, conv=None):
+    def forward(ctx, x, v, bias, scales, sizes, r_out, slot, b_slot=None, conv=None, transposed=False):
         r_in, k, kb = scales.split(sizes)
         if v.is_contiguous():
             v = _fill(v, slot, k)
@@ -51,12 +52,13 @@ class ScaledProduct(torch.autograd.Function):
         xc, vc = (xs.to(low), v.to(low)) if low is not None else (xs, v)
         bc = bias.to(low) if low is not None and bias is not None else bias
         with torch.autocast(kind, enabled=False) if low is not None else contextlib.nullcontext():
-            y = F.linear(xc, vc, bc) if conv is None else \
+            y = F.linear(xc, vc.t() if transposed else vc, bc) if conv is None else \
                 torch.convolution(xc, vc, bc, *conv, False, (0,) * nd, 1)
         if r_out is not None:
             y.mul_(r_out)                                                 # y is ours: in place
         ctx.save_for_backward(x, xc, vc, r_in, r_out, slot, b_slot)
         ctx.has_bias, ctx.sizes, ctx.conv, ctx.unbatched = bias is not None, sizes, conv, unbatched
+        ctx.transposed = transposed
         ctx.dtypes = (x.dtype, v.dtype, bias.dtype if bias is not None else None, scales.dtype)
         return y.squeeze(0) if unbatched else y
 
@@ -72,9 +74,10 @@ class ScaledProduct(torch.autograd.Function):
         need_x = ctx.needs_input_grad[0] or r_in is not None             # a first layer needs neither
         if ctx.conv is None:
             g2, xs2 = g.reshape(-1, g.shape[-1]), xs.reshape(-1, xs.shape[-1])
-            grad_v = _as(g2.t() @ xs2, v_dtype)                           # (out, in), fresh
+            # V's own layout, fresh: (out, in), or (in, out) when transposed
+            grad_v = _as(xs2.t() @ g2 if ctx.transposed else g2.t() @ xs2, v_dtype)
             grad_b = _as(g2.sum(0), b_dtype) if ctx.has_bias else None
-            grad_xs = g @ v if need_x else None
+            grad_xs = (g @ (v.t() if ctx.transposed else v)) if need_x else None
         else:
             nd = v.dim() - 2
             grad_xs, grad_v, grad_b = torch.ops.aten.convolution_backward(
@@ -104,7 +107,7 @@ class ScaledProduct(torch.autograd.Function):
                 prod = grad_xs.mul_(x) if grad_xs.dtype == x.dtype else grad_xs * x
                 grad_scales[:n_r] = prod.reshape(-1, x.shape[-1]).sum(0) if ctx.conv is None else \
                     prod.sum([d for d in range(prod.dim()) if d != 1])
-        return grad_x, grad_v, grad_b, grad_scales, None, None, None, None, None
+        return grad_x, grad_v, grad_b, grad_scales, None, None, None, None, None, None
 
 
 def _as(t: Optional[torch.Tensor], dtype) -> Optional[torch.Tensor]:
