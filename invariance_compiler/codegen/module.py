@@ -604,17 +604,18 @@ def _program(cm) -> str:
     for path, (w, b) in cm._fast.items():
         layer = cm.model.get_submodule(path)
         k, conv = layer._ic_index, isinstance(layer, _ScaledConv)
+        t = ".t()" if k in plan.is_transposed else ""           # transformers' Conv1D: W is (in, out)
         if scaled:
             call = f"plan.conv(x, {v[w]}, {v.get(b, 'None')}, scales[{k}], {k}, self)" if conv else \
                 f"plan.linear(x, {v[w]}, {v.get(b, 'None')}, scales[{k}], {k})"
             if k in formed:
-                own = f"self._conv_forward(x, {w_of(w)}, {w_of(b)})" if conv else f"F.linear(x, {w_of(w)}, {w_of(b)})"
+                own = f"self._conv_forward(x, {w_of(w)}, {w_of(b)})" if conv else f"F.linear(x, {w_of(w)}{t}, {w_of(b)})"
                 lines.append(f"model.{path}: {own}   # eagerly W formed (WA); compiled: {call}, scaled")
             else:
                 lines.append(f"model.{path}: {call}   # scaled activations, no W formed")
         else:
             call = f"self._conv_forward(x, {v[w]}, {v.get(b, 'None')})" if conv else \
-                f"F.linear(x, {v[w]}, {v.get(b, 'None')})"
+                f"F.linear(x, {v[w]}{t}, {v.get(b, 'None')})"
             lines.append(f"model.{path}: {call}   # fixed entries held in place, their gradient zeroed")
     lines.append("return functional_call(model, weights, inputs)   # the model's own forward:")
     code = cm._code
