@@ -39,12 +39,7 @@ from ..kernels.layout import Group, Layout, TensorSlots, Tiling, build_group
 from .forms import FORMS, fill as _fill, hold_fixed, overwrite
 from .scaled import ScaledProduct
 
-__all__ = ["Allocation", "FORMED", "PlanTensor", "allocation_dtype", "make_allocation", "reference"]
-
-# What a fast layer reads for its scales in a forward that formed its W and b by WA (`formed`):
-# the layer then runs as the original does. Its dtype tells the two apart, which a compiled graph
-# reads from the type alone.
-FORMED = torch.zeros(0, dtype=torch.bool)
+__all__ = ["Allocation", "PlanTensor", "allocation_dtype", "make_allocation", "reference"]
 
 
 class PlanTensor(nn.Module):
@@ -292,6 +287,7 @@ class Allocation(nn.Module):
 
     @property
     def is_transposed(self) -> Sequence[int]:
+        """The fast layers whose weight is stored (in, out) (none in plans pickled before them)."""
         return self.__dict__.get("transposed", ())
 
     def _bias_fixed(self, k: int) -> torch.Tensor:
@@ -368,10 +364,9 @@ class Allocation(nn.Module):
         i, j = self.fast[k]
         t = self.tensors[i]
         if not FORMS[self.form].carriers:     # fixed form: nothing to scale, PyTorch's own F.linear
-            v, bias = hold_fixed(v, t), hold_fixed(bias, self.tensors[j]) if j >= 0 else bias
-        elif scales.dtype != torch.bool:      # (FORMED: this forward gave the layer W and b, by WA)
-            return self._scaled(x, v, bias, scales, k)
-        return F.linear(x, v.t() if k in self.is_transposed else v, bias)
+            w, b = hold_fixed(v, t), hold_fixed(bias, self.tensors[j]) if j >= 0 else bias
+            return F.linear(x, w.t() if k in self.is_transposed else w, b)
+        return self._scaled(x, v, bias, scales, k)
 
     def conv(self, x: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor], scales: torch.Tensor, k: int,
              module: nn.Module) -> torch.Tensor:
@@ -382,8 +377,6 @@ class Allocation(nn.Module):
         if not FORMS[self.form].carriers:     # fixed form: PyTorch's own convolution
             return module._conv_forward(x, hold_fixed(v, self.tensors[i]),
                                         hold_fixed(bias, self.tensors[j]) if j >= 0 else bias)
-        if scales.dtype == torch.bool:        # FORMED: this forward gave the layer W and b (WA)
-            return module._conv_forward(x, v, bias)
         return self._scaled(x, v, bias, scales, k, (module.stride, module.padding, module.dilation))
 
     def _scaled(self, x, v, bias, scales, k: int, conv: Optional[tuple] = None) -> torch.Tensor:
@@ -435,9 +428,10 @@ def make_allocation(report, sk, weights: dict, form: str, names: Sequence[str], 
     """The allocation plan and initial parameters for the parameters `names`; the weights in
     `linear` (gspace; weight name -> bias name or None) and their biases are used through
     Allocation.linear (or .conv) instead of WA, except those in `formed`, which WA allocates in
-    an eager forward and only a compiled one scales; those in `transposed` are stored (in, out). `units` (gspace): the classes' log-scales λ* to the orbit's
-    typical-scale point (skeleton.typical_scales); the coordinates are then in its units, each
-    equal to its weight at that point (DESIGN §3.6b), instead of raw path values.
+    an eager forward and only a compiled one scales; those in `transposed` are stored (in, out).
+    `units` (gspace): the classes' log-scales λ* to the orbit's typical-scale point
+    (skeleton.typical_scales); the coordinates are then in its units, each equal to its weight at
+    that point (DESIGN §3.6b), instead of raw path values.
     Returns (Allocation, {name: initial V or free tensor}, [names in plan order], carriers or None)."""
     rules = FORMS[form]
     n = sk.num_classes

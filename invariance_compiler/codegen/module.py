@@ -24,12 +24,18 @@ import torch.nn.functional as F
 
 from ..analyze import analyze
 from ..skeleton import build_skeleton, check_finite, fix_to, typical_scales
-from .allocate import FORMED, allocation_dtype, make_allocation, reference
+from .allocate import allocation_dtype, make_allocation, reference
 from .forms import FORMS, ZeroHeld, form_of
 from .model_api import ModelAPI, SignedForward
 
 __all__ = ["compile_invariant", "CompiledState", "InvariantModule", "ScaledLinear", "ScaledConv1d",
            "ScaledConv2d", "ScaledConv3d"]
+
+
+# What a fast layer reads for its scales in an eager forward that formed its W and b by WA
+# (Allocation.formed): the layer then runs as the original does. Its dtype tells the two apart, which
+# a compiled graph reads without a guard on data.
+FORMED = torch.zeros(0, dtype=torch.bool)
 
 
 class ScaledLinear(nn.Linear):
