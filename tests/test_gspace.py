@@ -144,16 +144,29 @@ class _Tokens(nn.Module):
         return self.down(F.relu(h))
 
 
+def _activation_entries(model, fast_paths, x) -> dict:
+    """Each layer's input and output entries in a call of the plain model on x (forward hooks)."""
+    sizes, hooks = {}, []
+    for path in fast_paths:
+        def hook(mod, inp, out, path=path):
+            sizes[path] = inp[0].numel() + out.numel()
+        hooks.append(model.get_submodule(path).register_forward_hook(hook))
+    with torch.no_grad():
+        model(x)
+    for h in hooks:
+        h.remove()
+    return sizes
+
+
 def test_layers_form_w_eagerly_where_their_activations_outweigh_their_weight(monkeypatch):
-    """scale_activations="auto" (the default): in an eager forward a fast layer scales its
-    activations only where its weight holds more entries than TYPICAL_BATCH samples' input and
-    output, and otherwise gets W formed by WA (a small CNN on 32x32 images, a Linear over 64
-    tokens, with an inert bias); a ResNet's late stage and an MLP's wide Linear scale. Under
-    torch.compile every fast layer scales. The function is the original's and the gradients are
-    those of the all-scaled module (float64, same coordinates), and a checkpoint of one choice
-    loads into the other."""
+    """scale_activations="auto" (the default): in an eager call a fast layer scales its activations
+    only where its weight holds more entries than its input and output at that call, and
+    otherwise gets W formed by WA (convolutions on 32x32 images, Linears over 64 tokens with an
+    inert bias, a small head once the batch grows); a ResNet's late stage and an MLP's wide Linears
+    scale. Under torch.compile every fast layer scales. The function is the original's and the
+    gradients are those of the all-scaled module (float64, same coordinates), and a checkpoint of
+    one choice loads into the other."""
     import invariance_compiler.codegen.allocate as A
-    from invariance_compiler.codegen.module import TYPICAL_BATCH
     calls = []
 
     class Counted(A.ScaledProduct):
@@ -168,28 +181,31 @@ def test_layers_form_w_eagerly_where_their_activations_outweigh_their_weight(mon
     late = nn.Sequential(nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(),
                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 4))
     wide = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 4))
-    # (model, example, how many fast layers form W eagerly: the small heads do too)
-    cases = [(small, torch.randn(2, 3, 32, 32), 3), (late, torch.randn(2, 64, 2, 2), 1),
-             (_Tokens(16, 32), torch.randn(2, 64, 16), 2), (wide, torch.randn(2, 64), 1)]
-    for model, x, formed in cases:
+    # (model, the example, a larger call; fast layers forming W at the example and at the larger call)
+    cases = [(small, torch.randn(2, 3, 32, 32), 8, (2, 3)), (late, torch.randn(2, 64, 2, 2), 64, (0, 1)),
+             (_Tokens(16, 32), torch.randn(2, 64, 16), 4, (2, 2)), (wide, torch.randn(2, 64), 16, (0, 1))]
+    for model, x, batch, formed in cases:
         model, x = model.double(), x.double()
-        first = model[0] if isinstance(model, nn.Sequential) else model.up
-        rows = x[0].numel() // x.shape[-1] if isinstance(first, nn.Linear) else 1
-        per_sample = (x[0].numel() + first(x[:1]).numel()) if isinstance(first, nn.Conv2d) else \
-            rows * (first.in_features + first.out_features)
         auto = ic.compile_invariant(model, (x,))
-        assert (first.weight.numel() <= TYPICAL_BATCH * per_sample) == (0 in auto.allocate.formed)
         forced = ic.compile_invariant(model, (x,), scale_activations=True, skeleton=auto.skeleton)
-        assert len(auto.allocate.formed) == formed and not forced.allocate.formed
-        assert len(auto.allocate.fast) == len(forced.allocate.fast)
-        calls.clear()
-        out = auto(x)
-        assert len(calls) == len(auto.allocate.fast) - formed           # the others formed W
-        assert torch.allclose(out, model(x), rtol=1e-10, atol=1e-12)
-        out.square().sum().backward()
-        forced(x).square().sum().backward()
-        for (n1, p1), (n2, p2) in zip(auto.named_parameters(), forced.named_parameters()):
-            assert n1 == n2 and torch.allclose(p1.grad, p2.grad, rtol=1e-10, atol=1e-13), n1
+        fast = len(auto.allocate.fast)
+        assert fast == len(forced.allocate.fast) == len(auto._fast)
+        for call, n_formed in zip((x, torch.randn((batch,) + x.shape[1:], dtype=x.dtype)), formed):
+            sizes = _activation_entries(model, auto._fast, call)
+            expected = sum(model.get_submodule(p).weight.numel() <= sizes[p] for p in auto._fast)
+            assert expected == n_formed
+            calls.clear()
+            out = auto(call)
+            assert len(calls) == fast - n_formed                       # the others formed W
+            assert torch.allclose(out, model(call), rtol=1e-10, atol=1e-12)
+            calls.clear()
+            forced(call)
+            assert len(calls) == fast
+            auto.zero_grad(), forced.zero_grad()
+            out.square().sum().backward()
+            forced(call).square().sum().backward()
+            for (n1, p1), (n2, p2) in zip(auto.named_parameters(), forced.named_parameters()):
+                assert n1 == n2 and torch.allclose(p1.grad, p2.grad, rtol=1e-10, atol=1e-13), n1
         applied = []                                # compiled: every fast layer scales, one node each
 
         def backend(gm, example):
@@ -197,8 +213,8 @@ def test_layers_form_w_eagerly_where_their_activations_outweigh_their_weight(mon
             return gm.forward
         torch._dynamo.reset()
         out_c = torch.compile(auto, backend=backend, fullgraph=True)(x)
-        assert len(applied) == len(auto.allocate.fast) + bool(auto.allocate.wa)
-        assert torch.allclose(out_c, out, rtol=1e-10, atol=1e-12)
+        assert len(applied) == fast + bool(auto.allocate.wa)
+        assert torch.allclose(out_c, auto(x), rtol=1e-10, atol=1e-12)
         with torch.no_grad():
             for p in forced.parameters():
                 p.mul_(1.0 + 0.01 * torch.rand_like(p))

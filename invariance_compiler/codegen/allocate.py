@@ -28,6 +28,7 @@ the (smaller) activations. Fixed form: W = V with the K entries overwritten by t
 `reference` computes the allocation with plain differentiable ops (tests compare)."""
 from __future__ import annotations
 
+import math
 import re
 from typing import Optional, Sequence
 
@@ -97,21 +98,21 @@ class Allocation(nn.Module):
     """The allocation plan of one compiled model. Tensor i (in plan order) has compact index maps
     into M and P_in (`n` meaning no class), its fixed entries (K slots) and carrier entries (J slots,
     whose values are carrier path values). `wa` lists the tensors allocated by WA; the others are
-    the weights and biases of fast layers, used through `linear` and `conv`. The fast layers
-    `formed` (indices into `fast`) form W by WA too in an eager forward (`eager_wa`), and scale
-    their activations only under torch.compile, where that is the cheaper (DESIGN §3.6)."""
+    the weights and biases of fast layers, used through `linear` and `conv`. A fast layer whose
+    `activations` (input and output entries at the example; None: always scale) outweigh its
+    weight in a call forms W by WA too in an eager forward (`formed_now`), and scales its
+    activations only under torch.compile, where that is the cheaper (DESIGN §3.6)."""
     tiling = Tiling()             # the kernels' tiles (an instance may set its own, then _build_layouts)
 
     def __init__(self, form: str, num_classes: int, M: torch.Tensor, plans: Sequence[dict], dtype,
                  wa: Sequence[int], chain: Sequence[tuple] = (), free: Optional[torch.Tensor] = None,
                  scaled: Optional[tuple] = None, fast: Sequence[tuple[int, int]] = (),
-                 formed: Sequence[int] = (), transposed: Sequence[int] = ()):
+                 activations: Sequence[Optional[float]] = (), transposed: Sequence[int] = ()):
         super().__init__()
         self.form, self.n, self.count, self.wa = form, num_classes, len(plans), list(wa)
         self.fast = [tuple(f) for f in fast]       # (weight, bias or -1) of the layers used through `linear`
-        self.formed = sorted(formed)
+        self.activations = list(activations) or [None] * len(self.fast)
         self.transposed = sorted(transposed)       # fast layers whose weight is (in, out): Conv1D
-        self.eager_wa = sorted(self.wa + [i for k in self.formed for i in self.fast[k] if i >= 0])
         # sides with no class at all (network input, output) need no scaling, and must not make
         # autograd differentiate through them (a first layer would pay for an input-gradient mm)
         scaled_form = FORMS[form].carriers               # the fixed form scales nothing
@@ -142,7 +143,7 @@ class Allocation(nn.Module):
 
     def _build_layouts(self) -> None:
         self._build_linear_batch()
-        self._layouts, self._held = {}, {}
+        self._layouts, self._held, self._wa_index = {}, {}, {}
         if self.wa:       # the kernels' view of the WA group; buffers, so they follow .to(device)
             for name, t in zip(Layout._fields, self._layout_of(self.wa).tensors()):
                 self.register_buffer(f"wa_{name}", t.to(self.M.device), persistent=False)
@@ -177,14 +178,26 @@ class Allocation(nn.Module):
         state.pop("_pending", None)              # a CUDA event: neither copied nor pickled
         return state
 
-    def wa_index(self, compiling: bool) -> tuple:
-        """The tensors WA allocates in this forward: under torch.compile the `wa` group, eagerly
-        the fast layers `formed` too."""
-        return tuple(self.wa if compiling else self.__dict__.get("eager_wa", self.wa))
+    def formed_now(self, compiling: bool, size: float = 1.0) -> tuple:
+        """The fast layers (indices into `fast`) whose W a forward forms: none under torch.compile;
+        eagerly those whose activations, at `size` times the example's, hold at least as many
+        entries as their weight. Scaling costs about six passes over a layer's input and output
+        and some 20 small ops, forming W about five passes over its weight in the fused WA/ICR (one
+        call for all such weights); measured in DESIGN §3.6."""
+        acts = self.__dict__.get("activations")
+        if compiling or not acts:
+            return ()
+        return tuple(k for k, a in enumerate(acts)
+                     if a is not None and math.prod(self.shapes[self.fast[k][0]]) <= a * size)
 
-    def formed_now(self, compiling: bool) -> Sequence[int]:
-        """The fast layers (indices into `fast`) whose W this forward forms (see `wa_index`)."""
-        return () if compiling else self.__dict__.get("formed", ())
+    def wa_index(self, formed: tuple = ()) -> tuple:
+        """The tensors WA allocates in a forward that forms the fast layers `formed`: the `wa`
+        group and their weights and biases."""
+        cache = self.__dict__.setdefault("_wa_index", {})
+        index = cache.get(formed)
+        if index is None:
+            index = cache[formed] = tuple(sorted(self.wa + [i for k in formed for i in self.fast[k] if i >= 0]))
+        return index
 
     def held_in(self, index: tuple) -> list[int]:
         """Positions in `index` of the tensors with relation slots (held before WA, gradient zeroed)."""
@@ -424,11 +437,12 @@ def allocation_dtype(params) -> torch.dtype:
 
 def make_allocation(report, sk, weights: dict, form: str, names: Sequence[str], dtype,
                     linear: dict | None = None, units: Optional[torch.Tensor] = None,
-                    formed: frozenset = frozenset(), transposed: frozenset = frozenset()):
+                    activations: Optional[dict] = None, transposed: frozenset = frozenset()):
     """The allocation plan and initial parameters for the parameters `names`; the weights in
     `linear` (gspace; weight name -> bias name or None) and their biases are used through
-    Allocation.linear (or .conv) instead of WA, except those in `formed`, which WA allocates in
-    an eager forward and only a compiled one scales; those in `transposed` are stored (in, out).
+    Allocation.linear (or .conv) instead of WA, in an eager forward only where their
+    `activations` (weight name -> input and output entries at the example, None: always) do not
+    outweigh them; those in `transposed` are stored (in, out).
     `units` (gspace): the classes' log-scales λ* to the orbit's typical-scale point
     (skeleton.typical_scales); the coordinates are then in its units, each equal to its weight at
     that point (DESIGN §3.6b), instead of raw path values.
@@ -532,9 +546,9 @@ def make_allocation(report, sk, weights: dict, form: str, names: Sequence[str], 
         carriers = torch.where(carriers != 0, carriers.abs().log() / unit, 0.0)
     fast_names = [w for w in linear if w in planned and planned.index(w) not in wa]
     fast = [(planned.index(w), planned.index(linear[w]) if linear[w] in planned else -1) for w in fast_names]
-    eager = [k for k, w in enumerate(fast_names) if w in formed and rules.carriers]
+    acts = [(activations or {}).get(w) if rules.carriers else None for w in fast_names]
     flipped = [k for k, w in enumerate(fast_names) if w in transposed]
-    plan = Allocation(form, n, torch.cat([M] + extra), plans, dtype, wa, chain, free, scaled, fast, eager, flipped)
+    plan = Allocation(form, n, torch.cat([M] + extra), plans, dtype, wa, chain, free, scaled, fast, acts, flipped)
     return plan, init, planned, (carriers.to(dtype) if rules.carriers else None)
 
 

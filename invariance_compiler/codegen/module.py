@@ -9,7 +9,7 @@ running statistics and every module subclass behave exactly as in the original.
 Linear layers and convolutions whose weight has no other use can scale their activations instead
 of forming W (x @ (V ⊘ (M ⊗ P_in))ᵀ = ((x ⊘ P_in) @ Vᵀ) ⊘ M, per channel for a convolution): such an
 nn.Linear (nn.ConvNd) in the copy becomes a `ScaledLinear` (`ScaledConvNd`), which reads V where the
-weight would be, or W where an eager forward formed it (`_scaling_pays`)."""
+weight would be, or W where an eager call forms it (Allocation.formed_now)."""
 from __future__ import annotations
 
 import contextlib
@@ -141,6 +141,7 @@ class CompiledState:
     guard: Optional[dict]            # example shapes, when a reshape depends on them
     state_keys: list                 # the original model's state_dict keys
     code: tuple                      # (the captured forward's code, its placeholders -> parameters)
+    example_size: int = 0            # entries of the example's tensors (Allocation.formed_now)
 
 
 class InvariantModule(ModelAPI, nn.Module):
@@ -161,6 +162,7 @@ class InvariantModule(ModelAPI, nn.Module):
         # functional_call's input name of each fast layer's scales -> its index in plan.fast
         self._fast_keys = {f"{path}.ic_scales": model.get_submodule(path)._ic_index for path in self._fast}
         self._guard = state.guard                         # example shapes, when a reshape depends on them
+        self._example_size = state.example_size
         self._unused = {k: v.clone() for k, v in state.unused.items()}
         if state.carriers is not None and self._allocated:
             self.v_carriers = nn.Parameter(state.carriers)
@@ -190,13 +192,13 @@ class InvariantModule(ModelAPI, nn.Module):
             self._hold_hooks()
 
     # ---- forward ------------------------------------------------------------------------------
-    def _weights(self) -> dict[str, torch.Tensor]:
-        """The tensors the model's forward reads for its parameters (the fast layers get V)."""
+    def _weights(self, size: float = 1.0) -> dict[str, torch.Tensor]:
+        """The tensors the model's forward reads for its parameters (the fast layers get V, or W
+        where an eager call of `size` times the example's input forms it)."""
         plan = self.allocate
         trained = getattr(self, "v_carriers", None)
-        # eagerly the fast layers `formed` get W from WA; compiled, every fast layer scales
-        compiling = torch.compiler.is_compiling()
-        index, formed = plan.wa_index(compiling), plan.formed_now(compiling)
+        formed = plan.formed_now(torch.compiler.is_compiling(), size)
+        index = plan.wa_index(formed)
         scaled = len(self._fast) > len(formed) and FORMS[self.form].carriers
         # with scaled coordinates and nothing through WA, P_in is computed only for its check:
         # the fast layers read their scales from the carriers' log-magnitudes directly
@@ -223,7 +225,10 @@ class InvariantModule(ModelAPI, nn.Module):
     def forward(self, *args, **kwargs):
         if self._guard is not None:
             _check_shapes(self._guard, args, kwargs)
-        return torch.func.functional_call(self.model, self._weights(), args, kwargs, tie_weights=False,
+        size = 1.0
+        if self.__dict__.get("_example_size") and not torch.compiler.is_compiling():
+            size = _input_size(args, kwargs) / self._example_size
+        return torch.func.functional_call(self.model, self._weights(size), args, kwargs, tie_weights=False,
                                           strict=False)
 
     # ---- the contract -------------------------------------------------------------------------
@@ -356,10 +361,10 @@ def compile_invariant(model: nn.Module, example_inputs: Any = None, form: str = 
     skeleton: reuse the skeleton of another compiled module of the same architecture
            (`other.skeleton`), so that both have the same coordinates.
     scale_activations: (gspace) "auto" (default): Linear layers and convolutions (groups 1) scale
-           their input and output activations instead of forming W, in an eager forward only
-           where their weight outweighs their activations (`_scaling_pays`; the others get W from
-           WA there), under torch.compile all of them; True: every such layer, in both; False:
-           every weight is allocated.
+           their input and output activations instead of forming W, in an eager call only where
+           their weight outweighs their activations at that call's size (the others get W from
+           WA there; Allocation.formed_now), under torch.compile all of them; True: every such
+           layer, in both; False: every weight is allocated.
     coordinates: (gspace) "scaled" (default): the invariant coordinates in the units of the
            orbit's typical-scale point (skeleton.typical_scales), so each starts near its weight
            and SGD on them behaves like SGD on the weights (DESIGN §3.6b; train with this);
@@ -396,14 +401,14 @@ def compile_invariant(model: nn.Module, example_inputs: Any = None, form: str = 
     unused = {n: weights[n].to(orig[n].device) for n in report.param_names if n not in read}
     inner = copy.deepcopy(model)
     found = _single_use_layers(inner, captured) if (scale_activations and rules.scales_activations) \
-        else FastLayers({}, set(), set())
+        else FastLayers({}, {}, set())
     linear = found.layers
     # "auto": eagerly, a layer whose activations outweigh its weight forms W (WA) instead
-    formed = frozenset(w for path, (w, b) in linear.items() if path not in found.pays) \
-        if scale_activations == "auto" else frozenset()
+    activations = {linear[path][0]: a for path, a in found.activations.items()} \
+        if scale_activations == "auto" else None
     units = typical_scales(report, sk, weights) if coordinates == "scaled" and rules.carriers else None
     plan, init, allocated, carriers = make_allocation(
-        report, sk, weights, form, names, dtype, {w: b for w, b in linear.values()}, units, formed,
+        report, sk, weights, form, names, dtype, {w: b for w, b in linear.values()}, units, activations,
         frozenset(linear[path][0] for path in found.transposed))
     fast = {path: wb for path, wb in linear.items() if wb[0] in allocated and wb[0] not in
             [allocated[i] for i in plan.wa]}
@@ -419,7 +424,7 @@ def compile_invariant(model: nn.Module, example_inputs: Any = None, form: str = 
         form=form, report=report, skeleton=sk, plan=plan, init=init, allocated=allocated, carriers=carriers,
         requires_grad={n: orig[n].requires_grad for n in init}, unused=unused, aliases=aliases, fast=fast,
         guard=_guard(report, captured, example_inputs, example_kwargs), state_keys=list(model.state_dict().keys()),
-        code=(captured.gm.code, dict(captured.params))))
+        code=(captured.gm.code, dict(captured.params)), example_size=_input_size(example_inputs, example_kwargs)))
     cm.train(model.training)
     return cm.to(next(iter(orig.values())).device) if orig else cm
 
@@ -428,7 +433,7 @@ def compile_invariant(model: nn.Module, example_inputs: Any = None, form: str = 
 class FastLayers:
     """What `_single_use_layers` finds."""
     layers: dict          # module path -> (weight, bias or None)
-    pays: set             # paths where scaling the activations pays in an eager forward
+    activations: dict     # module path -> input and output entries at the example (None: unknown)
     transposed: set       # paths whose weight is stored (in, out): transformers' Conv1D
 
 
@@ -442,7 +447,7 @@ def _single_use_layers(model: nn.Module, captured) -> FastLayers:
     """Exact nn.Linear modules whose parameters are read by one aten.linear call of that module and
     nothing else, likewise exact nn.Conv1d/2d/3d modules (groups 1, zero padding given as numbers)
     and one call of their convolution, and transformers' Conv1D and one aten.addmm."""
-    found = FastLayers({}, set(), set())
+    found = FastLayers({}, {}, set())
     readers: dict[str, list] = {}
     for ph in captured.gm.graph.nodes:
         if ph.op == "placeholder" and ph.name in captured.params:
@@ -475,45 +480,26 @@ def _single_use_layers(model: nn.Module, captured) -> FastLayers:
         elif len(node.args) > 2 and node.args[2] is not None:
             continue
         found.layers[path] = (w, b)
-        if _scaling_pays(node.args[at[0]], node, mod):
-            found.pays.add(path)
+        found.activations[path] = _entries(node.args[at[0]], node)
         if op is torch.ops.aten.addmm:
             found.transposed.add(path)
     return found
 
 
-# Eagerly, scaling a layer's activations costs about six passes over its input and output (two
-# in forward, four in backward) and some 20 small ops, forming W about five passes over its weight
-# in the fused WA/ICR (one call for all such weights): the first is the cheaper where the weight
-# holds more entries than TYPICAL_BATCH samples' input and output together. The example's batch
-# is often 1 or 2, so the activations per sample are read from it, and TYPICAL_BATCH is a training
-# batch (the smallest in benchmarks/real_train_step.py). A ResNet's late stages scale and its
-# first stages form W; a small CNN on 32×32 images forms W (train_step.py's CNN: 1.23 of the
-# plain step with every convolution scaled, 1.06 with none); so do Llama's Linears at 64 tokens a
-# sample (1.12 against 1.21), while ViT-S's at 17 tokens and an MLP's scale. Under torch.compile
-# the scaling fuses into few kernels and every fast layer scales (Llama compiled: 1.13, against
-# 1.18 with W formed).
-TYPICAL_BATCH = 8
-
-
-def _scaling_pays(x_node, node, mod: nn.Module) -> bool:
-    """Whether layer `node` (of module `mod`, reading `x_node`) is cheaper in an eager forward with
-    its activations scaled than with W formed."""
+def _entries(x_node, node) -> Optional[int]:
+    """The entries of a layer's input and output at the example (None where a size is symbolic)."""
     x, y = x_node.meta.get("val"), node.meta.get("val")
-    if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
-        return True
     try:
-        if _is_gpt_conv1d(mod) and x_node.op == "call_function" and x_node.args:
-            source = x_node.args[0].meta.get("val")   # addmm reads the (batch, tokens, in) input flattened
-            samples = int(source.shape[0]) if isinstance(source, torch.Tensor) and source.dim() >= 2 else 1
-        else:
-            # batched or one sample: a Linear's batch is its input's first dim when it has two or more
-            batched = x.dim() >= 2 if type(mod) is nn.Linear else x.dim() == mod.weight.dim()
-            samples = int(x.shape[0]) if batched else 1
-        per_sample = (int(x.numel()) + int(y.numel())) / max(samples, 1)
-    except (TypeError, RuntimeError, ValueError):        # a symbolic size with no value: scale
-        return True
-    return mod.weight.numel() > TYPICAL_BATCH * per_sample
+        return int(x.numel()) + int(y.numel())
+    except (AttributeError, TypeError, RuntimeError, ValueError):
+        return None
+
+
+def _input_size(args: Any, kwargs: Optional[dict] = None) -> int:
+    """The entries of the tensors among a call's inputs: an eager forward compares them with the
+    example's to tell each fast layer's activations at this call."""
+    leaves = torch.utils._pytree.tree_leaves((args, kwargs or {}))
+    return sum(t.numel() for t in leaves if isinstance(t, torch.Tensor))
 
 
 def _guard(report, captured, args, kwargs) -> Optional[dict]:
@@ -595,7 +581,8 @@ def _program(cm) -> str:
     if FORMS[cm.form].carriers and cm._allocated:
         lines.append("p_in = plan.path_in(v_carriers)                 # P_in: carrier path values / M")
     scaled = FORMS[cm.form].carriers
-    index, formed = plan.wa_index(False), plan.formed_now(False)
+    formed = plan.formed_now(False)                                 # at the example's size
+    index = plan.wa_index(formed)
     wa = {cm._allocated[i] for i in index}
     w_of = lambda name: "w_" + v[name].split("_", 1)[1] if name in wa else v.get(name, "None")
     if cm._fast and scaled:
@@ -607,6 +594,8 @@ def _program(cm) -> str:
         extra = "p_in, v_carriers, " if FORMS[cm.form].carriers else "None, None, "
         note = ("; under torch.compile not the fast layers', which scale" if formed else "")
         lines.append(f"{outs} = plan({extra}{ins})   # WA forward, ICR backward{note}")
+    if formed:
+        lines.append("# (eagerly, at the example's size: a layer forms W where its activations outweigh its weight)")
     for path, (w, b) in cm._fast.items():
         layer = cm.model.get_submodule(path)
         k, conv = layer._ic_index, isinstance(layer, _ScaledConv)
