@@ -187,8 +187,10 @@ class Allocation(nn.Module):
         acts = self.__dict__.get("activations")
         if compiling or not acts:
             return ()
-        return tuple(k for k, a in enumerate(acts)
-                     if a is not None and math.prod(self.shapes[self.fast[k][0]]) <= a * size)
+        sizes = self.__dict__.get("_fast_sizes")
+        if sizes is None:
+            sizes = self._fast_sizes = [math.prod(self.shapes[i]) for i, _ in self.fast]
+        return tuple(k for k, (a, w) in enumerate(zip(acts, sizes)) if a is not None and w <= a * size)
 
     def wa_index(self, formed: tuple = ()) -> tuple:
         """The tensors WA allocates in a forward that forms the fast layers `formed`: the `wa`
