@@ -33,7 +33,7 @@ __all__ = ["compile_invariant", "CompiledState", "InvariantModule", "ScaledLinea
 
 
 # What a fast layer reads for its scales in an eager forward that formed its W and b by WA
-# (Allocation.formed): the layer then runs as the original does. Its dtype tells the two apart, which
+# (Allocation.formed_now): the layer then runs as the original does. Its dtype tells the two apart, which
 # a compiled graph reads without a guard on data.
 FORMED = torch.zeros(0, dtype=torch.bool)
 
@@ -43,8 +43,8 @@ class ScaledLinear(nn.Linear):
     plan and this layer's place in it are fixed when it is compiled (`_ic_plan`, `_ic_index`); the
     numbers it reads from the current carriers arrive like its weight does, through the compiled
     module's functional_call: the buffer `ic_scales` (Allocation.linear_scales), a placeholder
-    outside a call. An eager forward that formed this layer's W (Allocation.formed) hands it W and
-    b instead, with `ic_scales` = FORMED."""
+    outside a call. An eager forward that formed this layer's W (Allocation.formed_now) hands it
+    W and b instead, with `ic_scales` = FORMED."""
 
     def forward(self, x):
         scales = self.ic_scales
