@@ -201,7 +201,8 @@ def test_layers_form_w_eagerly_where_their_activations_outweigh_their_weight(mon
             calls.clear()
             forced(call)
             assert len(calls) == fast
-            auto.zero_grad(), forced.zero_grad()
+            auto.zero_grad()
+            forced.zero_grad()
             out.square().sum().backward()
             forced(call).square().sum().backward()
             for (n1, p1), (n2, p2) in zip(auto.named_parameters(), forced.named_parameters()):
