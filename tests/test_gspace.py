@@ -225,9 +225,10 @@ def test_layers_form_w_eagerly_where_their_activations_outweigh_their_weight(mon
 
 def test_gpt2_conv1d_scales_its_activations():
     """transformers' Conv1D (GPT-2's projections, W stored (in, out)) takes the scaled path as a
-    Linear does, transposed: the copy's layers stay Conv1D instances, the function is the
-    original's and every gradient equals the all-WA module's (float64, same coordinates), and the
-    module pickles (its layer class is made on first use)."""
+    Linear does, transposed, c_attn included (its key bias has relation units of its own: the
+    layer scales it by a constant ratio): the copy's layers stay Conv1D instances, the function is
+    the original's and every gradient equals the all-WA module's (float64, same coordinates), and
+    the module pickles (its layer class is made on first use)."""
     pytest.importorskip("transformers")
     from transformers.pytorch_utils import Conv1D
     from invariance_compiler.tools.hf_families import build
@@ -239,6 +240,8 @@ def test_gpt2_conv1d_scales_its_activations():
     flipped = [m for m in fast.model.modules() if type(m).__name__ == "ScaledConv1D"]
     assert flipped and all(isinstance(m, Conv1D) for m in flipped)
     assert len(fast.allocate.is_transposed) == len(flipped)
+    assert {p.rsplit(".", 1)[-1] for p in fast._fast} == {"c_attn", "c_proj", "c_fc"}
+    assert any(n.startswith("b_scale_") and b is not None for n, b in fast.allocate.named_buffers())
     assert torch.equal(fast.v_carriers, slow.v_carriers)
     out = fast(*args, **kwargs).logits
     assert torch.allclose(out, model(*args, **kwargs).logits, rtol=1e-10, atol=1e-12)

@@ -269,6 +269,7 @@ class Allocation(nn.Module):
         r = f = b = h = 0
         for layer, (i, j) in enumerate(self.fast):
             t = self.tensors[i]
+            self._bias_scale(layer)
             r_in = _input_channels(t.inp, self.shapes[i], layer in self.is_transposed) if self.scales_in[i] \
                 else t.inp.new_zeros(0)
             seg = [("r", r + torch.arange(r_in.numel())), ("f", f + torch.arange(t.fixed_in.numel())),
@@ -300,6 +301,18 @@ class Allocation(nn.Module):
             self.register_buffer(name, t.to(self.M.device), persistent=False)
         self._build_log_scales()
 
+    def _bias_scale(self, k: int) -> None:
+        """Fast layer k's bias enters its product in its rows' units; one with relation units of
+        its own (make_allocation) is its coordinates times M[rows] / M[its classes], a constant
+        buffer `b_scale_<k>` (None when 1)."""
+        i, j = self.fast[k]
+        scale = None
+        if j >= 0 and FORMS[self.form].carriers:
+            r_w, r_b = self.tensors[i].r_out, self.tensors[j].r_out
+            if r_w.shape == r_b.shape and not torch.equal(r_w, r_b):
+                scale = r_b / r_w
+        self.register_buffer(f"b_scale_{k}", scale, persistent=False)
+
     @property
     def is_transposed(self) -> Sequence[int]:
         """The fast layers whose weight is stored (in, out) (none in plans pickled before them)."""
@@ -308,9 +321,12 @@ class Allocation(nn.Module):
     def _bias_fixed(self, k: int) -> torch.Tensor:
         """The fixed values of fast layer k's bias in the units of its weight's rows, w_K·M[row]:
         its `fixed_scaled`, unless a checkpoint gave the bias classes of its own (an inert bias
-        that was allocated by WA when it was saved: all its entries are fixed)."""
+        that was allocated by WA when it was saved: all its entries are fixed). A bias with
+        relation units of its own holds them in those (`fixed_scaled`), as its `b_scale` follows."""
         i, j = self.fast[k]
         t, bt = self.tensors[i], self.tensors[j]
+        if getattr(self, f"b_scale_{k}", None) is not None:
+            return bt.fixed_scaled
         shape = self.shapes[i]
         rows = t.out.expand(shape)[0] if k in self.is_transposed else \
             t.out.expand(shape)[(slice(None),) + (0,) * (len(shape) - 1)]
@@ -400,7 +416,7 @@ class Allocation(nn.Module):
         b_slot = self.tensors[j].slot_idx if j >= 0 else None
         r_out = t.r_out if self.scales_out[i] else None
         return ScaledProduct.apply(x, v, bias, scales, self.linear_sizes[k], r_out, t.slot_idx, b_slot, conv,
-                                   k in self.is_transposed)
+                                   k in self.is_transposed, getattr(self, f"b_scale_{k}", None))
 
 
 def path_roots(n: int, free: Optional[torch.Tensor], chain: Sequence[tuple]) -> torch.Tensor:
@@ -483,12 +499,17 @@ def make_allocation(report, sk, weights: dict, form: str, names: Sequence[str], 
             inp, _, trivial = sides[b]
             sides[b] = (inp, sides[w][1].reshape(-1), trivial)        # rows of (out, 1, …)
             rel_scale[b] = rel_scale[w].reshape(-1)
+    # a bias whose relation units differ from its rows' (GPT-2's key bias is on no query/key
+    # generator) keeps its own; the layer multiplies it by the constant ratio (Allocation.
+    # _bias_scale), which must be 1 at its carrier and relation slots (their values are the rows')
     same_units = lambda w, b: torch.equal(*(t.expand(sk.params[b].shape) for t in (rel_scale[b], rel_scale[w].reshape(-1))))
-    linear = {w: b for w, b in linear.items() if not b or same_units(w, b)}
+    own_units = {b for w, b in linear.items() if b and not same_units(w, b)}
+    linear = {w: b for w, b in linear.items() if b not in own_units or _ratio_fits(
+        sk.params[b], rel_scale[w].reshape(-1) / rel_scale[b], sides[b][1], sides[w][1].reshape(-1), rules)}
     in_linear = set(linear) | {b for b in linear.values() if b}
     units_out, extra = _unit_slots(names, {k: sides[k][1] for k in names}, rel_scale, M, n)
     for w, b in linear.items():          # a bias read through `linear` is in its weight rows' units
-        if b and w in units_out:
+        if b and w in units_out and b not in own_units:
             units_out[b] = units_out[w].reshape(-1)
     carriers = torch.zeros(n, dtype=torch.float64)
     produced = torch.zeros(n + 1, dtype=torch.float64)       # Σ v² of each class's producers
@@ -552,6 +573,15 @@ def make_allocation(report, sk, weights: dict, form: str, names: Sequence[str], 
     flipped = [k for k, w in enumerate(fast_names) if w in transposed]
     plan = Allocation(form, n, torch.cat([M] + extra), plans, dtype, wa, chain, free, scaled, fast, acts, flipped)
     return plan, init, planned, (carriers.to(dtype) if rules.carriers else None)
+
+
+def _ratio_fits(ps, ratio: torch.Tensor, classes: torch.Tensor, rows: torch.Tensor, rules) -> bool:
+    """Whether a fast layer's bias with relation units of its own can be read as its coordinates
+    times a constant ratio: its classes are its rows' and the ratio is 1 at its carrier and
+    relation slots (its fixed slots are written in its own units: Allocation._bias_fixed)."""
+    ratio = ratio.expand(ps.shape).reshape(-1)
+    slots = torch.cat([rules.held(ps)[1], rules.carrier_slots(ps)[0]])
+    return torch.equal(classes.expand(ps.shape), rows.expand(ps.shape)) and bool((ratio[slots] == 1).all())
 
 
 def _input_channels(inp: torch.Tensor, shape, transposed: bool = False) -> torch.Tensor:

@@ -18,7 +18,8 @@ class ScaledProduct(torch.autograd.Function):
     where ∗ is F.linear (with `transposed`, V is stored (in, out), as transformers' Conv1D keeps
     it: y = xs @ V' + b'), or with `conv` = (stride, padding, dilation) a convolution (r_in and r_out
     per channel): V' is V with its slots (fixed entries, carriers: not coordinates of V) holding k,
-    b' likewise with kb. The slots are kept in V's (and b's) own storage, rewritten only when k
+    b' likewise with kb (times the constant `b_scale`, where the bias has relation units of its
+    own: GPT-2's key bias). The slots are kept in V's (and b's) own storage, rewritten only when k
     changed (after an optimizer step, which invalidates older graphs anyway), which saves a copy of
     V per forward. The gradient landing on the slots goes to k (and on through autograd to P_in and
     the carriers); V's own gradient there is zero, so no optimizer moves them on purpose.
@@ -26,7 +27,8 @@ class ScaledProduct(torch.autograd.Function):
     backward writes into one gradient vector and reuses its buffers (DESIGN §4c)."""
 
     @staticmethod
-    def forward(ctx, x, v, bias, scales, sizes, r_out, slot, b_slot=None, conv=None, transposed=False):
+    def forward(ctx, x, v, bias, scales, sizes, r_out, slot, b_slot=None, conv=None, transposed=False,
+                b_scale=None):
         r_in, k, kb = scales.split(sizes)
         if v.is_contiguous():
             v = _fill(v, slot, k)
@@ -35,6 +37,8 @@ class ScaledProduct(torch.autograd.Function):
             v.view(-1).index_copy_(0, slot, k.to(v.dtype))
         if b_slot is not None:
             bias = _fill(bias, b_slot, kb)
+        if b_scale is not None:                # a bias with relation units of its own: to the rows'
+            bias = bias * b_scale
         r_in = r_in if sizes[0] else None
         nd = v.dim() - 2
         unbatched = conv is not None and x.dim() == nd + 1
@@ -56,7 +60,7 @@ class ScaledProduct(torch.autograd.Function):
                 torch.convolution(xc, vc, bc, *conv, False, (0,) * nd, 1)
         if r_out is not None:
             y.mul_(r_out)                                                 # y is ours: in place
-        ctx.save_for_backward(x, xc, vc, r_in, r_out, slot, b_slot)
+        ctx.save_for_backward(x, xc, vc, r_in, r_out, slot, b_slot, b_scale)
         ctx.has_bias, ctx.sizes, ctx.conv, ctx.unbatched = bias is not None, sizes, conv, unbatched
         ctx.transposed = transposed
         ctx.dtypes = (x.dtype, v.dtype, bias.dtype if bias is not None else None, scales.dtype)
@@ -64,7 +68,7 @@ class ScaledProduct(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, gy):
-        x, xs, v, r_in, r_out, slot, b_slot = ctx.saved_tensors
+        x, xs, v, r_in, r_out, slot, b_slot, b_scale = ctx.saved_tensors
         x_dtype, v_dtype, b_dtype, s_dtype = ctx.dtypes
         n_r, n_k, n_kb = ctx.sizes
         if ctx.unbatched:
@@ -95,6 +99,8 @@ class ScaledProduct(torch.autograd.Function):
             if grad_scales is not None:
                 _take(grad_b, b_slot, grad_scales[n_r + n_k:])
             grad_b.index_fill_(0, b_slot, 0)
+        if b_scale is not None and grad_b is not None:              # (1 at the slots)
+            grad_b = grad_b * b_scale
         grad_x = None
         if grad_xs is not None:
             if ctx.needs_input_grad[0]:
@@ -107,7 +113,7 @@ class ScaledProduct(torch.autograd.Function):
                 prod = grad_xs.mul_(x) if grad_xs.dtype == x.dtype else grad_xs * x
                 grad_scales[:n_r] = prod.reshape(-1, x.shape[-1]).sum(0) if ctx.conv is None else \
                     prod.sum([d for d in range(prod.dim()) if d != 1])
-        return grad_x, grad_v, grad_b, grad_scales, None, None, None, None, None, None
+        return grad_x, grad_v, grad_b, grad_scales, None, None, None, None, None, None, None
 
 
 def _as(t: Optional[torch.Tensor], dtype) -> Optional[torch.Tensor]:
