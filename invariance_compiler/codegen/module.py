@@ -448,10 +448,11 @@ def _single_use_layers(model: nn.Module, captured) -> FastLayers:
     nothing else, likewise exact nn.Conv1d/2d/3d modules (groups 1, zero padding given as numbers)
     and one call of their convolution, and transformers' Conv1D and one aten.addmm."""
     found = FastLayers({}, {}, set())
-    readers: dict[str, list] = {}
+    placeholder: dict[str, torch.fx.Node] = {}          # parameter name -> its graph input
     for ph in captured.gm.graph.nodes:
         if ph.op == "placeholder" and ph.name in captured.params:
-            readers[captured.params[ph.name]] = list(ph.users)
+            placeholder[captured.params[ph.name]] = ph
+    readers = {name: list(ph.users) for name, ph in placeholder.items()}
     for path, mod in model.named_modules():
         at = (0, 1, 2)                                # positions of x, W and b in the op's arguments
         if type(mod) is nn.Linear:
@@ -470,12 +471,11 @@ def _single_use_layers(model: nn.Module, captured) -> FastLayers:
             continue
         node = uses[0]
         if getattr(node.target, "overloadpacket", None) is not op or len(node.args) <= at[1] or \
-                getattr(node.args[at[1]], "name", None) not in captured.params or \
+                node.args[at[1]] is not placeholder[w] or \
                 captured.layer_of(node) != path or (op is torch.ops.aten.addmm and node.kwargs):
             continue
         if b is not None:
-            if readers.get(b, []) != [node] or len(node.args) <= at[2] or node.args[at[2]] is not \
-                    next(ph for ph in captured.gm.graph.nodes if captured.params.get(ph.name) == b):
+            if readers.get(b, []) != [node] or len(node.args) <= at[2] or node.args[at[2]] is not placeholder[b]:
                 continue
         elif len(node.args) > 2 and node.args[2] is not None:
             continue
