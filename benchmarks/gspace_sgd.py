@@ -2,14 +2,14 @@
 learning rates (DESIGN §6: final loss <= 1.5x plain). scikit-learn's digits, batch 64, 400 steps.
 
     python benchmarks/gspace_sgd.py [--models mlp3,mlp5,cnn_bn,prenorm] [--lrs 0.1,0.03,0.01] [--seeds 3]
-                                    [--forms plain,gspace,paths,fixed] [--carriers]
+                                    [--cnn-seeds 24] [--forms plain,gspace,paths,fixed]
 
 Prints the final train loss (full train set) of the plain model, the gspace module (scaled
 coordinates, the default), the gspace module with G-SGD's raw path values (coordinates="paths")
 and the fixed-weight module, all from the same start and the same batches, and gspace / plain:
-the geometric mean over `seeds` initialisations (seeds 0, 1, ...; at lr 0.1 with momentum 0.9 a
-BatchNorm CNN is at the edge of stability and one run's loss moves by 10x with the thread count).
-1 thread."""
+the geometric mean over `seeds` initialisations (seeds 0, 1, ...), `cnn-seeds` for the BatchNorm
+CNN: at lr 0.1 with momentum 0.9 it is at its edge of stability, one run's loss moves 3-8x with the
+seed and with rounding, and three seeds do not separate the forms. 1 thread."""
 from __future__ import annotations
 
 import argparse
@@ -61,13 +61,6 @@ def compiled(model, example, kind):
         return ic.compile_invariant(copy.deepcopy(model), (example,), **FORMS[kind])
 
 
-def path_in(cm) -> torch.Tensor:
-    """The carriers' path values P_in of a gspace module's classes, now."""
-    plan = cm.allocate
-    with torch.no_grad():
-        return plan.path_in(plan.carrier_values(cm.v_carriers))[:-1].clone()
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", default=",".join(MODELS))
@@ -75,10 +68,7 @@ def main() -> None:
     ap.add_argument("--forms", default=",".join(FORMS))
     ap.add_argument("--steps", type=int, default=400)
     ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--carriers", action="store_true",
-                    help="also print, per gspace run, how far its carriers' path values moved: the "
-                         "range of log10 |P_in / P_in at the start| (a weight downstream of class c "
-                         "trains at lr / P_in(c)^2 in its own units)")
+    ap.add_argument("--cnn-seeds", type=int, default=24)
     args = ap.parse_args()
     torch.set_num_threads(1)
     xtr, ytr, _, _ = digits()
@@ -88,18 +78,13 @@ def main() -> None:
     for name in args.models.split(","):
         for lr in map(float, args.lrs.split(",")):
             logs = {k: 0.0 for k in kinds}
-            for seed in range(args.seeds):
+            seeds = args.cnn_seeds if name.startswith("cnn") else args.seeds
+            for seed in range(seeds):
                 torch.manual_seed(seed)
                 model = MODELS[name]()
                 x = xtr.view(-1, 1, 8, 8) if name.startswith("cnn") else xtr
                 for k in kinds:
-                    net = compiled(model, x[:4], k)
-                    start = path_in(net) if args.carriers and k == "gspace" else None
-                    logs[k] += math.log(final_loss(net, lr, (x, ytr), args.steps)) / args.seeds
-                    if start is not None:
-                        moved = (path_in(net) / start).abs().log10()
-                        print(f"  {name} lr {lr:g} seed {seed}: log10 |P_in / P_in(0)| from "
-                              f"{float(moved.min()):.2f} to {float(moved.max()):.2f}", flush=True)
+                    logs[k] += math.log(final_loss(compiled(model, x[:4], k), lr, (x, ytr), args.steps)) / seeds
             got = {k: math.exp(v) for k, v in logs.items()}
             ratio = got["gspace"] / got["plain"] if {"gspace", "plain"} <= set(got) else float("nan")
             print(f"| {name} | {lr:g} | " + " | ".join(f"{got[k]:.4g}" for k in kinds) + f" | {ratio:.2f} |",

@@ -127,6 +127,35 @@ def test_a_checkpoint_of_the_fx_graph_modules_loads(form):
     assert torch.allclose(cm(*x), saved[form]["eval_out"], rtol=1e-12, atol=1e-14)
 
 
+@pytest.mark.parametrize("name", ["mini_transformer", "vgg_bn"])
+def test_a_checkpoint_with_log_magnitude_carriers_loads(name):
+    """tests/data/log_carrier_checkpoints.pt was written by gspace modules of commit dde826f (float64,
+    two SGD steps, then eval), whose scaled coordinates trained the carriers as log-magnitudes with
+    P_in moving. Today's modules hold P_in; loading one of those checkpoints adopts its chart (the
+    plan's buffers), reproduces its outputs, and trains on."""
+    import os
+    path = os.path.join(os.path.dirname(__file__), "data", "log_carrier_checkpoints.pt")
+    saved = torch.load(path, weights_only=True)[name]
+    model, _ = ZOO[name]()
+    model = model.double()
+    model.load_state_dict(saved["seed_state"])
+    x = saved["x"]
+    cm = ic.compile_invariant(model, x)
+    assert cm.allocate.lin_const is not None or not cm.allocate.fast          # today's chart
+    cm.load_state_dict(saved["state"])
+    assert cm.allocate.log_carriers and not cm.allocate._p_in_held
+    cm.eval()
+    assert torch.allclose(cm(*x), saved["eval_out"], rtol=1e-12, atol=1e-14)
+    cm.train()
+    before = cm(*x).detach()
+    opt = torch.optim.SGD(cm.parameters(), lr=0.01)
+    cm(*x).square().mean().backward()
+    assert all(torch.isfinite(p.grad).all() for p in cm.parameters() if p.grad is not None)
+    opt.step()
+    after = cm(*x).detach()
+    assert torch.isfinite(after).all() and not torch.equal(after, before)
+
+
 @pytest.mark.parametrize("form", ["gspace", "fixed"])
 def test_a_checkpoint_with_relation_slots_resumes_bit_for_bit(form):
     """mini_transformer's query/key generators are quotiented (relation slots, their units in M):

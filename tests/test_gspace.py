@@ -401,29 +401,47 @@ def test_scaled_activation_linears_pass_gradcheck(name):
     assert torch.autograd.gradcheck(run, start, eps=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("name", ["mlp", "residual_mlp", "mini_transformer", "bias_carried"])
-def test_scales_from_log_carriers_equal_the_general_form(name):
-    """With scaled coordinates the fast Linears' scales are one gather and an exp of the carriers'
-    log-magnitudes (Allocation._build_log_scales): the numbers and their gradients (float64) of the
-    general form, which goes through P_in."""
+@pytest.mark.parametrize("name", ["mlp", "residual_mlp", "mini_transformer", "bias_carried", "vgg_bn"])
+def test_scaled_coordinates_hold_p_in(name):
+    """With scaled coordinates P_in is a constant (DESIGN §3.6b): every weight is its coordinate times
+    a constant, the carriers' entries included, so the weights are affine in the parameters (the K
+    entries stay at their values); the fast Linears' precomputed scales are the general form's at
+    that P_in (float64)."""
     torch.manual_seed(0)
     model, x = _bias_carried_mlp() if name == "bias_carried" else ZOO[name]()
     model = model.double()
     x = tuple(t.double() if t.is_floating_point() else t for t in x)
     cm = ic.compile_invariant(model, x)
     plan = cm.allocate
-    assert plan._log_scales and plan.fast
-    t = (cm.v_carriers.detach() + 0.1 * torch.randn_like(cm.v_carriers)).requires_grad_(True)
-    carriers = plan.carrier_values(t)
-    general = plan.linear_scales(plan.path_in(carriers), carriers)
-    direct = plan.linear_scales(None, None, t)
-    weights = [torch.randn_like(g) for g in general]
-    assert len(general) == len(direct) and sum(g.numel() for g in general) > 0
-    for a, b in zip(direct, general):
-        assert torch.allclose(a, b, rtol=1e-13, atol=0)
-    grads = [torch.autograd.grad(sum((w * s).sum() for w, s in zip(weights, out)), t)[0]
-             for out in (direct, general)]
-    assert torch.allclose(grads[0], grads[1], rtol=1e-11, atol=1e-13)
+    assert cm.v_carriers.numel()
+    c = cm.v_carriers.detach()
+    moved = c + torch.randn_like(c)
+    assert torch.equal(plan.path_in(c), plan.path_in(moved)) and not plan.path_in(moved).requires_grad
+    names = [n for n, p in cm.named_parameters() if p.requires_grad]
+    start = {n: cm.get_parameter(n).detach().clone() for n in names}
+    step = {n: torch.randn_like(t) for n, t in start.items()}
+
+    def weights_at(t):
+        with torch.no_grad():
+            for n in names:
+                cm.get_parameter(n).copy_(start[n] + t * step[n])
+        return cm.weights()
+    w0, w1, w2 = weights_at(0.0), weights_at(1.0), weights_at(2.0)
+    moving = 0
+    for n in w0:
+        assert torch.allclose(w2[n] - w0[n], 2 * (w1[n] - w0[n]), rtol=1e-10, atol=1e-12), n
+        moving += int((w1[n] != w0[n]).sum())
+    assert moving == cm.num_free_parameters()               # every free entry moves, K entries do not
+    if plan.fast:
+        assert plan.lin_const is not None
+        held = plan.linear_scales(plan.path_in(moved), moved)
+        const, plan.lin_const = plan.lin_const, None             # the general form, through P_in
+        try:
+            general = plan.linear_scales(plan.path_in(moved), moved)
+        finally:
+            plan.lin_const = const
+        for a, b in zip(held, general):
+            assert torch.allclose(a, b, rtol=1e-13, atol=0)
 
 
 def test_coordinates_and_gradients_of_a_straight_mlp_are_the_thesis_table():

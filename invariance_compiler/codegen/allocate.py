@@ -16,11 +16,13 @@ Backward (ICR):
     ∂L/∂P_in[a] = -(1 / P_in[a]) · Σ_{free e reading a} ∂L/∂W_e · W_e   (a per-column reduction)
     ∂L/∂c_a     = ∂L/∂W_J(a) / (P_in[src] · M[a]) + (path_in's backward of ∂L/∂P_in, O(H)).
 
-Scaled coordinates (the default, DESIGN §3.6b): M and P_in are then not products of skeleton
-entries but any constants with the same exponents, chosen so that every V_e starts as its weight at
-the orbit's typical-scale point (exp(±λ*)); path_scale follows. The carriers are trained as
-t = log|c| / unit (carrier_values), since the chart is singular at c = 0. Raw path values
-(coordinates="paths", and GSGD) keep M, P_in as above and c itself.
+Scaled coordinates (the default, DESIGN §3.6b): P_in is held at constants, M and P_in with the
+exponents of the skeleton's but chosen so that every V_e starts as its weight at the orbit's
+typical-scale point (exp(±λ*)). Then W_e = V_e · constant for every entry, the carriers included
+(W_J = c / (P_in[src] · M[a]), linear in c): the chart of the fixed entries K alone, in which SGD on
+V is, entry by entry, SGD on the weights at that point. Raw path values (coordinates="paths", and
+GSGD) keep P_in a product of carriers, as above. (Plans saved between 2026-12-06 and 2026-12-07
+trained the carriers as t = log|c| / unit with P_in moving: `carrier_sign`, `carrier_unit`.)
 
 A Linear layer need not materialise W at all: x @ Wᵀ = ((x / P_in) @ V'ᵀ) / M, so `linear` scales
 the (smaller) activations. Fixed form: W = V with the K entries overwritten by their fixed values.
@@ -106,7 +108,7 @@ class Allocation(nn.Module):
 
     def __init__(self, form: str, num_classes: int, M: torch.Tensor, plans: Sequence[dict], dtype,
                  wa: Sequence[int], chain: Sequence[tuple] = (), free: Optional[torch.Tensor] = None,
-                 scaled: Optional[tuple] = None, fast: Sequence[tuple[int, int]] = (),
+                 held: Optional[torch.Tensor] = None, fast: Sequence[tuple[int, int]] = (),
                  activations: Sequence[Optional[float]] = (), transposed: Sequence[int] = ()):
         super().__init__()
         self.form, self.n, self.count, self.wa = form, num_classes, len(plans), list(wa)
@@ -124,17 +126,14 @@ class Allocation(nn.Module):
         scale, root = 1.0 / M[: num_classes + 1].to(torch.float64), path_roots(num_classes, free, chain)
         for cls, src, val in chain:                               # round by round from the input
             scale[cls] = val.to(torch.float64) * scale[src]
-        unit, sign = torch.ones(num_classes, dtype=torch.float64), torch.zeros(num_classes, dtype=torch.float64)
-        if scaled is not None:      # scaled coordinates: P_in at compile time over its root's carrier
-            p_in0, carriers0, unit = scaled
-            scale = p_in0 / torch.cat([carriers0, carriers0.new_ones(1)])[root]
-            sign = torch.where(carriers0 < 0, -1.0, 1.0)
+        if held is not None:        # scaled coordinates: P_in is these constants (no root carrier)
+            scale, root = held.to(torch.float64), torch.full_like(root, num_classes)
         self.register_buffer("path_scale", scale.to(dtype))
-        # the carrier path values the plan reads, from the module's carrier parameter t:
-        # sign·exp(unit·t) with scaled coordinates (sign ±1), t itself with raw path values (sign 0)
-        self.register_buffer("carrier_unit", unit.to(dtype))
-        self.register_buffer("carrier_sign", sign.to(dtype))
-        self.log_carriers = scaled is not None
+        # the carrier path values the plan reads from the module's carrier parameter t: t itself;
+        # sign·exp(unit·t) in plans saved with log-magnitude carriers (sign ±1)
+        self.register_buffer("carrier_unit", torch.ones(num_classes, dtype=dtype))
+        self.register_buffer("carrier_sign", torch.zeros(num_classes, dtype=dtype))
+        self.log_carriers = False
         self.register_buffer("path_root", root)
         self.tensors = nn.ModuleList(PlanTensor(p, M, dtype) for p in plans)
         self.shapes = [p["shape"] for p in plans]
@@ -177,6 +176,11 @@ class Allocation(nn.Module):
         state = self.__dict__.copy()
         state.pop("_pending", None)              # a CUDA event: neither copied nor pickled
         return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        if "_p_in_held" not in self.__dict__:    # pickled before P_in could be held
+            self._build_held_scales()
 
     def formed_now(self, compiling: bool, size: float = 1.0) -> tuple:
         """The fast layers (indices into `fast`) whose W a forward forms: none under torch.compile;
@@ -230,7 +234,9 @@ class Allocation(nn.Module):
 
     def path_in(self, carriers: torch.Tensor) -> torch.Tensor:
         """P_in (n + 1,): free carriers give c / M, fixed carriers extend their source's path by a
-        constant; P_in[n] = 1. Differentiable, O(H)."""
+        constant; P_in[n] = 1. Differentiable, O(H). With scaled coordinates, constants."""
+        if self._p_in_held:                 # scaled coordinates: constants, checked when built
+            return self.path_scale
         p = self.path_scale * torch.cat([carriers, carriers.new_ones(1)])[self.path_root]
         if not torch.compiler.is_compiling():
             self._check(p)
@@ -299,7 +305,7 @@ class Allocation(nn.Module):
                             lin_held=cat(held, self.M.new_zeros(0)),
                             lin_perm=cat([p.to(self.M.device) for p in perm], empty)).items():
             self.register_buffer(name, t.to(self.M.device), persistent=False)
-        self._build_log_scales()
+        self._build_held_scales()
 
     def _bias_scale(self, k: int) -> None:
         """Fast layer k's bias enters its product in its rows' units; one with relation units of
@@ -334,54 +340,29 @@ class Allocation(nn.Module):
             return bt.fixed_scaled
         return (bt.fixed_val.to(torch.float64) * self.M.to(torch.float64)[rows[bt.fixed_idx]]).to(bt.fixed_scaled.dtype)
 
-    def _build_log_scales(self) -> None:
-        """With scaled coordinates every number `linear_scales` gives is a constant times one
-        carrier's path value to the power ±1 or 0, and that path value is sign·exp(unit·t): so
-        scales = lin_coef ⊙ exp(lin_exp ⊙ t[lin_root]) (t extended by a 0 for the constants), one
-        gather and two products instead of the ~20 small ops (and their autograd) of the general
-        form, with P_in computed for the check only. Worked out here in float64 from the same
-        buffers `path_in` and `linear_scales` read."""
-        n, f64 = self.n, torch.float64
-        if not self.log_carriers or not self.lin_perm.numel():
-            self._log_scales = False
-            return
-        root, scale = self.path_root.cpu(), self.path_scale.cpu().to(f64)
-        sign, unit = self.carrier_sign.cpu().to(f64), self.carrier_unit.cpu().to(f64)
-        sign1, unit0 = torch.cat([sign, sign.new_ones(1)]), torch.cat([unit, unit.new_zeros(1)])
-        perm = self.lin_perm.cpu()
-        r, f = self.lin_in_idx.numel(), self.lin_fixed_in.numel()
-        b, h = self.lin_bias_fixed.numel(), self.lin_held.numel()
-        cls = torch.cat([self.lin_in_idx.cpu(), self.lin_fixed_in.cpu(), torch.full((b + h,), n)])
-        coef = torch.cat([torch.ones(r, dtype=f64), self.lin_fixed_scaled.cpu().to(f64),
-                          self.lin_bias_fixed.cpu().to(f64), self.lin_held.cpu().to(f64)])
-        # P_in[cls] = scale[cls] · c[root[cls]] (c[n] = 1); a carrier slot reads c[j] itself
-        src_root = torch.cat([root[cls], torch.arange(n)])
-        src_coef = torch.cat([coef * torch.cat([scale[cls[:r + f]], torch.ones(b + h, dtype=f64)]),
-                              torch.ones(n, dtype=f64)])
-        recip = torch.arange(src_root.numel()) < r                  # 1 / P_in
-        src_pow = torch.where(src_root == n, 0.0, torch.where(recip, -1.0, 1.0)).to(f64)
-        lin_root, lin_pow = src_root[perm], src_pow[perm]
-        # 1/P_in = 1 / (scale · sign · e^{unit t}), and signs are ±1
-        lin_coef = torch.where(recip[perm], 1.0 / src_coef[perm], src_coef[perm]) * sign1[lin_root] ** lin_pow.abs()
-        dev, dt = self.M.device, self.M.dtype
-        self.register_buffer("lin_root", lin_root.to(dev), persistent=False)
-        self.register_buffer("lin_coef", lin_coef.to(dev, dt), persistent=False)
-        self.register_buffer("lin_exp", (lin_pow * unit0[lin_root]).to(dev, dt), persistent=False)
-        self._log_scales = True
+    def _build_held_scales(self) -> None:
+        """Where P_in is held (scaled coordinates), every number `linear_scales` gives but the
+        carriers' is a constant: computed here once (`lin_const`), so that a forward reads
+        [lin_const | carriers][lin_perm], and the fast layers know their r_in is constant."""
+        self._p_in_held = FORMS[self.form].carriers and bool((self.path_root == self.n).all())
+        const = None
+        if self._p_in_held and self.lin_perm.numel():
+            p_in = self.path_scale
+            const = torch.cat([1.0 / p_in[self.lin_in_idx], self.lin_fixed_scaled * p_in[self.lin_fixed_in],
+                               self.lin_bias_fixed, self.lin_held])
+        self.register_buffer("lin_const", const, persistent=False)
 
-    def linear_scales(self, p_in: Optional[torch.Tensor], carriers: Optional[torch.Tensor],
-                      trained: Optional[torch.Tensor] = None) -> list[torch.Tensor]:
+    def linear_scales(self, p_in: Optional[torch.Tensor], carriers: Optional[torch.Tensor]) -> list[torch.Tensor]:
         """For each fast Linear (in `fast` order) one vector [1/P_in of its input columns (empty
         when its input has no class) | its weight's slot values: w_K·M·P_in[fixed_in], then its
         carriers' path values | its bias's slot values], all computed together: a few ops per
         forward instead of a few per layer, and one backward through P_in and the carriers."""
-        if trained is not None and getattr(self, "_log_scales", False):     # see _build_log_scales
-            t = torch.cat([trained, trained.new_zeros(1)]).index_select(0, self.lin_root)
-            return list((self.lin_coef * (self.lin_exp * t).exp()).split([sum(z) for z in self.linear_sizes]))
-        if p_in is None:                               # fixed form: the fixed values, constants
+        carriers = carriers if carriers is not None else self.M.new_zeros(0)
+        if self.lin_const is not None:                 # P_in held: constants, then the carriers
+            src = torch.cat([self.lin_const.to(carriers.dtype), carriers])
+        elif p_in is None:                             # fixed form: the fixed values, constants
             src = torch.cat([self.lin_fixed_scaled, self.lin_bias_fixed, self.lin_held])
         else:
-            carriers = carriers if carriers is not None else p_in.new_zeros(0)
             src = torch.cat([1.0 / p_in[self.lin_in_idx], self.lin_fixed_scaled * p_in[self.lin_fixed_in],
                              self.lin_bias_fixed, self.lin_held, carriers])
         return list(src[self.lin_perm].split([sum(z) for z in self.linear_sizes]))
@@ -416,7 +397,8 @@ class Allocation(nn.Module):
         b_slot = self.tensors[j].slot_idx if j >= 0 else None
         r_out = t.r_out if self.scales_out[i] else None
         return ScaledProduct.apply(x, v, bias, scales, self.linear_sizes[k], r_out, t.slot_idx, b_slot, conv,
-                                   k in self.is_transposed, getattr(self, f"b_scale_{k}", None))
+                                   k in self.is_transposed, getattr(self, f"b_scale_{k}", None),
+                                   self.lin_const is not None)
 
 
 def path_roots(n: int, free: Optional[torch.Tensor], chain: Sequence[tuple]) -> torch.Tensor:
@@ -512,7 +494,6 @@ def make_allocation(report, sk, weights: dict, form: str, names: Sequence[str], 
         if b and w in units_out and b not in own_units:
             units_out[b] = units_out[w].reshape(-1)
     carriers = torch.zeros(n, dtype=torch.float64)
-    produced = torch.zeros(n + 1, dtype=torch.float64)       # Σ v² of each class's producers
     init, planned, plans, wa = {}, [], [], []
     for name in names:
         ps = sk.params[name]
@@ -522,10 +503,6 @@ def make_allocation(report, sk, weights: dict, form: str, names: Sequence[str], 
         # reshape of a channels_last tensor copies
         v = (rules.coordinates(w64, P, M, inp, out) * rel_scale[name]).contiguous()
         fixed_idx, rel_idx = rules.held(ps)
-        if units is not None and not report.is_inert(name):
-            # (an inert parameter's entries are all fixed and carry no invariant value; a fast
-            # layer's inert bias still gets its rows' classes, see above)
-            produced.index_add_(0, out.expand(v.shape).reshape(-1), v.reshape(-1).square())
         jx, jc = rules.carrier_slots(ps)
         carriers[jc] = v.reshape(-1)[jx]                       # the carriers' path values
         rel_val = v.reshape(-1)[rel_idx].clone()                # constants: the relation slots
@@ -549,29 +526,12 @@ def make_allocation(report, sk, weights: dict, form: str, names: Sequence[str], 
             cls = (fixed & (sk.carrier_round == r)).nonzero().reshape(-1)
             if cls.numel():
                 chain.append((cls, torch.where(sk.carrier_src[cls] < 0, n, sk.carrier_src[cls]), vals[cls]))
-    scaled = None
-    if units is not None and rules.carriers:
-        # A carrier c_a divides every weight downstream of its class, so the chart is singular at
-        # c_a = 0 and ∂L/∂c_a ~ 1/c_a: trained as they are, carriers that shrink run away. Train
-        # t = log|c_a| / unit instead (the sign is a constant: G-space cannot cross 0 anyway). Its
-        # gradient is the sum over the other producers of a (and of the classes chained to it
-        # through fixed carriers) of ∂L/∂w·w, which SGD on the weights moves the class's
-        # log-scale by over ‖those producers‖²: unit = 1 / max(‖those producers‖, |c_a|) matches it.
-        has = sk.carrier_param >= 0
-        src = torch.where(sk.carrier_src < 0, n, sk.carrier_src)
-        own = torch.where(has, vals * P[src] * M[:n], 0.0)          # each class's carrier, scaled
-        rest = (produced[:n] - own.square()).clamp_min(0)
-        root = path_roots(n, free, chain)
-        rest = torch.zeros(n + 1, dtype=torch.float64).index_add_(0, root[:n], rest)[:n].sqrt()
-        unit = 1.0 / torch.maximum(rest, carriers.abs())
-        unit = torch.where(torch.isfinite(unit), unit, 1.0)      # classes without a free carrier
-        scaled = (P, carriers, unit)
-        carriers = torch.where(carriers != 0, carriers.abs().log() / unit, 0.0)
+    held = P if units is not None and rules.carriers else None      # scaled: P_in held (DESIGN §3.6b)
     fast_names = [w for w in linear if w in planned and planned.index(w) not in wa]
     fast = [(planned.index(w), planned.index(linear[w]) if linear[w] in planned else -1) for w in fast_names]
     acts = [(activations or {}).get(w) if rules.carriers else None for w in fast_names]
     flipped = [k for k, w in enumerate(fast_names) if w in transposed]
-    plan = Allocation(form, n, torch.cat([M] + extra), plans, dtype, wa, chain, free, scaled, fast, acts, flipped)
+    plan = Allocation(form, n, torch.cat([M] + extra), plans, dtype, wa, chain, free, held, fast, acts, flipped)
     return plan, init, planned, (carriers.to(dtype) if rules.carriers else None)
 
 

@@ -12,7 +12,6 @@ nn.Linear (nn.ConvNd) in the copy becomes a `ScaledLinear` (`ScaledConvNd`), whi
 weight would be, or W where an eager call forms it (Allocation.formed_now)."""
 from __future__ import annotations
 
-import contextlib
 import copy
 import re
 from dataclasses import dataclass
@@ -200,12 +199,8 @@ class InvariantModule(ModelAPI, nn.Module):
         formed = plan.formed_now(torch.compiler.is_compiling(), size)
         index = plan.wa_index(formed)
         scaled = len(self._fast) > len(formed) and FORMS[self.form].carriers
-        # with scaled coordinates and nothing through WA, P_in is computed only for its check:
-        # the fast layers read their scales from the carriers' log-magnitudes directly
-        with torch.no_grad() if scaled and not index and getattr(plan, "_log_scales", False) \
-                else contextlib.nullcontext():
-            carriers = plan.carrier_values(trained)
-            p_in = FORMS[self.form].path_in(plan, carriers)
+        carriers = plan.carrier_values(trained)
+        p_in = FORMS[self.form].path_in(plan, carriers)
         vs = {n: getattr(self, a) for n, a in self._v_attr.items()}
         ws = dict(vs)
         if index:
@@ -218,7 +213,7 @@ class InvariantModule(ModelAPI, nn.Module):
             ws = {n: t.view_as(t) if isinstance(t, nn.Parameter) else t for n, t in ws.items()}
         out = {alias: ws[name] for alias, name in self._aliases.items()}
         if self._fast and FORMS[self.form].carriers:   # what the fast layers read besides V, as
-            scales = plan.linear_scales(p_in, carriers, trained) if scaled else None   # functional_call's inputs
+            scales = plan.linear_scales(p_in, carriers) if scaled else None   # functional_call's inputs
             out.update({key: FORMED if k in formed else scales[k] for key, k in self._fast_keys.items()})
         return out
 
@@ -365,9 +360,10 @@ def compile_invariant(model: nn.Module, example_inputs: Any = None, form: str = 
            their weight outweighs their activations at that call's size (the others get W from
            WA there; Allocation.formed_now), under torch.compile all of them; True: every such
            layer, in both; False: every weight is allocated.
-    coordinates: (gspace) "scaled" (default): the invariant coordinates in the units of the
-           orbit's typical-scale point (skeleton.typical_scales), so each starts near its weight
-           and SGD on them behaves like SGD on the weights (DESIGN §3.6b; train with this);
+    coordinates: (gspace) "scaled" (default): the invariant coordinates of the fixed entries
+           alone, in the units of the orbit's typical-scale point (skeleton.typical_scales): each
+           is its weight at that point times a constant, so SGD on them is SGD on those weights
+           (DESIGN §3.6b; train with this);
            "paths": G-SGD's raw basis-path values (products of weights along paths, ~1e-6 in a
            default-initialised deep model; for G-SGD's own initialisation and the paper's figures)."""
     rules = form_of(form)
