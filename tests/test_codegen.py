@@ -59,7 +59,7 @@ def test_parameters_are_v_or_free_entries_and_fixed_values_are_buffers(form):
     prefix = "v_" if form == "gspace" else "free_"
     names = [n for n, _ in cm.named_parameters()]
     assert names and all(n.startswith(prefix) for n in names)
-    extra = cm.v_carriers.numel() if form == "gspace" else 0      # the carriers' path values
+    extra = sum(p.numel() for n, p in cm.named_parameters() if n == "v_carriers")   # paths: carriers
     assert sum(p.numel() for p in cm.parameters()) == cm.report.num_params + extra
     fixed = sum(b.numel() for n, b in cm.named_buffers() if n.startswith("allocate.tensors.") and n.endswith(".fixed_val"))
     assert fixed == cm.report.num_generators

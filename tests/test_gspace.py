@@ -18,30 +18,38 @@ def _vs(cm):
     return [cm.parameter_of(n) for n in cm.allocated]
 
 
+@pytest.mark.parametrize("coordinates", ["scaled", "paths"])
 @pytest.mark.parametrize("name", ["mlp", "resnet_basic", "densenet", "layerscale", "conv_transpose"])
-def test_icr_equals_autograd_through_a_plain_allocation(name):
+def test_icr_equals_autograd_through_a_plain_allocation(name, coordinates):
+    """(Scaled coordinates hold P_in and have no carriers; raw path values move P_in with them.)"""
     model, x = ZOO[name]()
-    cm = ic.compile_invariant(model.double(), tuple(t.double() for t in x), scale_activations=False)
+    cm = ic.compile_invariant(model.double(), tuple(t.double() for t in x), scale_activations=False,
+                              coordinates=coordinates)
     vs = [v.detach().clone().requires_grad_(True) for v in _vs(cm)]
-    c = cm.allocate.carrier_values(cm.v_carriers).detach().clone().requires_grad_(True)
+    c = cm.allocate.carrier_values(cm._carriers()).detach().clone().requires_grad_(True)
+    assert (c.numel() == 0) == (coordinates == "scaled")
     gws = [torch.randn_like(v) for v in vs]
     ours = cm.allocate(cm.allocate.path_in(c), c, *vs)
     ref = reference(cm.allocate, c, vs)
     for a, b in zip(ours, ref):
         assert torch.allclose(a, b, rtol=1e-14, atol=0)
-    g_ours = torch.autograd.grad(ours, [c, *vs], gws)
-    g_ref = torch.autograd.grad(ref, [c, *vs], gws)
+    wrt = [c, *vs] if c.numel() else vs
+    g_ours = torch.autograd.grad(ours, wrt, gws)
+    g_ref = torch.autograd.grad(ref, wrt, gws)
     for a, b in zip(g_ours, g_ref):
         assert torch.allclose(a, b, rtol=1e-12, atol=1e-14)
 
 
-def test_icr_passes_gradcheck():
+@pytest.mark.parametrize("coordinates", ["scaled", "paths"])
+def test_icr_passes_gradcheck(coordinates):
     model, x = ZOO["residual_mlp"]()
-    cm = ic.compile_invariant(model.double(), tuple(t.double() for t in x), scale_activations=False)
+    cm = ic.compile_invariant(model.double(), tuple(t.double() for t in x), scale_activations=False,
+                              coordinates=coordinates)
     vs = tuple(v.detach().clone().requires_grad_(True) for v in _vs(cm))
-    c = cm.allocate.carrier_values(cm.v_carriers).detach().clone().requires_grad_(True)
-    assert torch.autograd.gradcheck(lambda c, *v: cm.allocate(cm.allocate.path_in(c), c, *v), (c, *vs),
-                                    eps=1e-6, atol=1e-7)
+    c = cm.allocate.carrier_values(cm._carriers()).detach().clone().requires_grad_(c_needed := coordinates == "paths")
+    run = (lambda c, *v: cm.allocate(cm.allocate.path_in(c), c, *v)) if c_needed else \
+        (lambda *v: cm.allocate(cm.allocate.path_in(c), c, *v))
+    assert torch.autograd.gradcheck(run, (c, *vs) if c_needed else vs, eps=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("name", ["mlp", "residual_mlp", "mini_transformer", "cnn_pool"])
@@ -100,7 +108,7 @@ def test_scaled_convolutions_equal_allocated_weights(name):
     convs = [m for m in fast.model.modules() if type(m).__name__.startswith("ScaledConv")]
     assert convs and "plan.conv(" in fast.code, "no convolution took the scaled path"
     assert not any(fast.allocated[i] in {f"{p}.weight" for p, _ in fast._fast.items()} for i in fast.allocate.wa)
-    assert torch.equal(fast.v_carriers, slow.v_carriers), "the two modules' charts differ"
+    assert torch.equal(fast.allocate.path_scale, slow.allocate.path_scale), "the two modules' charts differ"
     out = fast(*x)
     assert torch.allclose(out, slow(*x), rtol=1e-12, atol=1e-14)
     assert torch.allclose(out, model(*x), rtol=1e-10, atol=1e-12)
@@ -242,7 +250,7 @@ def test_gpt2_conv1d_scales_its_activations():
     assert len(fast.allocate.is_transposed) == len(flipped)
     assert {p.rsplit(".", 1)[-1] for p in fast._fast} == {"c_attn", "c_proj", "c_fc"}
     assert any(n.startswith("b_scale_") and b is not None for n, b in fast.allocate.named_buffers())
-    assert torch.equal(fast.v_carriers, slow.v_carriers)
+    assert torch.equal(fast.allocate.path_scale, slow.allocate.path_scale)
     out = fast(*args, **kwargs).logits
     assert torch.allclose(out, model(*args, **kwargs).logits, rtol=1e-10, atol=1e-12)
     assert torch.allclose(out, slow(*args, **kwargs).logits, rtol=1e-12, atol=1e-14)
@@ -381,16 +389,18 @@ def _bias_carried_mlp():
     return model, (torch.randn(6, 3),)
 
 
+@pytest.mark.parametrize("coordinates", ["scaled", "paths"])
 @pytest.mark.parametrize("name", ["mlp", "residual_mlp", "bias_carried"])
-def test_scaled_activation_linears_pass_gradcheck(name):
-    """The scaled Linear differentiates what it derives from P_in and the carriers by hand."""
+def test_scaled_activation_linears_pass_gradcheck(name, coordinates):
+    """The scaled Linear differentiates what it derives from P_in and the carriers by hand (raw path
+    values; scaled coordinates hold P_in and have no carriers)."""
     model, x = _bias_carried_mlp() if name == "bias_carried" else ZOO[name]()
     model = model.double()
     x = tuple(t.double() for t in x)
-    cm = ic.compile_invariant(model, x)
+    cm = ic.compile_invariant(model, x, coordinates=coordinates)
     assert "plan.linear" in cm.code
     plan = cm.allocate
-    if name == "bias_carried":
+    if name == "bias_carried" and coordinates == "paths":
         assert any(t.carrier_idx.numel() for t, n in zip(plan.tensors, cm.allocated) if n.endswith("bias"))
     names = [n for n, p in cm.named_parameters() if p.requires_grad]
     start = tuple(cm.get_parameter(n).detach().clone().requires_grad_(True) for n in names)
@@ -403,20 +413,18 @@ def test_scaled_activation_linears_pass_gradcheck(name):
 
 @pytest.mark.parametrize("name", ["mlp", "residual_mlp", "mini_transformer", "bias_carried", "vgg_bn"])
 def test_scaled_coordinates_hold_p_in(name):
-    """With scaled coordinates P_in is a constant (DESIGN §3.6b): every weight is its coordinate times
-    a constant, the carriers' entries included, so the weights are affine in the parameters (the K
-    entries stay at their values); the fast Linears' precomputed scales are the general form's at
-    that P_in (float64)."""
+    """With scaled coordinates P_in is a constant (DESIGN §3.6b): there are no carriers (their entries
+    are coordinates in V like any other) and every weight is its coordinate times a constant, so the
+    weights are affine in the parameters, every free entry moves and the K entries stay at their
+    values; the fast Linears' precomputed scales are the general form's at that P_in (float64)."""
     torch.manual_seed(0)
     model, x = _bias_carried_mlp() if name == "bias_carried" else ZOO[name]()
     model = model.double()
     x = tuple(t.double() if t.is_floating_point() else t for t in x)
     cm = ic.compile_invariant(model, x)
     plan = cm.allocate
-    assert cm.v_carriers.numel()
-    c = cm.v_carriers.detach()
-    moved = c + torch.randn_like(c)
-    assert torch.equal(plan.path_in(c), plan.path_in(moved)) and not plan.path_in(moved).requires_grad
+    assert not hasattr(cm, "v_carriers") and all(t.carrier_idx.numel() == 0 for t in plan.tensors)
+    assert plan._p_in_held and not plan.path_in(cm._carriers()).requires_grad
     names = [n for n, p in cm.named_parameters() if p.requires_grad]
     start = {n: cm.get_parameter(n).detach().clone() for n in names}
     step = {n: torch.randn_like(t) for n, t in start.items()}
@@ -434,10 +442,11 @@ def test_scaled_coordinates_hold_p_in(name):
     assert moving == cm.num_free_parameters()               # every free entry moves, K entries do not
     if plan.fast:
         assert plan.lin_const is not None
-        held = plan.linear_scales(plan.path_in(moved), moved)
+        p_in, none = plan.path_in(cm._carriers()), cm._carriers()
+        held = plan.linear_scales(p_in, none)
         const, plan.lin_const = plan.lin_const, None             # the general form, through P_in
         try:
-            general = plan.linear_scales(plan.path_in(moved), moved)
+            general = plan.linear_scales(p_in, none)
         finally:
             plan.lin_const = const
         for a, b in zip(held, general):

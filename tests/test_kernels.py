@@ -25,10 +25,13 @@ DTYPES = [(torch.float64, 1e-12, 1e-12), (torch.float32, 1e-5, 1e-5),
 
 def plan_and_values(model, x, dtype):
     x = tuple(t.double() for t in x)
-    cm = ic.compile_invariant(model.double(), x, scale_activations=False).to(dtype=dtype, device=DEVICE)
+    # raw path values: carriers and a P_in that moves with them (scaled coordinates hold P_in and
+    # keep the carriers' entries in V, a subset of what the kernels do)
+    cm = ic.compile_invariant(model.double(), x, scale_activations=False, coordinates="paths").to(
+        dtype=dtype, device=DEVICE)
     plan = cm.allocate
     vs = [cm.parameter_of(cm.allocated[i]).detach() for i in plan.wa]
-    return cm, plan, vs, plan.carrier_values(cm.v_carriers).detach()
+    return cm, plan, vs, plan.carrier_values(cm._carriers()).detach()
 
 
 def close(a, b, atol, rtol):
@@ -124,7 +127,7 @@ def test_gspace_module_with_kernels_equals_without(name):
     for cm, m in zip(cms, ("off", MODE)):
         opt = torch.optim.SGD(cm.parameters(), lr=0.05, momentum=0.9)
         with kernels.mode(m):
-            assert kernels.use_triton(cm.v_carriers) == (m == MODE)          # the backend under test
+            assert kernels.use_triton(next(cm.parameters())) == (m == MODE)          # the backend under test
             for _ in range(3):
                 opt.zero_grad()
                 y = cm(*x)

@@ -18,11 +18,12 @@ Backward (ICR):
 
 Scaled coordinates (the default, DESIGN §3.6b): P_in is held at constants, M and P_in with the
 exponents of the skeleton's but chosen so that every V_e starts as its weight at the orbit's
-typical-scale point (exp(±λ*)). Then W_e = V_e · constant for every entry, the carriers included
-(W_J = c / (P_in[src] · M[a]), linear in c): the chart of the fixed entries K alone, in which SGD on
-V is, entry by entry, SGD on the weights at that point. Raw path values (coordinates="paths", and
-GSGD) keep P_in a product of carriers, as above. (Plans saved between 2026-12-06 and 2026-12-07
-trained the carriers as t = log|c| / unit with P_in moving: `carrier_sign`, `carrier_unit`.)
+typical-scale point (exp(±λ*)). Then W_e = V_e · constant for every entry, the carriers' included:
+they are coordinates in V like any other (no J slots, no carrier parameter). This is the chart of
+the fixed entries K alone, in which SGD on V is, entry by entry, SGD on the weights at that point.
+Raw path values (coordinates="paths", and GSGD) keep P_in a product of carriers, as above. (Plans
+saved before 2026-12-07's session i trained the carriers as t = log|c| / unit with P_in moving:
+`carrier_sign`, `carrier_unit`; they keep that chart when loaded.)
 
 A Linear layer need not materialise W at all: x @ Wᵀ = ((x / P_in) @ V'ᵀ) / M, so `linear` scales
 the (smaller) activations. Fixed form: W = V with the K entries overwritten by their fixed values.
@@ -448,6 +449,7 @@ def make_allocation(report, sk, weights: dict, form: str, names: Sequence[str], 
     that point (DESIGN §3.6b), instead of raw path values.
     Returns (Allocation, {name: initial V or free tensor}, [names in plan order], carriers or None)."""
     rules = FORMS[form]
+    held_chart = units is not None and rules.carriers           # scaled: P_in held (DESIGN §3.6b)
     n = sk.num_classes
     M = sk.out_factor(weights)
     P = rules.input_factor(sk, weights, M)
@@ -503,7 +505,8 @@ def make_allocation(report, sk, weights: dict, form: str, names: Sequence[str], 
         # reshape of a channels_last tensor copies
         v = (rules.coordinates(w64, P, M, inp, out) * rel_scale[name]).contiguous()
         fixed_idx, rel_idx = rules.held(ps)
-        jx, jc = rules.carrier_slots(ps)
+        # with P_in held a carrier entry is a coordinate like any other, kept in V
+        jx, jc = rules.carrier_slots(ps) if not held_chart else (fixed_idx[:0],) * 2
         carriers[jc] = v.reshape(-1)[jx]                       # the carriers' path values
         rel_val = v.reshape(-1)[rel_idx].clone()                # constants: the relation slots
         v.reshape(-1)[fixed_idx] = 0.0                         # K and J slots of V are unused
@@ -518,7 +521,7 @@ def make_allocation(report, sk, weights: dict, form: str, names: Sequence[str], 
                           "fixed_val": weights[name].detach().reshape(-1)[fixed_idx].clone(),
                           "carrier_idx": jx, "carrier_cls": jc, "rel_idx": rel_idx, "rel_val": rel_val})
     chain, free = [], None
-    if rules.carriers:
+    if rules.carriers and not held_chart:
         fixed = sk.carrier_fixed & (sk.carrier_round >= 0)
         free = ((sk.carrier_param >= 0) & ~sk.carrier_fixed).nonzero().reshape(-1)
         vals = sk._values(weights, sk.carrier_param, sk.carrier_entry)
@@ -526,12 +529,13 @@ def make_allocation(report, sk, weights: dict, form: str, names: Sequence[str], 
             cls = (fixed & (sk.carrier_round == r)).nonzero().reshape(-1)
             if cls.numel():
                 chain.append((cls, torch.where(sk.carrier_src[cls] < 0, n, sk.carrier_src[cls]), vals[cls]))
-    held = P if units is not None and rules.carriers else None      # scaled: P_in held (DESIGN §3.6b)
+    held = P if held_chart else None
     fast_names = [w for w in linear if w in planned and planned.index(w) not in wa]
     fast = [(planned.index(w), planned.index(linear[w]) if linear[w] in planned else -1) for w in fast_names]
     acts = [(activations or {}).get(w) if rules.carriers else None for w in fast_names]
     flipped = [k for k, w in enumerate(fast_names) if w in transposed]
     plan = Allocation(form, n, torch.cat([M] + extra), plans, dtype, wa, chain, free, held, fast, acts, flipped)
+    carriers = carriers[:0] if held_chart else carriers       # none: they are in V
     return plan, init, planned, (carriers.to(dtype) if rules.carriers else None)
 
 

@@ -1,8 +1,8 @@
 """The two forms of a compiled module, each in one place (DESIGN §3.6, §4b):
 
-  gspace  the parameters are invariant coordinates: V for every weight and the carriers'
-          (v_carriers), raw path values or (the default) scaled ones with P_in held (DESIGN
-          §3.6b); W = WA(V) (kernels/wa.py) forward, the ICR (kernels/icr.py) backward.
+  gspace  the parameters are invariant coordinates: V for every weight, as raw path values
+          (with the carriers' path values, v_carriers) or (the default) scaled ones with P_in held
+          and the carriers' entries in V (DESIGN §3.6b); W = WA(V) (kernels/wa.py) forward, the ICR (kernels/icr.py) backward.
   fixed   the parameters are the weights themselves with their fixed (K) entries held at their
           values: W = V, those entries kept in V's own storage and their gradient zeroed
           (`hold_fixed`).

@@ -144,8 +144,8 @@ class CompiledState:
 
 
 class InvariantModule(ModelAPI, nn.Module):
-    """The compiled model. Parameters: path values V (form="gspace", one `v_<name>` per weight and
-    `v_carriers`) or the free entries of the weights (form="fixed", `free_<name>`); `allocate` is the
+    """The compiled model. Parameters: invariant coordinates V (form="gspace", one `v_<name>` per
+    weight, and `v_carriers` with raw path values) or the free entries of the weights (form="fixed", `free_<name>`); `allocate` is the
     allocation plan; `model` the original model without its parameters."""
 
     def __init__(self, model: nn.Module, state: "CompiledState"):
@@ -163,7 +163,8 @@ class InvariantModule(ModelAPI, nn.Module):
         self._guard = state.guard                         # example shapes, when a reshape depends on them
         self._example_size = state.example_size
         self._unused = {k: v.clone() for k, v in state.unused.items()}
-        if state.carriers is not None and self._allocated:
+        if state.carriers is not None and state.carriers.numel() and self._allocated:
+            # (raw path values only: scaled coordinates keep the carriers' entries in V)
             self.v_carriers = nn.Parameter(state.carriers)
         self._v_attr: dict[str, str] = {}
         taken = {"model", "allocate", "v_carriers"}
@@ -191,11 +192,19 @@ class InvariantModule(ModelAPI, nn.Module):
             self._hold_hooks()
 
     # ---- forward ------------------------------------------------------------------------------
+    def _carriers(self) -> Optional[torch.Tensor]:
+        """The carrier parameter (raw path values, or a plan saved with carriers of its own); with
+        scaled coordinates, which keep the carriers' entries in V, an empty vector."""
+        trained = self._parameters.get("v_carriers")
+        if trained is None and FORMS[self.form].carriers:
+            return self.allocate.path_scale[:0]
+        return trained
+
     def _weights(self, size: float = 1.0) -> dict[str, torch.Tensor]:
         """The tensors the model's forward reads for its parameters (the fast layers get V, or W
         where an eager call of `size` times the example's input forms it)."""
         plan = self.allocate
-        trained = getattr(self, "v_carriers", None)
+        trained = self._carriers()
         formed = plan.formed_now(torch.compiler.is_compiling(), size)
         index = plan.wa_index(formed)
         scaled = len(self._fast) > len(formed) and FORMS[self.form].carriers
@@ -250,7 +259,7 @@ class InvariantModule(ModelAPI, nn.Module):
     def weights(self) -> dict[str, torch.Tensor]:
         """The original model's parameters, as this module computes them."""
         vs = [getattr(self, self._v_attr[n]) for n in self._allocated]
-        carriers = self.allocate.carrier_values(getattr(self, "v_carriers", None))
+        carriers = self.allocate.carrier_values(self._carriers())
         ws = dict(zip(self._allocated, reference(self.allocate, carriers, vs))) if self._allocated else {}
         for name, attr in self._v_attr.items():
             ws.setdefault(name, getattr(self, attr))
@@ -266,7 +275,7 @@ class InvariantModule(ModelAPI, nn.Module):
             v = getattr(self, attr).detach().clone()
             if name in self._allocated:
                 v = FORMS[self.form].path_values(v, self.allocate, self._allocated.index(name),
-                                                 self.allocate.carrier_values(getattr(self, "v_carriers", None)))
+                                                 self.allocate.carrier_values(self._carriers()))
             out[name] = v
         return out
 
@@ -311,6 +320,15 @@ class InvariantModule(ModelAPI, nn.Module):
                     prefix + "model." + key[len(prefix):] in ours and key[len(prefix):].split(".")[0] not in (
                         "allocate", "v_carriers", "_extra_state") and key[len(prefix):] not in self._v_attr.values():
                 state_dict[prefix + "model." + key[len(prefix):]] = state_dict.pop(key)
+        # a checkpoint's plan is its chart: with carriers of their own (raw path values, or scaled
+        # coordinates saved before P_in was held) or without (their entries in V): adopt it
+        carriers = state_dict.get(prefix + "v_carriers")
+        mine = self._parameters.get("v_carriers")
+        if isinstance(carriers, torch.Tensor) and (mine is None or carriers.shape != mine.shape) and \
+                FORMS[self.form].carriers:
+            self.v_carriers = nn.Parameter(self.allocate.M.new_empty(carriers.shape))
+        elif carriers is None and mine is not None and prefix + "allocate.M" in state_dict:
+            del self.v_carriers
         extra = state_dict.get(prefix + "_extra_state")
         if isinstance(extra, dict) and "extra_buffers" in extra and "format" not in extra:
             extra.pop("extra_buffers")
@@ -575,7 +593,8 @@ def _program(cm) -> str:
              f"{cm.num_free_parameters()} free of {cm.report.num_params} parameters"]
     v = {n: a for n, a in cm._v_attr.items()}
     if FORMS[cm.form].carriers and cm._allocated:
-        lines.append("p_in = plan.path_in(v_carriers)                 # P_in: carrier path values / M")
+        what = "constants (scaled coordinates)" if plan._p_in_held else "carrier path values / M"
+        lines.append(f"p_in = plan.path_in(v_carriers)                 # P_in: {what}")
     scaled = FORMS[cm.form].carriers
     formed = plan.formed_now(False)                                 # at the example's size
     index = plan.wa_index(formed)

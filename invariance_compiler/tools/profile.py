@@ -80,7 +80,7 @@ def bench_group(device: torch.device, side: int):
     model = side_mlp(side)
     cm = compile_invariant(model, (torch.randn(2, side),), scale_activations=False).to(device)
     plan = cm.allocate
-    c = plan.carrier_values(cm.v_carriers).detach()
+    c = plan.carrier_values(cm._carriers()).detach()
     vs = [cm.parameter_of(cm.allocated[i]).detach() for i in plan.wa]
     return (plan, c, plan.path_in(c), vs, [torch.randn_like(v) for v in vs], [v.clone() for v in vs],
             [torch.zeros_like(v) for v in vs])
