@@ -2,7 +2,8 @@
 
   gspace  the parameters are invariant coordinates: V for every weight, as raw path values
           (with the carriers' path values, v_carriers) or (the default) scaled ones with P_in held
-          and the carriers' entries in V (DESIGN §3.6b); W = WA(V) (kernels/wa.py) forward, the ICR (kernels/icr.py) backward.
+          and the carriers' entries in V (DESIGN §3.6b); W = WA(V) (kernels/wa.py) forward, the
+          ICR (kernels/icr.py) backward.
   fixed   the parameters are the weights themselves with their fixed (K) entries held at their
           values: W = V, those entries kept in V's own storage and their gradient zeroed
           (`hold_fixed`).

@@ -145,8 +145,9 @@ class CompiledState:
 
 class InvariantModule(ModelAPI, nn.Module):
     """The compiled model. Parameters: invariant coordinates V (form="gspace", one `v_<name>` per
-    weight, and `v_carriers` with raw path values) or the free entries of the weights (form="fixed", `free_<name>`); `allocate` is the
-    allocation plan; `model` the original model without its parameters."""
+    weight, and `v_carriers` with raw path values) or the free entries of the weights
+    (form="fixed", `free_<name>`); `allocate` is the allocation plan; `model` the original model
+    without its parameters."""
 
     def __init__(self, model: nn.Module, state: "CompiledState"):
         super().__init__()

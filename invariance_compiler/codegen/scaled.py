@@ -19,8 +19,9 @@ class ScaledProduct(torch.autograd.Function):
     it: y = xs @ V' + b'), or with `conv` = (stride, padding, dilation) a convolution (r_in and r_out
     per channel): V' is V with its slots (fixed entries, carriers: not coordinates of V) holding k,
     b' likewise with kb (times the constant `b_scale`, where the bias has relation units of its
-    own: GPT-2's key bias). With `r_in_held` r_in is a constant (scaled coordinates hold P_in) and
-    gets no gradient. The slots are kept in V's (and b's) own storage, rewritten only when k
+    own: GPT-2's key bias). With `r_in_held` r_in is a constant (P_in held) and gets no gradient
+    (with scaled coordinates every scale is a constant; raw path values without a free carrier
+    still train the carriers in the slots). The slots are kept in V's (and b's) own storage, rewritten only when k
     changed (after an optimizer step, which invalidates older graphs anyway), which saves a copy of
     V per forward. The gradient landing on the slots goes to k (and on through autograd to P_in and
     the carriers); V's own gradient there is zero, so no optimizer moves them on purpose.
