@@ -39,16 +39,17 @@ def test_both_forms_preserve_the_function_on_the_zoo(name, form):
 def test_emitted_code_names_the_allocation_steps():
     cm = ic.compile_invariant(mlp([3, 4, 2]), scale_activations=True)
     code = cm.code
-    assert "p_in = plan.path_in(v_carriers)" in code
+    assert "carriers = ()" in code and "p_in = plan.path_in(carriers)" in code
+    assert "carriers = v_carriers" in ic.compile_invariant(mlp([3, 4, 2]), coordinates="paths").code
     assert "model.0: plan.linear(x, v_0_weight, v_0_bias, scales[0], 0)" in code
     assert "aten.linear.default" in code and "aten.relu.default" in code     # the model's own forward
     # "auto": weights this small are formed eagerly; compiled, they scale
     auto = ic.compile_invariant(mlp([3, 4, 2])).code
     assert "model.2: F.linear(x, w_2_weight, v_2_bias)   # eagerly W formed (WA); compiled: " \
            "plan.linear(x, v_2_weight, v_2_bias, scales[1], 1), scaled" in auto
-    assert "w_0_weight, w_0_bias, w_2_weight = plan(p_in, v_carriers, v_0_weight, v_0_bias" in auto
+    assert "w_0_weight, w_0_bias, w_2_weight = plan(p_in, carriers, v_0_weight, v_0_bias" in auto
     slow = ic.compile_invariant(mlp([3, 4, 2]), scale_activations=False).code
-    assert "w_0_weight, w_0_bias, w_2_weight = plan(p_in, v_carriers, v_0_weight, v_0_bias" in slow
+    assert "w_0_weight, w_0_bias, w_2_weight = plan(p_in, carriers, v_0_weight, v_0_bias" in slow
     assert "plan.linear" not in slow
 
 

@@ -594,8 +594,12 @@ def _program(cm) -> str:
              f"{cm.num_free_parameters()} free of {cm.report.num_params} parameters"]
     v = {n: a for n, a in cm._v_attr.items()}
     if FORMS[cm.form].carriers and cm._allocated:
+        if "v_carriers" in cm._parameters:
+            lines.append("carriers = v_carriers                           # the carriers' path values")
+        else:
+            lines.append("carriers = ()                                   # none: their entries are in V")
         what = "constants (scaled coordinates)" if plan._p_in_held else "carrier path values / M"
-        lines.append(f"p_in = plan.path_in(v_carriers)                 # P_in: {what}")
+        lines.append(f"p_in = plan.path_in(carriers)                   # P_in: {what}")
     scaled = FORMS[cm.form].carriers
     formed = plan.formed_now(False)                                 # at the example's size
     index = plan.wa_index(formed)
@@ -603,11 +607,11 @@ def _program(cm) -> str:
     w_of = lambda name: "w_" + v[name].split("_", 1)[1] if name in wa else v.get(name, "None")
     if cm._fast and scaled:
         when = " (compiled)" if len(formed) == len(cm._fast) else ""
-        lines.append(f"scales = plan.linear_scales(p_in, v_carriers)   # per fast layer{when}: 1/P_in, slot values")
+        lines.append(f"scales = plan.linear_scales(p_in, carriers)     # per fast layer{when}: 1/P_in, slot values")
     if index:
         outs = ", ".join(w_of(cm._allocated[i]) for i in index)
         ins = ", ".join(v[cm._allocated[i]] for i in index)
-        extra = "p_in, v_carriers, " if FORMS[cm.form].carriers else "None, None, "
+        extra = "p_in, carriers, " if FORMS[cm.form].carriers else "None, None, "
         note = ("; under torch.compile not the fast layers', which scale" if formed else "")
         lines.append(f"{outs} = plan({extra}{ins})   # WA forward, ICR backward{note}")
     if formed:
