@@ -236,7 +236,7 @@ class Allocation(nn.Module):
     def path_in(self, carriers: torch.Tensor) -> torch.Tensor:
         """P_in (n + 1,): free carriers give c / M, fixed carriers extend their source's path by a
         constant; P_in[n] = 1. Differentiable, O(H). With scaled coordinates, constants."""
-        if self._p_in_held:                 # scaled coordinates: the positive constants exp(−λ*)
+        if self._p_in_held:      # constants: exp(−λ*), or products of fixed (nonzero) entries
             return self.path_scale
         p = self.path_scale * torch.cat([carriers, carriers.new_ones(1)])[self.path_root]
         if not torch.compiler.is_compiling():
