@@ -127,6 +127,30 @@ def test_a_checkpoint_of_the_fx_graph_modules_loads(form):
     assert torch.allclose(cm(*x), saved[form]["eval_out"], rtol=1e-12, atol=1e-14)
 
 
+def test_a_checkpoint_brings_its_chart_with_or_without_carriers():
+    """Raw path values keep a carrier parameter, scaled coordinates none (their entries are in V):
+    a module of either chart that loads the other's checkpoint becomes that module, parameters and
+    function (float64)."""
+    torch.manual_seed(0)
+    model, x = ZOO["residual_mlp"]()
+    model = model.double()
+    x = tuple(t.double() for t in x)
+    scaled = ic.compile_invariant(copy.deepcopy(model), x)
+    paths = ic.compile_invariant(copy.deepcopy(model), x, coordinates="paths")
+    assert not hasattr(scaled, "v_carriers") and paths.v_carriers.numel()
+    with torch.no_grad():                                      # move both off their start
+        for cm in (scaled, paths):
+            for p in cm.parameters():
+                p.mul_(1 + 0.1 * torch.randn_like(p))
+    for saved, into in ((scaled, ic.compile_invariant(copy.deepcopy(model), x, coordinates="paths")),
+                        (paths, ic.compile_invariant(copy.deepcopy(model), x))):
+        into.load_state_dict(_roundtrip(saved.state_dict()))
+        assert [n for n, _ in into.named_parameters()] == [n for n, _ in saved.named_parameters()]
+        assert torch.allclose(into(*x), saved(*x), rtol=1e-12, atol=1e-14)
+        into(*x).square().sum().backward()
+        assert all(p.grad is not None for p in into.parameters() if p.numel())
+
+
 @pytest.mark.parametrize("name", ["mini_transformer", "vgg_bn"])
 def test_a_checkpoint_with_log_magnitude_carriers_loads(name):
     """tests/data/log_carrier_checkpoints.pt was written by gspace modules of commit dde826f (float64,

@@ -327,7 +327,12 @@ class InvariantModule(ModelAPI, nn.Module):
         mine = self._parameters.get("v_carriers")
         if isinstance(carriers, torch.Tensor) and (mine is None or carriers.shape != mine.shape) and \
                 FORMS[self.form].carriers:
-            self.v_carriers = nn.Parameter(self.allocate.M.new_empty(carriers.shape))
+            # first, where a module compiled with carriers has them (an optimizer's state follows
+            # the parameters' order)
+            rest = [(k, p) for k, p in self._parameters.items() if k != "v_carriers"]
+            self._parameters.clear()
+            self._parameters["v_carriers"] = nn.Parameter(self.allocate.M.new_empty(carriers.shape))
+            self._parameters.update(rest)
         elif carriers is None and mine is not None and prefix + "allocate.M" in state_dict:
             del self.v_carriers
         extra = state_dict.get(prefix + "_extra_state")
