@@ -344,7 +344,7 @@ class Allocation(nn.Module):
     def _build_held_scales(self) -> None:
         """Where P_in is held (scaled coordinates), every number `linear_scales` gives but the
         carriers' is a constant: computed here once (`lin_const`), so that a forward reads
-        [lin_const | carriers][lin_perm], and the fast layers know their r_in is constant."""
+        [lin_const | carriers][lin_perm]: with scaled coordinates no scale needs a gradient."""
         self._p_in_held = FORMS[self.form].carriers and bool((self.path_root == self.n).all())
         const = None
         if self._p_in_held and self.lin_perm.numel():
@@ -398,8 +398,7 @@ class Allocation(nn.Module):
         b_slot = self.tensors[j].slot_idx if j >= 0 else None
         r_out = t.r_out if self.scales_out[i] else None
         return ScaledProduct.apply(x, v, bias, scales, self.linear_sizes[k], r_out, t.slot_idx, b_slot, conv,
-                                   k in self.is_transposed, getattr(self, f"b_scale_{k}", None),
-                                   self.lin_const is not None)
+                                   k in self.is_transposed, getattr(self, f"b_scale_{k}", None))
 
 
 def path_roots(n: int, free: Optional[torch.Tensor], chain: Sequence[tuple]) -> torch.Tensor:

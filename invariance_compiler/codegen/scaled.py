@@ -19,9 +19,7 @@ class ScaledProduct(torch.autograd.Function):
     it: y = xs @ V' + b'), or with `conv` = (stride, padding, dilation) a convolution (r_in and r_out
     per channel): V' is V with its slots (fixed entries, carriers: not coordinates of V) holding k,
     b' likewise with kb (times the constant `b_scale`, where the bias has relation units of its
-    own: GPT-2's key bias). With `r_in_held` r_in is a constant (P_in held) and gets no gradient
-    (with scaled coordinates every scale is a constant; raw path values without a free carrier
-    still train the carriers in the slots). The slots are kept in V's (and b's) own storage, rewritten only when k
+    own: GPT-2's key bias). The slots are kept in V's (and b's) own storage, rewritten only when k
     changed (after an optimizer step, which invalidates older graphs anyway), which saves a copy of
     V per forward. The gradient landing on the slots goes to k (and on through autograd to P_in and
     the carriers); V's own gradient there is zero, so no optimizer moves them on purpose.
@@ -30,7 +28,7 @@ class ScaledProduct(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, v, bias, scales, sizes, r_out, slot, b_slot=None, conv=None, transposed=False,
-                b_scale=None, r_in_held=False):
+                b_scale=None):
         r_in, k, kb = scales.split(sizes)
         if v.is_contiguous():
             v = _fill(v, slot, k)
@@ -64,7 +62,7 @@ class ScaledProduct(torch.autograd.Function):
             y.mul_(r_out)                                                 # y is ours: in place
         ctx.save_for_backward(x, xc, vc, r_in, r_out, slot, b_slot, b_scale)
         ctx.has_bias, ctx.sizes, ctx.conv, ctx.unbatched = bias is not None, sizes, conv, unbatched
-        ctx.transposed, ctx.r_in_held = transposed, r_in_held
+        ctx.transposed = transposed
         ctx.dtypes = (x.dtype, v.dtype, bias.dtype if bias is not None else None, scales.dtype)
         return y.squeeze(0) if unbatched else y
 
@@ -109,15 +107,13 @@ class ScaledProduct(torch.autograd.Function):
                 grad_x = _as(grad_xs * r_in if r_in is not None else grad_xs, x_dtype)
                 if ctx.unbatched:
                     grad_x = grad_x.squeeze(0)
-            if r_in is not None and grad_scales is not None and ctx.r_in_held:
-                grad_scales[:n_r] = 0                  # a constant (P_in held): no reduction
-            elif r_in is not None and grad_scales is not None:
+            if r_in is not None and grad_scales is not None:
                 # ∂r_in = Σ ∂xs ⊙ x over all but the channels, in grad_xs's own storage (no new
                 # activation-sized tensor)
                 prod = grad_xs.mul_(x) if grad_xs.dtype == x.dtype else grad_xs * x
                 grad_scales[:n_r] = prod.reshape(-1, x.shape[-1]).sum(0) if ctx.conv is None else \
                     prod.sum([d for d in range(prod.dim()) if d != 1])
-        return grad_x, grad_v, grad_b, grad_scales, None, None, None, None, None, None, None, None
+        return grad_x, grad_v, grad_b, grad_scales, None, None, None, None, None, None, None
 
 
 def _as(t: Optional[torch.Tensor], dtype) -> Optional[torch.Tensor]:
