@@ -72,3 +72,53 @@ def test_a_bf16_model_compiles_and_trains(name, form):
         opt.step()
     end = float(cm(*x).float().square().mean())
     assert torch.isfinite(torch.tensor(end)) and end < start
+
+
+@pytest.mark.parametrize("form", ["gspace", "fixed"])
+@pytest.mark.parametrize("name", ["mini_transformer", pytest.param("hf:llama", id="hf-llama")])
+def test_fp16_autocast_with_grad_scaler(name, form):
+    """fp16 as it is trained on a GPU, here with CPU autocast and `torch.amp.GradScaler("cpu")` (the
+    CUDA run needs a device this suite does not have): the unscaled gradients match the fp32 ones
+    within fp16 tolerance; a scale that overflows reaches the coordinates' gradients as inf or nan,
+    so the scaler skips that step and leaves every coordinate as it was; then steps lower the loss."""
+    model, args, kwargs = zoo_or_hf(name)
+    model.eval()
+    cm = ic.compile_invariant(copy.deepcopy(model), args, form=form, example_kwargs=kwargs)
+    cm.eval()
+
+    def loss():
+        with torch.autocast("cpu", torch.float16):
+            out = _logits(cm(*args, **kwargs))
+        assert out.dtype == torch.float16
+        return out.float().square().mean()
+
+    opt = torch.optim.SGD(cm.parameters(), lr=1e-2)
+    opt.zero_grad()
+    _logits(cm(*args, **kwargs)).float().square().mean().backward()
+    exact = torch.cat([p.grad.reshape(-1) for p in cm.parameters() if p.grad is not None])
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12)
+    opt.zero_grad()
+    scaler.scale(loss()).backward()
+    scaler.unscale_(opt)
+    low = torch.cat([p.grad.reshape(-1) for p in cm.parameters() if p.grad is not None])
+    assert low.dtype == torch.float32 and _rel(low, exact) <= TOL
+    scaler.step(opt)
+    scaler.update()
+
+    before = [p.detach().clone() for p in cm.parameters()]
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 120)          # overflows fp16 at once
+    opt.zero_grad()
+    scaler.scale(loss()).backward()
+    scaler.step(opt)
+    scaler.update()
+    assert scaler.get_scale() < 2.0 ** 120                               # the overflow was found
+    assert all(torch.equal(a, p) for a, p in zip(before, cm.parameters()))  # and the step skipped
+
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12)
+    start = float(loss())
+    for _ in range(3):
+        opt.zero_grad()
+        scaler.scale(loss()).backward()
+        scaler.step(opt)
+        scaler.update()
+    assert float(loss()) < start
