@@ -58,29 +58,54 @@ def test_a_call_writes_nothing_into_modules(name):
         fast[0](torch.zeros(1, fast[0].in_features))
 
 
+@pytest.mark.parametrize("form", ["gspace", "fixed"])
 @pytest.mark.parametrize("name", ["mlp", "cnn_pool"])
-def test_compiled_fixed_form_holds_its_entries(name):
-    """Under torch.compile the fixed form writes its fixed entries into the parameters on every
-    call and their gradient is zeroed by the hook the module has carried since it was built (a
-    deep copy attaches it again; a compiled forward cannot): after AdamW's weight decay moved them,
-    the compiled forward puts them back, and their gradient is exactly 0."""
+def test_compiled_modules_hold_their_entries_in_place(name, form):
+    """Under torch.compile the entries a module holds constant (fixed entries; with scaled
+    coordinates a fast layer's slots) are read from the parameters, not written (a graph that
+    wrote into its inputs would invalidate what an earlier call saved for backward): every
+    optimizer step writes back what its weight decay moved, and a compiled call refuses entries
+    moved by hand until an eager call has written them back. Their gradient is exactly 0; two
+    calls before one backward give the eager gradients."""
     import copy
     model, args, kwargs = zoo_or_hf(name)
-    cm = copy.deepcopy(ic.compile_invariant(model, args, form="fixed", example_kwargs=kwargs))
+    cm = copy.deepcopy(ic.compile_invariant(model, args, form=form, example_kwargs=kwargs))
     plan = cm.allocate
-    held = {n: (t.fixed_idx, t.fixed_val) for n, t in zip(cm.allocated, plan.tensors) if t.fixed_idx.numel()}
+    held = {n: plan.held_slots(i) for i, n in enumerate(cm.allocated) if plan.held_slots(i) is not None}
     assert held
+
+    def holds():
+        for n, (idx, val) in held.items():
+            p = cm.parameter_of(n)
+            assert torch.equal(p.detach().reshape(-1)[idx], val.to(p.dtype)), n
+            if p.grad is not None:
+                assert bool((p.grad.reshape(-1)[idx] == 0).all()), n
+
     torch._dynamo.reset()
     compiled = torch.compile(cm, fullgraph=True)
     opt = torch.optim.AdamW(cm.parameters(), lr=1e-2, weight_decay=0.1)
     for _ in range(3):
         opt.zero_grad()
         _first(compiled(*args, **kwargs)).square().mean().backward()
-        for n, (idx, val) in held.items():
-            p = cm.parameter_of(n)
-            assert torch.equal(p.detach().reshape(-1)[idx], val), n
-            assert bool((p.grad.reshape(-1)[idx] == 0).all()), n
+        holds()
         opt.step()
-    assert not all(torch.equal(cm.parameter_of(n).detach().reshape(-1)[idx], val) for n, (idx, val) in held.items())
+        holds()
     out = _first(compiled(*args, **kwargs))
     assert torch.allclose(out, _first(cm(*args, **kwargs)), rtol=1e-5, atol=1e-6)
+
+    grads = []
+    for net in (compiled, cm):
+        cm.zero_grad()
+        (_first(net(*args, **kwargs)).square().mean() + _first(net(*args, **kwargs)).abs().mean()).backward()
+        grads.append([p.grad.clone() for p in cm.parameters()])
+    for a, b in zip(*grads):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
+
+    name0, (idx, val) = next(iter(held.items()))
+    with torch.no_grad():
+        cm.parameter_of(name0).reshape(-1)[idx[0]] += 1.0
+    with pytest.raises(RuntimeError, match="holds constant were changed"):
+        compiled(*args, **kwargs)
+    cm(*args, **kwargs)                                       # eager: writes them back
+    holds()
+    assert torch.allclose(_first(compiled(*args, **kwargs)), out, rtol=1e-5, atol=1e-6)

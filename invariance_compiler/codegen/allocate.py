@@ -80,12 +80,8 @@ class PlanTensor(nn.Module):
 
     def hold(self, v: torch.Tensor) -> torch.Tensor:
         """v with its relation slots holding their constants (DESIGN §3.6c)."""
-        if self.rel_idx.numel():
-            # eagerly in V's own storage (its gradient there is zeroed by the ICR); a compiled
-            # graph must not write into its inputs: out of place, differentiable
-            v = overwrite(v, self.rel_idx, self.rel_val.to(v.dtype)) if torch.compiler.is_compiling() \
-                else _fill(v, self.rel_idx, self.rel_val)
-        return v
+        # in V's own storage (its gradient there is zeroed by the ICR), constants in every chart
+        return _fill(v, self.rel_idx, self.rel_val, held=True)
 
 
 _OLD_KEY = re.compile(r"(in|out|fixed_idx|fixed_in|fixed_val|fixed_scaled|carrier_idx|carrier_in|carrier_out|"
@@ -144,6 +140,7 @@ class Allocation(nn.Module):
     def _build_layouts(self) -> None:
         self._build_linear_batch()
         self._layouts, self._held, self._wa_index = {}, {}, {}
+        self.__dict__.pop("_held_slots", None)
         if self.wa:       # the kernels' view of the WA group; buffers, so they follow .to(device)
             for name, t in zip(Layout._fields, self._layout_of(self.wa).tensors()):
                 self.register_buffer(f"wa_{name}", t.to(self.M.device), persistent=False)
@@ -353,6 +350,29 @@ class Allocation(nn.Module):
                                self.lin_bias_fixed, self.lin_held])
         self.register_buffer("lin_const", const, persistent=False)
 
+    def held_slots(self, i: int) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+        """The entries of plan tensor i's parameter that hold constants in this chart, (flat
+        index, values), or None: the fixed form's fixed entries; a fast layer's slots with scaled
+        coordinates; the relation slots of a tensor WA allocates. (A fast layer's slots in raw
+        path values follow the carriers: written on each call.)"""
+        key = (self.M.device, self.M.dtype)
+        cached = self.__dict__.get("_held_slots")
+        if cached is None or cached[0] != key:
+            cached = self._held_slots = (key, [self._held_slots_of(j) for j in range(len(self.tensors))])
+        return cached[1][i]
+
+    def _held_slots_of(self, i: int) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+        t = self.tensors[i]
+        if not FORMS[self.form].carriers:
+            return (t.fixed_idx, t.fixed_val) if t.fixed_idx.numel() else None
+        for k, pair in enumerate(self.fast):
+            if i in pair:
+                if not self._p_in_held:
+                    return None
+                _, w_slots, b_slots = self.linear_scales(None, None)[k].split(self.linear_sizes[k])
+                return (t.slot_idx, w_slots if i == pair[0] else b_slots) if t.slot_idx.numel() else None
+        return (t.rel_idx, t.rel_val) if t.rel_idx.numel() else None
+
     def linear_scales(self, p_in: Optional[torch.Tensor], carriers: Optional[torch.Tensor]) -> list[torch.Tensor]:
         """For each fast Linear (in `fast` order) one vector [1/P_in of its input columns (empty
         when its input has no class) | its weight's slot values: w_K·M·P_in[fixed_in], then its
@@ -398,7 +418,7 @@ class Allocation(nn.Module):
         b_slot = self.tensors[j].slot_idx if j >= 0 else None
         r_out = t.r_out if self.scales_out[i] else None
         return ScaledProduct.apply(x, v, bias, scales, self.linear_sizes[k], r_out, t.slot_idx, b_slot, conv,
-                                   k in self.is_transposed, getattr(self, f"b_scale_{k}", None))
+                                   k in self.is_transposed, getattr(self, f"b_scale_{k}", None), self._p_in_held)
 
 
 def path_roots(n: int, free: Optional[torch.Tensor], chain: Sequence[tuple]) -> torch.Tensor:

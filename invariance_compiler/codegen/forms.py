@@ -11,13 +11,15 @@
 Everything the rest of codegen does differently for the two is a method or a constant here."""
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
+from torch.utils.weak import WeakIdKeyDictionary
 
 from ..kernels import icr as icr_op, wa as wa_op
 
-__all__ = ["FORMS", "GSpace", "Fixed", "WeightAllocation", "fill", "form_of", "hold_fixed", "icr", "overwrite"]
+__all__ = ["FORMS", "GSpace", "Fixed", "WeightAllocation", "fill", "form_of", "hold_fixed", "icr", "keep_held", "overwrite"]
 
 
 def overwrite(v: torch.Tensor, idx: torch.Tensor, val: torch.Tensor) -> torch.Tensor:
@@ -27,43 +29,76 @@ def overwrite(v: torch.Tensor, idx: torch.Tensor, val: torch.Tensor) -> torch.Te
     return v.reshape(-1).index_put((idx,), val).view(v.shape)
 
 
-def fill(t: torch.Tensor, idx: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+def fill(t: torch.Tensor, idx: torch.Tensor, k: torch.Tensor, held: bool = False) -> torch.Tensor:
     """t with k in its slots idx. Eagerly, in t's own storage and only when they differ (which
-    saves a copy of t per forward, and keeps older graphs valid while nothing changed); under
-    torch.compile, out of place (the test reads data, and a compiled graph must not write into its
-    inputs). The test compares the data itself, since a write through `.data` or a fused step
-    leaves no trace in t's version counter."""
+    saves a copy of t per forward, and keeps older graphs valid while nothing changed); the test
+    compares the data itself, since a write through `.data` or a fused step leaves no trace in t's
+    version counter. Under torch.compile a graph may not write into its inputs (a second call
+    before backward would invalidate what the first saved) and cannot branch on data: `held`
+    slots, constants that every eager call and optimizer step writes back (`keep_held`), are read
+    where they are, with one check that they hold k; others are written out of place."""
     if not idx.numel():
         return t
     k = k.to(t.dtype)
     if torch.compiler.is_compiling():
+        if held:
+            torch._assert_async((t.detach().reshape(-1)[idx] == k).all(), _MOVED)
+            return t
         return t.detach().reshape(-1).index_put((idx,), k).view(t.shape)
-    flat = t.detach().view(-1)
-    if not torch.equal(flat.index_select(0, idx), k):
-        flat.index_copy_(0, idx, k)
+    if t.is_contiguous():
+        flat = t.detach().view(-1)
+        if not torch.equal(flat.index_select(0, idx), k):
+            flat.index_copy_(0, idx, k)
+    elif not torch.equal(t.detach().reshape(-1)[idx], k):     # (channels_last) row-major flat indices
+        t.detach().index_put_(torch.unravel_index(idx, t.shape), k)
     return t
+
+
+_MOVED = ("invariance_compiler: entries that a compiled module holds constant were changed in its parameters outside "
+          "an optimizer step (a write by hand?), and a torch.compile'd call cannot write them back: call the module "
+          "once without torch.compile, which does, then go on")
+
+# parameter -> what gives its held slots (index, values) now; every optimizer step writes them back
+_KEPT = WeakIdKeyDictionary()
+_step_hook = None
+
+
+def keep_held(p: torch.Tensor, slots: Callable[[], Optional[tuple]]) -> None:
+    """After each step of any torch.optim optimizer holding p, write p's held slots (`slots()`:
+    (flat index, values), or None) back where the step moved them: weight decay moves every
+    entry, whatever its gradient. Eager calls check them anyway; a compiled one relies on this."""
+    global _step_hook
+    if _step_hook is None:
+        _step_hook = register_optimizer_step_post_hook(_write_back)
+    _KEPT[p] = slots
+
+
+def _write_back(optimizer, args, kwargs) -> None:
+    if not len(_KEPT):
+        return
+    with torch.no_grad():
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                slots = _KEPT.get(p)
+                held = slots() if slots is not None else None
+                if held is not None:
+                    fill(p, *held)
 
 
 def hold_fixed(v: Optional[torch.Tensor], t) -> Optional[torch.Tensor]:
     """Fixed form: v with the fixed entries of plan tensor t at their values. Eagerly v is the
     parameter itself, which holds them in its own storage (`fill`: rewritten before the first
     forward, or after an optimizer's weight decay moved them), their gradient zeroed once it is
-    accumulated (`ZeroHeld`): no copy of the weight per forward, PyTorch's own autograd nodes. In
-    a compiled graph the slots are written on every call. A v that is not a parameter takes no
-    hook: there, out of place and differentiable (the gradient is 0 at the fixed entries by
+    accumulated (`ZeroHeld`): no copy of the weight per forward, PyTorch's own autograd nodes. A
+    compiled graph reads them where they are (`fill`, held); its parameters carry the hook since
+    the module was built (InvariantModule._hold_hooks). A v that is not a parameter takes no hook:
+    there, out of place and differentiable (the gradient is 0 at the fixed entries by
     construction)."""
     if v is None or t is None or not t.fixed_idx.numel():
         return v
-    if not v.is_contiguous():                  # (channels_last) the slots are row-major flat indices
-        return overwrite(v, t.fixed_idx, t.fixed_val.to(v.dtype))
     if torch.compiler.is_compiling():
-        # the compiled module's parameter (functional_call hands the graph views of them) carries
-        # the hook since the module was built (InvariantModule._hold_hooks); the test of `fill`
-        # reads data, which a graph cannot branch on, so the slots are written on every call
-        with torch.no_grad():
-            v.detach().view(-1).index_copy_(0, t.fixed_idx, t.fixed_val.to(v.dtype))
-        return v
-    if not v.is_leaf:
+        return fill(v, t.fixed_idx, t.fixed_val, held=True)
+    if not v.is_contiguous() or not v.is_leaf:  # (channels_last: the slots are row-major flat indices)
         return overwrite(v, t.fixed_idx, t.fixed_val.to(v.dtype))
     fill(v, t.fixed_idx, t.fixed_val)
     if v.requires_grad:

@@ -13,6 +13,7 @@ weight would be, or W where an eager call forms it (Allocation.formed_now)."""
 from __future__ import annotations
 
 import copy
+import functools
 import re
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -24,7 +25,7 @@ import torch.nn.functional as F
 from ..analyze import analyze
 from ..skeleton import build_skeleton, check_finite, fix_to, typical_scales
 from .allocate import allocation_dtype, make_allocation, reference
-from .forms import FORMS, ZeroHeld, form_of
+from .forms import FORMS, ZeroHeld, fill, form_of, keep_held
 from .model_api import ModelAPI, SignedForward
 
 __all__ = ["compile_invariant", "CompiledState", "InvariantModule", "ScaledLinear", "ScaledConv1d",
@@ -175,16 +176,22 @@ class InvariantModule(ModelAPI, nn.Module):
             self.register_parameter(attr, nn.Parameter(v, requires_grad=state.requires_grad[name]))
         self.forward = SignedForward(self)                  # Trainer reads the model's signature
         self._hold_hooks()
+        self.register_load_state_dict_post_hook(_hold_after_load)
 
     def _hold_hooks(self) -> None:
-        """Fixed form: each parameter with fixed entries gets the hook that zeroes their gradient
-        (forms.ZeroHeld) now, and again when unpickled or deep-copied (hooks are not kept), so
-        that a compiled forward, which cannot attach one, finds it."""
-        if FORMS[self.form].carriers:
-            return
-        for name, t in zip(self._allocated, self.allocate.tensors):
+        """Now, and again when unpickled or deep-copied (hooks are not kept), so that a compiled
+        forward, which cannot attach them, finds them: every parameter's held slots are written
+        now and after each optimizer step (forms.keep_held), and after a checkpoint is loaded
+        (which may predate this); in the fixed form, each parameter with
+        fixed entries also gets the hook that zeroes their gradient (forms.ZeroHeld)."""
+        plan = self.allocate
+        for i, (name, t) in enumerate(zip(self._allocated, plan.tensors)):
             p = getattr(self, self._v_attr[name])
-            if t.fixed_idx.numel() and p.requires_grad:
+            keep_held(p, functools.partial(plan.held_slots, i))
+            held = plan.held_slots(i)
+            if held is not None:
+                fill(p, *held)
+            if not FORMS[self.form].carriers and t.fixed_idx.numel() and p.requires_grad:
                 ZeroHeld.attach(p, t)
 
     def __setstate__(self, state):
@@ -212,6 +219,12 @@ class InvariantModule(ModelAPI, nn.Module):
         carriers = plan.carrier_values(trained)
         p_in = FORMS[self.form].path_in(plan, carriers)
         vs = {n: getattr(self, a) for n, a in self._v_attr.items()}
+        for i in (i for k in formed for i in plan.fast[k] if i >= 0):
+            # WA, which forms these, reads none of their held slots: write them back for the
+            # compiled calls, which read them where they are (forms.fill)
+            held = plan.held_slots(i)
+            if held is not None:
+                fill(vs[self._allocated[i]], *held)
         ws = dict(vs)
         if index:
             allocated = plan(p_in, carriers, *[vs[self._allocated[i]] for i in index], index=index)
@@ -339,6 +352,10 @@ class InvariantModule(ModelAPI, nn.Module):
         if isinstance(extra, dict) and "extra_buffers" in extra and "format" not in extra:
             extra.pop("extra_buffers")
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
+
+
+def _hold_after_load(module: InvariantModule, incompatible_keys) -> None:
+    module._hold_hooks()
 
 
 def attr_name(prefix: str, param: str, taken: set) -> str:

@@ -28,15 +28,15 @@ class ScaledProduct(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, v, bias, scales, sizes, r_out, slot, b_slot=None, conv=None, transposed=False,
-                b_scale=None):
+                b_scale=None, held=False):
         r_in, k, kb = scales.split(sizes)
-        if v.is_contiguous():
-            v = _fill(v, slot, k)
+        if v.is_contiguous() or (held and torch.compiler.is_compiling()):
+            v = _fill(v, slot, k, held)
         else:                        # (channels_last) the slots are row-major: fill a contiguous copy
             v = v.contiguous()
             v.view(-1).index_copy_(0, slot, k.to(v.dtype))
         if b_slot is not None:
-            bias = _fill(bias, b_slot, kb)
+            bias = _fill(bias, b_slot, kb, held)
         if b_scale is not None:                # a bias with relation units of its own: to the rows'
             bias = bias * b_scale
         r_in = r_in if sizes[0] else None
@@ -113,7 +113,7 @@ class ScaledProduct(torch.autograd.Function):
                 prod = grad_xs.mul_(x) if grad_xs.dtype == x.dtype else grad_xs * x
                 grad_scales[:n_r] = prod.reshape(-1, x.shape[-1]).sum(0) if ctx.conv is None else \
                     prod.sum([d for d in range(prod.dim()) if d != 1])
-        return grad_x, grad_v, grad_b, grad_scales, None, None, None, None, None, None, None
+        return grad_x, grad_v, grad_b, grad_scales, None, None, None, None, None, None, None, None
 
 
 def _as(t: Optional[torch.Tensor], dtype) -> Optional[torch.Tensor]:
