@@ -7,7 +7,10 @@ import pytest
 import torch
 
 import invariance_compiler as ic
-from conftest import zoo_or_hf
+from conftest import DEVICE, zoo_or_hf
+from invariance_compiler import kernels
+
+TRITON_MODE = "auto" if DEVICE == "cuda" else "interpret"
 
 TOL = 5e-2
 
@@ -74,20 +77,36 @@ def test_a_bf16_model_compiles_and_trains(name, form):
     assert torch.isfinite(torch.tensor(end)) and end < start
 
 
-@pytest.mark.parametrize("form", ["gspace", "fixed"])
-@pytest.mark.parametrize("name", ["mini_transformer", pytest.param("hf:llama", id="hf-llama")])
-def test_fp16_autocast_with_grad_scaler(name, form):
-    """fp16 as it is trained on a GPU, here with CPU autocast and `torch.amp.GradScaler("cpu")` (the
-    CUDA run needs a device this suite does not have): the unscaled gradients match the fp32 ones
-    within fp16 tolerance; a scale that overflows reaches the coordinates' gradients as inf or nan,
-    so the scaler skips that step and leaves every coordinate as it was; then steps lower the loss."""
+FP16_CASES = [("mini_transformer", "gspace", "auto"), ("mini_transformer", "fixed", "auto"),
+              ("hf:llama", "gspace", "auto"), ("hf:llama", "fixed", "auto"), ("mini_transformer", "gspace", "triton")]
+
+
+@pytest.mark.parametrize("name, form, backend", FP16_CASES, ids=["-".join(c).replace(":", "-") for c in FP16_CASES])
+def test_fp16_autocast_with_grad_scaler(name, form, backend):
+    """fp16 as it is trained on a GPU, with autocast and `torch.amp.GradScaler` on the CPU, and in
+    the "triton" case with WA and ICR in the Triton kernels: on CUDA where there is a GPU, else
+    on the CPU under Triton's interpreter. The unscaled gradients match the fp32 ones within fp16 tolerance; a
+    scale that overflows reaches the coordinates' gradients as inf or nan, so the scaler skips that
+    step and leaves every coordinate as it was; then steps lower the loss."""
+    if backend == "triton" and not kernels.triton_available():
+        pytest.skip("Triton is not installed")
     model, args, kwargs = zoo_or_hf(name)
     model.eval()
     cm = ic.compile_invariant(copy.deepcopy(model), args, form=form, example_kwargs=kwargs)
     cm.eval()
+    device = DEVICE if backend == "triton" else "cpu"
+    cm.to(device)
+    args = tuple(a.to(device) for a in args)
+    with kernels.mode("auto" if backend == "auto" else TRITON_MODE):
+        if backend == "triton":
+            assert cm.allocate.wa and kernels.use_triton(cm.parameter_of(cm.allocated[cm.allocate.wa[0]]))
+        _train_fp16(cm, args, kwargs, device)
+
+
+def _train_fp16(cm, args, kwargs, device):
 
     def loss():
-        with torch.autocast("cpu", torch.float16):
+        with torch.autocast(device, torch.float16):
             out = _logits(cm(*args, **kwargs))
         assert out.dtype == torch.float16
         return out.float().square().mean()
@@ -96,7 +115,7 @@ def test_fp16_autocast_with_grad_scaler(name, form):
     opt.zero_grad()
     _logits(cm(*args, **kwargs)).float().square().mean().backward()
     exact = torch.cat([p.grad.reshape(-1) for p in cm.parameters() if p.grad is not None])
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12)
+    scaler = torch.amp.GradScaler(device, init_scale=2.0 ** 12)
     opt.zero_grad()
     scaler.scale(loss()).backward()
     scaler.unscale_(opt)
@@ -106,7 +125,7 @@ def test_fp16_autocast_with_grad_scaler(name, form):
     scaler.update()
 
     before = [p.detach().clone() for p in cm.parameters()]
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 120)          # overflows fp16 at once
+    scaler = torch.amp.GradScaler(device, init_scale=2.0 ** 120)          # overflows fp16 at once
     opt.zero_grad()
     scaler.scale(loss()).backward()
     scaler.step(opt)
@@ -114,7 +133,7 @@ def test_fp16_autocast_with_grad_scaler(name, form):
     assert scaler.get_scale() < 2.0 ** 120                               # the overflow was found
     assert all(torch.equal(a, p) for a, p in zip(before, cm.parameters()))  # and the step skipped
 
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12)
+    scaler = torch.amp.GradScaler(device, init_scale=2.0 ** 12)
     start = float(loss())
     for _ in range(3):
         opt.zero_grad()
