@@ -40,7 +40,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..kernels.layout import Group, Layout, TensorSlots, Tiling, build_group
-from .forms import FORMS, fill as _fill, hold_fixed, overwrite
+from .forms import FORMS, fill as _fill, hold_fixed
 from .scaled import ScaledProduct
 
 __all__ = ["Allocation", "PlanTensor", "allocation_dtype", "make_allocation", "reference"]
@@ -173,6 +173,7 @@ class Allocation(nn.Module):
     def __getstate__(self):
         state = self.__dict__.copy()
         state.pop("_pending", None)              # a CUDA event: neither copied nor pickled
+        state.pop("_held_slots", None)           # a cache
         return state
 
     def __setstate__(self, state):

@@ -45,13 +45,17 @@ def fill(t: torch.Tensor, idx: torch.Tensor, k: torch.Tensor, held: bool = False
             torch._assert_async((t.detach().reshape(-1)[idx] == k).all(), _MOVED)
             return t
         return t.detach().reshape(-1).index_put((idx,), k).view(t.shape)
-    if t.is_contiguous():
-        flat = t.detach().view(-1)
-        if not torch.equal(flat.index_select(0, idx), k):
-            flat.index_copy_(0, idx, k)
-    elif not torch.equal(t.detach().reshape(-1)[idx], k):     # (channels_last) row-major flat indices
-        t.detach().index_put_(torch.unravel_index(idx, t.shape), k)
+    if not torch.equal(t.detach().reshape(-1)[idx] if not t.is_contiguous() else t.detach().view(-1)[idx], k):
+        _write(t, idx, k)
     return t
+
+
+def _write(t: torch.Tensor, idx: torch.Tensor, k: torch.Tensor) -> None:
+    """t's entries idx (flat, row-major) = k, in place, outside autograd."""
+    if t.is_contiguous():
+        t.detach().view(-1).index_copy_(0, idx, k.to(t.dtype))
+    else:                                                    # (channels_last)
+        t.detach().index_put_(torch.unravel_index(idx, t.shape), k.to(t.dtype))
 
 
 _MOVED = ("invariance_compiler: entries that a compiled module holds constant were changed in its parameters outside "
@@ -74,6 +78,8 @@ def keep_held(p: torch.Tensor, slots: Callable[[], Optional[tuple]]) -> None:
 
 
 def _write_back(optimizer, args, kwargs) -> None:
+    """(after a step, which has moved the parameters anyway: written without a test, which on a
+    GPU would wait for it)"""
     if not len(_KEPT):
         return
     with torch.no_grad():
@@ -81,8 +87,8 @@ def _write_back(optimizer, args, kwargs) -> None:
             for p in group["params"]:
                 slots = _KEPT.get(p)
                 held = slots() if slots is not None else None
-                if held is not None:
-                    fill(p, *held)
+                if held is not None and held[0].numel():
+                    _write(p, *held)
 
 
 def hold_fixed(v: Optional[torch.Tensor], t) -> Optional[torch.Tensor]:

@@ -22,7 +22,9 @@ class ScaledProduct(torch.autograd.Function):
     own: GPT-2's key bias). The slots are kept in V's (and b's) own storage, rewritten only when k
     changed (after an optimizer step, which invalidates older graphs anyway), which saves a copy of
     V per forward. The gradient landing on the slots goes to k (and on through autograd to P_in and
-    the carriers); V's own gradient there is zero, so no optimizer moves them on purpose.
+    the carriers); V's own gradient there is zero, so no optimizer moves them on purpose. `held`:
+    k are constants of the chart (scaled coordinates), which a compiled call reads where they are
+    (forms.fill).
     Eager mode pays for every op and every new tensor of this node once per layer and step, so
     backward writes into one gradient vector and reuses its buffers (DESIGN §4c)."""
 
