@@ -36,14 +36,19 @@ def test_both_forms_preserve_the_function_on_the_zoo(name, form):
     assert cm.num_free_parameters() == cm.report.num_params - cm.report.num_generators   # every one
 
 
-def test_emitted_code_names_the_allocation_steps():
+def test_emitted_code_names_the_allocation_steps(monkeypatch):
     cm = ic.compile_invariant(mlp([3, 4, 2]), scale_activations=True)
     code = cm.code
     assert "carriers = ()" in code and "p_in = plan.path_in(carriers)" in code
     assert "carriers = v_carriers" in ic.compile_invariant(mlp([3, 4, 2]), coordinates="paths").code
     assert "model.0: plan.linear(x, v_0_weight, v_0_bias, scales[0], 0)" in code
     assert "aten.linear.default" in code and "aten.relu.default" in code     # the model's own forward
-    # "auto": weights this small are formed eagerly; compiled, they scale
+    # "auto": Linears this small scale, as a WA call of their own would cost more than it saves...
+    assert "eagerly W formed" not in ic.compile_invariant(mlp([3, 4, 2])).code
+    # ...unless their activations outweigh their weights by more (as a larger batch's would):
+    # formed eagerly; compiled, they scale
+    import invariance_compiler.codegen.allocate as A
+    monkeypatch.setattr(A, "WA_CALL_ENTRIES", 0)
     auto = ic.compile_invariant(mlp([3, 4, 2])).code
     assert "model.2: F.linear(x, w_2_weight, v_2_bias)   # eagerly W formed (WA); compiled: " \
            "plan.linear(x, v_2_weight, v_2_bias, scales[1], 1), scaled" in auto

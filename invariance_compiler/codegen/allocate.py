@@ -186,14 +186,21 @@ class Allocation(nn.Module):
         eagerly those whose activations, at `size` times the example's, hold at least as many
         entries as their weight. Scaling costs about six passes over a layer's input and output
         and some 20 small ops, forming W about five passes over its weight in the fused WA/ICR (one
-        call for all such weights); measured in DESIGN §3.6."""
+        call for all such weights); measured in DESIGN §3.6. A WA call made only for Linears has a
+        cost of its own, which outweighs what they save unless their activations exceed their
+        weights by WA_CALL_ENTRIES in all (convolutions, whose scaling costs more per entry, form
+        W from less)."""
         acts = self.__dict__.get("activations")
         if compiling or not acts:
             return ()
         sizes = self.__dict__.get("_fast_sizes")
         if sizes is None:
             sizes = self._fast_sizes = [math.prod(self.shapes[i]) for i, _ in self.fast]
-        return tuple(k for k, (a, w) in enumerate(zip(acts, sizes)) if a is not None and w <= a * size)
+        formed = tuple(k for k, (a, w) in enumerate(zip(acts, sizes)) if a is not None and w <= a * size)
+        if formed and not self.wa and all(len(self.shapes[self.fast[k][0]]) == 2 for k in formed) and \
+                sum(acts[k] * size - sizes[k] for k in formed) < WA_CALL_ENTRIES:
+            return ()          # Linears alone, not worth a WA call of their own: scale them too
+        return formed
 
     def wa_index(self, formed: tuple = ()) -> tuple:
         """The tensors WA allocates in a forward that forms the fast layers `formed`: the `wa`
@@ -420,6 +427,14 @@ class Allocation(nn.Module):
         r_out = t.r_out if self.scales_out[i] else None
         return ScaledProduct.apply(x, v, bias, scales, self.linear_sizes[k], r_out, t.slot_idx, b_slot, conv,
                                    k in self.is_transposed, getattr(self, f"b_scale_{k}", None), self._p_in_held)
+
+
+# Entries by which the activations of Linears must outweigh their weights, summed, for an eager
+# call to form their W by a WA call of their own (measured on the 2-core CPU, SGD steps in
+# interleaved runs, scaling every Linear / forming as before: an MLP 784-1024x3-10 at batch 256,
+# 255K entries: 1.055 / 1.08 of the plain step; 256-256-10 at batch 64, 14K: 1.44 / 1.55; at
+# batch 1024, 3.1M: 1.05 / 1.04; 784-512-512-10 at batch 4096, 11M: 1.08-1.12 / 1.03)
+WA_CALL_ENTRIES = 1_000_000
 
 
 def path_roots(n: int, free: Optional[torch.Tensor], chain: Sequence[tuple]) -> torch.Tensor:

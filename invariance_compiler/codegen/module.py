@@ -399,7 +399,8 @@ def compile_invariant(model: nn.Module, example_inputs: Any = None, form: str = 
     scale_activations: (gspace) "auto" (default): Linear layers and convolutions (groups 1) scale
            their input and output activations instead of forming W, in an eager call only where
            their weight outweighs their activations at that call's size (the others get W from
-           WA there; Allocation.formed_now), under torch.compile all of them; True: every such
+           WA there, Linears only where that saves a WA call's cost; Allocation.formed_now), under
+           torch.compile all of them; True: every such
            layer, in both; False: every weight is allocated.
     coordinates: (gspace) "scaled" (default): the invariant coordinates of the fixed entries
            alone, in the units of the orbit's typical-scale point (skeleton.typical_scales): each
