@@ -9,6 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import invariance_compiler as ic
+from conftest import zoo_or_hf
 from invariance_compiler.tools.zoo import ZOO, mlp
 
 
@@ -283,3 +284,33 @@ def test_running_statistics_and_eval_mode_match_the_export(scale_activations):
     back.load_state_dict(cm.export_state_dict())
     cm.eval(), back.eval()
     assert torch.allclose(cm(x), back(x), rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("name", ["mlp", "cnn_pool"])
+def test_an_eager_call_writes_held_entries_back_without_invalidating_a_pending_graph(name, form):
+    """The entries a module holds constant are written on every eager call, without a test (which
+    on a GPU would wait for it) and without bumping the parameter's version: a graph waiting for
+    its backward while an entry is moved through `.data` and another call writes it back gets the
+    gradient it had (float64)."""
+    model, x, _ = zoo_or_hf(name)
+    model, x = model.double(), tuple(t.double() for t in x)
+    cm = ic.compile_invariant(model, x, form=form, scale_activations=True)
+    cm(*x).square().sum().backward()
+    ref = [p.grad.clone() for p in cm.parameters()]
+    plan = cm.allocate
+    held = [(cm.parameter_of(n), plan.held_slots(i)) for i, n in enumerate(cm.allocated)
+            if plan.held_slots(i) is not None]
+    assert held
+    cm.zero_grad()
+    out = cm(*x)
+    versions = [p._version for p, _ in held]
+    for p, (idx, _) in held:
+        p.data.view(-1)[idx] += 3.0
+    again = cm(*x)
+    assert [p._version for p, _ in held] == versions
+    assert all(torch.equal(p.detach().view(-1)[idx], val.to(p.dtype)) for p, (idx, val) in held)
+    assert torch.allclose(again, out, rtol=1e-12, atol=1e-12)
+    out.square().sum().backward()
+    for a, b in zip(ref, [p.grad for p in cm.parameters()]):
+        assert torch.allclose(a, b, rtol=1e-12, atol=1e-12)

@@ -30,13 +30,20 @@ def overwrite(v: torch.Tensor, idx: torch.Tensor, val: torch.Tensor) -> torch.Te
 
 
 def fill(t: torch.Tensor, idx: torch.Tensor, k: torch.Tensor, held: bool = False) -> torch.Tensor:
-    """t with k in its slots idx. Eagerly, in t's own storage and only when they differ (which
-    saves a copy of t per forward, and keeps older graphs valid while nothing changed); the test
-    compares the data itself, since a write through `.data` or a fused step leaves no trace in t's
-    version counter. Under torch.compile a graph may not write into its inputs (a second call
-    before backward would invalidate what the first saved) and cannot branch on data: `held`
-    slots, constants that every eager call and optimizer step writes back (`keep_held`), are read
-    where they are, with one check that they hold k; others are written out of place."""
+    """t with k in its slots idx, in t's own storage (no copy of t per forward).
+
+    `held` slots are constants of the chart, the numbers every graph that saved t read there.
+    Eagerly they are written on every call, without a test (on a GPU the test would wait for it)
+    and without bumping t's version counter, so a graph still waiting for its backward stays
+    valid: for it the write changes nothing, or restores what a write by hand moved. Under
+    torch.compile a graph may not write into its inputs (inductor's write would bump the counter)
+    nor branch on data: it reads them where they are, with one check that they hold k (every
+    eager call and optimizer step writes them back, `keep_held`).
+
+    Other slots (raw path values: they follow the carriers) are written eagerly only when they
+    differ, with the version bump that makes an older graph refuse its backward; the test
+    compares the data itself, since a write through `.data` or a fused step leaves no trace in the
+    counter. Under torch.compile, out of place."""
     if not idx.numel():
         return t
     k = k.to(t.dtype)
@@ -45,7 +52,10 @@ def fill(t: torch.Tensor, idx: torch.Tensor, k: torch.Tensor, held: bool = False
             torch._assert_async((t.detach().reshape(-1)[idx] == k).all(), _MOVED)
             return t
         return t.detach().reshape(-1).index_put((idx,), k).view(t.shape)
-    if not torch.equal(t.detach().reshape(-1)[idx] if not t.is_contiguous() else t.detach().view(-1)[idx], k):
+    if held:
+        with torch.autograd._unsafe_preserve_version_counter(t):
+            _write(t, idx, k)
+    elif not torch.equal(t.detach().reshape(-1)[idx] if not t.is_contiguous() else t.detach().view(-1)[idx], k):
         _write(t, idx, k)
     return t
 
@@ -109,7 +119,7 @@ def hold_fixed(v: Optional[torch.Tensor], t) -> Optional[torch.Tensor]:
         return fill(v, t.fixed_idx, t.fixed_val, held=True)
     if not v.is_contiguous() or not v.is_leaf:  # (channels_last: the slots are row-major flat indices)
         return overwrite(v, t.fixed_idx, t.fixed_val.to(v.dtype))
-    fill(v, t.fixed_idx, t.fixed_val)
+    fill(v, t.fixed_idx, t.fixed_val, held=True)
     if v.requires_grad:
         ZeroHeld.attach(v, t)
     return v

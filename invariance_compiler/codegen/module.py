@@ -190,7 +190,7 @@ class InvariantModule(ModelAPI, nn.Module):
             keep_held(p, functools.partial(plan.held_slots, i))
             held = plan.held_slots(i)
             if held is not None:
-                fill(p, *held)
+                fill(p, *held, held=True)
             if not FORMS[self.form].carriers and t.fixed_idx.numel() and p.requires_grad:
                 ZeroHeld.attach(p, t)
 
@@ -224,7 +224,7 @@ class InvariantModule(ModelAPI, nn.Module):
             # compiled calls, which read them where they are (forms.fill)
             held = plan.held_slots(i)
             if held is not None:
-                fill(vs[self._allocated[i]], *held)
+                fill(vs[self._allocated[i]], *held, held=True)
         ws = dict(vs)
         if index:
             allocated = plan(p_in, carriers, *[vs[self._allocated[i]] for i in index], index=index)

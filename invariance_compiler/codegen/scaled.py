@@ -19,12 +19,12 @@ class ScaledProduct(torch.autograd.Function):
     it: y = xs @ V' + b'), or with `conv` = (stride, padding, dilation) a convolution (r_in and r_out
     per channel): V' is V with its slots (fixed entries, carriers: not coordinates of V) holding k,
     b' likewise with kb (times the constant `b_scale`, where the bias has relation units of its
-    own: GPT-2's key bias). The slots are kept in V's (and b's) own storage, rewritten only when k
-    changed (after an optimizer step, which invalidates older graphs anyway), which saves a copy of
-    V per forward. The gradient landing on the slots goes to k (and on through autograd to P_in and
-    the carriers); V's own gradient there is zero, so no optimizer moves them on purpose. `held`:
-    k are constants of the chart (scaled coordinates), which a compiled call reads where they are
-    (forms.fill).
+    own: GPT-2's key bias). The slots are kept in V's (and b's) own storage (forms.fill), which
+    saves a copy of V per forward; `held`: k are constants of the chart (scaled coordinates),
+    written on every eager call without bumping V's version and read in place by a compiled one,
+    else (raw path values) rewritten only when k changed. The gradient landing on the slots goes to
+    k (and on through autograd to P_in and the carriers); V's own gradient there is zero, so no
+    optimizer moves them on purpose.
     Eager mode pays for every op and every new tensor of this node once per layer and step, so
     backward writes into one gradient vector and reuses its buffers (DESIGN §4c)."""
 
