@@ -314,3 +314,14 @@ def test_an_eager_call_writes_held_entries_back_without_invalidating_a_pending_g
     out.square().sum().backward()
     for a, b in zip(ref, [p.grad for p in cm.parameters()]):
         assert torch.allclose(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_compiled_and_called_under_inference_mode(form):
+    """Under torch.inference_mode the parameters are inference tensors, which have no version
+    counter: the held entries are written all the same, and the function is the original's."""
+    model, x, _ = zoo_or_hf("cnn_pool")
+    with torch.inference_mode():
+        cm = ic.compile_invariant(model, x, form=form)
+        assert all(p.is_inference() for p in cm.parameters())
+        assert torch.allclose(cm(*x), model(*x), rtol=1e-5, atol=1e-6)

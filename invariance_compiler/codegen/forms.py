@@ -12,6 +12,7 @@ Everything the rest of codegen does differently for the two is a method or a con
 from __future__ import annotations
 
 import weakref
+from contextlib import nullcontext
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -53,8 +54,8 @@ def fill(t: torch.Tensor, idx: torch.Tensor, k: torch.Tensor, held: bool = False
             return t
         return t.detach().reshape(-1).index_put((idx,), k).view(t.shape)
     if held:
-        with torch.autograd._unsafe_preserve_version_counter(t):
-            _write(t, idx, k)
+        with torch.autograd._unsafe_preserve_version_counter(t) if not t.is_inference() else nullcontext():
+            _write(t, idx, k)                                  # (an inference tensor has no counter)
     elif not torch.equal(t.detach().reshape(-1)[idx] if not t.is_contiguous() else t.detach().view(-1)[idx], k):
         _write(t, idx, k)
     return t
@@ -82,7 +83,7 @@ _step_hook = None
 def keep_held(p: torch.Tensor, slots: Callable[[], Optional[tuple]]) -> None:
     """After each step of any torch.optim optimizer holding p, write p's held slots (`slots()`:
     (flat index, values), or None) back where the step moved them: weight decay moves every
-    entry, whatever its gradient. Eager calls check them anyway; a compiled one relies on this."""
+    entry, whatever its gradient. Eager calls write them too; a compiled one relies on this."""
     global _step_hook
     if _step_hook is None:
         _step_hook = register_optimizer_step_post_hook(_write_back)
@@ -106,8 +107,8 @@ def _write_back(optimizer, args, kwargs) -> None:
 
 def hold_fixed(v: Optional[torch.Tensor], t) -> Optional[torch.Tensor]:
     """Fixed form: v with the fixed entries of plan tensor t at their values. Eagerly v is the
-    parameter itself, which holds them in its own storage (`fill`: rewritten before the first
-    forward, or after an optimizer's weight decay moved them), their gradient zeroed once it is
+    parameter itself, which holds them in its own storage (`fill`, held: written by every call and
+    after every optimizer step, which weight decay moves them in), their gradient zeroed once it is
     accumulated (`ZeroHeld`): no copy of the weight per forward, PyTorch's own autograd nodes. A
     compiled graph reads them where they are (`fill`, held); its parameters carry the hook since
     the module was built (InvariantModule._hold_hooks). A v that is not a parameter takes no hook:
