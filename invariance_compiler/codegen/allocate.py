@@ -430,10 +430,12 @@ class Allocation(nn.Module):
 
 
 # Entries by which the activations of Linears must outweigh their weights, summed, for an eager
-# call to form their W by a WA call of their own (measured on the 2-core CPU, SGD steps in
-# interleaved runs, scaling every Linear / forming as before: an MLP 784-1024x3-10 at batch 256,
-# 255K entries: 1.055 / 1.08 of the plain step; 256-256-10 at batch 64, 14K: 1.44 / 1.55; at
-# batch 1024, 3.1M: 1.05 / 1.04; 784-512-512-10 at batch 4096, 11M: 1.08-1.12 / 1.03)
+# call to form their W by a WA call of their own (the 2-core CPU, SGD steps over the plain
+# model's, interleaved; scaling every Linear / forming the outweighed ones: an MLP 784-1024x3-10
+# at batch 256, 255K entries: 1.077-1.079 / 1.086-1.089 (benchmarks/train_step.py, alternating
+# runs); 256-256-10 at batch 64, 14K: 1.85-1.88 / 2.09-2.11 (both orders of interleaving); an
+# MLP 784-1024-1024-10 at batch 1024, 3.1M: 1.05 / 1.04; 784-512-512-10 at batch 4096, 11M:
+# 1.08-1.12 / 1.03)
 WA_CALL_ENTRIES = 1_000_000
 
 
