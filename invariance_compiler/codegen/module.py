@@ -198,6 +198,8 @@ class InvariantModule(ModelAPI, nn.Module):
         super().__setstate__(state)
         if "_v_attr" in self.__dict__:
             self._hold_hooks()
+            if _hold_after_load not in self._load_state_dict_post_hooks.values():   # pickled before it
+                self.register_load_state_dict_post_hook(_hold_after_load)
 
     # ---- forward ------------------------------------------------------------------------------
     def _carriers(self) -> Optional[torch.Tensor]:
