@@ -366,20 +366,21 @@ class Allocation(nn.Module):
         key = (self.M.device, self.M.dtype)
         cached = self.__dict__.get("_held_slots")
         if cached is None or cached[0] != key:
-            cached = self._held_slots = (key, [self._held_slots_of(j) for j in range(len(self.tensors))])
+            cached = self._held_slots = (key, self._all_held_slots())
         return cached[1][i]
 
-    def _held_slots_of(self, i: int) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
-        t = self.tensors[i]
+    def _all_held_slots(self) -> list:
         if not FORMS[self.form].carriers:
-            return (t.fixed_idx, t.fixed_val) if t.fixed_idx.numel() else None
-        for k, pair in enumerate(self.fast):
-            if i in pair:
-                if not self._p_in_held:
-                    return None
-                _, w_slots, b_slots = self.linear_scales(None, None)[k].split(self.linear_sizes[k])
-                return (t.slot_idx, w_slots if i == pair[0] else b_slots) if t.slot_idx.numel() else None
-        return (t.rel_idx, t.rel_val) if t.rel_idx.numel() else None
+            return [(t.fixed_idx, t.fixed_val) if t.fixed_idx.numel() else None for t in self.tensors]
+        out = [(t.rel_idx, t.rel_val) if t.rel_idx.numel() else None for t in self.tensors]
+        scales = self.linear_scales(None, None) if self._p_in_held and self.fast else None
+        for k, (i, j) in enumerate(self.fast):       # a fast layer's slots: [r_in | k | kb] of its scales
+            slots = scales[k].split(self.linear_sizes[k])[1:] if scales is not None else (None, None)
+            for index, values in zip((i, j), slots):
+                if index >= 0:
+                    t = self.tensors[index]
+                    out[index] = (t.slot_idx, values) if values is not None and t.slot_idx.numel() else None
+        return out
 
     def linear_scales(self, p_in: Optional[torch.Tensor], carriers: Optional[torch.Tensor]) -> list[torch.Tensor]:
         """For each fast Linear (in `fast` order) one vector [1/P_in of its input columns (empty

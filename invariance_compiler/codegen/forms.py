@@ -56,7 +56,7 @@ def fill(t: torch.Tensor, idx: torch.Tensor, k: torch.Tensor, held: bool = False
     if held:
         with torch.autograd._unsafe_preserve_version_counter(t) if not t.is_inference() else nullcontext():
             _write(t, idx, k)                                  # (an inference tensor has no counter)
-    elif not torch.equal(t.detach().reshape(-1)[idx] if not t.is_contiguous() else t.detach().view(-1)[idx], k):
+    elif not torch.equal(t.detach().reshape(-1)[idx], k):
         _write(t, idx, k)
     return t
 

@@ -182,8 +182,8 @@ class InvariantModule(ModelAPI, nn.Module):
         """Now, and again when unpickled or deep-copied (hooks are not kept), so that a compiled
         forward, which cannot attach them, finds them: every parameter's held slots are written
         now and after each optimizer step (forms.keep_held), and after a checkpoint is loaded
-        (which may predate this); in the fixed form, each parameter with
-        fixed entries also gets the hook that zeroes their gradient (forms.ZeroHeld)."""
+        (which may predate this); in the fixed form, each parameter with fixed entries also gets
+        the hook that zeroes their gradient (forms.ZeroHeld)."""
         plan = self.allocate
         for i, (name, t) in enumerate(zip(self._allocated, plan.tensors)):
             p = getattr(self, self._v_attr[name])
